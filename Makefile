@@ -1,0 +1,66 @@
+# hapair: the two commands a newcomer types are `make demo` and `make test`.
+# Both start with `make setup`, which installs everything from the project's own files.
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
+export ANSIBLE_FORCE_COLOR := 0
+export PY_COLORS := 0
+
+APT_PACKAGES := debootstrap systemd-container nftables iproute2 openssh-client rsync \
+	libfuse3-dev fuse3 pkg-config gcc python3-dev e2fsprogs util-linux curl iputils-ping psmisc
+SETUP_STAMP := $(VENV)/.setup-stamp
+
+.PHONY: setup demo test lint unit lab-test molecule bench chaos lab-up lab-down clean
+
+setup: $(SETUP_STAMP)
+
+# Re-run only when the dependency list changes; apt is skipped when every package is present.
+$(SETUP_STAMP): pyproject.toml Makefile
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed$$' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "setup: installing apt packages:" $$missing; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+	@[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	@touch $@
+
+demo: setup
+	$(BIN)/ha-lab up
+	$(BIN)/ansible-playbook playbooks/deploy.yml -i inventories/lab
+	$(BIN)/python -m ha_lab.demo_summary
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/ansible-lint --profile production
+
+unit: setup
+	$(BIN)/pytest tests/unit
+
+lab-test: setup
+	$(BIN)/pytest -m lab tests/lab
+
+molecule: setup
+	cd $(CURDIR) && for s in $$(ls molecule); do $(BIN)/molecule test -s $$s || exit 1; done
+
+test: setup lint unit lab-test molecule
+
+bench: setup
+	$(BIN)/python -m benchmarks.run_all
+
+lab-up: setup
+	$(BIN)/ha-lab up
+
+lab-down: setup
+	$(BIN)/ha-lab down
+
+clean:
+	-$(BIN)/ha-lab down
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,1 @@
+"""hapair runtime: heartbeats, virtual IPs, failover and replication on each node."""
