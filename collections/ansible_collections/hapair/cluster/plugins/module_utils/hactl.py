@@ -1,0 +1,99 @@
+# Copyright: hapair contributors
+# Apache License 2.0 (see https://www.apache.org/licenses/LICENSE-2.0)
+"""Helpers shared by the hapair.cluster modules that drive ``hactl`` on a node.
+
+Everything here except :func:`run_status` is pure (no I/O) so it can be unit tested
+without a node.
+"""
+
+from __future__ import annotations
+
+import json
+
+# Every state a module can be in on one node (see DESIGN.md, "States").
+STATES = ("STOP", "WAIT", "ALONE", "PRIM", "SECOND", "UP")
+ACTIONS = ("start", "stop", "prim", "second", "swap")
+
+# States in which an action has nothing left to do on this node.
+_DONE = {
+    "start": frozenset(("WAIT", "ALONE", "PRIM", "SECOND", "UP")),
+    "stop": frozenset(("STOP",)),
+    "prim": frozenset(("PRIM", "ALONE")),
+    "second": frozenset(("SECOND",)),
+    "swap": frozenset(),
+}
+
+
+class HactlError(Exception):
+    """hactl failed or answered something this module cannot read."""
+
+
+def parse_status(text):
+    """Turn ``hactl status --json`` output into ``{"node": str|None, "modules": {name: dict}}``.
+
+    Accepts a list of module objects, or an object with a ``modules`` member that is a
+    list of module objects or a mapping ``name -> object``. Each module object keeps
+    every field hactl gave, with ``name`` and an upper-case ``state`` guaranteed.
+    """
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise HactlError("hactl status --json did not print JSON: %s" % exc)
+    node = None
+    if isinstance(data, dict):
+        node = data.get("node")
+        items = data.get("modules", [])
+    else:
+        items = data
+    if isinstance(items, dict):
+        items = [dict(value, name=value.get("name", key)) for key, value in items.items()]
+    if not isinstance(items, list):
+        raise HactlError("hactl status --json: expected a list of modules, got %r" % type(items).__name__)
+    modules = {}
+    for item in items:
+        if not isinstance(item, dict) or "name" not in item or "state" not in item:
+            raise HactlError("hactl status --json: module entry without name/state: %r" % (item,))
+        entry = dict(item)
+        entry["state"] = str(item["state"]).upper()
+        if node is None and item.get("node"):
+            node = item["node"]
+        modules[str(item["name"])] = entry
+    return {"node": node, "modules": modules}
+
+
+def needs_action(action, state):
+    """True when ``action`` would change a module currently in ``state`` on this node."""
+    if action not in _DONE:
+        raise ValueError("unknown action %r" % action)
+    return state not in _DONE[action]
+
+
+def normalize_states(wanted):
+    """Upper-case and check a list of states to wait for; raises ValueError on an unknown one."""
+    result = []
+    for state in wanted or []:
+        upper = str(state).upper()
+        if upper not in STATES:
+            raise ValueError("unknown state %r (expected one of %s)" % (state, ", ".join(STATES)))
+        result.append(upper)
+    return result
+
+
+def state_matches(entry, wanted, sync=None):
+    """True when a module entry is in one of ``wanted`` states (and ``sync`` sub-state if given)."""
+    if entry is None or entry.get("state") not in wanted:
+        return False
+    if sync and entry.get("state") == "SECOND":
+        return str(entry.get("sync", "")).lower() == sync
+    return True
+
+
+def run_status(module, hactl, name=None):
+    """Run ``hactl status [NAME] --json`` on the node; returns :func:`parse_status`'s result."""
+    cmd = [hactl, "status", "--json"]
+    if name:
+        cmd.insert(2, name)
+    rc, out, err = module.run_command(cmd)
+    if rc != 0:
+        raise HactlError("%s failed (rc=%d): %s" % (" ".join(cmd), rc, (err or out).strip()))
+    return parse_status(out)

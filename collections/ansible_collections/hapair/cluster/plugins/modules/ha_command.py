@@ -1,0 +1,196 @@
+#!/usr/bin/python
+# Copyright: hapair contributors
+# Apache License 2.0 (see https://www.apache.org/licenses/LICENSE-2.0)
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+---
+module: ha_command
+short_description: Start, stop, promote, demote or swap a hapair module, and wait for a state
+version_added: "1.0.0"
+description:
+  - Runs C(hactl ACTION MODULE) on the node, only when the module is not already where
+    the action would bring it (C(start), C(stop), C(prim) and C(second) are idempotent;
+    C(swap) always acts).
+  - Then, if O(wait_for) is given, polls C(hactl status --json) until the module is in
+    one of those states on this node, or fails after O(timeout) seconds.
+  - The runtime refuses an action that is not safe (for example C(swap) when the peer
+    is not in sync); the module fails with the runtime's message and nothing changes.
+author:
+  - hapair contributors
+options:
+  module:
+    description: Name of the hapair module.
+    type: str
+    required: true
+  action:
+    description:
+      - What to do. C(start) starts the module on this node (it then becomes PRIM,
+        SECOND, ALONE or WAIT according to the runtime's rules); C(stop) stops it;
+        C(prim) and C(second) force the role on this node; C(swap) performs a planned
+        switchover of a mirror module (either node may run it).
+      - Omit to only wait for O(wait_for).
+    type: str
+    choices: [start, stop, prim, second, swap]
+  wait_for:
+    description:
+      - States to wait for on this node after the action (any one of them).
+    type: list
+    elements: str
+    choices: [STOP, WAIT, ALONE, PRIM, SECOND, UP]
+  sync:
+    description:
+      - When waiting for C(SECOND), also wait for this replication sub-state.
+    type: str
+    choices: [in-sync, resyncing]
+  timeout:
+    description: Seconds to wait for O(wait_for) before failing.
+    type: float
+    default: 60
+  poll_interval:
+    description: Seconds between two status reads while waiting.
+    type: float
+    default: 0.2
+  hactl:
+    description: Path of the C(hactl) command on the node.
+    type: path
+    default: /usr/local/bin/hactl
+attributes:
+  check_mode:
+    support: full
+    details: Reports whether the action would run; does not wait for a state the action would reach.
+  diff_mode:
+    support: none
+notes:
+  - Needs root on the node (the hactl API socket is root only).
+seealso:
+  - module: hapair.cluster.ha_status
+"""
+
+EXAMPLES = r"""
+- name: Start flightdata and wait until it is PRIM or SECOND here
+  hapair.cluster.ha_command:
+    module: flightdata
+    action: start
+    wait_for: [PRIM, SECOND]
+    timeout: 30
+
+- name: Planned switchover from the current primary
+  hapair.cluster.ha_command:
+    module: flightdata
+    action: swap
+    wait_for: SECOND
+  when: hapair_status.modules.flightdata.state == 'PRIM'
+
+- name: Wait, without acting, for the peer to be an in-sync secondary
+  hapair.cluster.ha_command:
+    module: flightdata
+    wait_for: SECOND
+    sync: in-sync
+    timeout: 120
+"""
+
+RETURN = r"""
+before:
+  description: The module's status on this node before the action (fields of C(hactl status --json)).
+  returned: always
+  type: dict
+  sample: {name: flightdata, state: SECOND, peer_state: PRIM}
+after:
+  description: The module's status on this node at the end.
+  returned: always
+  type: dict
+  sample: {name: flightdata, state: PRIM, peer_state: SECOND}
+cmd:
+  description: The hactl command line that ran (or would run in check mode).
+  returned: when an action was needed
+  type: list
+  elements: str
+  sample: [/usr/local/bin/hactl, swap, flightdata]
+stdout:
+  description: What hactl printed.
+  returned: when an action ran
+  type: str
+elapsed:
+  description: Seconds from the start of the action to the wanted state (or to the end of the action).
+  returned: always
+  type: float
+  sample: 0.84
+"""
+
+import time
+
+from ansible.module_utils.basic import AnsibleModule
+
+from ansible_collections.hapair.cluster.plugins.module_utils.hactl import (
+    HactlError,
+    STATES,
+    needs_action,
+    normalize_states,
+    run_status,
+    state_matches,
+)
+
+
+def _entry(module, hactl, name):
+    status = run_status(module, hactl, name)
+    entry = status["modules"].get(name)
+    if entry is None:
+        module.fail_json(msg="no module %r on this node (known: %s)" % (name, ", ".join(sorted(status["modules"])) or "none"))
+    return entry
+
+
+def main():
+    module = AnsibleModule(
+        argument_spec=dict(
+            module=dict(type="str", required=True),
+            action=dict(type="str", choices=["start", "stop", "prim", "second", "swap"]),
+            wait_for=dict(type="list", elements="str", choices=list(STATES)),
+            sync=dict(type="str", choices=["in-sync", "resyncing"]),
+            timeout=dict(type="float", default=60),
+            poll_interval=dict(type="float", default=0.2),
+            hactl=dict(type="path", default="/usr/local/bin/hactl"),
+        ),
+        required_one_of=[("action", "wait_for")],
+        supports_check_mode=True,
+    )
+    p = module.params
+    name, action, hactl = p["module"], p["action"], p["hactl"]
+    wanted = normalize_states(p["wait_for"])
+    result = dict(changed=False, elapsed=0.0)
+    try:
+        before = _entry(module, hactl, name)
+        result["before"] = before
+        start = time.monotonic()
+        if action and needs_action(action, before["state"]):
+            cmd = [hactl, action, name]
+            result.update(changed=True, cmd=cmd)
+            if module.check_mode:
+                result["after"] = before
+                module.exit_json(msg="would run: %s" % " ".join(cmd), **result)
+            rc, out, err = module.run_command(cmd)
+            result["stdout"] = out
+            if rc != 0:
+                module.fail_json(msg="hactl %s %s refused or failed: %s" % (action, name, (err or out).strip()), rc=rc, **result)
+        after = _entry(module, hactl, name)
+        if wanted:
+            deadline = start + p["timeout"]
+            while not state_matches(after, wanted, p["sync"]):
+                if time.monotonic() >= deadline:
+                    result["after"] = after
+                    want = "/".join(wanted) + (" (%s)" % p["sync"] if p["sync"] else "")
+                    module.fail_json(
+                        msg="module %s is %s on this node, not %s after %.1f s" % (name, after["state"], want, p["timeout"]),
+                        **result
+                    )
+                time.sleep(p["poll_interval"])
+                after = _entry(module, hactl, name)
+        result.update(after=after, elapsed=round(time.monotonic() - start, 3))
+    except (HactlError, OSError) as exc:
+        module.fail_json(msg=str(exc), **result)
+    module.exit_json(**result)
+
+
+if __name__ == "__main__":
+    main()
