@@ -14,7 +14,7 @@ APT_PACKAGES := debootstrap systemd-container nftables iproute2 openssh-client r
 	libfuse3-dev fuse3 pkg-config gcc python3-dev e2fsprogs util-linux curl iputils-ping psmisc
 SETUP_STAMP := $(VENV)/.setup-stamp
 
-.PHONY: setup demo test lint unit lab-test molecule bench chaos lab-up lab-down clean
+.PHONY: setup demo test lint unit integration molecule bench chaos lab-up lab-down clean
 
 setup: $(SETUP_STAMP)
 
@@ -44,13 +44,14 @@ lint: setup
 unit: setup
 	$(BIN)/pytest tests/unit
 
-lab-test: setup
-	$(BIN)/pytest -m lab tests/lab
+# Root-only tests: FUSE, TLS and namespaces on this host, then the two-node lab.
+integration: setup
+	$(BIN)/pytest $(wildcard tests/integration) tests/lab
 
 molecule: setup
 	cd $(CURDIR) && for s in $$(ls molecule); do $(BIN)/molecule test -s $$s || exit 1; done
 
-test: setup lint unit lab-test molecule
+test: setup lint unit integration molecule
 
 bench: setup
 	$(BIN)/python -m benchmarks.run_all
