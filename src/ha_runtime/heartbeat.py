@@ -1,0 +1,238 @@
+"""UDP heartbeats on every configured network, one authenticated stream per module.
+
+One socket per heartbeat network (bound to this node's address on it) carries the
+streams of every module; each module sends at its own interval. A peer is alive for a
+module while at least one network delivered a valid heartbeat within the module's
+timeout: losing the dedicated link alone is not a failure, losing every network is.
+Anything a network hands us that is not a fresh, authentic heartbeat from a known node
+for a known module is dropped and counted by reason; the receive loop never raises.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import trio
+
+from ha_runtime.decision import PeerStatus, PeerView
+from ha_runtime.generation import Generation
+from ha_runtime.packet import Drop, Heartbeat, ReplayGuard, decode, encode
+from ha_runtime.states import Flag, State
+
+log = logging.getLogger(__name__)
+
+RECV_BUFFER = 2048  # larger than MAX_PACKET so oversized datagrams are seen as such
+
+
+@dataclass(frozen=True)
+class LocalAnnounce:
+    """What this node says about one module in its next heartbeat."""
+
+    state: State
+    flags: Flag
+    generation: Generation
+
+
+@dataclass
+class _PeerTrack:
+    last_rx: dict[str, float] = field(default_factory=dict)  # network -> monotonic time
+    last: Heartbeat | None = None
+
+
+@dataclass(frozen=True)
+class ModuleStream:
+    name: str
+    peers: tuple[str, ...]
+    interval_s: float
+    timeout_s: float
+
+
+class PeerTable:
+    """Liveness and last state of each (module, peer), fed by valid heartbeats."""
+
+    def __init__(self, streams: dict[str, ModuleStream], clock: Callable[[], float]) -> None:
+        self._streams = streams
+        self._clock = clock
+        self._started = clock()
+        self._tracks: dict[tuple[str, str], _PeerTrack] = {}
+        self.changed: dict[str, trio.Event] = {m: trio.Event() for m in streams}
+
+    def record(self, hb: Heartbeat) -> None:
+        track = self._tracks.setdefault((hb.module, hb.node), _PeerTrack())
+        before = track.last
+        track.last_rx[hb.network] = self._clock()
+        track.last = hb
+        # Wake the module's manager at once on a state or flag change (swap, failover), so
+        # reaction time is not bound to the manager's polling period.
+        if before is None or (before.state, before.flags, before.generation) != (
+            hb.state,
+            hb.flags,
+            hb.generation,
+        ):
+            self.notify(hb.module)
+
+    def notify(self, module: str) -> None:
+        ev = self.changed.get(module)
+        if ev is not None:
+            ev.set()
+            self.changed[module] = trio.Event()
+
+    def view(self, module: str, peer: str) -> PeerView:
+        stream = self._streams[module]
+        now = self._clock()
+        track = self._tracks.get((module, peer))
+        if track is None or track.last is None:
+            status = (
+                PeerStatus.STARTING if now - self._started < stream.timeout_s else PeerStatus.NEVER
+            )
+            return PeerView(status)
+        fresh = any(now - t < stream.timeout_s for t in track.last_rx.values())
+        hb = track.last
+        return PeerView(
+            PeerStatus.ALIVE if fresh else PeerStatus.LOST,
+            hb.state,
+            hb.flags,
+            Generation(hb.generation, hb.history),
+        )
+
+    def networks_alive(self, module: str, peer: str) -> list[str]:
+        track = self._tracks.get((module, peer))
+        if track is None:
+            return []
+        now = self._clock()
+        timeout = self._streams[module].timeout_s
+        return sorted(n for n, t in track.last_rx.items() if now - t < timeout)
+
+
+class HeartbeatService:
+    def __init__(
+        self,
+        *,
+        node: str,
+        key: bytes,
+        port: int,
+        bind: dict[str, str],  # network -> local address
+        peers: dict[str, dict[str, str]],  # peer node -> network -> address
+        streams: dict[str, ModuleStream],
+        announce: Callable[[str], LocalAnnounce],
+        on_drop: Callable[[Drop], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.node = node
+        self._key = key
+        self._port = port
+        self._bind = bind
+        self._peers = peers
+        self.streams = streams
+        self._announce = announce
+        self._on_drop = on_drop
+        self.incarnation = time.time_ns()  # grows across reboots: old packets stay old
+        self._seq = 0
+        self._guard = ReplayGuard()
+        self.table = PeerTable(streams, clock)
+        self.drops: Counter[str] = Counter()
+        self.received: Counter[str] = Counter()  # network -> valid heartbeats
+        self.send_errors: Counter[str] = Counter()
+        self._socks: dict[str, trio.socket.SocketType] = {}
+        self.ready = trio.Event()
+
+    async def run(self) -> None:
+        for net, addr in sorted(self._bind.items()):
+            sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
+            sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEADDR, 1)
+            await sock.bind((addr, self._port))
+            self._socks[net] = sock
+        self.ready.set()
+        try:
+            async with trio.open_nursery() as nursery:
+                for net, sock in self._socks.items():
+                    nursery.start_soon(self._receive_loop, net, sock)
+                for stream in self.streams.values():
+                    nursery.start_soon(self._send_loop, stream)
+        finally:
+            for sock in self._socks.values():
+                sock.close()
+
+    def bound_port(self, network: str) -> int:
+        port: int = self._socks[network].getsockname()[1]
+        return port
+
+    # ----------------------------------------------------------------- receive
+
+    async def _receive_loop(self, network: str, sock: trio.socket.SocketType) -> None:
+        while True:
+            try:
+                data, _addr = await sock.recvfrom(RECV_BUFFER)
+            except OSError as exc:  # e.g. ICMP errors reported on the socket
+                log.debug("heartbeat recv on %s: %s", network, exc)
+                continue
+            try:
+                self.handle_datagram(network, data)
+            except Exception:  # a receive loop must never die on input
+                log.exception("heartbeat: unexpected error handling a datagram on %s", network)
+                self._drop(Drop.ERROR)
+
+    def handle_datagram(self, network: str, data: bytes) -> Heartbeat | Drop:
+        result = decode(data, self._key)
+        if isinstance(result, Drop):
+            return self._drop(result)
+        hb = result
+        if hb.network != network:
+            return self._drop(Drop.WRONG_NETWORK)
+        if hb.node == self.node or hb.node not in self._peers:
+            return self._drop(Drop.UNKNOWN_NODE)
+        stream = self.streams.get(hb.module)
+        if stream is None or hb.node not in stream.peers:
+            return self._drop(Drop.UNKNOWN_MODULE)
+        if not self._guard.accept(hb):
+            return self._drop(Drop.REPLAYED)
+        self.received[network] += 1
+        self.table.record(hb)
+        return hb
+
+    def _drop(self, reason: Drop) -> Drop:
+        self.drops[reason.value] += 1
+        if self._on_drop is not None:
+            self._on_drop(reason)
+        return reason
+
+    # ----------------------------------------------------------------- send
+
+    async def _send_loop(self, stream: ModuleStream) -> None:
+        while True:
+            await self.send_now(stream.name)
+            await trio.sleep(stream.interval_s)
+
+    async def send_now(self, module: str) -> None:
+        """Send one heartbeat of `module` on every network (also used right after a change)."""
+        stream = self.streams[module]
+        a = self._announce(module)
+        self._seq += 1
+        for net, sock in self._socks.items():
+            packet = encode(
+                Heartbeat(
+                    node=self.node,
+                    module=module,
+                    network=net,
+                    state=a.state,
+                    flags=a.flags,
+                    incarnation=self.incarnation,
+                    seq=self._seq,
+                    generation=a.generation.current,
+                    history=a.generation.history,
+                ),
+                self._key,
+            )
+            for peer in stream.peers:
+                addr = self._peers.get(peer, {}).get(net)
+                if addr is None:
+                    continue
+                try:
+                    await sock.sendto(packet, (addr, self._port))
+                except OSError as exc:  # a cut link: the other networks carry on
+                    self.send_errors[net] += 1
+                    log.debug("heartbeat send to %s on %s: %s", peer, net, exc)
