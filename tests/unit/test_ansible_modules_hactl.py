@@ -11,7 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "collections"))
 
-from ansible_collections.hapair.cluster.plugins.module_utils import hactl  # noqa: E402
+from ansible_collections.hapair.cluster.plugins.module_utils import hactl
 
 
 def test_parse_status_object_with_module_list() -> None:
@@ -34,7 +34,7 @@ def test_parse_status_object_with_module_list() -> None:
 def test_parse_status_mapping_and_bare_list() -> None:
     by_name = hactl.parse_status(json.dumps({"modules": {"fd": {"state": "SECOND"}}}))
     assert by_name["modules"]["fd"] == {"name": "fd", "state": "SECOND"}
-    bare = hactl.parse_status(json.dumps([{"name": "fd", "node": "node2", "state": "UP"}]))
+    bare = hactl.parse_status(json.dumps([{"module": "fd", "node": "node2", "state": "UP"}]))
     assert bare["node"] == "node2"
     assert bare["modules"]["fd"]["state"] == "UP"
 

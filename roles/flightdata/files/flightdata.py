@@ -90,7 +90,7 @@ class Handler(BaseHTTPRequestHandler):
     node: str
     max_body: int
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+    def log_message(self, format: str, *args: Any) -> None:
         LOG.debug("%s %s", self.address_string(), format % args)
 
     def _reply(self, status: HTTPStatus, payload: Any) -> None:
@@ -137,8 +137,8 @@ class Handler(BaseHTTPRequestHandler):
             return
         try:
             rowid = self.store.add(json.dumps(record, separators=(",", ":")))
-        except sqlite3.Error as exc:
-            LOG.error("write failed: %s", exc)
+        except sqlite3.Error:
+            LOG.exception("write failed")
             self._reply(HTTPStatus.SERVICE_UNAVAILABLE, {"error": "write failed"})
             return
         self._reply(HTTPStatus.CREATED, {"id": rowid})

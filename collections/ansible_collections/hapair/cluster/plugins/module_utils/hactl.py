@@ -32,8 +32,9 @@ def parse_status(text):
     """Turn ``hactl status --json`` output into ``{"node": str|None, "modules": {name: dict}}``.
 
     Accepts a list of module objects, or an object with a ``modules`` member that is a
-    list of module objects or a mapping ``name -> object``. Each module object keeps
-    every field hactl gave, with ``name`` and an upper-case ``state`` guaranteed.
+    list of module objects or a mapping ``name -> object``. A module object names its
+    module in ``name`` or ``module``. Each keeps every field hactl gave, with ``name`` and
+    an upper-case ``state`` guaranteed.
     """
     try:
         data = json.loads(text)
@@ -51,6 +52,8 @@ def parse_status(text):
         raise HactlError("hactl status --json: expected a list of modules, got %r" % type(items).__name__)
     modules = {}
     for item in items:
+        if isinstance(item, dict) and "name" not in item and "module" in item:
+            item = dict(item, name=item["module"])
         if not isinstance(item, dict) or "name" not in item or "state" not in item:
             raise HactlError("hactl status --json: module entry without name/state: %r" % (item,))
         entry = dict(item)

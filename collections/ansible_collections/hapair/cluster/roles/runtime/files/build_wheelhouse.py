@@ -28,7 +28,9 @@ SKIP_DIRS = {"__pycache__", ".mypy_cache", ".pytest_cache", ".ruff_cache", "buil
 
 
 def project_files(project: Path) -> list[Path]:
-    files = [project / name for name in ("pyproject.toml", "README.md") if (project / name).is_file()]
+    files = [
+        project / name for name in ("pyproject.toml", "README.md") if (project / name).is_file()
+    ]
     for root, dirs, names in os.walk(project / "src"):
         dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS and not d.endswith(".egg-info"))
         files.extend(Path(root) / n for n in sorted(names) if not n.endswith((".pyc", ".pyo")))
