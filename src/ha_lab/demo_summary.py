@@ -2,31 +2,11 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
 import sys
 from typing import Any
 
 from .lab import Lab
-from .node import Node
-
-
-def _module_states(node: str) -> list[dict[str, Any]]:
-    """The runtime's own view of the node's modules (empty before hapair is deployed)."""
-    proc = subprocess.run(
-        Node(node).ssh_command(["hactl", "status", "--json"]),
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-    if proc.returncode != 0:
-        return []
-    try:
-        modules: list[dict[str, Any]] = json.loads(proc.stdout).get("modules", [])
-    except json.JSONDecodeError:
-        return []
-    return modules
+from .observe import module_states
 
 
 def render(description: dict[str, Any]) -> str:
@@ -42,7 +22,7 @@ def render(description: dict[str, Any]) -> str:
     for node in description["nodes"]:
         if not node["running"]:
             continue
-        for module in _module_states(node["name"]):
+        for module in module_states(node["name"]).values():
             lines.append(
                 f"{node['name']:<6} module {module.get('module')}: {module.get('state')}"
                 f" (vip {module.get('vip') or '-'})"

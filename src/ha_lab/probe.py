@@ -1,0 +1,54 @@
+"""HTTP probe run inside the lab's client namespace; prints one JSON line per attempt.
+
+It runs as its own process in the client namespace (Python 3.11 has no os.setns), and
+timestamps with CLOCK_MONOTONIC, which the host and every namespace share, so the
+benchmark can compare them with the moment it crashed a node.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import sys
+import time
+
+
+def attempt(host: str, port: int, path: str, timeout: float) -> str | None:
+    """The node that answered, or None on any failure."""
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        body = response.read()
+        if response.status != 200:
+            return None
+        node = json.loads(body).get("node")
+        return str(node) if node else None
+    except (OSError, ValueError, http.client.HTTPException):
+        return None
+    finally:
+        conn.close()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("host")
+    parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument("--path", default="/health")
+    parser.add_argument("--interval", type=float, default=0.02)
+    parser.add_argument("--timeout", type=float, default=0.25)
+    parser.add_argument("--duration", type=float, default=60.0)
+    args = parser.parse_args()
+    end = time.monotonic() + args.duration
+    while time.monotonic() < end:
+        started = time.monotonic()
+        node = attempt(args.host, args.port, args.path, args.timeout)
+        sys.stdout.write(json.dumps({"t": started, "node": node}) + "\n")
+        sys.stdout.flush()
+        time.sleep(max(0.0, args.interval - (time.monotonic() - started)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
