@@ -72,12 +72,23 @@ def build(project: Path, target: Path, python: str) -> None:
         wheels.rename(target)
 
 
+def prune(cache: Path, keep: int) -> None:
+    """Keep the `keep` most recently built wheelhouses of the cache."""
+    built = sorted(
+        (p for p in cache.iterdir() if p.is_dir() and (p / "MANIFEST.sha256").is_file()),
+        key=lambda p: (p / "MANIFEST.sha256").stat().st_mtime,
+        reverse=True,
+    )
+    for old in built[keep:]:
+        shutil.rmtree(old)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--project", required=True, type=Path)
     parser.add_argument("--cache", required=True, type=Path)
     parser.add_argument("--python", default=sys.executable)
-    parser.add_argument("--check", action="store_true", help="report only, build nothing")
+    parser.add_argument("--keep", type=int, default=3, help="wheelhouses kept in the cache")
     args = parser.parse_args()
     project = args.project.resolve()
     meta = tomllib.loads((project / "pyproject.toml").read_text())["project"]
@@ -85,11 +96,9 @@ def main() -> int:
     target = args.cache.expanduser().resolve() / ident
     changed = not (target / "MANIFEST.sha256").is_file()
     result = {"id": ident, "path": str(target), "name": meta["name"], "version": meta["version"]}
-    if changed and args.check:
-        print(json.dumps(dict(result, changed=True, manifest_sha256=None, pip_wheel=None)))
-        return 0
     if changed:
         build(project, target, args.python)
+        prune(target.parent, max(1, args.keep))
     text = (target / "MANIFEST.sha256").read_text()
     pip_wheels = sorted(p.name for p in target.glob("pip-*.whl"))
     if not pip_wheels:
