@@ -1,0 +1,254 @@
+"""hactl: the node daemon and the operator's command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from ha_runtime import api
+from ha_runtime.config import (
+    DEFAULT_API_SOCKET,
+    DEFAULT_CLUSTER_FILE,
+    ConfigError,
+    check_file,
+    load_cluster,
+    load_site,
+)
+
+EXIT_OK, EXIT_REFUSED, EXIT_UNREACHABLE = 0, 1, 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="hactl", description="hapair: control the HA modules of this node"
+    )
+    p.add_argument(
+        "--config", type=Path, default=DEFAULT_CLUSTER_FILE, help="node file (default %(default)s)"
+    )
+    p.add_argument(
+        "--socket",
+        type=Path,
+        default=None,
+        help="API socket (default: api_socket of the node file)",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    d = sub.add_parser("daemon", help="run the node daemon (hapair.service)")
+    d.set_defaults(func=cmd_daemon)
+
+    s = sub.add_parser("status", help="state of the modules on this node")
+    s.add_argument("module", nargs="?")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_status)
+
+    for name, text in (
+        ("start", "start the module on this node"),
+        ("stop", "stop the module on this node (application stopped, VIP released)"),
+        ("restart", "restart the application (primary) or the module (elsewhere)"),
+        ("prim", "make this node primary (forces it when the data is not known to be newest)"),
+        ("second", "make this node secondary (on the primary: a switchover)"),
+        ("swap", "planned switchover of the module to the other node"),
+    ):
+        c = sub.add_parser(name, help=text)
+        c.add_argument("module")
+        c.add_argument("--json", action="store_true")
+        c.set_defaults(func=cmd_action, action=name)
+
+    e = sub.add_parser("events", help="audit log of transitions")
+    e.add_argument("module", nargs="?")
+    e.add_argument("-n", "--limit", type=int, default=50)
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(func=cmd_events)
+
+    cfg = sub.add_parser("config", help="configuration tools")
+    csub = cfg.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")
+    chk = csub.add_parser("check", help="validate node or module files like the daemon does")
+    chk.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    chk.add_argument("--cluster", type=Path, default=None, help="node file for module cross-checks")
+    chk.add_argument(
+        "--no-file-checks", action="store_true", help="do not require scripts to exist"
+    )
+    chk.set_defaults(func=cmd_config_check)
+    return p
+
+
+# --------------------------------------------------------------------------- daemon
+
+
+def cmd_daemon(args: argparse.Namespace) -> int:
+    import trio  # noqa: PLC0415 - only the daemon needs the event loop
+
+    from ha_runtime.daemon import NodeDaemon  # noqa: PLC0415
+
+    _setup_logging()
+    log = logging.getLogger("hapair")
+    loaded = _load_for_daemon(args.config)
+    if isinstance(loaded, list):
+        for line in loaded:
+            log.error("%s", line)
+        return EXIT_REFUSED
+    site, key = loaded
+    daemon = NodeDaemon(site, key)
+    trio.run(daemon.run)
+    return EXIT_OK
+
+
+def _load_for_daemon(path: Path) -> tuple[Any, bytes] | list[str]:
+    """The site and its key, or the lines explaining why the daemon must not start."""
+    from ha_runtime.security import InsecureFile, check_secrets, read_site_key  # noqa: PLC0415
+
+    try:
+        site = load_site(path)
+    except ConfigError as exc:
+        return [*exc.errors, f"hapair: {len(exc.errors)} configuration error(s), not starting"]
+    try:
+        check_secrets(site.cluster)
+        key = read_site_key(site.cluster.site_key)
+    except InsecureFile as exc:
+        return [f"hapair: {exc}"]
+    return site, key
+
+
+def _setup_logging() -> None:
+    # Under systemd the journal adds time and unit; a timestamp of our own is noise there.
+    fmt = "%(levelname)s %(name)s: %(message)s"
+    if not os.environ.get("JOURNAL_STREAM"):
+        fmt = "%(asctime)s " + fmt
+    logging.basicConfig(level=logging.INFO, format=fmt, stream=sys.stderr)
+
+
+# --------------------------------------------------------------------------- client side
+
+
+def _socket(args: argparse.Namespace) -> Path:
+    if args.socket is not None:
+        return Path(args.socket)
+    try:
+        return load_cluster(args.config).api_socket
+    except ConfigError:
+        return DEFAULT_API_SOCKET
+
+
+def _call(args: argparse.Namespace, request: dict[str, Any]) -> dict[str, Any] | None:
+    path = _socket(args)
+    try:
+        resp = api.call(path, request)
+    except FileNotFoundError:
+        print(f"hactl: {path} not found: is hapair.service running?", file=sys.stderr)
+        return None
+    except PermissionError:
+        print(f"hactl: permission denied on {path}: run as root", file=sys.stderr)
+        return None
+    except (OSError, ValueError, TypeError) as exc:
+        print(f"hactl: cannot talk to the daemon on {path}: {exc}", file=sys.stderr)
+        return None
+    if not resp.get("ok"):
+        print(f"hactl: {resp.get('error', 'unknown error')}", file=sys.stderr)
+        return {"__refused__": True}
+    return resp
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    resp = _call(args, {"command": "status", "module": args.module})
+    if resp is None:
+        return EXIT_UNREACHABLE
+    if "__refused__" in resp:
+        return EXIT_REFUSED
+    result = resp["result"]
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return EXIT_OK
+    print(format_status(result))
+    return EXIT_OK
+
+
+def format_status(result: dict[str, Any]) -> str:
+    cols = ("MODULE", "TYPE", "STATE", "PEER", "PEER STATE", "VIP", "DATA", "SINCE", "REASON")
+    rows = [cols]
+    for m in result["modules"]:
+        state = m["state"] + (f" ({m['sync']})" if m.get("sync") else "")
+        rows.append(
+            (
+                m["module"],
+                m["type"],
+                state,
+                m["peer"],
+                m["peer_state"],
+                (m["vip"] or "-") + (" *" if m.get("vip_held") else ""),
+                m.get("data", ""),
+                m["last_transition"],
+                m["reason"],
+            )
+        )
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(cols) - 1)]
+    lines = [f"node {result['node']}  (* = VIP held here)"]
+    for r in rows:
+        lines.append(
+            "  ".join(str(v).ljust(w) for v, w in zip(r, widths, strict=False)) + "  " + str(r[-1])
+        )
+    return "\n".join(lines)
+
+
+def cmd_action(args: argparse.Namespace) -> int:
+    resp = _call(args, {"command": args.action, "module": args.module})
+    if resp is None:
+        return EXIT_UNREACHABLE
+    if "__refused__" in resp:
+        return EXIT_REFUSED
+    result = resp["result"]
+    print(json.dumps(result, indent=2) if args.json else result["message"])
+    return EXIT_OK
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    resp = _call(args, {"command": "events", "module": args.module, "limit": args.limit})
+    if resp is None:
+        return EXIT_UNREACHABLE
+    if "__refused__" in resp:
+        return EXIT_REFUSED
+    records: list[dict[str, Any]] = resp["result"]
+    if args.json:
+        print(json.dumps(records, indent=2))
+        return EXIT_OK
+    for r in records:
+        if r.get("event") == "transition":
+            detail = f"{r.get('from')} -> {r.get('to')}: {r.get('reason')}"
+        else:
+            detail = ", ".join(
+                f"{k}={v}" for k, v in r.items() if k not in ("time", "ts", "module", "event")
+            )
+        print(f"{r.get('time')}  {r.get('module'):<14} {r.get('event'):<12} {detail}")
+    return EXIT_OK
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    cluster = args.cluster
+    if cluster is None and DEFAULT_CLUSTER_FILE.exists():
+        cluster = DEFAULT_CLUSTER_FILE
+    errors: list[str] = []
+    for f in args.files:
+        errors += check_file(f, cluster, check_files=not args.no_file_checks)
+    for line in errors:
+        print(line, file=sys.stderr)
+    if errors:
+        print(f"hactl: {len(errors)} error(s)", file=sys.stderr)
+        return EXIT_REFUSED
+    print(f"hactl: {len(args.files)} file(s) valid")
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""The node daemon: heartbeats, one manager per module, API, metrics, systemd notify."""
+
+from __future__ import annotations
+
+import logging
+import signal
+from typing import Any
+
+import trio
+
+from ha_runtime import api, sdnotify
+from ha_runtime.config import ModuleConfig, SiteConfig
+from ha_runtime.events import EventLog
+from ha_runtime.heartbeat import HeartbeatService, LocalAnnounce, ModuleStream
+from ha_runtime.manager import CommandRefused, ModuleManager, VipOps
+from ha_runtime.metrics import Metrics
+from ha_runtime.states import State
+
+log = logging.getLogger(__name__)
+
+COMMANDS = ("start", "stop", "restart", "prim", "second", "swap")
+
+
+class NodeDaemon:
+    def __init__(
+        self, site: SiteConfig, key: bytes, *, vip_ops: VipOps | None = None, metrics: bool = True
+    ) -> None:
+        c = site.cluster
+        self.cluster = c
+        # Only modules this node is part of; farm modules arrive with their own runtime.
+        self.modules: list[ModuleConfig] = [
+            m for m in site.modules if c.node in m.nodes and m.type == "mirror"
+        ]
+        for m in site.modules:
+            if m not in self.modules:
+                log.info("module %s: not managed here (type %s, nodes %s)", m.name, m.type, m.nodes)
+        self.events = EventLog(c.events_log)
+        self.metrics = Metrics()
+        self._serve_metrics = metrics and c.metrics_address is not None
+        streams = {
+            m.name: ModuleStream(
+                m.name,
+                tuple(n for n in m.nodes if n != c.node),
+                m.heartbeat.interval_ms / 1000,
+                m.heartbeat.timeout_ms / 1000,
+            )
+            for m in self.modules
+        }
+        self.heartbeat = HeartbeatService(
+            node=c.node,
+            key=key,
+            port=c.heartbeat_port,
+            bind=dict(c.this_node.addresses),
+            peers={n.name: dict(n.addresses) for n in c.nodes if n.name != c.node},
+            streams=streams,
+            announce=self._announce,
+            on_drop=self.metrics.on_drop,
+        )
+        self.managers: dict[str, ModuleManager] = {
+            m.name: ModuleManager(
+                cluster=c,
+                module=m,
+                peers=self.heartbeat.table,
+                events=self.events,
+                send_now=self.heartbeat.send_now,
+                vip_ops=vip_ops,
+                on_transition=self.metrics.on_transition,
+            )
+            for m in self.modules
+        }
+        self.ready = trio.Event()
+
+    def _announce(self, module: str) -> LocalAnnounce:
+        return self.managers[module].announce()
+
+    async def run(self) -> None:
+        if self._serve_metrics and self.cluster.metrics_address:
+            self.metrics.serve(self.cluster.metrics_address)
+        for name, mgr in self.managers.items():
+            self.metrics.set_state(name, mgr.state)
+            self.events.append(name, "daemon_start", node=self.cluster.node, state=mgr.state.name)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.heartbeat.run)
+            await self.heartbeat.ready.wait()
+            await nursery.start(api.serve, self.cluster.api_socket, self.handle)
+            async with trio.open_nursery() as modules:
+                for mgr in self.managers.values():
+                    modules.start_soon(mgr.run)
+                nursery.start_soon(self._watch_signals, modules.cancel_scope, nursery.cancel_scope)
+                nursery.start_soon(self._watchdog)
+                self.ready.set()
+                sdnotify.notify("READY=1\nSTATUS=heartbeats up, modules managed")
+                log.info(
+                    "hapair daemon ready on %s: %s", self.cluster.node, ", ".join(self.managers)
+                )
+            # Modules cancelled by a signal: hand every role over cleanly, tell the peer.
+            sdnotify.notify("STOPPING=1")
+            with trio.CancelScope(shield=True):
+                for mgr in self.managers.values():
+                    await mgr.shutdown()
+            nursery.cancel_scope.cancel()
+
+    async def _watch_signals(self, modules: trio.CancelScope, _all: trio.CancelScope) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for sig in signals:
+                log.info("received %s: stopping", signal.Signals(sig).name)
+                modules.cancel()
+                return
+
+    async def _watchdog(self) -> None:
+        period = sdnotify.watchdog_period()
+        if period is None:
+            return
+        while True:
+            # The watchdog is fed from the same trio loop as the managers: a wedged loop
+            # stops the pings and systemd restarts us.
+            sdnotify.notify("WATCHDOG=1")
+            await trio.sleep(period)
+
+    # ----------------------------------------------------------------- API
+
+    def status(self, module: str | None = None) -> dict[str, Any]:
+        mods = [self._manager(module)] if module else list(self.managers.values())
+        return {
+            "node": self.cluster.node,
+            "modules": [m.status() for m in mods],
+            "heartbeat_drops": dict(self.heartbeat.drops),
+        }
+
+    def _manager(self, name: Any) -> ModuleManager:
+        if not isinstance(name, str) or name not in self.managers:
+            known = ", ".join(sorted(self.managers)) or "none"
+            raise api.ApiError(f"unknown module {name!r} on {self.cluster.node} (known: {known})")
+        return self.managers[name]
+
+    async def handle(self, req: dict[str, Any]) -> Any:
+        cmd = req["command"]
+        module = req.get("module")
+        if cmd == "status":
+            return self.status(module)
+        if cmd == "events":
+            if module is not None:
+                self._manager(module)
+            limit = req.get("limit")
+            return self.events.read(module, limit if isinstance(limit, int) else None)
+        if cmd in COMMANDS:
+            mgr = self._manager(module)
+            try:
+                message: str = await getattr(mgr, f"cmd_{cmd}")()
+            except CommandRefused as exc:
+                raise api.ApiError(str(exc)) from exc
+            return {"message": message, "status": mgr.status()}
+        raise api.ApiError(f"unknown command {cmd!r}")
+
+
+def state_of(daemon: NodeDaemon, module: str) -> State:
+    return daemon.managers[module].state

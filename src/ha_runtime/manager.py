@@ -1,0 +1,575 @@
+"""Per-module runtime: feeds the pure decision, applies it, runs checkers and commands.
+
+Ordering rules that keep the VIP on one node at a time:
+- promotion: claim the role first (our heartbeats say primary before anything else),
+  persist the new data generation, then add the VIP, announce it, start the application;
+- demotion: stop the application and release the VIP first, and only then announce the
+  new state, so the peer never takes the VIP while we still hold it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
+
+import trio
+
+from ha_runtime import checkers, vip
+from ha_runtime.config import CheckerSpec, ClusterConfig, ModuleConfig
+from ha_runtime.decision import Decision, Inputs, PeerStatus, PeerView, decide, swap_refusal
+from ha_runtime.events import EventLog
+from ha_runtime.generation import GenerationStore, GenRecord, Relation
+from ha_runtime.heartbeat import LocalAnnounce, PeerTable
+from ha_runtime.scripts import ScriptResult, run_script, script_env
+from ha_runtime.states import Flag, State
+
+log = logging.getLogger(__name__)
+
+# A checker must fail this many probes in a row before its action runs: one lost probe on
+# a busy node is not a reason to restart an air-traffic application.
+FAILURES_BEFORE_ACTION = 2
+
+
+class CommandRefused(Exception):
+    """An operator command that cannot be done now; nothing was changed."""
+
+
+class VipOps(Protocol):
+    async def add(self, m: ModuleConfig) -> None: ...
+    async def remove(self, m: ModuleConfig) -> None: ...
+    def held(self, m: ModuleConfig) -> bool | None: ...
+
+
+class NetlinkVip:
+    async def add(self, m: ModuleConfig) -> None:
+        if m.vip is None:
+            return
+        await trio.to_thread.run_sync(vip.add_vip, m.vip)
+        # Announce in the background: the application starts while the ARP bursts go out.
+        trio.lowlevel.spawn_system_task(vip.announce, m.vip)
+
+    async def remove(self, m: ModuleConfig) -> None:
+        if m.vip is not None:
+            await trio.to_thread.run_sync(vip.remove_vip, m.vip)
+
+    def held(self, m: ModuleConfig) -> bool | None:
+        if m.vip is None:
+            return None
+        try:
+            return vip.has_vip(m.vip)
+        except (OSError, vip.VipError):
+            return None
+
+
+@dataclass
+class CheckerStatus:
+    ok: bool | None = None
+    detail: str = "not run yet"
+    failures: int = 0
+
+
+@dataclass
+class Control:
+    """Operator requests and runtime verdicts that feed the decision."""
+
+    admin_stopped: bool = False
+    force_primary: bool = False
+    accept_peer_data: bool = False
+    swap_until: float = 0.0
+    handover_until: float = 0.0
+    yielding: str | None = None
+    blocked: dict[str, str] = field(default_factory=dict)
+
+
+class ModuleManager:
+    def __init__(
+        self,
+        *,
+        cluster: ClusterConfig,
+        module: ModuleConfig,
+        peers: PeerTable,
+        events: EventLog,
+        send_now: Callable[[str], Awaitable[None]],
+        vip_ops: VipOps | None = None,
+        on_transition: Callable[[str, State, State], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.cluster = cluster
+        self.m = module
+        self.node = cluster.node
+        self.peer_name = module.peer_of(cluster.node)
+        self.peers = peers
+        self.events = events
+        self._send_now = send_now
+        self.vip_ops: VipOps = vip_ops or NetlinkVip()
+        self._on_transition = on_transition
+        self._clock = clock
+        self.store = GenerationStore(cluster.state_dir, module.name)
+        self.record: GenRecord = self.store.load()
+        self.admin_file = cluster.state_dir / f"{module.name}.stopped"
+        self.ctl = Control(admin_stopped=self.admin_file.exists())
+        self.state = State.STOP if self.ctl.admin_stopped else State.WAIT
+        self.flags = Flag.NONE
+        self.reason = "daemon started"
+        self.last_transition = time.time()
+        self.witness_ok: bool | None = None if not module.witness else True
+        self.checks: dict[str, CheckerStatus] = {c.name: CheckerStatus() for c in module.checkers}
+        self.budget = checkers.RestartBudget(
+            module.restart_policy.max_restarts, module.restart_policy.window_s
+        )
+        self._wake = trio.Event()
+        self._lock = trio.Lock()  # one transition or app restart at a time
+
+    # ----------------------------------------------------------------- inputs
+
+    def announce(self) -> LocalAnnounce:
+        return LocalAnnounce(self.state, self.flags, self.record.generation)
+
+    def peer_view(self) -> PeerView:
+        return self.peers.view(self.m.name, self.peer_name)
+
+    def inputs(self) -> Inputs:
+        now = self._clock()
+        blocked = "; ".join(f"{k}: {v}" for k, v in sorted(self.ctl.blocked.items())) or None
+        return Inputs(
+            node=self.node,
+            peer_name=self.peer_name,
+            default_primary=self.m.default_primary or self.node,
+            state=self.state,
+            record=self.record,
+            peer=self.peer_view(),
+            admin_stopped=self.ctl.admin_stopped,
+            blocked=blocked,
+            yielding=self.ctl.yielding,
+            handover=now < self.ctl.handover_until,
+            swap_requested=now < self.ctl.swap_until,
+            witness_ok=self.witness_ok,
+            force_primary=self.ctl.force_primary,
+            accept_peer_data=self.ctl.accept_peer_data,
+            failback_auto=self.m.failback == "auto",
+            failback_allowed=not self.budget.exhausted(now),
+        )
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    # ----------------------------------------------------------------- main loop
+
+    async def run(self) -> None:
+        await self.vip_ops.remove(self.m)  # a VIP left by a crash is not ours until decided
+        if not self.ctl.admin_stopped:
+            await self._run_script("prestart", "STOP->WAIT", "module starting")
+        async with trio.open_nursery() as nursery:
+            if self.m.witness:
+                nursery.start_soon(self._witness_loop)
+            for spec in self.m.checkers:
+                nursery.start_soon(self._checker_loop, spec)
+            while True:
+                await self.step()
+                self._wake = trio.Event()
+                changed = self.peers.changed[self.m.name]
+                with trio.move_on_after(self.m.heartbeat.interval_ms / 1000):
+                    async with trio.open_nursery() as waiters:
+                        waiters.start_soon(_wait_then_cancel, self._wake, waiters.cancel_scope)
+                        waiters.start_soon(_wait_then_cancel, changed, waiters.cancel_scope)
+
+    async def step(self) -> Decision:
+        async with self._lock:
+            now = self._clock()
+            peer = self.peer_view()
+            if now >= self.ctl.handover_until or (peer.primary and self.ctl.handover_until):
+                self.ctl.handover_until = 0.0
+            d = decide(self.inputs())
+            if d.state.is_primary and not peer.alive and self.m.witness:
+                # Isolation is judged on a fresh probe, not on the last periodic one.
+                self.witness_ok = await checkers.any_reachable(self.m.witness, 1.0)
+                d = decide(self.inputs())
+            if d.state is not self.state:
+                await self._transition(d)
+            else:
+                self.reason = d.reason if d.reason != self.reason else self.reason
+                self._save_generation(d)
+            if self.flags != d.flags:
+                self.flags = d.flags
+                await self._send_now(self.m.name)
+            return d
+
+    # ----------------------------------------------------------------- applying
+
+    def _save_generation(self, d: Decision) -> None:
+        rec = self.record
+        if d.adopt_peer_generation:
+            # Issue 4's replicator gates this on the end of resync; without it, a SECOND
+            # follows the primary's copy by construction.
+            rec = rec.with_generation(self.peer_view().generation)
+        if d.new_generation:
+            rec = rec.with_generation(rec.generation.advance())
+        if d.peer_outdated is not None:
+            rec = replace(rec, peer_outdated=d.peer_outdated)
+        if rec != self.record:
+            self.store.save(rec)
+            self.record = rec
+
+    async def _transition(self, d: Decision) -> None:
+        old, new = self.state, d.state
+        label = f"{old.name}->{new.name}"
+        log.info("%s: %s (%s)", self.m.name, label, d.reason)
+        if d.start_handover:
+            self.ctl.handover_until = self._clock() + max(
+                5.0, 3 * self.m.heartbeat.timeout_ms / 1000
+            )
+        failures: list[str] = []
+        if new.is_primary and not old.is_primary:
+            self.state = new  # claim first
+            self._save_generation(d)
+            self.flags = d.flags
+            await self._send_now(self.m.name)
+            failures += await self._promote(label, d.reason)
+        elif old.is_primary and not new.is_primary:
+            failures += await self._demote(label, d.reason)
+            self._save_generation(d)
+            self.state = new
+        else:
+            self._save_generation(d)
+            self.state = new
+        if new is State.STOP and old is not State.STOP:
+            res = await self._run_script("poststop", label, d.reason)
+            if res is not None and not res.ok:
+                failures.append(res.describe())
+        if old is State.STOP and new is not State.STOP:
+            await self._run_script("prestart", label, d.reason)
+        if d.state is State.SECOND:
+            self.ctl.accept_peer_data = False
+        if new.is_primary:
+            self.ctl.force_primary = False
+            self.ctl.swap_until = 0.0
+        self.reason = d.reason
+        self.last_transition = time.time()
+        self.flags = d.flags
+        self.events.append(
+            self.m.name,
+            "transition",
+            node=self.node,
+            **{"from": old.name, "to": new.name},
+            reason=d.reason,
+            generation=self.record.generation.short(),
+            errors=failures,
+        )
+        if self._on_transition is not None:
+            self._on_transition(self.m.name, old, new)
+        await self._send_now(self.m.name)
+
+    async def _promote(self, label: str, reason: str) -> list[str]:
+        errors: list[str] = []
+        try:
+            await self.vip_ops.add(self.m)
+        except (OSError, vip.VipError) as exc:
+            errors.append(f"VIP: {exc}")
+            self.ctl.yielding = f"cannot add the VIP: {exc}"
+            log.exception("%s: %s", self.m.name, self.ctl.yielding)
+            self.wake()
+            return errors
+        res = await self._run_script("start_prim", label, reason)
+        if res is not None and not res.ok:
+            errors.append(res.describe())
+            self.ctl.yielding = f"start_prim: {res.describe()}"
+            self.wake()
+        for c in self.checks.values():
+            c.failures = 0
+        return errors
+
+    async def _demote(self, label: str, reason: str) -> list[str]:
+        errors: list[str] = []
+        res = await self._run_script("stop_prim", label, reason)
+        if res is not None and not res.ok:
+            # The VIP goes anyway: a half-stopped application must not keep clients.
+            errors.append(res.describe())
+        try:
+            await self.vip_ops.remove(self.m)
+        except (OSError, vip.VipError) as exc:
+            errors.append(f"VIP: {exc}")
+            log.exception("%s: cannot remove the VIP", self.m.name)
+        return errors
+
+    async def _run_script(self, which: str, transition: str, reason: str) -> ScriptResult | None:
+        path = getattr(self.m.scripts, which)
+        if path is None:
+            return None
+        env = script_env(
+            module=self.m.name,
+            node=self.node,
+            peer=self.peer_name,
+            script=which,
+            transition=transition,
+            reason=reason,
+            vip=self.m.vip.cidr if self.m.vip else "",
+        )
+        return await run_script(path, env, self.m.scripts.timeout_s, label=f"{self.m.name}/{which}")
+
+    async def shutdown(self) -> None:
+        """Daemon stopping: give the role up cleanly so the peer takes over at once."""
+        async with self._lock:
+            if self.state.is_primary:
+                await self._demote(f"{self.state.name}->STOP", "daemon stopping")
+            old = self.state
+            self.state = State.STOP
+            self.flags = Flag.NONE
+            self.events.append(
+                self.m.name,
+                "transition",
+                node=self.node,
+                **{"from": old.name, "to": "STOP"},
+                reason="hapair daemon stopping",
+                generation=self.record.generation.short(),
+                errors=[],
+            )
+            await self._send_now(self.m.name)
+
+    # ----------------------------------------------------------------- monitors
+
+    async def _witness_loop(self) -> None:
+        period = max(1.0, self.m.heartbeat.interval_ms / 1000)
+        while True:
+            ok = await checkers.any_reachable(self.m.witness, 1.0)
+            if ok != self.witness_ok:
+                log.info("%s: witness %s", self.m.name, "reachable" if ok else "unreachable")
+                self.witness_ok = ok
+                self.wake()
+            await trio.sleep(period)
+
+    async def _checker_loop(self, spec: CheckerSpec) -> None:
+        st = self.checks[spec.name]
+        while True:
+            await trio.sleep(spec.interval_s)
+            if spec.app_level and not self.state.is_primary:
+                st.ok, st.detail, st.failures = None, "application not running here", 0
+                continue
+            ok, detail = await checkers.probe(spec)
+            st.ok, st.detail = ok, detail
+            st.failures = 0 if ok else st.failures + 1
+            if ok:
+                if self.ctl.blocked.pop(spec.name, None) is not None:
+                    self.wake()
+                continue
+            if st.failures < FAILURES_BEFORE_ACTION:
+                continue
+            await self._checker_failed(spec, detail)
+
+    async def _checker_failed(self, spec: Any, detail: str) -> None:
+        name = spec.name
+        if spec.action == "wait":
+            if name not in self.ctl.blocked:
+                self.events.append(
+                    self.m.name,
+                    "checker",
+                    node=self.node,
+                    checker=name,
+                    action="wait",
+                    detail=detail,
+                )
+                self.ctl.blocked[name] = detail
+                self.wake()
+            return
+        if spec.action == "restart" and self.budget.try_restart(self._clock()):
+            self.events.append(
+                self.m.name,
+                "checker",
+                node=self.node,
+                checker=name,
+                action="restart",
+                detail=detail,
+            )
+            await self.restart_application(f"checker {name}: {detail}")
+            self.checks[name].failures = 0
+            return
+        why = f"checker {name}: {detail}"
+        if spec.action == "restart":
+            why += f" ({self.budget.max_restarts} restarts used in the window)"
+        self.events.append(
+            self.m.name, "checker", node=self.node, checker=name, action="failover", detail=why
+        )
+        self.ctl.yielding = why
+        self.wake()
+
+    async def restart_application(self, reason: str) -> None:
+        async with self._lock:
+            if not self.state.is_primary:
+                return
+            label = f"{self.state.name}->{self.state.name}"
+            await self._run_script("stop_prim", label, reason)
+            res = await self._run_script("start_prim", label, reason)
+            self.events.append(
+                self.m.name, "restart", node=self.node, reason=reason, ok=res is None or res.ok
+            )
+
+    # ----------------------------------------------------------------- operator commands
+
+    async def _await_state(self, wanted: Callable[[], bool], timeout: float) -> bool:
+        with trio.move_on_after(timeout):
+            while not wanted():
+                self.wake()
+                await trio.sleep(0.05)
+            return True
+        return False
+
+    def _transition_timeout(self) -> float:
+        return 2 * self.m.scripts.timeout_s + 3 * self.m.heartbeat.timeout_ms / 1000 + 5
+
+    async def cmd_start(self) -> str:
+        self.ctl.admin_stopped = False
+        self.ctl.yielding = None
+        self.admin_file.unlink(missing_ok=True)
+        self.events.append(self.m.name, "command", node=self.node, command="start")
+        self.wake()
+        await self._await_state(lambda: self.state is not State.STOP, self._transition_timeout())
+        return f"{self.m.name} started on {self.node}: {self.state.name} ({self.reason})"
+
+    async def cmd_stop(self) -> str:
+        self.ctl.admin_stopped = True
+        self.admin_file.parent.mkdir(parents=True, exist_ok=True)
+        self.admin_file.touch()
+        self.events.append(self.m.name, "command", node=self.node, command="stop")
+        self.wake()
+        if not await self._await_state(
+            lambda: self.state is State.STOP, self._transition_timeout()
+        ):
+            raise CommandRefused(
+                f"{self.m.name} did not reach STOP in time (now {self.state.name})"
+            )
+        return f"{self.m.name} stopped on {self.node}"
+
+    async def cmd_restart(self) -> str:
+        self.events.append(self.m.name, "command", node=self.node, command="restart")
+        if self.state.is_primary:
+            await self.restart_application("operator restart")
+            return f"{self.m.name}: application restarted on {self.node}"
+        await self.cmd_stop()
+        return await self.cmd_start()
+
+    async def cmd_prim(self) -> str:
+        i = self.inputs()
+        if self.state.is_primary:
+            return f"{self.m.name} is already primary on {self.node} ({self.state.name})"
+        if i.peer.primary:
+            raise CommandRefused(
+                f"{self.peer_name} is primary: use `hactl swap {self.m.name}` for a switchover;"
+                " nothing changed"
+            )
+        if i.admin_stopped:
+            raise CommandRefused(
+                f"{self.m.name} is stopped here: `hactl start {self.m.name}` first"
+            )
+        if i.blocked:
+            raise CommandRefused(f"this node is not eligible ({i.blocked}); nothing changed")
+        self.ctl.yielding = None
+        if i.relation is not Relation.SAME or not i.peer.alive:
+            self.ctl.force_primary = True  # the operator vouches for this copy
+        self.events.append(
+            self.m.name, "command", node=self.node, command="prim", relation=i.relation.value
+        )
+        self.wake()
+        if not await self._await_state(lambda: self.state.is_primary, self._transition_timeout()):
+            self.ctl.force_primary = False
+            raise CommandRefused(f"{self.m.name} did not become primary: {self.reason}")
+        return f"{self.m.name} is {self.state.name} on {self.node}"
+
+    async def cmd_second(self) -> str:
+        if self.state.is_primary:
+            return await self.cmd_swap()
+        if self.state is State.SECOND:
+            return f"{self.m.name} is already SECOND on {self.node}"
+        i = self.inputs()
+        if not i.peer.primary:
+            raise CommandRefused(
+                f"{self.peer_name} is not primary: nothing to follow; nothing changed"
+            )
+        self.ctl.accept_peer_data = True
+        self.events.append(
+            self.m.name, "command", node=self.node, command="second", relation=i.relation.value
+        )
+        self.wake()
+        if not await self._await_state(
+            lambda: self.state is State.SECOND, self._transition_timeout()
+        ):
+            raise CommandRefused(f"{self.m.name} did not become SECOND: {self.reason}")
+        return f"{self.m.name} is SECOND on {self.node}"
+
+    async def cmd_swap(self) -> str:
+        i = self.inputs()
+        refusal = swap_refusal(i)
+        if refusal is not None:
+            raise CommandRefused(f"swap {self.m.name} refused: {refusal}")
+        was_primary = self.state.is_primary
+        self.events.append(self.m.name, "command", node=self.node, command="swap")
+        started = time.monotonic()
+        self.ctl.swap_until = self._clock() + self._transition_timeout()
+        self.wake()
+
+        def done() -> bool:
+            p = self.peer_view()
+            if was_primary:
+                return self.state is State.SECOND and p.primary
+            return self.state.is_primary
+
+        ok = await self._await_state(done, self._transition_timeout())
+        self.ctl.swap_until = 0.0
+        if not ok:
+            raise CommandRefused(
+                f"swap {self.m.name} did not complete: now {self.state.name}, peer "
+                f"{_state_name(self.peer_view())} ({self.reason})"
+            )
+        new_primary = self.peer_name if was_primary else self.node
+        return f"{self.m.name} switched over to {new_primary} in {time.monotonic() - started:.1f}s"
+
+    # ----------------------------------------------------------------- status
+
+    def status(self) -> dict[str, Any]:
+        p = self.peer_view()
+        i = self.inputs()
+        return {
+            "module": self.m.name,
+            "name": self.m.name,
+            "type": self.m.type,
+            "node": self.node,
+            "state": self.state.name,
+            "peer": self.peer_name,
+            "peer_state": _state_name(p) if p.status is not PeerStatus.NEVER else "UNKNOWN",
+            "peer_alive": p.alive,
+            "peer_networks": self.peers.networks_alive(self.m.name, self.peer_name),
+            "vip": self.m.vip.cidr if self.m.vip else None,
+            "vip_held": self.state.is_primary,
+            "last_transition": _iso(self.last_transition),
+            "reason": self.reason,
+            "sync": "in-sync"
+            if self.state is State.SECOND and i.relation is Relation.SAME
+            else None,
+            "generation": self.record.generation.short(),
+            "peer_generation": p.generation.short() if p.status is not PeerStatus.NEVER else None,
+            "data": i.relation.value if p.status is not PeerStatus.NEVER else "unknown",
+            "eligible": i.eligible,
+            "witness_ok": self.witness_ok,
+            "blocked": i.blocked,
+            "yielding": i.yielding,
+            "restarts_in_window": self.budget.used(self._clock()),
+            "checkers": [
+                {"name": n, "ok": c.ok, "detail": c.detail} for n, c in sorted(self.checks.items())
+            ],
+        }
+
+
+def _state_name(p: PeerView) -> str:
+    if not p.alive:
+        return "LOST" if p.status is PeerStatus.LOST else "UNKNOWN"
+    return p.state.name if p.state is not None else "UNKNOWN"
+
+
+def _iso(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+async def _wait_then_cancel(ev: trio.Event, scope: trio.CancelScope) -> None:
+    await ev.wait()
+    scope.cancel()
