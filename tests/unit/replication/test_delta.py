@@ -1,0 +1,108 @@
+"""rsync algorithm: patch(basis, delta(signature(basis), new)) == new, and only changes travel."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ha_runtime.replication import delta as D
+
+small_blocks = st.sampled_from([1, 2, 3, 7, 16, 64])
+
+
+@settings(max_examples=300, deadline=None)
+@given(basis=st.binary(max_size=600), new=st.binary(max_size=600), bs=small_blocks)
+def test_roundtrip_arbitrary(basis: bytes, new: bytes, bs: int) -> None:
+    sig = D.signature(basis, bs)
+    d = D.delta(sig, new)
+    assert D.patch(basis, d) == new
+    # and through the wire formats
+    sig2 = D.Signature.decode(sig.encode())
+    d2 = D.Delta.decode(D.delta(sig2, new).encode())
+    assert D.patch(basis, d2) == new
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    basis=st.binary(min_size=1, max_size=2000),
+    edits=st.lists(
+        st.tuples(st.integers(0, 10**6), st.integers(0, 40), st.binary(max_size=40)),
+        max_size=6,
+    ),
+    bs=st.sampled_from([4, 16, 32]),
+)
+def test_roundtrip_edited(basis: bytes, edits: list[tuple[int, int, bytes]], bs: int) -> None:
+    """Insertions, deletions and replacements: the realistic shapes of a changed file."""
+    new = bytearray(basis)
+    for pos, cut, ins in edits:
+        p = pos % (len(new) + 1)
+        new[p : p + cut] = ins
+    d = D.delta(D.signature(basis, bs), bytes(new))
+    assert D.patch(basis, d) == bytes(new)
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**32), nchanges=st.integers(0, 8))
+def test_only_mismatching_blocks_travel(seed: int, nchanges: int) -> None:
+    rnd = random.Random(seed)
+    bs = 256
+    basis = rnd.randbytes(bs * 64 + rnd.randrange(bs))
+    new = bytearray(basis)
+    touched: set[int] = set()
+    for _ in range(nchanges):
+        p = rnd.randrange(len(new))
+        new[p] ^= 0xFF
+        touched.add(p // bs)
+    d = D.delta(D.signature(basis, bs), bytes(new))
+    assert D.patch(basis, d) == bytes(new)
+    # Each changed byte costs at most its block; unchanged blocks never travel.
+    assert d.literal_bytes <= len(touched) * bs
+    assert len(d.encode()) <= d.literal_bytes + 17 * (2 * len(touched) + 1) + 16
+
+
+def test_shifted_data_is_found_by_the_rolling_checksum() -> None:
+    basis = os.urandom(64 * 1024)
+    new = b"inserted!" + basis[:30000] + b"x" * 5 + basis[30000:]
+    d = D.delta(D.signature(basis, 1024), new)
+    assert D.patch(basis, d) == new
+    assert d.literal_bytes <= 9 + 5 + 2 * 1024
+
+
+def test_repetitive_data_and_empty_edges() -> None:
+    for basis, new in [(b"", b""), (b"", b"abc"), (b"abc", b""), (b"\0" * 10000, b"\0" * 10001)]:
+        d = D.delta(D.signature(basis, 64), new)
+        assert D.patch(basis, d) == new
+    d = D.delta(D.signature(b"\0" * 65536, 4096), b"\0" * 65536)
+    assert d.literal_bytes == 0
+
+
+def test_decoders_reject_garbage() -> None:
+    sig = D.signature(os.urandom(5000), 1024).encode()
+    for bad in (sig[:-1], sig + b"x", b"junk", b"HSG1" + sig[4:10]):
+        with pytest.raises(D.DeltaError):
+            D.Signature.decode(bad)
+    dl = D.delta(D.signature(b"a" * 100, 16), b"b" * 100).encode()
+    for bad in (dl[:-1], dl + b"x", b"HDL1" + b"\xff" * 20):
+        with pytest.raises(D.DeltaError):
+            D.Delta.decode(bad)
+
+
+def test_files_and_a_large_buffer_fast(tmp_path: Path) -> None:
+    rnd = random.Random(7)
+    basis = rnd.randbytes(8 << 20)
+    new = bytearray(basis)
+    for _ in range(20):
+        p = rnd.randrange(len(new) - 4096)
+        new[p : p + 4096] = rnd.randbytes(4096)
+    (tmp_path / "old").write_bytes(basis)
+    (tmp_path / "new").write_bytes(new)
+    sig = D.signature_file(tmp_path / "old")
+    d = D.delta_file(sig, tmp_path / "new")
+    D.patch_file(tmp_path / "old", d, tmp_path / "out")
+    assert (tmp_path / "out").read_bytes() == bytes(new)
+    assert d.literal_bytes <= 40 * sig.block_size
