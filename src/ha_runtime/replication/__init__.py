@@ -1,1 +1,4 @@
-"""Journal-based synchronous file replication (issue 4); entry point: ``service.ReplicationService``."""
+"""Journal-based synchronous file replication (issue 4).
+
+Entry point for the node daemon: ``service.ReplicationService``.
+"""

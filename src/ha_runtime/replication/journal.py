@@ -1,0 +1,366 @@
+"""Operation journal: typed records of every mutating file operation, and the frames that
+carry them on the wire (to the secondary) and on disk (dirty log).
+
+Frame layout (network byte order)::
+
+    magic "HJ" | version u8 | kind u8 | length u32 | payload[length] | tag[16]
+
+``tag`` is a keyed BLAKE2b-128 of header + payload (key derived from the site key; an empty
+key makes it a plain checksum for local files). Decoding is strict: a bad magic, version,
+kind, length, tag or payload rejects the frame with a counted reason; nothing is ever
+applied from a frame that did not verify, and the decoder never raises.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+import struct
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+MAGIC = b"HJ"
+VERSION = 1
+TAG_LEN = 16
+HEADER = struct.Struct("!2sBBI")
+MAX_PAYLOAD = 16 << 20
+MAX_PATH = 4096
+MAX_NAME = 255
+
+
+class Kind(enum.IntEnum):
+    RECORD = 1  # a journal Record (live replication or resync)
+    ACK = 2  # received_seq, durable_seq
+    HELLO = 3  # JSON: client's identity, module, generation, resync intent
+    WELCOME = 4  # JSON: server's answer
+    PING = 5
+    PONG = 6
+    ERROR = 7  # JSON: fatal error from the peer (e.g. disk full)
+    CONTROL = 8  # JSON request/response used by resync and verify
+
+
+class Op(enum.IntEnum):
+    WRITE = 1
+    TRUNCATE = 2
+    CREATE = 3
+    MKNOD = 4
+    MKDIR = 5
+    UNLINK = 6
+    RMDIR = 7
+    RENAME = 8
+    SYMLINK = 9
+    LINK = 10
+    SETATTR = 11
+    SETXATTR = 12
+    REMOVEXATTR = 13
+    FALLOCATE = 14
+    FSYNC = 15  # barrier: everything before it durable (file given in path)
+    DELTA = 16  # full resync: data = encoded delta.Delta against the receiver's copy
+    REPLACE = 17  # full resync: data = the whole (small) file
+
+
+# SETATTR flags
+SET_MODE = 1
+SET_UID = 2
+SET_GID = 4
+SET_ATIME = 8
+SET_MTIME = 16
+SET_SIZE = 32
+# FSYNC flags
+FSYNC_DATA = 1
+
+NAMESPACE_OPS = frozenset(
+    {
+        Op.CREATE,
+        Op.MKNOD,
+        Op.MKDIR,
+        Op.UNLINK,
+        Op.RMDIR,
+        Op.RENAME,
+        Op.SYMLINK,
+        Op.LINK,
+        Op.SETATTR,
+        Op.SETXATTR,
+        Op.REMOVEXATTR,
+    }
+)
+_TWO_PATH_OPS = frozenset({Op.RENAME, Op.SYMLINK, Op.LINK})
+_EMPTY_PATH_OK = frozenset({Op.SETATTR, Op.SETXATTR, Op.REMOVEXATTR, Op.FSYNC})
+
+_REC = struct.Struct("!QBIQQIiiQqqHHHI")
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One mutating operation. ``path`` is relative to the replicated directory's root
+    (``b""`` is the root itself), ``/``-separated, without ``.``/``..`` components."""
+
+    seq: int
+    op: Op
+    path: bytes
+    path2: bytes = b""  # rename target, symlink target, link's new name
+    offset: int = 0  # write/fallocate offset, truncate size
+    length: int = 0  # fallocate length
+    mode: int = 0  # file mode (create/mknod/mkdir/setattr); fallocate mode
+    uid: int = -1
+    gid: int = -1
+    rdev: int = 0
+    atime_ns: int = 0
+    mtime_ns: int = 0
+    flags: int = 0  # SET_* for setattr, FSYNC_DATA, rename flags, xattr flags
+    name: bytes = b""  # xattr name
+    data: bytes = b""  # written bytes, xattr value, delta, whole file
+
+    def encode(self) -> bytes:
+        return (
+            _REC.pack(
+                self.seq,
+                int(self.op),
+                self.flags,
+                self.offset,
+                self.length,
+                self.mode,
+                self.uid,
+                self.gid,
+                self.rdev,
+                self.atime_ns,
+                self.mtime_ns,
+                len(self.path),
+                len(self.path2),
+                len(self.name),
+                len(self.data),
+            )
+            + self.path
+            + self.path2
+            + self.name
+            + self.data
+        )
+
+    @property
+    def end(self) -> int:
+        """First byte after what a data op touched."""
+        if self.op == Op.WRITE:
+            return self.offset + len(self.data)
+        if self.op == Op.FALLOCATE:
+            return self.offset + self.length
+        return self.offset
+
+    @property
+    def wire_size(self) -> int:
+        return _REC.size + len(self.path) + len(self.path2) + len(self.name) + len(self.data)
+
+
+class RecordError(ValueError):
+    pass
+
+
+def valid_path(p: bytes, allow_empty: bool = False) -> bool:
+    if not p:
+        return allow_empty
+    if len(p) > MAX_PATH or b"\0" in p or p.startswith(b"/") or p.endswith(b"/"):
+        return False
+    return all(c not in (b"", b".", b"..") and len(c) <= MAX_NAME for c in p.split(b"/"))
+
+
+def decode_record(payload: bytes | memoryview) -> Record:
+    """Strict decoding; raises RecordError with the reason."""
+    if len(payload) < _REC.size:
+        raise RecordError("record_truncated")
+    (
+        seq,
+        op,
+        flags,
+        offset,
+        length,
+        mode,
+        uid,
+        gid,
+        rdev,
+        atime,
+        mtime,
+        lp,
+        lp2,
+        ln,
+        ld,
+    ) = _REC.unpack_from(payload)
+    if _REC.size + lp + lp2 + ln + ld != len(payload):
+        raise RecordError("record_length")
+    try:
+        o = Op(op)
+    except ValueError:
+        raise RecordError("record_op") from None
+    mv = memoryview(payload)
+    i = _REC.size
+    path = bytes(mv[i : i + lp])
+    i += lp
+    path2 = bytes(mv[i : i + lp2])
+    i += lp2
+    name = bytes(mv[i : i + ln])
+    i += ln
+    data = bytes(mv[i : i + ld])
+    if not valid_path(path, allow_empty=o in _EMPTY_PATH_OK):
+        raise RecordError("record_path")
+    if o in (Op.RENAME, Op.LINK) and not valid_path(path2):
+        raise RecordError("record_path")
+    if o == Op.SYMLINK and (not path2 or b"\0" in path2 or len(path2) > MAX_PATH):
+        raise RecordError("record_path")
+    if o not in _TWO_PATH_OPS and path2:
+        raise RecordError("record_fields")
+    if o in (Op.SETXATTR, Op.REMOVEXATTR) and (not name or len(name) > MAX_NAME):
+        raise RecordError("record_fields")
+    if offset > (1 << 62) or length > (1 << 62):
+        raise RecordError("record_range")
+    return Record(
+        seq, o, path, path2, offset, length, mode, uid, gid, rdev, atime, mtime, flags, name, data
+    )
+
+
+# --------------------------------------------------------------------------- frames
+
+
+def derive_key(site_key: bytes, purpose: bytes = b"hapair replication v1") -> bytes:
+    return hashlib.sha256(site_key + b"\0" + purpose).digest() if site_key else b""
+
+
+def _tag(key: bytes, header: bytes, payload: bytes | memoryview) -> bytes:
+    h = hashlib.blake2b(key=key, digest_size=TAG_LEN)
+    h.update(header)
+    h.update(payload)
+    return h.digest()
+
+
+def encode_frame(kind: Kind, payload: bytes, key: bytes = b"") -> bytes:
+    if len(payload) > MAX_PAYLOAD:
+        raise ValueError(f"frame payload of {len(payload)} bytes exceeds {MAX_PAYLOAD}")
+    hdr = HEADER.pack(MAGIC, VERSION, int(kind), len(payload))
+    return hdr + payload + _tag(key, hdr, payload)
+
+
+def encode_json(kind: Kind, obj: dict[str, Any], key: bytes = b"") -> bytes:
+    return encode_frame(kind, json.dumps(obj, separators=(",", ":")).encode(), key)
+
+
+_ACK = struct.Struct("!QQ")
+
+
+def encode_ack(received: int, durable: int, key: bytes = b"") -> bytes:
+    return encode_frame(Kind.ACK, _ACK.pack(received, durable), key)
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    kind: Kind
+    payload: bytes
+
+    def json(self) -> dict[str, Any] | None:
+        """The JSON object of a HELLO/WELCOME/ERROR/CONTROL frame, or None if malformed."""
+        try:
+            obj = json.loads(self.payload)
+        except (ValueError, UnicodeDecodeError):
+            return None
+        return obj if isinstance(obj, dict) else None
+
+    def ack(self) -> tuple[int, int] | None:
+        if self.kind != Kind.ACK or len(self.payload) != _ACK.size:
+            return None
+        r, d = _ACK.unpack(self.payload)
+        return int(r), int(d)
+
+
+@dataclass
+class FrameDecoder:
+    """Incremental, strict decoder for one byte stream.
+
+    ``feed`` returns the frames completed by the new bytes. The first bad frame makes the
+    stream ``failed`` (a byte stream cannot be re-synchronised safely): later bytes are
+    ignored, the reason is counted in ``rejected`` and kept in ``failed``.
+    """
+
+    key: bytes = b""
+    max_payload: int = MAX_PAYLOAD
+    rejected: Counter[str] = field(default_factory=Counter)
+    failed: str | None = None
+    _buf: bytearray = field(default_factory=bytearray)
+    consumed: int = 0  # bytes of complete, valid frames so far
+
+    def _fail(self, reason: str) -> None:
+        self.failed = reason
+        self.rejected[reason] += 1
+        self._buf.clear()
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[Frame]:
+        if self.failed:
+            return []
+        self._buf += data
+        out: list[Frame] = []
+        while len(self._buf) >= HEADER.size:
+            magic, version, kind, length = HEADER.unpack_from(self._buf)
+            if magic != MAGIC:
+                self._fail("bad_magic")
+                break
+            if version != VERSION:
+                self._fail("bad_version")
+                break
+            if length > self.max_payload:
+                self._fail("oversized")
+                break
+            total = HEADER.size + length + TAG_LEN
+            if len(self._buf) < total:
+                break
+            mv = memoryview(self._buf)
+            hdr = bytes(mv[: HEADER.size])
+            payload = bytes(mv[HEADER.size : HEADER.size + length])
+            tag = bytes(mv[HEADER.size + length : total])
+            mv.release()
+            if _tag(self.key, hdr, payload) != tag:
+                self._fail("bad_tag")
+                break
+            try:
+                k = Kind(kind)
+            except ValueError:
+                self._fail("bad_kind")
+                break
+            del self._buf[:total]
+            self.consumed += total
+            out.append(Frame(k, payload))
+        return out
+
+    def finish(self) -> None:
+        """End of stream: leftover bytes are a truncated frame."""
+        if not self.failed and self._buf:
+            self._fail("truncated")
+
+    @property
+    def pending(self) -> int:
+        return len(self._buf)
+
+
+def record_frame(rec: Record, key: bytes = b"") -> bytes:
+    return encode_frame(Kind.RECORD, rec.encode(), key)
+
+
+def read_records(data: bytes, key: bytes = b"") -> tuple[list[Record], int, Counter[str]]:
+    """Decode a whole file of RECORD frames: (records, length of the valid prefix, rejects).
+
+    A torn or corrupt tail stops the reading there; the caller truncates to the prefix."""
+    dec = FrameDecoder(key)
+    frames = dec.feed(data)
+    dec.finish()
+    recs: list[Record] = []
+    good = 0
+    pos = 0
+    for f in frames:
+        size = HEADER.size + len(f.payload) + TAG_LEN
+        if f.kind != Kind.RECORD:
+            dec.rejected["unexpected_kind"] += 1
+            break
+        try:
+            recs.append(decode_record(f.payload))
+        except RecordError as e:
+            dec.rejected[str(e)] += 1
+            break
+        pos += size
+        good = pos
+    return recs, good, dec.rejected
