@@ -100,7 +100,11 @@ def decide(i: Inputs) -> Decision:
         flags |= Flag.HANDOVER
     if d.state is State.SECOND and _wants_swap(i):
         flags |= Flag.SWAP_REQUEST
-    new_gen = d.state is State.ALONE and i.state is not State.ALONE
+    # A new era whenever we start writing without a replica, and on the very first
+    # promotion, so that a copy that has ever served is never mistaken for a blank one.
+    new_gen = (d.state is State.ALONE and i.state is not State.ALONE) or (
+        d.state.is_primary and i.record.generation.empty
+    )
     outdated = d.peer_outdated
     if d.state is State.ALONE and new_gen:
         outdated = True
@@ -183,7 +187,7 @@ def _with_live_peer(i: Inputs) -> Decision:
         )
     # Neither is primary: the same order on both sides picks at most one candidate.
     if _outranks(i):
-        if peer.state is State.SECOND and rel is Relation.SAME:
+        if peer.state is State.SECOND and rel is Relation.SAME and not i.record.generation.empty:
             return Decision(State.PRIM, f"taking the primary role, {i.peer_name} is SECOND in sync")
         return Decision(
             State.ALONE, f"taking the primary role, {i.peer_name} is {_name(peer.state)}"

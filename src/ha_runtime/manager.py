@@ -112,7 +112,9 @@ class ModuleManager:
         self.admin_file = cluster.state_dir / f"{module.name}.stopped"
         self.ctl = Control(admin_stopped=self.admin_file.exists())
         self.state = State.STOP if self.ctl.admin_stopped else State.WAIT
-        self.flags = Flag.NONE
+        # Announce eligibility from the first heartbeat: a peer must never take an
+        # undecided, just-booted node for one that cannot run the application.
+        self.flags = Flag.NONE if self.ctl.admin_stopped else Flag.ELIGIBLE
         self.reason = "daemon started"
         self.last_transition = time.time()
         self.witness_ok: bool | None = None if not module.witness else True
