@@ -76,7 +76,7 @@ type: mirror
 nodes: [node1, node2]
 default_primary: node1
 vip: {{address: 10.77.0.100/24, interface: lan0}}
-heartbeat: {{interval_ms: 50, timeout_ms: 400}}
+heartbeat: {{interval_ms: 100, timeout_ms: 1000}}
 scripts: {{start_prim: {base}/start_prim, stop_prim: {base}/stop_prim, timeout_s: 5}}
 """
     )
