@@ -1,0 +1,445 @@
+"""Apply journal records to a backing directory (the secondary's copy).
+
+- **Path-safe**: every path is resolved component by component from the root with
+  ``O_NOFOLLOW | O_DIRECTORY``, and the last component is acted on relative to its parent's
+  descriptor without following symlinks, so neither ``..`` nor a symlink (planted or
+  replicated) can make a record touch anything outside the root.
+- **Idempotent**: replaying a record that was already applied leaves the same result
+  (creating what exists, removing what is gone, renaming what was already renamed are
+  no-ops), so a resync or a reconnect may resend records safely.
+- **Durable on request**: a ``FSYNC`` record (barrier) fsyncs every file written and every
+  directory changed since the previous barrier, then ``durable_seq`` advances.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import errno
+import mmap
+import os
+import stat
+from pathlib import Path
+
+from ha_runtime.replication import delta as D
+from ha_runtime.replication.journal import (
+    FSYNC_DATA,
+    SET_ATIME,
+    SET_GID,
+    SET_MODE,
+    SET_MTIME,
+    SET_SIZE,
+    SET_UID,
+    Record,
+    valid_path,
+)
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+AT_FDCWD = -100
+TMP_PREFIX = b".hapair-tmp."
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class UnsafePath(ValueError):
+    pass
+
+
+def renameat2(sfd: int, src: bytes, dfd: int, dst: bytes, flags: int) -> None:
+    if _libc.renameat2(sfd, src, dfd, dst, ctypes.c_uint(flags)) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    r = _libc.fallocate(fd, ctypes.c_int(mode), ctypes.c_long(offset), ctypes.c_long(length))
+    if r != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
+class Applier:
+    def __init__(self, root: Path, max_open: int = 256) -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        self.root = root
+        self.root_fd = os.open(root, _DIR_FLAGS)
+        self.max_open = max_open
+        self._files: dict[bytes, int] = {}  # path -> writable fd
+        self._pending: list[int] = []  # fds to fsync at the next barrier, then close
+        self._dirty_files: set[bytes] = set()
+        self._dirty_dirs: set[bytes] = set()
+        self.applied_seq = 0
+        self.durable_seq = 0
+
+    def close(self) -> None:
+        for fd in list(self._files.values()) + self._pending:
+            os.close(fd)
+        self._files.clear()
+        self._pending.clear()
+        os.close(self.root_fd)
+
+    # -- path resolution
+    def _parent(self, path: bytes) -> tuple[int, bytes]:
+        """(fd of the parent directory, last component). The caller closes the fd unless it
+        is ``root_fd``."""
+        if not valid_path(path):
+            raise UnsafePath(path)
+        parts = path.split(b"/")
+        fd = self.root_fd
+        try:
+            for comp in parts[:-1]:
+                nfd = os.open(comp, _DIR_FLAGS, dir_fd=fd)
+                if fd != self.root_fd:
+                    os.close(fd)
+                fd = nfd
+        except BaseException:
+            if fd != self.root_fd:
+                os.close(fd)
+            raise
+        return fd, parts[-1]
+
+    def _done(self, fd: int) -> None:
+        if fd != self.root_fd:
+            os.close(fd)
+
+    def _file(self, path: bytes, create_mode: int | None = None) -> int:
+        fd = self._files.get(path)
+        if fd is not None:
+            return fd
+        pfd, name = self._parent(path)
+        try:
+            flags = os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+            if create_mode is not None:
+                flags |= os.O_CREAT
+            fd = os.open(name, flags, create_mode or 0o600, dir_fd=pfd)
+        finally:
+            self._done(pfd)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise OSError(errno.EINVAL, "not a regular file", path)
+        if len(self._files) >= self.max_open:
+            self._retire(next(iter(self._files)))
+        self._files[path] = fd
+        return fd
+
+    def _retire(self, path: bytes) -> None:
+        fd = self._files.pop(path, None)
+        if fd is not None:
+            if path in self._dirty_files:
+                self._pending.append(fd)
+            else:
+                os.close(fd)
+
+    def _retire_under(self, path: bytes) -> None:
+        for p in [p for p in self._files if p == path or p.startswith(path + b"/")]:
+            self._retire(p)
+
+    def _dirname(self, path: bytes) -> bytes:
+        return path.rpartition(b"/")[0]
+
+    # -- applying
+    def apply(self, rec: Record) -> None:
+        """Apply one record. Raises OSError for real failures (ENOSPC, EIO...) and
+        UnsafePath for a path that would leave the root (never applied)."""
+        handler = getattr(self, "_op_" + rec.op.name.lower())
+        handler(rec)
+        if rec.seq:
+            self.applied_seq = rec.seq
+
+    def _op_write(self, r: Record) -> None:
+        fd = self._file(r.path)
+        mv = memoryview(r.data)
+        off = r.offset
+        while mv:
+            n = os.pwrite(fd, mv, off)
+            mv = mv[n:]
+            off += n
+        self._dirty_files.add(r.path)
+
+    def _op_truncate(self, r: Record) -> None:
+        os.ftruncate(self._file(r.path), r.offset)
+        self._dirty_files.add(r.path)
+
+    def _op_fallocate(self, r: Record) -> None:
+        fd = self._file(r.path)
+        if r.mode == 0:
+            os.posix_fallocate(fd, r.offset, r.length)
+        else:
+            fallocate(fd, r.mode, r.offset, r.length)
+        self._dirty_files.add(r.path)
+
+    def _owner(self, pfd: int, name: bytes, r: Record) -> None:
+        if r.uid >= 0 or r.gid >= 0:
+            os.chown(name, r.uid, r.gid, dir_fd=pfd, follow_symlinks=False)
+
+    def _op_create(self, r: Record) -> None:
+        self._retire(r.path)
+        fd = self._file(r.path, create_mode=r.mode & 0o7777)
+        os.fchmod(fd, r.mode & 0o7777)
+        if r.uid >= 0 or r.gid >= 0:
+            os.fchown(fd, r.uid, r.gid)
+        self._dirty_files.add(r.path)
+        self._dirty_dirs.add(self._dirname(r.path))
+
+    def _op_mknod(self, r: Record) -> None:
+        pfd, name = self._parent(r.path)
+        try:
+            try:
+                os.mknod(name, r.mode, r.rdev, dir_fd=pfd)
+            except FileExistsError:
+                st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+                if stat.S_IFMT(st.st_mode) != stat.S_IFMT(r.mode):
+                    raise
+            self._owner(pfd, name, r)
+        finally:
+            self._done(pfd)
+        self._dirty_dirs.add(self._dirname(r.path))
+
+    def _op_mkdir(self, r: Record) -> None:
+        pfd, name = self._parent(r.path)
+        try:
+            try:
+                os.mkdir(name, r.mode & 0o7777, dir_fd=pfd)
+            except FileExistsError:
+                st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+                if not stat.S_ISDIR(st.st_mode):
+                    raise
+            os.chmod(name, r.mode & 0o7777, dir_fd=pfd)
+            self._owner(pfd, name, r)
+        finally:
+            self._done(pfd)
+        self._dirty_dirs.add(self._dirname(r.path))
+        self._dirty_dirs.add(r.path)
+
+    def _op_unlink(self, r: Record) -> None:
+        self._retire(r.path)
+        self._dirty_files.discard(r.path)
+        pfd, name = self._parent(r.path)
+        try:
+            os.unlink(name, dir_fd=pfd)
+        except FileNotFoundError:
+            pass
+        finally:
+            self._done(pfd)
+        self._dirty_dirs.add(self._dirname(r.path))
+
+    def _op_rmdir(self, r: Record) -> None:
+        self._retire_under(r.path)
+        pfd, name = self._parent(r.path)
+        try:
+            os.rmdir(name, dir_fd=pfd)
+        except FileNotFoundError:
+            pass
+        finally:
+            self._done(pfd)
+        self._dirty_dirs.add(self._dirname(r.path))
+
+    def _op_rename(self, r: Record) -> None:
+        self._retire_under(r.path)
+        self._retire_under(r.path2)
+        sfd, sname = self._parent(r.path)
+        try:
+            dfd, dname = self._parent(r.path2)
+            try:
+                if r.flags:
+                    renameat2(sfd, sname, dfd, dname, r.flags)
+                else:
+                    os.rename(sname, dname, src_dir_fd=sfd, dst_dir_fd=dfd)
+            except FileNotFoundError:
+                # replay: already renamed if the target exists
+                os.stat(dname, dir_fd=dfd, follow_symlinks=False)
+            finally:
+                self._done(dfd)
+        finally:
+            self._done(sfd)
+        self._dirty_dirs.update((self._dirname(r.path), self._dirname(r.path2)))
+
+    def _op_symlink(self, r: Record) -> None:
+        pfd, name = self._parent(r.path)
+        try:
+            try:
+                os.symlink(r.path2, name, dir_fd=pfd)
+            except FileExistsError:
+                if os.readlink(name, dir_fd=pfd) != r.path2:
+                    os.unlink(name, dir_fd=pfd)
+                    os.symlink(r.path2, name, dir_fd=pfd)
+            self._owner(pfd, name, r)
+        finally:
+            self._done(pfd)
+        self._dirty_dirs.add(self._dirname(r.path))
+
+    def _op_link(self, r: Record) -> None:
+        sfd, sname = self._parent(r.path)
+        try:
+            dfd, dname = self._parent(r.path2)
+            try:
+                os.link(sname, dname, src_dir_fd=sfd, dst_dir_fd=dfd, follow_symlinks=False)
+            except FileExistsError:
+                pass
+            finally:
+                self._done(dfd)
+        finally:
+            self._done(sfd)
+        self._dirty_dirs.add(self._dirname(r.path2))
+
+    def _op_setattr(self, r: Record) -> None:
+        if r.path == b"":
+            pfd, name, fd_only = self.root_fd, b"", True
+        else:
+            pfd, name = self._parent(r.path)
+            fd_only = False
+        try:
+            st = os.fstat(pfd) if fd_only else os.stat(name, dir_fd=pfd, follow_symlinks=False)
+            is_link = stat.S_ISLNK(st.st_mode)
+            if r.flags & SET_SIZE:
+                os.ftruncate(self._file(r.path), r.offset)
+                self._dirty_files.add(r.path)
+            if r.flags & (SET_UID | SET_GID):
+                uid = r.uid if r.flags & SET_UID else -1
+                gid = r.gid if r.flags & SET_GID else -1
+                if fd_only:
+                    os.fchown(pfd, uid, gid)
+                else:
+                    os.chown(name, uid, gid, dir_fd=pfd, follow_symlinks=False)
+            if r.flags & SET_MODE and not is_link:
+                if fd_only:
+                    os.fchmod(pfd, r.mode & 0o7777)
+                else:
+                    os.chmod(name, r.mode & 0o7777, dir_fd=pfd)
+            if r.flags & (SET_ATIME | SET_MTIME):
+                a = r.atime_ns if r.flags & SET_ATIME else st.st_atime_ns
+                m = r.mtime_ns if r.flags & SET_MTIME else st.st_mtime_ns
+                if fd_only:
+                    os.utime(pfd, ns=(a, m))
+                else:
+                    os.utime(name, ns=(a, m), dir_fd=pfd, follow_symlinks=False)
+        finally:
+            if not fd_only:
+                self._done(pfd)
+        self._dirty_dirs.add(self._dirname(r.path) if r.path else b"")
+
+    def _xattr_target(self, path: bytes) -> tuple[int, str]:
+        if path == b"":
+            return -1, f"/proc/self/fd/{self.root_fd}"
+        pfd, name = self._parent(path)
+        try:
+            fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
+        finally:
+            self._done(pfd)
+        return fd, f"/proc/self/fd/{fd}"
+
+    def _op_setxattr(self, r: Record) -> None:
+        fd, target = self._xattr_target(r.path)
+        try:
+            os.setxattr(target, r.name, r.data, r.flags)
+        finally:
+            if fd >= 0:
+                os.close(fd)
+        self._dirty_dirs.add(self._dirname(r.path) if r.path else b"")
+
+    def _op_removexattr(self, r: Record) -> None:
+        fd, target = self._xattr_target(r.path)
+        try:
+            os.removexattr(target, r.name)
+        except OSError as e:
+            if e.errno != errno.ENODATA:
+                raise
+        finally:
+            if fd >= 0:
+                os.close(fd)
+
+    def _op_fsync(self, r: Record) -> None:
+        self.barrier(datasync=bool(r.flags & FSYNC_DATA))
+        if r.seq:
+            self.durable_seq = r.seq
+
+    def _replace_with(self, path: bytes, content: D.Delta | bytes) -> None:
+        """Write the new content beside the file, fsync it, rename it over (atomic)."""
+        self._retire(path)
+        pfd, name = self._parent(path)
+        try:
+            tmp = TMP_PREFIX + name[: 255 - len(TMP_PREFIX)]
+            fd = os.open(
+                tmp,
+                os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                0o600,
+                dir_fd=pfd,
+            )
+            try:
+                if isinstance(content, D.Delta):
+                    self._patch_into(pfd, name, content, fd)
+                else:
+                    os.write(fd, content)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            try:
+                st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+                os.chmod(tmp, st.st_mode & 0o7777, dir_fd=pfd)
+                os.chown(tmp, st.st_uid, st.st_gid, dir_fd=pfd)
+            except FileNotFoundError:
+                pass
+            os.rename(tmp, name, src_dir_fd=pfd, dst_dir_fd=pfd)
+        finally:
+            self._done(pfd)
+        self._dirty_dirs.add(self._dirname(path))
+
+    def _patch_into(self, pfd: int, name: bytes, d: D.Delta, out: int) -> None:
+        try:
+            bfd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
+        except FileNotFoundError:
+            bfd = -1
+        try:
+            basis: mmap.mmap | bytes = b""
+            if bfd >= 0 and os.fstat(bfd).st_size:
+                basis = mmap.mmap(bfd, 0, prot=mmap.PROT_READ)
+            try:
+                for chunk in D.iter_patch(basis, d):
+                    mv = memoryview(chunk)
+                    while mv:
+                        mv = mv[os.write(out, mv) :]
+                    del mv, chunk
+            finally:
+                if isinstance(basis, mmap.mmap):
+                    with contextlib.suppress(BufferError):
+                        basis.close()
+        finally:
+            if bfd >= 0:
+                os.close(bfd)
+
+    def _op_delta(self, r: Record) -> None:
+        self._replace_with(r.path, D.Delta.decode(r.data))
+
+    def _op_replace(self, r: Record) -> None:
+        self._replace_with(r.path, r.data)
+
+    # -- durability
+    def barrier(self, datasync: bool = False) -> None:
+        sync = os.fdatasync if datasync else os.fsync
+        for p in list(self._dirty_files):
+            fd = self._files.get(p)
+            if fd is not None:
+                sync(fd)
+        for fd in self._pending:
+            sync(fd)
+            os.close(fd)
+        self._pending.clear()
+        self._dirty_files.clear()
+        for d in sorted(self._dirty_dirs):
+            try:
+                if d == b"":
+                    os.fsync(self.root_fd)
+                    continue
+                pfd, name = self._parent(d)
+                try:
+                    dfd = os.open(name, _DIR_FLAGS, dir_fd=pfd)
+                finally:
+                    self._done(pfd)
+                try:
+                    os.fsync(dfd)
+                finally:
+                    os.close(dfd)
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+        self._dirty_dirs.clear()
+        self.durable_seq = self.applied_seq
