@@ -88,6 +88,7 @@ class NodeDaemon:
                     modules.start_soon(mgr.run)
                 nursery.start_soon(self._watch_signals, modules.cancel_scope, nursery.cancel_scope)
                 nursery.start_soon(self._watchdog)
+                nursery.start_soon(self._peer_gauges)
                 self.ready.set()
                 sdnotify.notify("READY=1\nSTATUS=heartbeats up, modules managed")
                 log.info(
@@ -106,6 +107,12 @@ class NodeDaemon:
                 log.info("received %s: stopping", signal.Signals(sig).name)
                 modules.cancel()
                 return
+
+    async def _peer_gauges(self) -> None:
+        while True:
+            for name, mgr in self.managers.items():
+                self.metrics.peer_alive.labels(name).set(1 if mgr.peer_view().alive else 0)
+            await trio.sleep(1)
 
     async def _watchdog(self) -> None:
         period = sdnotify.watchdog_period()
