@@ -1,0 +1,144 @@
+"""The farm member state machine: STOP, WAIT, UP, and which buckets this node serves.
+
+Pure logic (no I/O, no clock): the service feeds it membership snapshots from the
+heartbeat layer and operator commands, and applies the bucket set it answers.
+
+- STOP: not started (or stopped by the operator). Nothing installed.
+- WAIT: started, installed, but serving no new connection: no membership report yet, a
+  checker with a farm action is
+  failing, the operator drained the node, or the node is isolated (it lost every peer and
+  every witness: it cannot tell a network split from the others' death, so it must not take
+  their buckets). Connections it already serves go on (conntrack), new ones go elsewhere.
+- UP: eligible; serves the buckets the map gives it.
+
+The members are this node when eligible plus every configured peer that is alive and
+announces itself eligible (UP with Flag.ELIGIBLE in its heartbeats). Every node computes the
+map from the same members, so all agree once heartbeats agree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ha_runtime.farm.buckets import BucketMap, plan
+from ha_runtime.farm.spec import FarmSpec
+from ha_runtime.states import Flag, State
+
+
+@dataclass(frozen=True)
+class PeerView:
+    """What the heartbeat layer knows about one peer of the module."""
+
+    name: str
+    alive: bool  # heard on at least one heartbeat network within the timeout
+    eligible: bool = False  # announces UP with Flag.ELIGIBLE
+    power: int | None = None  # the power it announces (informational; the map uses config)
+
+
+@dataclass(frozen=True)
+class Membership:
+    """One snapshot fed to the farm: the peers, this node's health, the witness."""
+
+    peers: tuple[PeerView, ...] = ()
+    healthy: bool = True  # every checker with a farm action passes on this node
+    health_reason: str = ""
+    witness_ok: bool | None = None  # None: no witness configured, or not probed
+
+
+@dataclass(frozen=True)
+class Transition:
+    old: State
+    new: State
+    reason: str
+
+
+@dataclass
+class FarmMember:
+    spec: FarmSpec
+    node: str
+    state: State = State.STOP
+    reason: str = "not started"
+    drained: bool = False
+    membership: Membership | None = None  # None until the heartbeat layer reports
+    started: bool = False
+
+    def __post_init__(self) -> None:
+        if self.node not in self.spec.nodes:
+            raise ValueError(f"{self.node!r} is not a node of farm module {self.spec.module}")
+        self._plan = plan(self.spec.power_map)
+
+    # ------------------------------------------------------------------ inputs
+
+    def start(self) -> Transition | None:
+        self.started = True
+        return self._evaluate()
+
+    def stop(self, reason: str = "stopped by the operator") -> Transition | None:
+        self.started = False
+        return self._set(State.STOP, reason)
+
+    def drain(self) -> Transition | None:
+        self.drained = True
+        return self._evaluate()
+
+    def undrain(self) -> Transition | None:
+        self.drained = False
+        return self._evaluate()
+
+    def update(self, membership: Membership) -> Transition | None:
+        self.membership = membership
+        return self._evaluate()
+
+    # ------------------------------------------------------------------ outputs
+
+    @property
+    def eligible(self) -> bool:
+        return self.state == State.UP
+
+    @property
+    def announcement(self) -> tuple[State, Flag]:
+        """What this node must announce in its heartbeats for this module."""
+        return self.state, Flag.ELIGIBLE if self.eligible else Flag.NONE
+
+    @property
+    def members(self) -> tuple[str, ...]:
+        peers = self.membership.peers if self.membership is not None else ()
+        alive = {p.name for p in peers if p.alive and p.eligible}
+        if self.eligible:
+            alive.add(self.node)
+        return tuple(n for n in self.spec.nodes if n in alive)
+
+    @property
+    def bucket_map(self) -> BucketMap:
+        return self._plan.assign(self.members)
+
+    @property
+    def my_buckets(self) -> frozenset[int]:
+        if not self.eligible:
+            return frozenset()
+        return self.bucket_map.buckets_of(self.node)
+
+    # ------------------------------------------------------------------ rules
+
+    def _evaluate(self) -> Transition | None:
+        if not self.started:
+            return self._set(State.STOP, self.reason if self.state == State.STOP else "stopped")
+        m = self.membership
+        if m is None:
+            return self._set(State.WAIT, "waiting for the first membership report")
+        if self.drained:
+            return self._set(State.WAIT, "drained by the operator")
+        if not m.healthy:
+            return self._set(State.WAIT, f"checker failing: {m.health_reason or 'unhealthy'}")
+        peers_alive = any(p.alive for p in m.peers)
+        if self.spec.witness and not peers_alive and m.witness_ok is False:
+            return self._set(State.WAIT, "isolated: every peer and every witness lost")
+        return self._set(State.UP, "serving" if peers_alive else "serving alone (no peer)")
+
+    def _set(self, state: State, reason: str) -> Transition | None:
+        old = self.state
+        self.reason = reason
+        if state == old:
+            return None
+        self.state = state
+        return Transition(old, state, reason)
