@@ -1,0 +1,597 @@
+"""The replication link: one mutually authenticated TLS 1.3 connection carrying journal
+frames in order, with acknowledgements and a timeout.
+
+- TLS with the standard ``ssl`` module, the site CA only (no system roots), TLS 1.3 minimum,
+  client certificates required. The client checks the server's certificate names the peer
+  node (``server_hostname``); the server checks the client's certificate names the peer node
+  (CN or DNS SAN). A certificate from another site's CA fails the handshake; either refusal
+  is logged and reported through ``on_refused``.
+- Frames are additionally MAC'd with a key derived from the site key (``journal``), so a
+  stream of garbage is dropped at its first frame, nothing applied.
+- ``PrimaryLink`` numbers records, sends them in order, tracks acks and the window of
+  records not yet durable on the secondary, and declares the link lost when an awaited ack or
+  a keepalive answer is later than ``timeout``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import ssl
+import struct
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from ha_runtime.replication.journal import (
+    Frame,
+    FrameDecoder,
+    Kind,
+    Op,
+    Record,
+    RecordError,
+    decode_record,
+    encode_ack,
+    encode_frame,
+    record_frame,
+)
+
+log = logging.getLogger("hapair.replication")
+
+_CTL = struct.Struct("!I")
+
+
+class LinkLost(Exception):
+    """The peer did not answer in time, closed, or reported a fatal error."""
+
+
+class PeerRefused(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    ca: Path
+    cert: Path
+    key: Path
+
+
+def _context(tls: TlsFiles, server: bool) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.load_verify_locations(cafile=str(tls.ca))
+    ctx.load_cert_chain(str(tls.cert), str(tls.key))
+    if not server:
+        ctx.check_hostname = True
+    return ctx
+
+
+def server_context(tls: TlsFiles) -> ssl.SSLContext:
+    return _context(tls, server=True)
+
+
+def client_context(tls: TlsFiles) -> ssl.SSLContext:
+    return _context(tls, server=False)
+
+
+def cert_names(cert: dict[str, Any] | None) -> set[str]:
+    names: set[str] = set()
+    if not cert:
+        return names
+    for rdn in cert.get("subject", ()):
+        for k, v in rdn:
+            if k == "commonName":
+                names.add(v)
+    for k, v in cert.get("subjectAltName", ()):
+        if k == "DNS":
+            names.add(v)
+    return names
+
+
+def encode_control(obj: dict[str, Any], body: bytes = b"", key: bytes = b"") -> bytes:
+    js = json.dumps(obj, separators=(",", ":")).encode()
+    return encode_frame(Kind.CONTROL, _CTL.pack(len(js)) + js + body, key)
+
+
+def decode_control(f: Frame) -> tuple[dict[str, Any], bytes] | None:
+    p = f.payload
+    if len(p) < _CTL.size:
+        return None
+    (n,) = _CTL.unpack_from(p)
+    if _CTL.size + n > len(p):
+        return None
+    try:
+        obj = json.loads(p[_CTL.size : _CTL.size + n])
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(obj, dict):
+        return None
+    return obj, p[_CTL.size + n :]
+
+
+def _check_peer(s: trio.SSLStream[trio.SocketStream], peer: str) -> None:
+    names = cert_names(s.getpeercert())
+    if peer not in names:
+        raise PeerRefused(f"certificate names {sorted(names)}, expected {peer!r}")
+
+
+class Conn:
+    """Frames over one authenticated stream. ``recv`` returns None at end of stream or on a
+    rejected frame (the reason is in ``decoder.failed``); it never raises for bad input."""
+
+    def __init__(self, stream: trio.abc.Stream, key: bytes, peer: str) -> None:
+        self.stream = stream
+        self.key = key
+        self.peer = peer
+        self.decoder = FrameDecoder(key)
+        self._frames: deque[Frame] = deque()
+        self._send_lock = trio.Lock()
+        self.bytes_sent = 0
+        self.bytes_received = 0
+
+    async def send(self, data: bytes) -> None:
+        async with self._send_lock:
+            await self.stream.send_all(data)
+            self.bytes_sent += len(data)
+
+    async def recv(self) -> Frame | None:
+        while not self._frames:
+            if self.decoder.failed:
+                return None
+            try:
+                data = await self.stream.receive_some(1 << 20)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError, OSError):
+                return None
+            if not data:
+                self.decoder.finish()
+                return None
+            self.bytes_received += len(data)
+            self._frames.extend(self.decoder.feed(data))
+        return self._frames.popleft()
+
+    async def aclose(self) -> None:
+        with trio.move_on_after(1) as cs:
+            cs.shield = True
+            with contextlib.suppress(
+                trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError, OSError
+            ):
+                await self.stream.aclose()
+
+
+async def connect(
+    *,
+    addresses: Sequence[tuple[str, int]],
+    peer: str,
+    ctx: ssl.SSLContext,
+    key: bytes,
+    timeout: float,
+    on_refused: Callable[[str], None] | None = None,
+) -> Conn:
+    """Connect to the first address (in preference order) that completes a TLS handshake."""
+    errors: list[str] = []
+    for host, port in addresses:
+        with trio.move_on_after(timeout):
+            try:
+                tcp = await trio.open_tcp_stream(host, port)
+            except OSError as e:
+                errors.append(f"{host}:{port}: {e}")
+                continue
+            s = trio.SSLStream(tcp, ctx, server_hostname=peer)
+            try:
+                await s.do_handshake()
+            except (trio.BrokenResourceError, ssl.SSLError, OSError) as e:
+                msg = f"{host}:{port}: TLS handshake with {peer} refused: {e.__cause__ or e}"
+                log.warning("replication: %s", msg)
+                if on_refused:
+                    on_refused(msg)
+                errors.append(msg)
+                await tcp.aclose()
+                continue
+            return Conn(s, key, peer)
+        errors.append(f"{host}:{port}: timeout")
+    raise LinkLost("; ".join(errors) or "no address")
+
+
+async def serve(
+    *,
+    addresses: Sequence[str],
+    port: int,
+    peer: str,
+    ctx: ssl.SSLContext,
+    key: bytes,
+    handler: Callable[[Conn], Awaitable[None]],
+    on_refused: Callable[[str], None] | None = None,
+    task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
+    handshake_timeout: float = 5.0,
+) -> None:
+    """Listen on every address; authenticate the peer; run ``handler`` for one connection at
+    a time (a new authenticated connection replaces the previous one)."""
+    listeners: list[trio.SocketListener] = []
+    for a in addresses:
+        listeners += await trio.open_tcp_listeners(port, host=a)
+    current: list[trio.CancelScope] = []
+
+    async def one(tcp: trio.SocketStream) -> None:
+        s = trio.SSLStream(tcp, ctx, server_side=True)
+        where = "?"
+        try:
+            host, port_ = tcp.socket.getpeername()[:2]
+            where = f"{host}:{port_}"
+            with trio.fail_after(handshake_timeout):
+                await s.do_handshake()
+            _check_peer(s, peer)
+        except (trio.BrokenResourceError, trio.TooSlowError, ssl.SSLError, OSError) as e:
+            msg = f"{where}: TLS handshake refused: {e.__cause__ or e!r}"
+            log.warning("replication: %s", msg)
+            if on_refused:
+                on_refused(msg)
+            await tcp.aclose()
+            return
+        except PeerRefused as e:
+            msg = f"{where}: peer refused: {e}"
+            log.warning("replication: %s", msg)
+            if on_refused:
+                on_refused(msg)
+            await s.aclose()
+            return
+        for cs in current:
+            cs.cancel()
+        with trio.CancelScope() as cs:
+            current.append(cs)
+            conn = Conn(s, key, peer)
+            try:
+                await handler(conn)
+            finally:
+                current.remove(cs)
+                await conn.aclose()
+
+    async with trio.open_nursery() as nursery:
+        task_status.started(listeners)
+        await trio.serve_listeners(one, listeners, handler_nursery=nursery)
+
+
+# --------------------------------------------------------------------------- primary side
+
+
+def _meta(rec: Record) -> Record:
+    """What the window keeps of a record: enough to mark it dirty, not its data."""
+    if rec.op == Op.WRITE:
+        return Record(rec.seq, Op.WRITE, rec.path, offset=rec.offset, length=len(rec.data))
+    if rec.op in (Op.DELTA, Op.REPLACE):
+        return Record(rec.seq, Op.TRUNCATE, rec.path, offset=0)
+    return Record(rec.seq, rec.op, rec.path, path2=rec.path2, offset=rec.offset, length=rec.length)
+
+
+@dataclass
+class LinkStats:
+    last_seq: int = 0
+    received_seq: int = 0
+    durable_seq: int = 0
+    inflight_bytes: int = 0
+    window: int = 0
+
+
+@dataclass
+class PrimaryLink:
+    """Ordered, acknowledged record stream to the secondary over one Conn."""
+
+    conn: Conn
+    timeout: float = 3.0
+    durable: bool = True
+    max_inflight: int = 64 << 20
+    seq: int = 0
+    received_seq: int = 0
+    durable_seq: int = 0
+    lost_reason: str | None = None
+    window: deque[Record] = field(default_factory=deque)
+    _out: list[bytes] = field(default_factory=list)
+    _out_bytes: int = 0
+    _inflight: deque[tuple[int, int]] = field(default_factory=deque)  # (seq, size)
+    _inflight_bytes: int = 0
+    _wake_sender: trio.Event = field(default_factory=trio.Event)
+    _ack_changed: trio.Event = field(default_factory=trio.Event)
+    _lost: trio.Event = field(default_factory=trio.Event)
+    _replies: dict[int, tuple[dict[str, Any], bytes]] = field(default_factory=dict)
+    _req: int = 0
+    _last_heard: float = field(default_factory=time.monotonic)
+
+    def submit(self, rec: Record) -> int:
+        """Queue a record (assigning its sequence number). Never blocks, never reorders."""
+        if self.lost_reason:
+            raise LinkLost(self.lost_reason)
+        self.seq += 1
+        r = Record(
+            self.seq,
+            rec.op,
+            rec.path,
+            rec.path2,
+            rec.offset,
+            rec.length,
+            rec.mode,
+            rec.uid,
+            rec.gid,
+            rec.rdev,
+            rec.atime_ns,
+            rec.mtime_ns,
+            rec.flags,
+            rec.name,
+            rec.data,
+        )
+        frame = record_frame(r, self.conn.key)
+        self._out.append(frame)
+        self._out_bytes += len(frame)
+        self._inflight.append((self.seq, len(frame)))
+        self._inflight_bytes += len(frame)
+        self.window.append(_meta(r))
+        self._wake_sender.set()
+        return self.seq
+
+    def submit_control(self, obj: dict[str, Any], body: bytes = b"") -> int:
+        if self.lost_reason:
+            raise LinkLost(self.lost_reason)
+        self._req += 1
+        frame = encode_control({**obj, "id": self._req}, body, self.conn.key)
+        self._out.append(frame)
+        self._wake_sender.set()
+        return self._req
+
+    async def request(self, obj: dict[str, Any], body: bytes = b"") -> tuple[dict[str, Any], bytes]:
+        """Send a CONTROL request in stream order and wait for its reply (no timeout beyond
+        the link's own liveness: replies to large requests may take long)."""
+        rid = self.submit_control(obj, body)
+        while rid not in self._replies:
+            await self._wait_change()
+        return self._replies.pop(rid)
+
+    async def _wait_change(self) -> None:
+        if self.lost_reason:
+            raise LinkLost(self.lost_reason)
+        ev = self._ack_changed
+        await ev.wait()
+        if self.lost_reason:
+            raise LinkLost(self.lost_reason)
+
+    async def room(self) -> None:
+        """Backpressure: wait while too many bytes are unacknowledged."""
+        with trio.fail_after(self.timeout):
+            while self._inflight_bytes > self.max_inflight:
+                await self._wait_change()
+
+    async def wait_acked(self, seq: int, timeout: float | None = None) -> None:
+        """Wait until the secondary acknowledged ``seq`` (durably in durable mode)."""
+        try:
+            with trio.fail_after(self.timeout if timeout is None else timeout):
+                while (self.durable_seq if self.durable else self.received_seq) < seq:
+                    await self._wait_change()
+        except trio.TooSlowError:
+            self.fail(f"no acknowledgement within {self.timeout:g} s")
+            raise LinkLost(self.lost_reason) from None
+
+    def fail(self, reason: str) -> None:
+        if not self.lost_reason:
+            self.lost_reason = reason
+            log.warning("replication link to %s lost: %s", self.conn.peer, reason)
+            self._lost.set()
+            self._ack_changed.set()
+
+    def unacked(self) -> list[Record]:
+        """Records the secondary may not have made durable (to mark dirty when lost)."""
+        return [r for r in self.window if r.seq > self.durable_seq]
+
+    def stats(self) -> LinkStats:
+        return LinkStats(
+            self.seq, self.received_seq, self.durable_seq, self._inflight_bytes, len(self.window)
+        )
+
+    async def run(self) -> None:
+        """Sender, receiver and keepalive; returns (never raises) when the link is lost."""
+        async with trio.open_nursery() as n:
+            n.start_soon(self._sender)
+            n.start_soon(self._receiver)
+            n.start_soon(self._keepalive)
+            await self._lost.wait()
+            n.cancel_scope.cancel()
+        await self.conn.aclose()
+
+    async def _sender(self) -> None:
+        while True:
+            await self._wake_sender.wait()
+            self._wake_sender = trio.Event()
+            while self._out:
+                batch, self._out = self._out, []
+                self._out_bytes = 0
+                try:
+                    await self.conn.send(b"".join(batch))
+                except (
+                    trio.BrokenResourceError,
+                    trio.ClosedResourceError,
+                    ssl.SSLError,
+                    OSError,
+                ) as e:
+                    self.fail(f"send failed: {e}")
+                    return
+
+    async def _receiver(self) -> None:
+        while True:
+            f = await self.conn.recv()
+            if f is None:
+                self.fail(f"connection closed ({self.conn.decoder.failed or 'end of stream'})")
+                return
+            self._last_heard = time.monotonic()
+            if f.kind == Kind.ACK:
+                a = f.ack()
+                if a is None:
+                    self.fail("malformed ack")
+                    return
+                self._on_ack(*a)
+            elif f.kind == Kind.CONTROL:
+                c = decode_control(f)
+                if c is None or not isinstance(c[0].get("id"), int):
+                    self.fail("malformed control reply")
+                    return
+                self._replies[c[0]["id"]] = c
+                self._notify()
+            elif f.kind == Kind.ERROR:
+                obj = f.json() or {}
+                self.fail(f"secondary error: {obj.get('error', '?')}")
+                return
+            elif f.kind != Kind.PONG:
+                self.fail(f"unexpected frame {f.kind.name}")
+                return
+
+    def _notify(self) -> None:
+        ev, self._ack_changed = self._ack_changed, trio.Event()
+        ev.set()
+
+    def _on_ack(self, received: int, durable: int) -> None:
+        self.received_seq = max(self.received_seq, min(received, self.seq))
+        self.durable_seq = max(self.durable_seq, min(durable, self.received_seq))
+        while self._inflight and self._inflight[0][0] <= self.received_seq:
+            self._inflight_bytes -= self._inflight.popleft()[1]
+        while self.window and self.window[0].seq <= self.durable_seq:
+            self.window.popleft()
+        self._notify()
+
+    async def _keepalive(self) -> None:
+        period = max(0.05, self.timeout / 4)
+        while True:
+            await trio.sleep(period)
+            self._out.append(encode_frame(Kind.PING, b"", self.conn.key))
+            self._wake_sender.set()
+            if time.monotonic() - self._last_heard > self.timeout:
+                self.fail(f"peer silent for {self.timeout:g} s")
+                return
+
+
+# --------------------------------------------------------------------------- secondary side
+
+
+ControlHandler = Callable[[dict[str, Any], bytes], Awaitable[tuple[dict[str, Any], bytes]]]
+
+
+@dataclass
+class SecondarySession:
+    """Apply the primary's stream in order and acknowledge.
+
+    ``apply`` applies one record (an OSError is reported to the primary as an ERROR frame,
+    then the connection is closed). ``barrier`` makes everything applied durable and returns
+    the durable sequence number. In ``durable`` mode a FSYNC record is acked after the
+    barrier, otherwise at once. Either way a checkpoint (barrier) runs every
+    ``checkpoint_s`` while records flow, so the primary can trim its window."""
+
+    conn: Conn
+    apply: Callable[[Record], None]
+    barrier: Callable[[], Awaitable[int]]
+    control: ControlHandler
+    durable: bool = True
+    checkpoint_s: float = 1.0
+    on_rejected: Callable[[str], None] | None = None
+    received: int = 0
+    durable_seq: int = 0
+    _last_ckpt: float = field(default_factory=time.monotonic)
+    _unacked: int = 0
+
+    async def run(self) -> None:
+        send_ch, recv_ch = trio.open_memory_channel[Frame | None](64)
+
+        async def reader() -> None:
+            # A separate task: cancelling a TLS receive half-way is not safe, a channel is.
+            while True:
+                fr = await self.conn.recv()
+                await send_ch.send(fr)
+                if fr is None:
+                    return
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reader)
+            try:
+                await self._loop(recv_ch)
+            finally:
+                nursery.cancel_scope.cancel()
+
+    def _reject(self, reason: str) -> None:
+        log.warning("replication: dropping connection from %s: %s", self.conn.peer, reason)
+        if self.on_rejected:
+            self.on_rejected(reason)
+
+    async def _ack(self, extra: bytes = b"") -> None:
+        await self.conn.send(encode_ack(self.received, self.durable_seq, self.conn.key) + extra)
+        self._unacked = 0
+
+    async def _checkpoint(self) -> None:
+        self.durable_seq = await self.barrier()
+        self._last_ckpt = time.monotonic()
+
+    async def _loop(self, frames: trio.MemoryReceiveChannel[Frame | None]) -> None:
+        while True:
+            timed_out = True
+            f: Frame | None = None
+            with trio.move_on_after(self.checkpoint_s):
+                f = await frames.receive()
+                timed_out = False
+            if f is None and not timed_out:
+                if self.conn.decoder.failed:
+                    self._reject(self.conn.decoder.failed)
+                return
+            late = time.monotonic() - self._last_ckpt > self.checkpoint_s
+            if (f is None or late) and self.durable_seq < self.received:
+                await self._checkpoint()
+                await self._ack()
+            if f is not None and not await self._handle(f):
+                return
+
+    async def _handle(self, f: Frame) -> bool:
+        if f.kind == Kind.RECORD:
+            return await self._record(f)
+        if f.kind == Kind.PING:
+            await self._ack(encode_frame(Kind.PONG, b"", self.conn.key))
+            return True
+        if f.kind == Kind.CONTROL:
+            c = decode_control(f)
+            if c is None:
+                self._reject("malformed_control")
+                return False
+            try:
+                obj, body = await self.control(*c)
+            except (OSError, ValueError) as e:
+                obj, body = {"error": str(e)}, b""
+            self.durable_seq = max(self.durable_seq, int(obj.pop("_durable", 0)))
+            await self._ack(encode_control({**obj, "id": c[0].get("id")}, body, self.conn.key))
+            return True
+        self._reject(f"unexpected_{f.kind.name.lower()}")
+        return False
+
+    async def _record(self, f: Frame) -> bool:
+        try:
+            rec = decode_record(f.payload)
+        except RecordError as e:
+            self._reject(str(e))
+            return False
+        try:
+            self.apply(rec)
+        except (OSError, ValueError) as e:
+            log.warning("replication: cannot apply %s %r: %s", rec.op.name, rec.path, e)
+            err = json.dumps({"error": f"{rec.op.name} {rec.path!r}: {e}"}).encode()
+            await self.conn.send(encode_frame(Kind.ERROR, err, self.conn.key))
+            return False
+        self.received = rec.seq
+        self._unacked += 1
+        if rec.op == Op.FSYNC:
+            if self.durable:
+                await self._checkpoint()
+            await self._ack()
+        elif self._unacked >= 256:
+            await self._ack()
+        return True
+
+
+def backoff(attempt: int) -> float:
+    return min(2.0, 0.1 * math.pow(2, attempt))
