@@ -17,6 +17,8 @@ A bucket change rewrites only the set's elements, in one `nft -f` transaction.
 
 from __future__ import annotations
 
+import functools
+import importlib.resources
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -29,14 +31,20 @@ from ha_runtime.farm.spec import FarmRule, FarmSpec
 
 NFT = "nft"
 
+# The template sits at the package's top level: package-data ships `*.j2` from there only.
 _env = jinja2.Environment(
-    loader=jinja2.PackageLoader("ha_runtime.farm", "templates"),
     undefined=jinja2.StrictUndefined,
     trim_blocks=True,
     lstrip_blocks=True,
     keep_trailing_newline=True,
     autoescape=False,
 )
+
+
+@functools.cache
+def _template() -> jinja2.Template:
+    source = importlib.resources.files("ha_runtime.farm").joinpath("farm.nft.j2").read_text()
+    return _env.from_string(source)
 
 
 class NftError(RuntimeError):
@@ -64,7 +72,7 @@ def _key(rule: FarmRule) -> str:
 def render_ruleset(spec: FarmSpec, buckets: Iterable[int]) -> str:
     """The whole ruleset, replacing any previous one of the module atomically."""
     rules = [_RenderedRule(r.protocol, _ports(r), _key(r)) for r in spec.rules]
-    return _env.get_template("farm.nft.j2").render(
+    return _template().render(
         spec=spec, rules=rules, buckets=sorted(set(buckets)), seed=f"0x{spec.seed:08x}"
     )
 

@@ -91,6 +91,16 @@ class FarmService:
         """State and flags to put in this node's heartbeats for the module."""
         return self.member.announcement
 
+    @property
+    def installed_buckets(self) -> frozenset[int] | None:
+        """The buckets in the kernel's set now (None when nothing is installed)."""
+        return self._installed
+
+    @property
+    def synced(self) -> bool:
+        """True once the kernel's set holds what the membership gives this node."""
+        return self._installed == self.member.my_buckets
+
     def drain(self) -> None:
         """Give every bucket away (WAIT); existing connections finish here."""
         self._record(self.member.drain())
