@@ -214,11 +214,17 @@ class Applier:
     def _op_unlink(self, r: Record) -> None:
         self._retire(r.path)
         self._dirty_files.discard(r.path)
+        if r.flags & 1:  # resync: remove whatever is there, a whole tree included
+            self._retire_under(r.path)
         pfd, name = self._parent(r.path)
         try:
             os.unlink(name, dir_fd=pfd)
         except FileNotFoundError:
             pass
+        except IsADirectoryError:
+            if not r.flags & 1:
+                raise
+            _rmtree_at(pfd, name)
         finally:
             self._done(pfd)
         self._dirty_dirs.add(self._dirname(r.path))
@@ -443,3 +449,19 @@ class Applier:
                 continue
         self._dirty_dirs.clear()
         self.durable_seq = self.applied_seq
+
+
+def _rmtree_at(pfd: int, name: bytes) -> None:
+    """Remove directory ``name`` under ``pfd`` and everything in it, never following links."""
+    dfd = os.open(name, _DIR_FLAGS, dir_fd=pfd)
+    try:
+        for n in os.listdir(dfd):
+            en = os.fsencode(n)
+            st = os.stat(en, dir_fd=dfd, follow_symlinks=False)
+            if stat.S_ISDIR(st.st_mode):
+                _rmtree_at(dfd, en)
+            else:
+                os.unlink(en, dir_fd=dfd)
+    finally:
+        os.close(dfd)
+    os.rmdir(name, dir_fd=pfd)

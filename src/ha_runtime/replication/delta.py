@@ -436,7 +436,7 @@ def _map(f: BinaryIO) -> mmap.mmap | bytes:
     return mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
 
 
-def signature_file(path: Path | str, block_size: int | None = None) -> Signature:
+def signature_file(path: Path | str | bytes, block_size: int | None = None) -> Signature:
     with open(path, "rb") as f:
         m = _map(f)
         try:
@@ -445,7 +445,7 @@ def signature_file(path: Path | str, block_size: int | None = None) -> Signature
             _close(m)
 
 
-def delta_file(sig: Signature, path: Path | str) -> Delta:
+def delta_file(sig: Signature, path: Path | str | bytes) -> Delta:
     with open(path, "rb") as f:
         m = _map(f)
         try:

@@ -1,0 +1,427 @@
+"""``ReplicationService``: what the node daemon's manager uses (contract: docs/replication.md).
+
+One service replicates one directory of a mirror module (``dir_index`` into
+``replicated_dirs``): pyfuse3 serves a single mount per process, so the manager runs one
+service per replicated directory, each primary in its own process.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import stat
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import trio
+
+from ha_runtime.config import ClusterConfig, ModuleConfig
+from ha_runtime.replication import delta as D
+from ha_runtime.replication import fusefs, resync, transport
+from ha_runtime.replication.applier import Applier
+from ha_runtime.replication.dirtylog import DirtyLog
+from ha_runtime.replication.journal import Op, Record, derive_key, valid_path
+from ha_runtime.replication.transport import LinkLost, PrimaryLink, TlsFiles
+
+log = logging.getLogger("hapair.replication")
+
+
+@dataclass(frozen=True)
+class ReplicationSettings:
+    port: int = 7441
+    ack: Literal["durable", "received"] = "durable"
+    timeout_s: float = 3.0
+    networks: tuple[str, ...] = ("hb", "lan")
+    backing_root: Path | None = None  # default: cluster.state_dir / "replica"
+    max_inflight_bytes: int = 64 << 20
+    site_key: bytes | None = None  # default: read cluster.site_key
+
+
+@dataclass(frozen=True)
+class Event:
+    kind: str
+    module: str
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ReplicationStatus:
+    role: str = "idle"
+    state: str = "idle"  # sync | alone | resyncing | idle
+    link: str = "down"
+    address: str | None = None
+    last_seq: int = 0
+    acked_seq: int = 0
+    inflight_bytes: int = 0
+    dirty_bytes: int = 0
+    dirty_paths: int = 0
+    resync: dict[str, Any] | None = None
+    rejected: dict[str, int] = field(default_factory=dict)
+    last_error: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class VerifyReport:
+    equal: bool
+    files: int
+    differences: list[str]
+
+
+class ReplicationService:
+    def __init__(
+        self,
+        module: ModuleConfig,
+        cluster: ClusterConfig,
+        settings: ReplicationSettings | None = None,
+        on_event: Callable[[Event], None] | None = None,
+        dir_index: int = 0,
+    ) -> None:
+        self.module = module
+        self.cluster = cluster
+        self.settings = settings or ReplicationSettings()
+        self.on_event = on_event
+        self.app_dir = module.replicated_dirs[dir_index]
+        base = self.settings.backing_root or cluster.state_dir / "replica"
+        self.backing = base / module.name / str(dir_index)
+        self.dirty_path = base / f"{module.name}.{dir_index}.dirty"
+        self.quarantine_root = base / f"{module.name}.quarantine"
+        self.peer = module.peer_of(cluster.node)
+        key = self.settings.site_key
+        if key is None:
+            key = cluster.site_key.read_bytes().rstrip(b"\n")
+        self.key = derive_key(key)
+        self.tls = TlsFiles(cluster.tls.ca, cluster.tls.cert, cluster.tls.key)
+        self._status = ReplicationStatus()
+        self._dirty: DirtyLog | None = None
+        self._link: PrimaryLink | None = None
+        self._noted: set[int] = set()
+        self._progress: resync.Progress | None = None
+        self._resync_request: tuple[bool, bool] | None = None
+        self._kick = trio.Event()
+
+    # -- events and status
+    def _emit(self, kind: str, /, **detail: Any) -> None:
+        log.info("replication %s: %s %s", self.module.name, kind, detail)
+        if self.on_event:
+            self.on_event(Event(kind, self.module.name, detail))
+
+    def status(self) -> ReplicationStatus:
+        s = self._status
+        if self._link is not None:
+            st = self._link.stats()
+            s.last_seq, s.acked_seq, s.inflight_bytes = (
+                st.last_seq,
+                st.durable_seq,
+                st.inflight_bytes,
+            )
+        if self._dirty is not None:
+            s.dirty_bytes = self._dirty.state.dirty_bytes()
+            s.dirty_paths = len(self._dirty.state.ranges) + len(self._dirty.state.touched)
+        s.resync = self._progress.as_dict() if self._progress else None
+        return s
+
+    def request_resync(self, full: bool = False, quarantine: bool = False) -> None:
+        """Primary: resync the peer (again), incrementally or fully (delta over the tree)."""
+        self._resync_request = (full, quarantine)
+        if self._link is not None:
+            self._link.fail("resync requested")
+
+    # -- the Sink the FUSE layer calls (primary)
+    async def before(self, rec: Record) -> None:
+        link = self._link
+        if self._status.state != "sync" or link is None:
+            assert self._dirty is not None
+            pos = self._dirty.note(rec)
+            self._noted.add(id(rec))
+            if pos:
+                await trio.to_thread.run_sync(self._dirty.sync, pos)
+        elif link is not None and not link.lost_reason:
+            try:
+                await link.room()
+            except trio.TooSlowError:
+                link.fail(f"no acknowledgement within {link.timeout:g} s (queue full)")
+                await self._go_alone(link.lost_reason or "")
+                await self.before(rec)
+
+    def after(self, rec: Record) -> None:
+        noted = id(rec) in self._noted
+        self._noted.discard(id(rec))
+        link = self._link
+        if (
+            link is not None
+            and not link.lost_reason
+            and self._status.state in ("sync", "resyncing")
+        ):
+            link.submit(rec)
+        elif not noted and self._dirty is not None:
+            # lost between before() and after(): record it now (synced by the next barrier)
+            self._dirty.note(rec)
+
+    async def barrier(self, path: bytes, datasync: bool) -> None:
+        async def local() -> None:
+            await trio.to_thread.run_sync(self._fsync_local, path, datasync)
+
+        link = self._link
+        if self._status.state == "sync" and link is not None and not link.lost_reason:
+            seq = link.submit(Record(0, Op.FSYNC, path, flags=int(datasync)))
+            async with trio.open_nursery() as n:
+                n.start_soon(local)
+                try:
+                    await link.wait_acked(seq)
+                except LinkLost as e:
+                    await self._go_alone(str(e))
+        else:
+            await local()
+            assert self._dirty is not None
+            await trio.to_thread.run_sync(self._dirty.sync)
+
+    def _fsync_local(self, path: bytes, datasync: bool) -> None:
+        p = os.fsencode(self.backing) + (b"/" + path if path else b"")
+        try:
+            fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        except OSError:
+            return
+        try:
+            (os.fdatasync if datasync else os.fsync)(fd)
+        finally:
+            os.close(fd)
+
+    async def _go_alone(self, reason: str) -> None:
+        if self._status.state == "alone":
+            return
+        was = self._status.state
+        self._status.state = "alone"
+        self._status.link = "down"
+        self._status.last_error = reason
+        link, self._link = self._link, None
+        assert self._dirty is not None
+        if link is not None:
+            for r in link.unacked():
+                self._dirty.note(r)
+        await trio.to_thread.run_sync(self._dirty.sync)
+        if was == "sync":
+            self._emit("peer_lost", reason=reason)
+
+    # -- primary
+    async def run_primary(
+        self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        self._status.role = "primary"
+        self._status.state = "alone"
+        self.backing.mkdir(parents=True, exist_ok=True)
+        self.app_dir.mkdir(parents=True, exist_ok=True)
+        first = not self.dirty_path.exists()
+        self._dirty = DirtyLog(self.dirty_path)
+        self._dirty.open()
+        if first:
+            self._dirty.mark_lost()  # never synced: the peer's copy is unknown
+            self._dirty.sync()
+        self._status.rejected = dict(self._dirty.rejected)
+        try:
+            async with trio.open_nursery() as n:
+                await n.start(
+                    lambda task_status: fusefs.serve(
+                        backing=self.backing, mountpoint=self.app_dir, sink=self,
+                        fsname=f"hapair-{self.module.name}", task_status=task_status,
+                    )
+                )  # fmt: skip
+                task_status.started()
+                await self._connect_loop()
+        finally:
+            self._dirty.close()
+
+    def _addresses(self) -> list[tuple[str, int]]:
+        spec = self.cluster.peer(self.peer)
+        nets = [n for n in self.settings.networks if n in spec.addresses]
+        nets += [n for n in sorted(spec.addresses) if n not in nets]
+        return [(spec.addresses[n], self.settings.port) for n in nets]
+
+    async def _connect_loop(self) -> None:
+        ctx = transport.client_context(self.tls)
+        attempt = 0
+        while True:
+            try:
+                conn = await transport.connect(
+                    addresses=self._addresses(), peer=self.peer, ctx=ctx, key=self.key,
+                    timeout=self.settings.timeout_s,
+                    on_refused=lambda m: self._emit("link_refused", reason=m),
+                )  # fmt: skip
+            except LinkLost as e:
+                self._status.last_error = str(e)
+                await trio.sleep(transport.backoff(attempt))
+                attempt += 1
+                continue
+            attempt = 0
+            link = PrimaryLink(
+                conn, timeout=self.settings.timeout_s, durable=self.settings.ack == "durable",
+                max_inflight=self.settings.max_inflight_bytes,
+            )  # fmt: skip
+            async with trio.open_nursery() as n:
+                n.start_soon(link.run)
+                try:
+                    await self._session(link)
+                    await link._lost.wait()
+                except LinkLost:
+                    pass
+                n.cancel_scope.cancel()
+            await self._go_alone(link.lost_reason or "link closed")
+            self._link = None
+
+    async def _session(self, link: PrimaryLink) -> None:
+        assert self._dirty is not None
+        hello, _ = await link.request(
+            {"op": "hello", "module": self.module.name, "node": self.cluster.node}
+        )
+        if hello.get("error"):
+            raise LinkLost(str(hello["error"]))
+        self._status.link = "connected"
+        self._emit("peer_connected", address=link.conn.peer)
+        full, quarantine = self._resync_request or (False, False)
+        self._resync_request = None
+        state = self._dirty.snapshot()
+        full = full or state.lost
+        self._link = link
+        self._status.state = "resyncing"  # live writes: noted dirty and shipped
+        self._progress = resync.Progress()
+        self._emit("resync_started", full=full)
+        if full:
+            # The log now says "full needed" until the end; live writes are noted too.
+            self._dirty.clear()
+            self._dirty.mark_lost()
+            await trio.to_thread.run_sync(self._dirty.sync)
+            await resync.full(link, self.backing, self._progress, checksum=quarantine,
+                              quarantine=quarantine, on_progress=self._on_progress)  # fmt: skip
+            state = self._dirty.snapshot()
+        await resync.incremental(link, self.backing, state, self._progress, self._on_progress)
+        # Switch to synchronous replication atomically with the final barrier.
+        seq = link.submit(Record(0, Op.FSYNC, b""))
+        self._status.state = "sync"
+        await link.wait_acked(seq, timeout=max(self.settings.timeout_s, 60.0))
+        await trio.to_thread.run_sync(self._dirty.clear)
+        done = self._progress.as_dict()
+        self._progress = None
+        self._emit("resync_done", **done)
+
+    def _on_progress(self, p: resync.Progress) -> None:
+        self._emit("resync_progress", **p.as_dict())
+
+    async def verify(self) -> VerifyReport:
+        link = self._link
+        if link is None or self._status.state != "sync":
+            raise LinkLost("not in sync with the peer")
+        seq = link.submit(Record(0, Op.FSYNC, b""))
+        await link.wait_acked(seq)
+        # Compare at this journal position: the secondary digests after applying it.
+        theirs_reply, _ = await link.request({"op": "digest"})
+        ours = await trio.to_thread.run_sync(resync.tree_digests, self.backing)
+        theirs = theirs_reply.get("digests", {})
+        diffs = resync.compare(ours, theirs)
+        return VerifyReport(not diffs, len(ours), diffs)
+
+    # -- secondary
+    async def run_secondary(
+        self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        self._status.role = "secondary"
+        self.backing.mkdir(parents=True, exist_ok=True)
+        applier = Applier(self.backing)
+        ctx = transport.server_context(self.tls)
+        addrs = sorted(set(self.cluster.this_node.addresses.values()))
+
+        async def barrier() -> int:
+            await trio.to_thread.run_sync(applier.barrier)
+            return applier.durable_seq
+
+        async def control(obj: dict[str, Any], body: bytes) -> tuple[dict[str, Any], bytes]:
+            return await self._control(applier, obj)
+
+        async def handler(conn: transport.Conn) -> None:
+            self._status.link = "connected"
+            self._status.state = "resyncing"
+            try:
+                await transport.SecondarySession(
+                    conn, applier.apply, barrier, control,
+                    durable=self.settings.ack == "durable",
+                    on_rejected=self._rejected,
+                ).run()  # fmt: skip
+            finally:
+                self._status.link = "down"
+                self._status.state = "idle"
+
+        try:
+            async with trio.open_nursery() as n:
+                await n.start(
+                    lambda task_status: transport.serve(
+                        addresses=addrs, port=self.settings.port, peer=self.peer, ctx=ctx,
+                        key=self.key, handler=handler, task_status=task_status,
+                        on_refused=lambda m: self._emit("link_refused", reason=m),
+                    )
+                )  # fmt: skip
+                task_status.started()
+        finally:
+            applier.close()
+
+    def _rejected(self, reason: str) -> None:
+        self._status.rejected[reason] = self._status.rejected.get(reason, 0) + 1
+        self._emit("link_refused", reason=reason)
+
+    async def _control(self, applier: Applier, obj: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
+        op = obj.get("op")
+        if op == "hello":
+            if obj.get("module") != self.module.name:
+                return {"error": f"module {obj.get('module')!r} is not {self.module.name!r}"}, b""
+            return {"module": self.module.name, "node": self.cluster.node}, b""
+        await trio.to_thread.run_sync(applier.barrier)
+        if op == "list":
+            return {"tree": await trio.to_thread.run_sync(resync.list_tree, self.backing)}, b""
+        if op == "digest":
+            return {
+                "digests": await trio.to_thread.run_sync(resync.tree_digests, self.backing)
+            }, b""
+        if op == "sig":
+            rel = os.fsencode(str(obj.get("path", "")))
+            if not valid_path(rel):
+                return {"error": "bad path"}, b""
+            p = os.fsencode(self.backing) + b"/" + rel
+            st = os.lstat(p)
+            if not stat.S_ISREG(st.st_mode):
+                return {"error": "not a file"}, b""
+            sig = await trio.to_thread.run_sync(D.signature_file, p)
+            return {}, sig.encode()
+        if op == "quarantine":
+            paths = [str(p) for p in obj.get("paths", [])]
+            where = await trio.to_thread.run_sync(self._quarantine, paths)
+            self._emit("split_brain_quarantine", directory=str(where), files=len(paths))
+            return {"directory": str(where)}, b""
+        return {"error": f"unknown control {op!r}"}, b""
+
+    def _quarantine(self, paths: list[str]) -> Path:
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+        dest = self.quarantine_root / stamp / self.backing.name
+        for p in paths:
+            rel = os.fsencode(p)
+            if not valid_path(rel):
+                continue
+            src = self.backing / p
+            if not os.path.lexists(src):
+                continue
+            target = dest / p
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if src.is_dir() and not src.is_symlink():
+                shutil.copytree(src, target, symlinks=True, dirs_exist_ok=True)
+            else:
+                shutil.copy2(src, target, follow_symlinks=False)
+        os.sync()
+        return dest
+
+
+def now() -> float:
+    return time.time()

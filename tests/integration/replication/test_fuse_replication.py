@@ -1,0 +1,154 @@
+"""FUSE mount on this host replicating over TLS on loopback to a second backing directory.
+
+Needs root and /dev/fuse (both available here and in CI)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from ha_runtime.config import (
+    ClusterConfig,
+    HeartbeatSpec,
+    ModuleConfig,
+    NodeSpec,
+    RestartPolicy,
+    ScriptsSpec,
+    TlsSpec,
+)
+from ha_runtime.replication.service import Event, ReplicationService, ReplicationSettings
+
+_spec = importlib.util.spec_from_file_location(
+    "replication_pki", Path(__file__).parents[2] / "unit/replication/conftest.py"
+)
+assert _spec and _spec.loader
+_pki = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_pki)
+make_site = _pki.make_site
+
+pytestmark = [
+    pytest.mark.fuse,
+    pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/dev/fuse"), reason="root+FUSE"),
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def configs(tmp: Path) -> tuple[ModuleConfig, ClusterConfig, ClusterConfig]:
+    tls = make_site(tmp / "pki", "a", ("node1", "node2"))
+    nodes = (NodeSpec("node1", {"lan": "127.0.0.1"}), NodeSpec("node2", {"lan": "127.0.0.1"}))
+
+    def cluster(n: str) -> ClusterConfig:
+        t = tls[n]
+        (tmp / n).mkdir(exist_ok=True)
+        return ClusterConfig(
+            path=tmp / "c.yml", node=n, nodes=nodes, heartbeat_port=7440,
+            site_key=tmp / "key", tls=TlsSpec(t.ca, t.cert, t.key), api_socket=tmp / "s",
+            metrics_address=None, state_dir=tmp / n, modules_dir=tmp,
+        )  # fmt: skip
+
+    module = ModuleConfig(
+        path=tmp / "m.yml", name="demo", type="mirror", nodes=("node1", "node2"),
+        default_primary="node1", failback="manual", vip=None, heartbeat=HeartbeatSpec(),
+        witness=(), scripts=ScriptsSpec(), checkers=(), restart_policy=RestartPolicy(),
+        replicated_dirs=(tmp / "app",),
+    )  # fmt: skip
+    return module, cluster("node1"), cluster("node2")
+
+
+def write_sync(p: Path, data: bytes, off: int = 0) -> None:
+    fd = os.open(p, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        os.pwrite(fd, data, off)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def test_mount_replicate_lose_peer_resync(tmp_path: Path) -> None:  # noqa: PLR0915
+    module, c1, c2 = configs(tmp_path)
+    port = free_port()
+    st = ReplicationSettings(port=port, timeout_s=1.0, networks=("lan",), site_key=b"k" * 48)
+    events: list[Event] = []
+    prim = ReplicationService(module, c1, st, on_event=events.append)
+    app = tmp_path / "app"
+    b1 = tmp_path / "node1/replica/demo/0"
+    b2 = tmp_path / "node2/replica/demo/0"
+
+    async def until(cond: Any, timeout: float = 15) -> None:
+        with trio.fail_after(timeout):
+            while not cond():
+                await trio.sleep(0.05)
+
+    async def io(fn: Any, *a: Any) -> Any:
+        return await trio.to_thread.run_sync(fn, *a)
+
+    async def main() -> None:
+        async with trio.open_nursery() as n:
+            # existing data on the primary before the first sync (full resync)
+            b1.mkdir(parents=True)
+            (b1 / "old.bin").write_bytes(os.urandom(300_000))
+            sec = ReplicationService(module, c2, st)
+            sec_scope = trio.CancelScope()
+
+            async def run_sec() -> None:
+                with sec_scope:
+                    await sec.run_secondary()
+
+            n.start_soon(run_sec)
+            await n.start(prim.run_primary)
+            await until(lambda: prim.status().state == "sync")
+            assert (b2 / "old.bin").read_bytes() == (b1 / "old.bin").read_bytes()
+
+            # fsync semantics: when fsync returns, the secondary has the bytes durably
+            await io(write_sync, app / "db", b"A" * 10_000)
+            assert (b2 / "db").read_bytes() == b"A" * 10_000
+            await io(os.mkdir, app / "d")
+            await io(os.rename, app / "db", app / "d" / "db")
+            await io(write_sync, app / "d" / "db", b"B" * 100, 5000)
+            assert (b2 / "d/db").read_bytes()[5000:5100] == b"B" * 100
+            await io(os.symlink, "d/db", app / "link")
+            await io(os.chmod, app / "d", 0o700)
+            await io(os.unlink, app / "old.bin")
+            await io(write_sync, app / "t", b"x")
+            rep = await prim.verify()
+            assert rep.equal, rep.differences
+
+            # the peer dies: the primary goes ALONE within the timeout and records ranges
+            sec_scope.cancel()
+            with trio.fail_after(5):
+                await io(write_sync, app / "d" / "db", b"C" * 4096, 8192)
+            await until(lambda: prim.status().state == "alone")
+            await io(write_sync, app / "new", os.urandom(50_000))
+            await io(os.rename, app / "t", app / "t2")
+            assert any(e.kind == "peer_lost" for e in events)
+            s = prim.status()
+            assert s.dirty_paths >= 2 and s.dirty_bytes >= 4096
+            assert (tmp_path / "node1/replica/demo.0.dirty").stat().st_size > 0
+
+            # the peer comes back: incremental resync of what changed, then sync again
+            seen = len(events)
+            sec2 = ReplicationService(module, c2, st)
+            n.start_soon(sec2.run_secondary)
+            await until(lambda: any(e.kind == "resync_done" for e in events[seen:]))
+            await until(lambda: prim.status().state == "sync")
+            done = [e for e in events if e.kind == "resync_done"][-1]
+            assert done.detail["kind"] == "incremental"
+            assert done.detail["bytes_done"] <= 4096 + 50_000 + 16_384
+            rep = await prim.verify()
+            assert rep.equal, rep.differences
+            assert prim.status().dirty_paths == 0
+            n.cancel_scope.cancel()
+
+    trio.run(main)
+    assert not os.path.ismount(app)
