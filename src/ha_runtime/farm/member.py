@@ -66,6 +66,8 @@ class FarmMember:
         if self.node not in self.spec.nodes:
             raise ValueError(f"{self.node!r} is not a node of farm module {self.spec.module}")
         self._plan = plan(self.spec.power_map)
+        self._last_map: BucketMap | None = None
+        self._orphans: frozenset[int] = frozenset()
 
     # ------------------------------------------------------------------ inputs
 
@@ -118,9 +120,38 @@ class FarmMember:
             return frozenset()
         return self.bucket_map.buckets_of(self.node)
 
+    @property
+    def orphans(self) -> frozenset[int]:
+        """Buckets of ours whose previous owner died: no live node can hold a connection
+        there (ours are accepted as established before), so a stray TCP segment in them is
+        a dead node's connection and is let through for our stack to reset, telling the
+        client at once instead of after its retransmission timeout."""
+        return self._orphans
+
     # ------------------------------------------------------------------ rules
 
+    def _track_orphans(self) -> None:
+        new = self.bucket_map
+        mine = new.buckets_of(self.node) if self.eligible else frozenset()
+        old = self._last_map
+        alive = {p.name for p in self.membership.peers if p.alive} if self.membership else set()
+        kept = self._orphans & mine
+        gained: frozenset[int] = frozenset()
+        if old is not None:
+            gained = frozenset(
+                b
+                for b in mine
+                if old.owners[b] not in (None, self.node) and old.owners[b] not in alive
+            )
+        self._orphans = kept | gained
+        self._last_map = new
+
     def _evaluate(self) -> Transition | None:
+        transition = self._decide()
+        self._track_orphans()
+        return transition
+
+    def _decide(self) -> Transition | None:
         if not self.started:
             return self._set(State.STOP, self.reason if self.state == State.STOP else "stopped")
         m = self.membership

@@ -8,8 +8,9 @@ One module owns three tables named `hapair-farm-<module>`:
 - `ip`: for packets to the VIP, `jhash <client address[ . port]> mod 256 seed S` looked up
   in the set `mine` of this node's buckets. TCP: `ct state established,related` is accepted
   first, a bare SYN in one of our buckets starts a new connection (counted in `served`),
-  everything else is dropped (counted in `foreign`): a node never answers, and so never
-  resets, a connection another node serves. UDP: the bucket alone decides (datagrams follow
+  a segment in an orphan bucket (taken from a node that died) goes to our stack, which
+  resets it; everything else is dropped (counted in `foreign`): a node never answers, and so
+  never resets, a connection a live node serves. UDP: the bucket alone decides (datagrams follow
   their bucket when it moves; there is no connection to keep).
 
 A bucket change rewrites only the set's elements, in one `nft -f` transaction.
@@ -69,22 +70,30 @@ def _key(rule: FarmRule) -> str:
     return f"ip saddr . {rule.protocol} sport"
 
 
-def render_ruleset(spec: FarmSpec, buckets: Iterable[int]) -> str:
+def render_ruleset(spec: FarmSpec, buckets: Iterable[int], orphans: Iterable[int] = ()) -> str:
     """The whole ruleset, replacing any previous one of the module atomically."""
     rules = [_RenderedRule(r.protocol, _ports(r), _key(r)) for r in spec.rules]
     return _template().render(
-        spec=spec, rules=rules, buckets=sorted(set(buckets)), seed=f"0x{spec.seed:08x}"
+        spec=spec,
+        rules=rules,
+        buckets=sorted(set(buckets)),
+        orphans=sorted(set(orphans)),
+        seed=f"0x{spec.seed:08x}",
     )
 
 
-def render_bucket_update(spec: FarmSpec, buckets: Iterable[int]) -> str:
-    """Replace this node's buckets, in one transaction (no packet sees an empty set)."""
-    lines = [f"flush set ip {spec.table} mine"]
-    elements = sorted(set(buckets))
-    if elements:
-        lines.append(
-            f"add element ip {spec.table} mine {{ {', '.join(str(b) for b in elements)} }}"
-        )
+def render_bucket_update(
+    spec: FarmSpec, buckets: Iterable[int], orphans: Iterable[int] = ()
+) -> str:
+    """Replace this node's buckets (and orphans), in one transaction: no packet sees a
+    half-updated set."""
+    lines = []
+    for name, items in (("mine", buckets), ("orphans", orphans)):
+        lines.append(f"flush set ip {spec.table} {name}")
+        elements = sorted(set(items))
+        if elements:
+            text = ", ".join(str(b) for b in elements)
+            lines.append(f"add element ip {spec.table} {name} {{ {text} }}")
     return "\n".join(lines) + "\n"
 
 
@@ -118,12 +127,14 @@ async def nft_json(*args: str) -> Any:
     return json.loads(result.stdout)
 
 
-async def apply(spec: FarmSpec, buckets: Iterable[int]) -> None:
-    await nft(render_ruleset(spec, buckets))
+async def apply(spec: FarmSpec, buckets: Iterable[int], orphans: Iterable[int] = ()) -> None:
+    await nft(render_ruleset(spec, buckets, orphans))
 
 
-async def update_buckets(spec: FarmSpec, buckets: Iterable[int]) -> None:
-    await nft(render_bucket_update(spec, buckets))
+async def update_buckets(
+    spec: FarmSpec, buckets: Iterable[int], orphans: Iterable[int] = ()
+) -> None:
+    await nft(render_bucket_update(spec, buckets, orphans))
 
 
 async def remove(spec: FarmSpec) -> None:

@@ -76,6 +76,7 @@ class FarmService:
         self._interface = NodeInterface(spec) if install_interface else None
         self._arp = ArpResponder(spec.interface, spec.vip, spec.mac)
         self._installed: frozenset[int] | None = None
+        self._installed_orphans: frozenset[int] = frozenset()
         self._dirty = trio.Event()
         self._lock = trio.Lock()
         self._counters: dict[str, int] = {}
@@ -99,7 +100,10 @@ class FarmService:
     @property
     def synced(self) -> bool:
         """True once the kernel's set holds what the membership gives this node."""
-        return self._installed == self.member.my_buckets
+        return (self._installed, self._installed_orphans) == (
+            self.member.my_buckets,
+            self.member.orphans,
+        )
 
     def drain(self) -> None:
         """Give every bucket away (WAIT); existing connections finish here."""
@@ -152,9 +156,9 @@ class FarmService:
             if self._interface is not None:
                 await trio.to_thread.run_sync(self._interface.setup)
             async with self._lock:
-                buckets = self.member.my_buckets
-                await ruleset.apply(self.spec, buckets)
-                self._installed = buckets
+                buckets, orphans = self.member.my_buckets, self.member.orphans
+                await ruleset.apply(self.spec, buckets, orphans)
+                self._installed, self._installed_orphans = buckets, orphans
             async with trio.open_nursery() as nursery:
                 await nursery.start(self._arp.run)
                 nursery.start_soon(self._refresh_counters)
@@ -179,16 +183,16 @@ class FarmService:
 
     async def _sync(self) -> None:
         async with self._lock:
-            wanted = self.member.my_buckets
-            if wanted != self._installed:
-                await ruleset.update_buckets(self.spec, wanted)
+            wanted, orphans = self.member.my_buckets, self.member.orphans
+            if (wanted, orphans) != (self._installed, self._installed_orphans):
+                await ruleset.update_buckets(self.spec, wanted, orphans)
                 log.info(
                     "farm %s: %d buckets (members %s)",
                     self.spec.module,
                     len(wanted),
                     ",".join(self.member.members),
                 )
-                self._installed = wanted
+                self._installed, self._installed_orphans = wanted, orphans
 
     async def _refresh_counters(self) -> None:
         while True:

@@ -121,6 +121,8 @@ def test_ruleset_text() -> None:
         "tcp dport { 8080, 9000-9010 } ct state established,related accept",
         "tcp dport { 8080, 9000-9010 } tcp flags & (fin | syn | rst | ack) == syn "
         f'jhash ip saddr . tcp sport mod 256 {seed} @mine counter name "served" accept',
+        "tcp dport { 8080, 9000-9010 } "
+        f"jhash ip saddr . tcp sport mod 256 {seed} @orphans accept",
         'tcp dport { 8080, 9000-9010 } counter name "foreign" drop',
     ]
     assert f"udp dport {{ 53 }} jhash ip saddr mod 256 {seed} @mine accept" in text
@@ -132,10 +134,15 @@ def test_ruleset_text() -> None:
 
 def test_empty_bucket_set_and_updates() -> None:
     assert "elements" not in render_ruleset(spec(), [])
-    assert render_bucket_update(spec(), [5, 4]) == (
-        "flush set ip hapair-farm-weather mine\nadd element ip hapair-farm-weather mine { 4, 5 }\n"
+    assert render_bucket_update(spec(), [5, 4], [4]) == (
+        "flush set ip hapair-farm-weather mine\n"
+        "add element ip hapair-farm-weather mine { 4, 5 }\n"
+        "flush set ip hapair-farm-weather orphans\n"
+        "add element ip hapair-farm-weather orphans { 4 }\n"
     )
-    assert render_bucket_update(spec(), []) == "flush set ip hapair-farm-weather mine\n"
+    assert render_bucket_update(spec(), []) == (
+        "flush set ip hapair-farm-weather mine\nflush set ip hapair-farm-weather orphans\n"
+    )
     removal = render_removal(spec())
     assert removal.count("delete table") == 3
 
@@ -212,3 +219,23 @@ def test_peer_not_eligible_is_not_a_member_and_isolation_waits() -> None:
     assert state_of(m) == State.WAIT and "isolated" in m.reason
     m.update(Membership(peers=peers().peers, witness_ok=True))
     assert state_of(m) == State.UP and m.members == ("node1",)
+
+
+def test_orphans_are_buckets_taken_from_a_dead_node_only() -> None:
+    m = FarmMember(spec(), "node1")
+    m.start()
+    m.update(peers("node2", "node3"))
+    assert m.orphans == frozenset()
+    before = m.my_buckets
+    # node2 drains (alive, WAIT): what node1 gains is not orphaned, node2 still serves it.
+    m.update(Membership(peers=(PeerView("node2", True, False), PeerView("node3", True, True))))
+    assert m.my_buckets > before and m.orphans == frozenset()
+    m.update(peers("node2", "node3"))
+    # node3 dies: what node1 takes from it is orphaned.
+    owners = m.bucket_map.owners
+    m.update(peers("node2"))
+    from_node3 = frozenset(b for b in m.my_buckets if owners[b] == "node3")
+    assert from_node3 and m.orphans == from_node3
+    # node3 returns: it takes them back, nothing is orphaned any more.
+    m.update(peers("node2", "node3"))
+    assert m.orphans == frozenset()
