@@ -122,10 +122,11 @@ class FarmMember:
 
     @property
     def orphans(self) -> frozenset[int]:
-        """Buckets of ours whose previous owner died: no live node can hold a connection
-        there (ours are accepted as established before), so a stray TCP segment in them is
-        a dead node's connection and is let through for our stack to reset, telling the
-        client at once instead of after its retransmission timeout."""
+        """Buckets this node took from a node that died, while no other node is alive: no
+        live node can hold a connection there (ours are accepted as established before), so
+        a stray TCP segment in them is a dead node's connection; it is let through for our
+        stack to reset, telling the client at once instead of after its retransmission
+        timeout."""
         return self._orphans
 
     # ------------------------------------------------------------------ rules
@@ -143,7 +144,10 @@ class FarmMember:
                 for b in mine
                 if old.owners[b] not in (None, self.node) and old.owners[b] not in alive
             )
-        self._orphans = kept | gained
+        # With another node alive, any segment may belong to a connection it kept when it
+        # gave the bucket away (it served it while the bucket's usual owner was away): only
+        # a node left alone can tell a dead connection from a live one.
+        self._orphans = frozenset() if alive - {self.node} else kept | gained
         self._last_map = new
 
     def _evaluate(self) -> Transition | None:

@@ -221,7 +221,7 @@ def test_peer_not_eligible_is_not_a_member_and_isolation_waits() -> None:
     assert state_of(m) == State.UP and m.members == ("node1",)
 
 
-def test_orphans_are_buckets_taken_from_a_dead_node_only() -> None:
+def test_orphans_are_buckets_taken_from_a_dead_node_by_a_node_left_alone() -> None:
     m = FarmMember(spec(), "node1")
     m.start()
     m.update(peers("node2", "node3"))
@@ -231,11 +231,21 @@ def test_orphans_are_buckets_taken_from_a_dead_node_only() -> None:
     m.update(Membership(peers=(PeerView("node2", True, False), PeerView("node3", True, True))))
     assert m.my_buckets > before and m.orphans == frozenset()
     m.update(peers("node2", "node3"))
-    # node3 dies: what node1 takes from it is orphaned.
-    owners = m.bucket_map.owners
+    # node3 dies while node2 lives: node2 may hold connections in any bucket, no orphans.
     m.update(peers("node2"))
-    from_node3 = frozenset(b for b in m.my_buckets if owners[b] == "node3")
-    assert from_node3 and m.orphans == from_node3
-    # node3 returns: it takes them back, nothing is orphaned any more.
-    m.update(peers("node2", "node3"))
     assert m.orphans == frozenset()
+    # node2 dies too: node1 is alone; what it takes from node2 is orphaned.
+    owners = m.bucket_map.owners
+    m.update(peers())
+    from_node2 = frozenset(b for b, o in enumerate(owners) if o == "node2")
+    assert from_node2 and m.orphans == from_node2
+    # node2 returns: nothing is orphaned any more.
+    m.update(peers("node2"))
+    assert m.orphans == frozenset()
+
+
+def test_a_node_starting_alone_has_no_orphans() -> None:
+    m = FarmMember(spec(), "node1")
+    m.start()
+    m.update(peers())
+    assert len(m.my_buckets) == 256 and m.orphans == frozenset()
