@@ -163,6 +163,9 @@ class Node:
             # Its own session: the lab's node outlives the ha-lab command that booted it.
             subprocess.Popen(
                 cmd,
+                # A node owns its network namespace, so it may tune it (ip_nonlocal_bind,
+                # arp_announce) as a real server does; the rest of /proc/sys stays read-only.
+                env={**os.environ, "SYSTEMD_NSPAWN_API_VFS_WRITABLE": "network"},
                 stdin=subprocess.DEVNULL,
                 stdout=console,
                 stderr=subprocess.STDOUT,

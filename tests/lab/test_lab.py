@@ -37,6 +37,14 @@ def test_nodes_run_systemd_as_pid1_with_fuse(lab: Lab) -> None:
         assert in_node(lab, name, "test", "-c", "/dev/fuse").returncode == 0
 
 
+def test_nodes_tune_their_own_network_sysctls_only(lab: Lab) -> None:
+    # A server sets ip_nonlocal_bind for its VIPs; the host's kernel settings stay out of reach.
+    ok = in_node(lab, "node1", "sysctl", "-w", "net.ipv4.ip_nonlocal_bind=1")
+    assert ok.returncode == 0, ok.stderr
+    denied = in_node(lab, "node1", "sh", "-c", "echo 1 > /proc/sys/kernel/sysrq")
+    assert denied.returncode != 0
+
+
 def test_nodes_reach_each_other_on_hb_and_lan(lab: Lab) -> None:
     assert ping(lab, "node1", HB["node2"])
     assert ping(lab, "node2", HB["node1"])
