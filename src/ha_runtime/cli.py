@@ -61,6 +61,8 @@ def _parser() -> argparse.ArgumentParser:
         ("prim", "make this node primary (forces it when the data is not known to be newest)"),
         ("second", "make this node secondary (on the primary: a switchover)"),
         ("swap", "planned switchover of the module to the other node"),
+        ("drain", "farm: give this node's buckets away (maintenance); established ones finish"),
+        ("undrain", "farm: take this node's share of the buckets back"),
     ):
         c = sub.add_parser(name, help=text)
         c.add_argument("module")
@@ -199,7 +201,36 @@ def format_status(result: dict[str, Any]) -> str:
         lines.append(
             "  ".join(str(v).ljust(w) for v, w in zip(r, widths, strict=False)) + "  " + str(r[-1])
         )
+    for m in result["modules"]:
+        if m.get("type") == "farm" and isinstance(m.get("farm"), dict):
+            lines += format_farm(m)
     return "\n".join(lines)
+
+
+def format_farm(m: dict[str, Any]) -> list[str]:
+    """The members of a farm module: who is in, how many of the 256 buckets each serves."""
+    f = m["farm"]
+    drained = ", drained" if m.get("drained") else ""
+    lines = [
+        "",
+        f"farm {m['module']}: VIP {f['vip']} MAC {f['mac']} ({f['mac_mode']}){drained}; "
+        f"here: {f['my_buckets']} buckets, {f['connections_served']} connections served",
+    ]
+    rows = [("MEMBER", "POWER", "ALIVE", "UP", "BUCKETS")]
+    for mem in f["members"]:
+        buckets = "-" if mem["buckets"] is None else str(mem["buckets"])
+        rows.append(
+            (
+                mem["node"] + (" (this node)" if mem["node"] == m["node"] else ""),
+                str(mem["power"]),
+                "yes" if mem["alive"] else "no",
+                "yes" if mem["eligible"] else "no",
+                buckets,
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines += ["  " + "  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in rows]
+    return lines
 
 
 def cmd_action(args: argparse.Namespace) -> int:

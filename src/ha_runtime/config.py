@@ -16,9 +16,12 @@ import shlex
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
+
+if TYPE_CHECKING:
+    from ha_runtime.farm.spec import FarmSettings
 
 DEFAULT_CLUSTER_FILE = Path("/etc/hapair/cluster.yml")
 DEFAULT_MODULES_DIR = Path("/etc/hapair/modules")
@@ -180,6 +183,7 @@ class ModuleConfig:
     checkers: tuple[CheckerSpec, ...]
     restart_policy: RestartPolicy
     replicated_dirs: tuple[Path, ...]
+    farm: FarmSettings | None = None  # type: farm only (docs/farm.md, the `farm:` section)
 
     def peer_of(self, node: str) -> str:
         others = [n for n in self.nodes if n != node]
@@ -479,6 +483,7 @@ MODULE_FIELDS = frozenset(
         "checkers",
         "restart_policy",
         "replicated_dirs",
+        "farm",
     }
 )
 SCRIPT_FIELDS = frozenset(
@@ -524,6 +529,7 @@ def parse_module(
     checkers = _parse_checkers(v, d.get("checkers", []), tuple(witness), vip)
     restart = _parse_restart(v, d.get("restart_policy", {}))
     dirs = _parse_dirs(v, d.get("replicated_dirs", []))
+    farm = _parse_farm(v, d, mtype, nodes)
     if v.errors:
         return None, v.errors
     assert name and mtype and failback and heartbeat and scripts and restart
@@ -541,8 +547,33 @@ def parse_module(
         checkers=tuple(checkers),
         restart_policy=restart,
         replicated_dirs=tuple(dirs),
+        farm=farm,
     )
     return cfg, []
+
+
+def _parse_farm(
+    v: _V, d: dict[str, Any], mtype: str | None, nodes: list[str]
+) -> FarmSettings | None:
+    """The `farm:` section: required shape for farm modules, refused on mirror modules."""
+    if mtype == "mirror":
+        if "farm" in d:
+            v.err("farm", "not used by a mirror module (only type farm has a farm section)")
+        return None
+    if mtype != "farm":
+        return None
+    # Imported here: the farm package imports this module (ModuleConfig) for its own use.
+    from ha_runtime.farm.buckets import MAX_NODES  # noqa: PLC0415
+    from ha_runtime.farm.spec import parse_farm_section  # noqa: PLC0415
+
+    if len(nodes) > MAX_NODES:
+        v.err("nodes", f"expected at most {MAX_NODES} nodes for a farm module, got {len(nodes)}")
+    if "farm" not in d:
+        v.err("farm", "required field is missing (a farm module needs farm.rules)")
+        return None
+    settings, errors = parse_farm_section(d["farm"], v.path, tuple(nodes))
+    v.errors.extend(errors)
+    return settings
 
 
 def _parse_module_nodes(
@@ -812,7 +843,7 @@ def load_site(cluster_path: Path = DEFAULT_CLUSTER_FILE) -> SiteConfig:
         except ConfigError as exc:
             errors.extend(exc.errors)
             continue
-        if m.vip is not None and m.type == "mirror":
+        if m.vip is not None:  # mirror and farm: one module per virtual IP
             if m.vip.address in vips:
                 errors.append(
                     f"{path}: vip.address: {m.vip.address} is already used by {vips[m.vip.address]}"

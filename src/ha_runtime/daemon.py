@@ -11,6 +11,7 @@ import trio
 from ha_runtime import api, sdnotify
 from ha_runtime.config import ModuleConfig, SiteConfig
 from ha_runtime.events import EventLog
+from ha_runtime.farm_manager import FarmModuleManager
 from ha_runtime.heartbeat import HeartbeatService, LocalAnnounce, ModuleStream
 from ha_runtime.manager import CommandRefused, ModuleManager, VipOps
 from ha_runtime.metrics import Metrics
@@ -19,6 +20,7 @@ from ha_runtime.states import State
 log = logging.getLogger(__name__)
 
 COMMANDS = ("start", "stop", "restart", "prim", "second", "swap")
+FARM_COMMANDS = ("drain", "undrain")
 
 
 class NodeDaemon:
@@ -27,12 +29,13 @@ class NodeDaemon:
     ) -> None:
         c = site.cluster
         self.cluster = c
-        # Only modules this node is part of; farm modules arrive with their own runtime.
+        # Only modules this node is part of: mirror modules here, farm modules in self.farms.
         self.modules: list[ModuleConfig] = [
             m for m in site.modules if c.node in m.nodes and m.type == "mirror"
         ]
+        farm_modules = [m for m in site.modules if c.node in m.nodes and m.type == "farm"]
         for m in site.modules:
-            if m not in self.modules:
+            if m not in self.modules and m not in farm_modules:
                 log.info("module %s: not managed here (type %s, nodes %s)", m.name, m.type, m.nodes)
         self.events = EventLog(c.events_log)
         self.metrics = Metrics()
@@ -44,7 +47,7 @@ class NodeDaemon:
                 m.heartbeat.interval_ms / 1000,
                 m.heartbeat.timeout_ms / 1000,
             )
-            for m in self.modules
+            for m in [*self.modules, *farm_modules]
         }
         self.heartbeat = HeartbeatService(
             node=c.node,
@@ -68,9 +71,22 @@ class NodeDaemon:
             )
             for m in self.modules
         }
+        self.farms: dict[str, FarmModuleManager] = {
+            m.name: FarmModuleManager(
+                cluster=c,
+                module=m,
+                peers=self.heartbeat.table,
+                events=self.events,
+                send_now=self.heartbeat.send_now,
+                on_transition=self.metrics.on_transition,
+            )
+            for m in farm_modules
+        }
         self.ready = trio.Event()
 
     def _announce(self, module: str) -> LocalAnnounce:
+        if module in self.farms:
+            return self.farms[module].announce()
         return self.managers[module].announce()
 
     async def run(self) -> None:
@@ -79,6 +95,9 @@ class NodeDaemon:
         for name, mgr in self.managers.items():
             self.metrics.set_state(name, mgr.state)
             self.events.append(name, "daemon_start", node=self.cluster.node, state=mgr.state.name)
+        for name, farm in self.farms.items():
+            self.metrics.set_state(name, farm.state)
+            self.events.append(name, "daemon_start", node=self.cluster.node, state=farm.state.name)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.heartbeat.run)
             await self.heartbeat.ready.wait()
@@ -86,19 +105,25 @@ class NodeDaemon:
             async with trio.open_nursery() as modules:
                 for mgr in self.managers.values():
                     modules.start_soon(mgr.run)
+                for farm in self.farms.values():
+                    modules.start_soon(farm.run)
                 nursery.start_soon(self._watch_signals, modules.cancel_scope, nursery.cancel_scope)
                 nursery.start_soon(self._watchdog)
                 nursery.start_soon(self._peer_gauges)
                 self.ready.set()
                 sdnotify.notify("READY=1\nSTATUS=heartbeats up, modules managed")
                 log.info(
-                    "hapair daemon ready on %s: %s", self.cluster.node, ", ".join(self.managers)
+                    "hapair daemon ready on %s: %s",
+                    self.cluster.node,
+                    ", ".join([*self.managers, *self.farms]),
                 )
             # Modules cancelled by a signal: hand every role over cleanly, tell the peer.
             sdnotify.notify("STOPPING=1")
             with trio.CancelScope(shield=True):
                 for mgr in self.managers.values():
                     await mgr.shutdown()
+                for farm in self.farms.values():
+                    await farm.shutdown()
             nursery.cancel_scope.cancel()
 
     async def _watch_signals(self, modules: trio.CancelScope, _all: trio.CancelScope) -> None:
@@ -112,6 +137,9 @@ class NodeDaemon:
         while True:
             for name, mgr in self.managers.items():
                 self.metrics.peer_alive.labels(name).set(1 if mgr.peer_view().alive else 0)
+            for name, farm in self.farms.items():
+                alive = any(p.alive for p in farm.peer_views())
+                self.metrics.peer_alive.labels(name).set(1 if alive else 0)
             await trio.sleep(1)
 
     async def _watchdog(self) -> None:
@@ -127,16 +155,22 @@ class NodeDaemon:
     # ----------------------------------------------------------------- API
 
     def status(self, module: str | None = None) -> dict[str, Any]:
-        mods = [self._manager(module)] if module else list(self.managers.values())
+        if module is not None and module in self.farms:
+            entries = [self.farms[module].status()]
+        elif module:
+            entries = [self._manager(module).status()]
+        else:
+            entries = [m.status() for m in self.managers.values()]
+            entries += [f.status() for f in self.farms.values()]
         return {
             "node": self.cluster.node,
-            "modules": [m.status() for m in mods],
+            "modules": entries,
             "heartbeat_drops": dict(self.heartbeat.drops),
         }
 
     def _manager(self, name: Any) -> ModuleManager:
         if not isinstance(name, str) or name not in self.managers:
-            known = ", ".join(sorted(self.managers)) or "none"
+            known = ", ".join(sorted([*self.managers, *self.farms])) or "none"
             raise api.ApiError(f"unknown module {name!r} on {self.cluster.node} (known: {known})")
         return self.managers[name]
 
@@ -144,9 +178,26 @@ class NodeDaemon:
         cmd = req["command"]
         module = req.get("module")
         if cmd == "status":
+            for farm in self.farms.values() if module is None else []:
+                await farm.refresh()
+            if module in self.farms:
+                await self.farms[module].refresh()
             return self.status(module)
+        if module in self.farms and cmd in COMMANDS + FARM_COMMANDS:
+            farm = self.farms[module]
+            try:
+                farm_message: str = await getattr(farm, f"cmd_{cmd}")()
+            except CommandRefused as exc:
+                raise api.ApiError(str(exc)) from exc
+            return {"message": farm_message, "status": farm.status()}
+        if cmd in FARM_COMMANDS:
+            self._manager(module)
+            raise api.ApiError(
+                f"{cmd} {module} refused: {module} is a mirror module; drain and undrain are "
+                f"for farm modules (use `hactl swap {module}` to move a mirror module)"
+            )
         if cmd == "events":
-            if module is not None:
+            if module is not None and module not in self.farms:
                 self._manager(module)
             limit = req.get("limit")
             return self.events.read(module, limit if isinstance(limit, int) else None)

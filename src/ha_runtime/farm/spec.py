@@ -1,8 +1,8 @@
 """What a farm module needs beyond the common module file: powers, rules, virtual MAC.
 
-`ModuleConfig` (ha_runtime.config) does not carry these fields yet; `parse_farm_section`
-validates the proposed `farm:` section of a module file (docs/farm.md) with the same error
-style as config.py (file, field path, what was expected, every error at once), and
+`parse_farm_section` validates the `farm:` section of a module file (docs/farm.md) with the
+same error style as config.py (file, field path, what was expected, every error at once);
+config.py calls it for `type: farm` and keeps the result in `ModuleConfig.farm`;
 `FarmSpec.from_module` joins both into the one immutable value the farm engine uses.
 """
 
@@ -13,9 +13,10 @@ import ipaddress
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from ha_runtime.config import ModuleConfig
+if TYPE_CHECKING:
+    from ha_runtime.config import ModuleConfig
 
 MacMode = Literal["multicast", "unicast"]
 Protocol = Literal["tcp", "udp"]

@@ -1,0 +1,523 @@
+"""Per-farm-module runtime: scripts, checkers, operator commands and the membership feed.
+
+The farm engine (`ha_runtime.farm.FarmService`) installs the VIP, the virtual MAC, the
+nftables buckets and the ARP responder; this manager decides *when* it runs and feeds it:
+
+- start: `prestart`, `start_both`, then the service (WAIT until the first membership
+  report, so a restarting node never grabs buckets before it has heard its peers);
+  stop: the service first (buckets, VIP, MAC removed), then `stop_both`, `poststop`;
+- membership: from the daemon's authenticated heartbeats (`PeerTable`): a peer counts when
+  it is alive and announces UP with `Flag.ELIGIBLE`. The first report goes out once every
+  peer has been heard or one heartbeat timeout after the start, whichever comes first;
+  after that one on every change of a peer, of this node's health or of the witness;
+- checkers: the application runs on every node, so app-level checkers run whenever the
+  module is started. `wait` and `failover` give the buckets away until the checker passes
+  (a farm has no primary to fail over); `restart` runs `stop_both`/`start_both` locally
+  within the restart policy, then behaves as `wait`;
+- drain/undrain (operator, `drain.yml`): every bucket given away / taken back. A drain is
+  persisted in `state_dir/<module>.drained`, so a node rebooted during maintenance stays
+  drained until the operator undrains it; a stop in `state_dir/<module>.stopped`.
+
+What this node announces for the module: its farm state with `Flag.ELIGIBLE` when UP, and
+its configured power in the generation field (farm modules have no data generation), so
+a peer can report a power that differs from its own module file.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+
+from ha_runtime import checkers
+from ha_runtime.config import CheckerSpec, ClusterConfig, ModuleConfig
+from ha_runtime.decision import PeerStatus
+from ha_runtime.events import EventLog
+from ha_runtime.farm import FarmService, FarmSettings, FarmSpec, Membership, PeerView
+from ha_runtime.generation import Generation
+from ha_runtime.heartbeat import LocalAnnounce, PeerTable
+from ha_runtime.manager import FAILURES_BEFORE_ACTION, CheckerStatus, CommandRefused
+from ha_runtime.scripts import ScriptResult, run_script, script_env
+from ha_runtime.states import Flag, State
+
+log = logging.getLogger(__name__)
+
+ServiceFactory = Callable[[FarmSpec, str], FarmService]
+
+
+def _real_service(spec: FarmSpec, node: str) -> FarmService:
+    return FarmService(spec, node)
+
+
+class FarmModuleManager:
+    def __init__(
+        self,
+        *,
+        cluster: ClusterConfig,
+        module: ModuleConfig,
+        peers: PeerTable,
+        events: EventLog,
+        send_now: Callable[[str], Awaitable[None]],
+        on_transition: Callable[[str, State, State], None] | None = None,
+        service_factory: ServiceFactory = _real_service,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.cluster = cluster
+        self.m = module
+        self.node = cluster.node
+        self.spec = FarmSpec.from_module(module, module.farm or FarmSettings())
+        self.peer_names = tuple(n for n in module.nodes if n != cluster.node)
+        self.peers = peers
+        self.events = events
+        self._send_now = send_now
+        self._on_transition = on_transition
+        self._factory = service_factory
+        self._clock = clock
+        self.admin_file = cluster.state_dir / f"{module.name}.stopped"
+        self.drain_file = cluster.state_dir / f"{module.name}.drained"
+        self.admin_stopped = self.admin_file.exists()
+        self.drained = self.drain_file.exists()
+        self.service: FarmService | None = None
+        self._membership_tx: trio.MemorySendChannel[Membership] | None = None
+        self._service_done: trio.Event | None = None
+        self._started_at = 0.0
+        self._sent: Membership | None = None
+        self.state = State.STOP
+        self.reason = "daemon started"
+        self.last_transition = time.time()
+        self.witness_ok: bool | None = None if not module.witness else True
+        self.checks: dict[str, CheckerStatus] = {c.name: CheckerStatus() for c in module.checkers}
+        self.blocked: dict[str, str] = {}
+        self.budget = checkers.RestartBudget(
+            module.restart_policy.max_restarts, module.restart_policy.window_s
+        )
+        self._wake = trio.Event()
+        self._lock = trio.Lock()  # one start/stop/app restart at a time
+
+    # ----------------------------------------------------------------- heartbeats
+
+    @property
+    def power(self) -> int:
+        return self.spec.power_map.get(self.node, 1)
+
+    def announce(self) -> LocalAnnounce:
+        state, flags = self.service.announcement if self.service else (State.STOP, Flag.NONE)
+        return LocalAnnounce(state, flags, Generation(self.power))
+
+    def peer_views(self) -> tuple[PeerView, ...]:
+        out = []
+        for name in self.peer_names:
+            v = self.peers.view(self.m.name, name)
+            eligible = v.alive and v.state is State.UP and Flag.ELIGIBLE in v.flags
+            power = v.generation.current if v.status is not PeerStatus.NEVER else None
+            out.append(PeerView(name, v.alive, eligible, power or None))
+        return tuple(out)
+
+    def membership(self) -> Membership:
+        reason = "; ".join(f"{k}: {v}" for k, v in sorted(self.blocked.items()))
+        return Membership(
+            peers=self.peer_views(),
+            healthy=not self.blocked,
+            health_reason=reason,
+            witness_ok=self.witness_ok,
+        )
+
+    def _all_peers_heard(self) -> bool:
+        return all(
+            self.peers.view(self.m.name, n).status is PeerStatus.ALIVE for n in self.peer_names
+        )
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    # ----------------------------------------------------------------- main loop
+
+    async def run(self) -> None:
+        async with trio.open_nursery() as nursery:
+            if self.m.witness:
+                nursery.start_soon(self._witness_loop)
+            for spec in self.m.checkers:
+                nursery.start_soon(self._checker_loop, spec)
+            while True:
+                await self.step(nursery)
+                self._wake = trio.Event()
+                changed = self.peers.changed[self.m.name]
+                with trio.move_on_after(self.m.heartbeat.interval_ms / 1000):
+                    async with trio.open_nursery() as waiters:
+                        waiters.start_soon(_wait_then_cancel, self._wake, waiters.cancel_scope)
+                        waiters.start_soon(_wait_then_cancel, changed, waiters.cancel_scope)
+
+    async def step(self, nursery: trio.Nursery) -> None:
+        async with self._lock:
+            if not self.admin_stopped and self.service is None:
+                await self._start(nursery)
+            elif self.admin_stopped and self.service is not None:
+                await self._stop("stopped by the operator")
+            await self._feed()
+        await self._follow_service()
+
+    async def _feed(self) -> None:
+        if self.service is None or self._membership_tx is None:
+            return
+        if self._sent is None and not (
+            self._all_peers_heard()
+            or self._clock() - self._started_at >= self.m.heartbeat.timeout_ms / 1000
+        ):
+            return  # too early: the peers may be alive and not heard yet
+        m = self.membership()
+        if m != self._sent:
+            self._sent = m
+            await self._membership_tx.send(m)
+            await trio.sleep(0)  # let the service apply it before we read its state
+
+    async def _follow_service(self) -> None:
+        """Record the engine's transitions (events, metrics) and announce them at once."""
+        service = self.service
+        new_state = service.state if service is not None else State.STOP
+        if service is not None:
+            while service.transitions:
+                t = service.transitions.popleft()
+                self.reason = t.reason
+                self._event(t.old, t.new, t.reason)
+        if new_state is not self.state:
+            old, self.state = self.state, new_state
+            self.last_transition = time.time()
+            if self._on_transition is not None:
+                self._on_transition(self.m.name, old, new_state)
+            await self._send_now(self.m.name)
+        elif service is not None:
+            self.reason = service.member.reason
+
+    def _event(self, old: State, new: State, reason: str) -> None:
+        self.events.append(
+            self.m.name,
+            "transition",
+            node=self.node,
+            **{"from": old.name, "to": new.name},
+            reason=reason,
+            generation="farm",
+            errors=[],
+        )
+
+    async def _start(self, nursery: trio.Nursery) -> None:
+        await self._run_script("prestart", "STOP->WAIT", "module starting")
+        res = await self._run_script("start_both", "STOP->WAIT", "module starting")
+        if res is not None and not res.ok:
+            # The service still starts: the checkers keep the node out of the buckets
+            # while the application does not answer.
+            self.events.append(
+                self.m.name, "script", node=self.node, script="start_both", error=res.describe()
+            )
+        service = self._factory(self.spec, self.node)
+        if self.drained:
+            service.drain()
+        tx, rx = trio.open_memory_channel[Membership](16)
+        done = trio.Event()
+        self._sent = None
+        self._started_at = self._clock()
+        for c in self.checks.values():
+            c.failures = 0
+        try:
+            await nursery.start(self._run_service, service, rx, done)
+        except RuntimeError:  # it failed before it was installed (logged by _run_service)
+            await self._run_script("stop_both", "WAIT->STOP", "farm service failed to start")
+            return
+        self.service, self._membership_tx, self._service_done = service, tx, done
+
+    async def _run_service(
+        self,
+        service: FarmService,
+        rx: trio.MemoryReceiveChannel[Membership],
+        done: trio.Event,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        try:
+            await service.run(rx, task_status=task_status)
+        except Exception:
+            log.exception("farm %s: the service failed", self.m.name)
+            self.events.append(self.m.name, "error", node=self.node, detail="farm service failed")
+            self.admin_stopped = True  # not restarted in a loop; `hactl start` retries
+            self.wake()
+        finally:
+            done.set()
+            self.wake()
+
+    async def _stop(self, reason: str) -> None:
+        service, tx, done = self.service, self._membership_tx, self._service_done
+        if service is None:
+            return
+        if tx is not None:
+            await tx.aclose()  # the service removes everything it installed, then returns
+        if done is not None:
+            await done.wait()
+        await self._follow_service()  # its last transitions, before it goes
+        self.service, self._membership_tx, self._service_done = None, None, None
+        await self._follow_service()
+        label = "->STOP"
+        await self._run_script("stop_both", label, reason)
+        await self._run_script("poststop", label, reason)
+        self.reason = reason
+
+    async def shutdown(self) -> None:
+        """Daemon stopping: remove the buckets and VIP, stop the application, tell peers."""
+        async with self._lock:
+            await self._stop("hapair daemon stopping")
+
+    async def _run_script(self, which: str, transition: str, reason: str) -> ScriptResult | None:
+        path = getattr(self.m.scripts, which)
+        if path is None:
+            return None
+        env = script_env(
+            module=self.m.name,
+            node=self.node,
+            peer=",".join(self.peer_names),
+            script=which,
+            transition=transition,
+            reason=reason,
+            vip=self.m.vip.cidr if self.m.vip else "",
+        )
+        return await run_script(path, env, self.m.scripts.timeout_s, label=f"{self.m.name}/{which}")
+
+    # ----------------------------------------------------------------- monitors
+
+    async def _witness_loop(self) -> None:
+        period = max(1.0, self.m.heartbeat.interval_ms / 1000)
+        while True:
+            ok = await checkers.any_reachable(self.m.witness, 1.0)
+            if ok != self.witness_ok:
+                log.info("%s: witness %s", self.m.name, "reachable" if ok else "unreachable")
+                self.witness_ok = ok
+                self.wake()
+            await trio.sleep(period)
+
+    async def _checker_loop(self, spec: CheckerSpec) -> None:
+        st = self.checks[spec.name]
+        while True:
+            await trio.sleep(spec.interval_s)
+            if spec.app_level and self.service is None:
+                st.ok, st.detail, st.failures = None, "module stopped here", 0
+                continue
+            ok, detail = await checkers.probe(spec)
+            st.ok, st.detail = ok, detail
+            st.failures = 0 if ok else st.failures + 1
+            if ok:
+                if self.blocked.pop(spec.name, None) is not None:
+                    self.events.append(
+                        self.m.name, "checker", node=self.node, checker=spec.name, action="pass"
+                    )
+                    self.wake()
+                continue
+            if st.failures >= FAILURES_BEFORE_ACTION:
+                await self._checker_failed(spec, detail)
+
+    async def _checker_failed(self, spec: CheckerSpec, detail: str) -> None:
+        name = spec.name
+        if spec.action == "restart" and name not in self.blocked:
+            if self.budget.try_restart(self._clock()):
+                self.events.append(
+                    self.m.name,
+                    "checker",
+                    node=self.node,
+                    checker=name,
+                    action="restart",
+                    detail=detail,
+                )
+                await self.restart_application(f"checker {name}: {detail}")
+                self.checks[name].failures = 0
+                return
+            detail += f" ({self.budget.max_restarts} restarts used in the window)"
+        if name not in self.blocked:
+            self.events.append(
+                self.m.name, "checker", node=self.node, checker=name, action="wait", detail=detail
+            )
+            self.blocked[name] = detail
+            self.wake()
+
+    async def restart_application(self, reason: str) -> None:
+        async with self._lock:
+            if self.service is None:
+                return
+            label = f"{self.state.name}->{self.state.name}"
+            await self._run_script("stop_both", label, reason)
+            res = await self._run_script("start_both", label, reason)
+            self.events.append(
+                self.m.name, "restart", node=self.node, reason=reason, ok=res is None or res.ok
+            )
+
+    # ----------------------------------------------------------------- operator commands
+
+    async def _await(self, wanted: Callable[[], bool], timeout: float) -> bool:
+        with trio.move_on_after(timeout):
+            while not wanted():
+                self.wake()
+                await trio.sleep(0.05)
+            return True
+        return False
+
+    def _timeout(self) -> float:
+        return 2 * self.m.scripts.timeout_s + 3 * self.m.heartbeat.timeout_ms / 1000 + 5
+
+    async def cmd_start(self) -> str:
+        self.admin_stopped = False
+        self.admin_file.unlink(missing_ok=True)
+        self.events.append(self.m.name, "command", node=self.node, command="start")
+        self.wake()
+        await self._await(lambda: self.service is not None, self._timeout())
+        return f"{self.m.name} started on {self.node}: {self.state.name} ({self.reason})"
+
+    async def cmd_stop(self) -> str:
+        self.admin_stopped = True
+        self.admin_file.parent.mkdir(parents=True, exist_ok=True)
+        self.admin_file.touch()
+        self.events.append(self.m.name, "command", node=self.node, command="stop")
+        self.wake()
+        if not await self._await(lambda: self.service is None, self._timeout()):
+            raise CommandRefused(
+                f"{self.m.name} did not reach STOP in time (now {self.state.name})"
+            )
+        return f"{self.m.name} stopped on {self.node}"
+
+    async def cmd_restart(self) -> str:
+        self.events.append(self.m.name, "command", node=self.node, command="restart")
+        if self.service is not None:
+            await self.restart_application("operator restart")
+            return f"{self.m.name}: application restarted on {self.node}"
+        return await self.cmd_start()
+
+    async def cmd_drain(self) -> str:
+        if self.drained:
+            return f"{self.m.name} is already drained on {self.node}"
+        others = [p.name for p in self.peer_views() if p.alive and p.eligible]
+        if self.service is not None and self.state is State.UP and not others:
+            raise CommandRefused(
+                f"drain {self.m.name} refused: no other node serves the farm now "
+                f"({', '.join(self.peer_names)} not UP); draining would leave the VIP "
+                "unanswered. Nothing changed."
+            )
+        self.drained = True
+        self.drain_file.parent.mkdir(parents=True, exist_ok=True)
+        self.drain_file.touch()
+        self.events.append(self.m.name, "command", node=self.node, command="drain")
+        if self.service is not None:
+            self.service.drain()
+        self.wake()
+        await self._await(self._applied, self._timeout())
+        return (
+            f"{self.m.name} drained on {self.node}: no bucket here; new connections go to "
+            f"{', '.join(others) or 'the other nodes'}, established ones finish here"
+        )
+
+    async def cmd_undrain(self) -> str:
+        if not self.drained:
+            return f"{self.m.name} is not drained on {self.node}"
+        self.drained = False
+        self.drain_file.unlink(missing_ok=True)
+        self.events.append(self.m.name, "command", node=self.node, command="undrain")
+        if self.service is not None:
+            self.service.undrain()
+        self.wake()
+        await self._await(self._applied, self._timeout())
+        n = len(self.service.member.my_buckets) if self.service is not None else 0
+        return f"{self.m.name} undrained on {self.node}: {self.state.name}, {n} buckets here"
+
+    def _applied(self) -> bool:
+        s = self.service
+        return s is None or (s.synced and s.state is self.state)
+
+    async def _refused(self, cmd: str) -> str:
+        raise CommandRefused(
+            f"{cmd} {self.m.name} refused: {self.m.name} is a farm module (active on every node, "
+            "no primary). To take a node out for maintenance: `hactl drain "
+            f"{self.m.name}` on it (playbooks/drain.yml), then `hactl undrain {self.m.name}`."
+        )
+
+    async def cmd_prim(self) -> str:
+        return await self._refused("prim")
+
+    async def cmd_second(self) -> str:
+        return await self._refused("second")
+
+    async def cmd_swap(self) -> str:
+        return await self._refused("swap")
+
+    # ----------------------------------------------------------------- status
+
+    async def refresh(self) -> None:
+        if self.service is not None:
+            await self.service.refresh()
+
+    def status(self) -> dict[str, Any]:
+        views = {n: self.peers.view(self.m.name, n) for n in self.peer_names}
+        mine = self.service.status().as_dict() if self.service is not None else None
+        peer_states = {
+            n: (v.state.name if v.alive and v.state is not None else _gone(v.status))
+            for n, v in views.items()
+        }
+        return {
+            "module": self.m.name,
+            "name": self.m.name,
+            "type": "farm",
+            "node": self.node,
+            "state": self.state.name,
+            "peer": ",".join(self.peer_names),
+            "peer_state": ",".join(f"{n}={s}" for n, s in peer_states.items()),
+            "peer_alive": any(v.alive for v in views.values()),
+            "peer_networks": {n: self.peers.networks_alive(self.m.name, n) for n in views},
+            "vip": self.m.vip.cidr if self.m.vip else None,
+            "vip_held": self.service is not None,
+            "last_transition": time.strftime(
+                "%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.last_transition)
+            ),
+            "reason": self.reason,
+            "sync": None,
+            "eligible": self.state is State.UP,
+            "drained": self.drained,
+            "witness_ok": self.witness_ok,
+            "blocked": "; ".join(f"{k}: {v}" for k, v in sorted(self.blocked.items())) or None,
+            "restarts_in_window": self.budget.used(self._clock()),
+            "checkers": [
+                {"name": n, "ok": c.ok, "detail": c.detail} for n, c in sorted(self.checks.items())
+            ],
+            "farm": mine if mine is not None else self._stopped_farm_status(peer_states),
+        }
+
+    def _stopped_farm_status(self, peer_states: dict[str, str]) -> dict[str, Any]:
+        members = [
+            {
+                "node": n,
+                "power": p,
+                "alive": n != self.node and peer_states.get(n) not in ("LOST", "UNKNOWN"),
+                "eligible": peer_states.get(n) == "UP",
+                "buckets": None,
+            }
+            for n, p in self.spec.powers
+        ]
+        return {
+            "module": self.m.name,
+            "node": self.node,
+            "state": "STOP",
+            "reason": self.reason,
+            "drained": self.drained,
+            "vip": self.spec.vip,
+            "mac": self.spec.mac,
+            "mac_mode": self.spec.mac_mode,
+            "members": members,
+            "my_buckets": 0,
+            "connections_served": 0,
+            "foreign_packets": 0,
+            "arp_requests": 0,
+            "arp_replies": 0,
+        }
+
+
+def _gone(status: PeerStatus) -> str:
+    return "LOST" if status is PeerStatus.LOST else "UNKNOWN"
+
+
+async def _wait_then_cancel(ev: trio.Event, scope: trio.CancelScope) -> None:
+    await ev.wait()
+    scope.cancel()
