@@ -6,8 +6,10 @@ import os
 from collections.abc import Iterator
 
 import pytest
+from siteplay import run_playbook
 
 from ha_lab.lab import Lab
+from ha_lab.observe import wait_for_states
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -23,3 +25,19 @@ def lab() -> Iterator[Lab]:
     instance = Lab()
     instance.up(2)
     yield instance
+
+
+@pytest.fixture(scope="session")
+def mirror_site(lab: Lab) -> Iterator[Lab]:
+    """The lab with the demo site deployed by playbooks/deploy.yml, flightdata PRIM/SECOND.
+
+    Shared by every test that needs hapair running. test_lab.py ends with `down`, so this
+    brings the lab up again (idempotent) before deploying (idempotent too).
+    """
+    lab.up(2)
+    result = run_playbook("playbooks/deploy.yml")
+    assert result.status == "successful", result.failure_summary()
+    states = wait_for_states("flightdata", {"node1": "PRIM", "node2": "SECOND"}, timeout=60)
+    if sorted(states.values()) != ["PRIM", "SECOND"]:
+        pytest.fail(f"flightdata is not PRIM/SECOND after deploy.yml: {states}")
+    yield lab
