@@ -12,7 +12,7 @@ import json
 
 # Every state a module can be in on one node (see DESIGN.md, "States").
 STATES = ("STOP", "WAIT", "ALONE", "PRIM", "SECOND", "UP")
-ACTIONS = ("start", "stop", "prim", "second", "swap")
+ACTIONS = ("start", "stop", "prim", "second", "swap", "drain", "undrain")
 
 # States in which an action has nothing left to do on this node.
 _DONE = {
@@ -21,6 +21,9 @@ _DONE = {
     "prim": frozenset(("PRIM", "ALONE")),
     "second": frozenset(("SECOND",)),
     "swap": frozenset(),
+    # Farm modules: decided by the entry's `drained` flag (see needs_action).
+    "drain": frozenset(),
+    "undrain": frozenset(),
 }
 
 
@@ -64,10 +67,16 @@ def parse_status(text):
     return {"node": node, "modules": modules}
 
 
-def needs_action(action, state):
-    """True when ``action`` would change a module currently in ``state`` on this node."""
+def needs_action(action, state, entry=None):
+    """True when ``action`` would change a module currently in ``state`` on this node.
+
+    ``drain``/``undrain`` (farm modules) look at the status entry's ``drained`` flag.
+    """
     if action not in _DONE:
         raise ValueError("unknown action %r" % action)
+    if action in ("drain", "undrain"):
+        drained = bool((entry or {}).get("drained"))
+        return drained != (action == "drain")
     return state not in _DONE[action]
 
 

@@ -30,9 +30,12 @@ options:
         SECOND, ALONE or WAIT according to the runtime's rules); C(stop) stops it;
         C(prim) and C(second) force the role on this node; C(swap) performs a planned
         switchover of a mirror module (either node may run it).
+      - C(drain) (farm modules) gives every bucket of this node away, so new connections
+        go to the other nodes while established ones finish here; C(undrain) takes this
+        node's share back. Both are idempotent (the status entry's C(drained) flag).
       - Omit to only wait for O(wait_for).
     type: str
-    choices: [start, stop, prim, second, swap]
+    choices: [start, stop, prim, second, swap, drain, undrain]
   wait_for:
     description:
       - States to wait for on this node after the action (any one of them).
@@ -89,6 +92,11 @@ EXAMPLES = r"""
     wait_for: SECOND
     sync: in-sync
     timeout: 120
+
+- name: Take this node out of the weather farm for maintenance (its buckets move away)
+  hapair.cluster.ha_command:
+    module: weather
+    action: drain
 """
 
 RETURN = r"""
@@ -145,7 +153,7 @@ def main():
     module = AnsibleModule(
         argument_spec=dict(
             module=dict(type="str", required=True),
-            action=dict(type="str", choices=["start", "stop", "prim", "second", "swap"]),
+            action=dict(type="str", choices=["start", "stop", "prim", "second", "swap", "drain", "undrain"]),
             wait_for=dict(type="list", elements="str", choices=list(STATES)),
             sync=dict(type="str", choices=["in-sync", "resyncing"]),
             timeout=dict(type="float", default=60),
@@ -163,7 +171,7 @@ def main():
         before = _entry(module, hactl, name)
         result["before"] = before
         start = time.monotonic()
-        if action and needs_action(action, before["state"]):
+        if action and needs_action(action, before["state"], before):
             cmd = [hactl, action, name]
             result.update(changed=True, cmd=cmd)
             if module.check_mode:
