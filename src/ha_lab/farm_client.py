@@ -1,0 +1,203 @@
+"""A farm's clients, from the lab's client namespace: who answers, and does anyone fail.
+
+Farm modules (docs/farm.md) share connections out by hashing the client's address and
+port, so a client that wants to see the sharing must open many connections from varied
+source ports; one that wants to check that a node's return does not break the survivor's
+connections must hold connections open. This module is both sides:
+
+- run in the client namespace (`python -m ha_lab.farm_client ...`, started through
+  `Lab.client_argv`): `spread` opens N connections, one request each, and prints who
+  answered; `hold` keeps N keep-alive connections and sends a request on each in turn,
+  one JSON line per request;
+- on the controller: `spread()` and `HeldConnections` start those and read their output.
+  Timestamps are CLOCK_MONOTONIC, shared by the host and every namespace, so they compare
+  with the moment the controller crashed or booted a node.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from .lab import Lab
+
+
+def _ask(conn: http.client.HTTPConnection, path: str) -> str | None:
+    conn.request("GET", path)
+    response = conn.getresponse()
+    body = response.read()
+    if response.status != 200:
+        return None
+    node = json.loads(body).get("node")
+    return str(node) if node else None
+
+
+def one_request(host: str, port: int, path: str, timeout: float) -> str | None:
+    """A new connection (a new source port), one request: the node that answered."""
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        return _ask(conn, path)
+    except (OSError, ValueError, http.client.HTTPException):
+        return None
+    finally:
+        conn.close()
+
+
+def run_spread(a: argparse.Namespace) -> None:
+    with ThreadPoolExecutor(max_workers=a.workers) as pool:
+        answers = list(
+            pool.map(lambda _i: one_request(a.host, a.port, a.path, a.timeout), range(a.count))
+        )
+    served = Counter(x for x in answers if x is not None)
+    print(json.dumps({"count": a.count, "failures": answers.count(None), "served": dict(served)}))
+
+
+def run_hold(a: argparse.Namespace) -> None:
+    """Keep-alive connections, opened once; a failed request is reported and not retried on a
+    new connection (the point is whether the *existing* connection survives)."""
+    conns = [
+        http.client.HTTPConnection(a.host, a.port, timeout=a.timeout) for _ in range(a.connections)
+    ]
+    broken = [False] * a.connections
+    end = time.monotonic() + a.duration
+    while time.monotonic() < end:
+        started = time.monotonic()
+        for i, conn in enumerate(conns):
+            t = time.monotonic()
+            node = None
+            if not broken[i]:
+                try:
+                    node = _ask(conn, a.path)
+                except (OSError, ValueError, http.client.HTTPException):
+                    node = None
+                broken[i] = node is None
+            sport = conn.sock.getsockname()[1] if conn.sock is not None else None
+            sys.stdout.write(json.dumps({"t": t, "conn": i, "sport": sport, "node": node}) + "\n")
+        sys.stdout.flush()
+        time.sleep(max(0.0, a.interval - (time.monotonic() - started)))
+
+
+# ------------------------------------------------------------------------- controller side
+
+
+def spread(
+    host: str,
+    port: int = 8080,
+    *,
+    path: str = "/",
+    count: int = 200,
+    timeout: float = 3.0,
+    workers: int = 8,
+) -> dict[str, Any]:
+    """`count` requests through the VIP, each on a new connection: {"served": {node: n}, ...}."""
+    argv = Lab.client_argv(
+        [sys.executable, "-m", "ha_lab.farm_client", "spread", host, "--port", str(port),
+         "--path", path, "--count", str(count), "--timeout", str(timeout),
+         "--workers", str(workers)]
+    )  # fmt: skip
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=600, check=True)
+    result: dict[str, Any] = json.loads(proc.stdout)
+    return result
+
+
+@dataclass
+class HeldRequest:
+    t: float
+    conn: int
+    sport: int | None
+    node: str | None
+
+
+@dataclass
+class HeldConnections:
+    """N keep-alive connections held from the client namespace, each asked every interval."""
+
+    host: str
+    port: int = 8080
+    path: str = "/"
+    connections: int = 20
+    interval: float = 0.1
+    timeout: float = 2.0
+    duration: float = 600.0
+    requests: list[HeldRequest] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._proc: subprocess.Popen[str] | None = None
+        self._reader: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def start(self) -> HeldConnections:
+        argv = Lab.client_argv(
+            [sys.executable, "-m", "ha_lab.farm_client", "hold", self.host,
+             "--port", str(self.port), "--path", self.path,
+             "--connections", str(self.connections), "--interval", str(self.interval),
+             "--timeout", str(self.timeout), "--duration", str(self.duration)]
+        )  # fmt: skip
+        self._proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        return self
+
+    def _read(self) -> None:
+        assert self._proc is not None and self._proc.stdout is not None
+        for line in self._proc.stdout:
+            d = json.loads(line)
+            with self._lock:
+                self.requests.append(HeldRequest(float(d["t"]), d["conn"], d["sport"], d["node"]))
+
+    def snapshot(self) -> list[HeldRequest]:
+        with self._lock:
+            return list(self.requests)
+
+    def wait_rounds(self, rounds: int, timeout: float = 30.0) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if len(self.snapshot()) >= rounds * self.connections:
+                return True
+            time.sleep(0.05)
+        return False
+
+    def stop(self) -> list[HeldRequest]:
+        if self._proc is not None:
+            self._proc.terminate()
+            self._proc.wait(timeout=10)
+        if self._reader is not None:
+            self._reader.join(timeout=5)
+        return self.snapshot()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else "")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    for name in ("spread", "hold"):
+        p = sub.add_parser(name)
+        p.add_argument("host")
+        p.add_argument("--port", type=int, default=8080)
+        p.add_argument("--path", default="/")
+        p.add_argument("--timeout", type=float, default=3.0)
+        if name == "spread":
+            p.add_argument("--count", type=int, default=200)
+            p.add_argument("--workers", type=int, default=8)
+        else:
+            p.add_argument("--connections", type=int, default=20)
+            p.add_argument("--interval", type=float, default=0.1)
+            p.add_argument("--duration", type=float, default=60.0)
+    args = parser.parse_args(argv)
+    if args.cmd == "spread":
+        run_spread(args)
+    else:
+        run_hold(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
