@@ -21,22 +21,9 @@ import json
 import sys
 import time
 
-from ha_lab.farm_client import HeldConnections, spread
+from ha_lab.farm_client import HeldConnections, recovery, spread
 from ha_lab.lab import Lab
-from ha_lab.observe import Probe, Sample, states_of, wait_for_states
-
-
-def recovery(samples: list[Sample], after: float, end: float) -> tuple[float | None, set[str]]:
-    """First time after `after` from which every sample up to `end` succeeded, and who answered."""
-    window = [s for s in samples if after <= s.t <= end]
-    recovered = None
-    for s in window:
-        if s.node is None:
-            recovered = None
-        elif recovered is None:
-            recovered = s.t
-    nodes = {s.node for s in window if recovered is not None and s.t >= recovered}
-    return recovered, {n for n in nodes if n}
+from ha_lab.observe import Probe, states_of, wait_for_states
 
 
 def main() -> int:

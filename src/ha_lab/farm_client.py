@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .lab import Lab
+from .observe import Sample
 
 
 def _ask(conn: http.client.HTTPConnection, path: str) -> str | None:
@@ -86,7 +87,61 @@ def run_hold(a: argparse.Namespace) -> None:
         time.sleep(max(0.0, a.interval - (time.monotonic() - started)))
 
 
+def _load_worker(a: argparse.Namespace, stop_at: float, out: list[int]) -> None:
+    ok = failed = 0
+    while time.monotonic() < stop_at:
+        if one_request(a.host, a.port, a.path, a.timeout) is None:
+            failed += 1
+        else:
+            ok += 1
+    out += [ok, failed]
+
+
+def run_load(a: argparse.Namespace) -> None:
+    """`threads` clients, each a new connection per request, for `duration` seconds."""
+    stop_at = time.monotonic() + a.duration
+    results: list[list[int]] = [[] for _ in range(a.threads)]
+    threads = [
+        threading.Thread(target=_load_worker, args=(a, stop_at, results[i]))
+        for i in range(a.threads)
+    ]
+    started = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    seconds = time.monotonic() - started
+    ok = sum(r[0] for r in results)
+    failed = sum(r[1] for r in results)
+    print(json.dumps({"requests": ok, "failures": failed, "seconds": seconds, "rps": ok / seconds}))
+
+
 # ------------------------------------------------------------------------- controller side
+
+
+def recovery(samples: list[Sample], after: float, end: float) -> tuple[float | None, set[str]]:
+    """First time after `after` from which every sample up to `end` succeeded, and who
+    answered from then on (None when the last sample failed)."""
+    window = [s for s in samples if after <= s.t <= end]
+    recovered = None
+    for s in window:
+        if s.node is None:
+            recovered = None
+        elif recovered is None:
+            recovered = s.t
+    nodes = {s.node for s in window if recovered is not None and s.t >= recovered}
+    return recovered, {n for n in nodes if n}
+
+
+def load(host: str, port: int = 8080, *, threads: int = 8, duration: float = 5.0) -> dict[str, Any]:
+    """Requests per second a client reaches (new connection per request, `threads` at once)."""
+    argv = Lab.client_argv(
+        [sys.executable, "-m", "ha_lab.farm_client", "load", host, "--port", str(port),
+         "--threads", str(threads), "--duration", str(duration), "--timeout", "2"]
+    )  # fmt: skip
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60, check=True)
+    result: dict[str, Any] = json.loads(proc.stdout)
+    return result
 
 
 def spread(
@@ -178,7 +233,7 @@ class HeldConnections:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else "")
     sub = parser.add_subparsers(dest="cmd", required=True)
-    for name in ("spread", "hold"):
+    for name in ("spread", "hold", "load"):
         p = sub.add_parser(name)
         p.add_argument("host")
         p.add_argument("--port", type=int, default=8080)
@@ -187,6 +242,9 @@ def main(argv: list[str] | None = None) -> int:
         if name == "spread":
             p.add_argument("--count", type=int, default=200)
             p.add_argument("--workers", type=int, default=8)
+        elif name == "load":
+            p.add_argument("--threads", type=int, default=8)
+            p.add_argument("--duration", type=float, default=5.0)
         else:
             p.add_argument("--connections", type=int, default=20)
             p.add_argument("--interval", type=float, default=0.1)
@@ -194,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.cmd == "spread":
         run_spread(args)
+    elif args.cmd == "load":
+        run_load(args)
     else:
         run_hold(args)
     return 0
