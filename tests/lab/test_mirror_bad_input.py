@@ -114,7 +114,7 @@ def _broken_inventory(tmp_path: Path, breaker: Callable[[dict[str, Any]], None])
     shutil.copytree(ROOT / "inventories" / "lab", inventory)
     modules_file = inventory / "group_vars" / "all" / "modules.yml"
     data = yaml.safe_load(modules_file.read_text())
-    breaker(data["hapair_modules"][0])
+    breaker(next(m for m in data["hapair_modules"] if m["name"] == "flightdata"))
     modules_file.write_text(yaml.safe_dump(data))
     return inventory
 
