@@ -69,6 +69,24 @@ def _parser() -> argparse.ArgumentParser:
         c.add_argument("--json", action="store_true")
         c.set_defaults(func=cmd_action, action=name)
 
+    v = sub.add_parser("verify", help="compare per-file digests of the replicated directories")
+    v.add_argument("module")
+    v.add_argument("--json", action="store_true")
+    v.set_defaults(func=cmd_verify)
+
+    rs = sub.add_parser("resync", help="resynchronise the secondary (primary only)")
+    rs.add_argument("module")
+    rs.add_argument("--full", action="store_true", help="checksum delta over the whole tree")
+    rs.add_argument("--json", action="store_true")
+    rs.add_argument("--wait", action="store_true", help="wait until the peer is in sync again")
+    rs.set_defaults(func=cmd_resync)
+
+    rp = sub.add_parser("replicate", help="(internal) one replicated directory, run by the daemon")
+    rp.add_argument("role", choices=("primary", "secondary"))
+    rp.add_argument("module")
+    rp.add_argument("--dir", type=int, default=0, dest="dir_index")
+    rp.set_defaults(func=cmd_replicate)
+
     e = sub.add_parser("events", help="audit log of transitions")
     e.add_argument("module", nargs="?")
     e.add_argument("-n", "--limit", type=int, default=50)
@@ -204,6 +222,9 @@ def format_status(result: dict[str, Any]) -> str:
     for m in result["modules"]:
         if m.get("type") == "farm" and isinstance(m.get("farm"), dict):
             lines += format_farm(m)
+    repl = [format_replication(m) for m in result["modules"]]
+    if any(repl):
+        lines += ["", "replication:", *[r for r in repl if r]]
     return "\n".join(lines)
 
 
@@ -242,6 +263,99 @@ def cmd_action(args: argparse.Namespace) -> int:
     result = resp["result"]
     print(json.dumps(result, indent=2) if args.json else result["message"])
     return EXIT_OK
+
+
+def cmd_replicate(args: argparse.Namespace) -> int:
+    from ha_runtime import replica_child  # noqa: PLC0415 - the daemon's children only
+
+    try:
+        site = load_site(args.config)
+    except ConfigError as exc:
+        for line in exc.errors:
+            print(line, file=sys.stderr)
+        return EXIT_REFUSED
+    module = next((m for m in site.modules if m.name == args.module), None)
+    if module is None or not 0 <= args.dir_index < len(module.replicated_dirs):
+        print(f"hactl: {args.module} has no replicated directory {args.dir_index}", file=sys.stderr)
+        return EXIT_REFUSED
+    return replica_child.main(args.role, site.cluster, module, args.dir_index)
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    resp = _call(args, {"command": "verify", "module": args.module})
+    if resp is None:
+        return EXIT_UNREACHABLE
+    if "__refused__" in resp:
+        return EXIT_REFUSED
+    result = resp["result"]
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(result["message"])
+        for d in result["dirs"]:
+            word = "identical" if d["equal"] else f"{len(d['differences'])} difference(s)"
+            print(f"  {d['dir']}: {d['files']} files, {word}")
+            for diff in d["differences"]:
+                print(f"    {diff}")
+    return EXIT_OK if result["equal"] else EXIT_REFUSED
+
+
+def cmd_resync(args: argparse.Namespace) -> int:
+    import time  # noqa: PLC0415
+
+    resp = _call(args, {"command": "resync", "module": args.module, "full": args.full})
+    if resp is None:
+        return EXIT_UNREACHABLE
+    if "__refused__" in resp:
+        return EXIT_REFUSED
+    print(json.dumps(resp["result"], indent=2) if args.json else resp["result"]["message"])
+    if not args.wait:
+        return EXIT_OK
+    time.sleep(1.0)  # the link is re-established before the resync starts
+    while True:
+        st = _call(args, {"command": "status", "module": args.module})
+        if st is None or "__refused__" in st:
+            return EXIT_UNREACHABLE if st is None else EXIT_REFUSED
+        m = st["result"]["modules"][0]
+        rep = m.get("replication") or {}
+        if rep.get("in_sync") and m["state"] == "PRIM":
+            print(f"{args.module}: peer in sync")
+            return EXIT_OK
+        line = format_replication(m)
+        if line:
+            print(line.strip())
+        time.sleep(1.0)
+
+
+def format_replication(m: dict[str, Any]) -> str:
+    """One line per replicated module: state, progress of a resync, quarantine."""
+    r = m.get("replication")
+    if not isinstance(r, dict):
+        return ""
+    text = f"  {m['module']}: replication {r['role']} {r['state']}"
+    text += " (in sync)" if r.get("in_sync") else ""
+    p = r.get("resync")
+    if isinstance(p, dict):
+        eta = p.get("eta_s")
+        text += (
+            f"; resync {p.get('kind')}: {_size(p.get('bytes_done', 0))} done,"
+            f" {_size(p.get('bytes_left', 0))} left, {_size(p.get('rate_bps', 0))}/s,"
+            f" ETA {'?' if eta is None else f'{eta:.0f} s'}"
+        )
+    errors = [d["last_error"] for d in r.get("dirs", []) if d.get("last_error")]
+    if errors and not r.get("in_sync"):
+        text += f"; last error: {errors[0]}"
+    if r.get("quarantine"):
+        text += f"; SPLIT BRAIN QUARANTINE kept: {', '.join(r['quarantine'])}"
+    return text
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
 
 
 def cmd_events(args: argparse.Namespace) -> int:

@@ -169,6 +169,20 @@ class RestartPolicy:
 
 
 @dataclass(frozen=True)
+class ReplicationSpec:
+    """How a mirror module's `replicated_dirs` travel (docs/replication.md)."""
+
+    port: int = 7441  # directory n of the module listens on port + n
+    ack: Literal["durable", "received"] = "durable"
+    timeout_ms: int = 3000
+    networks: tuple[str, ...] = ("hb", "lan")
+    backing_root: Path | None = None  # default: cluster state_dir / "replica"
+
+    def backing_base(self, state_dir: Path) -> Path:
+        return self.backing_root or state_dir / "replica"
+
+
+@dataclass(frozen=True)
 class ModuleConfig:
     path: Path
     name: str
@@ -184,6 +198,7 @@ class ModuleConfig:
     restart_policy: RestartPolicy
     replicated_dirs: tuple[Path, ...]
     farm: FarmSettings | None = None  # type: farm only (docs/farm.md, the `farm:` section)
+    replication: ReplicationSpec = field(default_factory=ReplicationSpec)  # replicated_dirs
 
     def peer_of(self, node: str) -> str:
         others = [n for n in self.nodes if n != node]
@@ -483,6 +498,7 @@ MODULE_FIELDS = frozenset(
         "checkers",
         "restart_policy",
         "replicated_dirs",
+        "replication",
         "farm",
     }
 )
@@ -529,10 +545,11 @@ def parse_module(
     checkers = _parse_checkers(v, d.get("checkers", []), tuple(witness), vip)
     restart = _parse_restart(v, d.get("restart_policy", {}))
     dirs = _parse_dirs(v, d.get("replicated_dirs", []))
+    replication = _parse_replication(v, d.get("replication", {}), dirs, cluster)
     farm = _parse_farm(v, d, mtype, nodes)
     if v.errors:
         return None, v.errors
-    assert name and mtype and failback and heartbeat and scripts and restart
+    assert name and mtype and failback and heartbeat and scripts and restart and replication
     cfg = ModuleConfig(
         path=path,
         name=name,
@@ -548,6 +565,7 @@ def parse_module(
         restart_policy=restart,
         replicated_dirs=tuple(dirs),
         farm=farm,
+        replication=replication,
     )
     return cfg, []
 
@@ -797,6 +815,70 @@ def _parse_dirs(v: _V, value: Any) -> list[Path]:
                 f"expected a directory below / not nested in another, got {p}",
             )
     return dirs
+
+
+REPLICATION_FIELDS = frozenset({"port", "ack", "timeout_ms", "networks", "backing_root"})
+
+
+def _parse_replication(
+    v: _V, value: Any, dirs: list[Path], cluster: ClusterConfig | None
+) -> ReplicationSpec | None:
+    d = v.mapping(value if value is not None else {}, "replication", REPLICATION_FIELDS)
+    if d is None:
+        return None
+    default = ReplicationSpec()
+    port = v.integer(d.get("port", default.port), "replication.port", 1, 65535)
+    if port is not None and dirs and port + len(dirs) - 1 > 65535:
+        v.err(
+            "replication.port",
+            f"expected a port leaving room for {len(dirs)} directories (port + n), got {port}",
+        )
+    if (
+        port is not None
+        and cluster is not None
+        and cluster.heartbeat_port in range(port, port + max(1, len(dirs)))
+    ):
+        v.err(
+            "replication.port",
+            f"expected a port other than heartbeat_port {cluster.heartbeat_port}, got {port}",
+        )
+    ack = v.choice(d.get("ack", default.ack), "replication.ack", ("durable", "received"))
+    timeout = v.integer(
+        d.get("timeout_ms", default.timeout_ms), "replication.timeout_ms", 100, 120000
+    )
+    networks: list[str] = v.str_list(
+        d.get("networks", list(default.networks)),
+        "replication.networks",
+        lambda x, where: v.string(x, where, NETWORK_RE, "a network name like hb"),
+    )
+    if "networks" in d and not networks and isinstance(d.get("networks"), list):
+        v.err("replication.networks", "expected at least one network name, got an empty list")
+    if cluster is not None and "networks" in d:
+        known = set(cluster.networks)
+        for i, n in enumerate(networks):
+            if n not in known:
+                v.err(
+                    f"replication.networks[{i}]",
+                    f"expected one of the node file's networks ({', '.join(sorted(known))}),"
+                    f" got {n!r}",
+                )
+    backing = None
+    if d.get("backing_root") is not None:
+        backing = v.abspath(d["backing_root"], "replication.backing_root")
+        if backing is not None and any(backing == p or p in backing.parents for p in dirs):
+            v.err(
+                "replication.backing_root",
+                f"expected a directory outside every replicated directory, got {backing}",
+            )
+    if port is None or ack is None or timeout is None:
+        return None
+    return ReplicationSpec(
+        port=port,
+        ack="received" if ack == "received" else "durable",
+        timeout_ms=timeout,
+        networks=tuple(networks),
+        backing_root=backing,
+    )
 
 
 # --------------------------------------------------------------------------- loading

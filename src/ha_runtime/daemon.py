@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 
 COMMANDS = ("start", "stop", "restart", "prim", "second", "swap")
 FARM_COMMANDS = ("drain", "undrain")
+REPLICATION_COMMANDS = ("verify", "resync")
 
 
 class NodeDaemon:
@@ -174,6 +175,19 @@ class NodeDaemon:
             raise api.ApiError(f"unknown module {name!r} on {self.cluster.node} (known: {known})")
         return self.managers[name]
 
+    async def _replication_command(self, cmd: str, module: Any, req: dict[str, Any]) -> Any:
+        if module in self.farms:
+            raise api.ApiError(f"{cmd} {module} refused: farm modules replicate nothing")
+        mgr = self._manager(module)
+        try:
+            if cmd == "verify":
+                result: dict[str, Any] = await mgr.cmd_verify()
+                return result
+            message = await mgr.cmd_resync(full=bool(req.get("full")))
+        except CommandRefused as exc:
+            raise api.ApiError(str(exc)) from exc
+        return {"message": message, "status": mgr.status()}
+
     async def handle(self, req: dict[str, Any]) -> Any:
         cmd = req["command"]
         module = req.get("module")
@@ -201,6 +215,8 @@ class NodeDaemon:
                 self._manager(module)
             limit = req.get("limit")
             return self.events.read(module, limit if isinstance(limit, int) else None)
+        if cmd in REPLICATION_COMMANDS:
+            return await self._replication_command(cmd, module, req)
         if cmd in COMMANDS:
             mgr = self._manager(module)
             try:

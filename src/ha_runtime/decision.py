@@ -17,7 +17,7 @@ Safety rules (docs/states in DESIGN.md):
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ha_runtime.generation import Generation, GenRecord, Relation, compare
 from ha_runtime.states import Flag, State
@@ -66,6 +66,13 @@ class Inputs:
     accept_peer_data: bool = False  # `hactl second` on a node holding newer/diverged data
     failback_auto: bool = False
     failback_allowed: bool = True  # runtime veto (e.g. restart budget exhausted)
+    # Replicated directories (None: the module has none). Primary: every directory
+    # replicates synchronously to the peer. Secondary: every directory was declared in sync
+    # by the primary at the primary's current generation.
+    replica_sync: bool | None = None
+    # The module's data can be quarantined (it has replicated directories): on a split
+    # brain the yielding side becomes SECOND and its diverging files are kept aside.
+    quarantine_on_split: bool = False
 
     @property
     def primary(self) -> bool:
@@ -93,6 +100,12 @@ class Decision:
 
 def decide(i: Inputs) -> Decision:
     d = _decide_state(i)
+    if d.state is State.PRIM and (
+        i.replica_sync is False or (i.replica_sync is not None and not i.primary)
+    ):
+        # PRIM promises a protected copy on the peer: without replication it is ALONE (and
+        # a node taking the role has not started replicating yet: ALONE first, then PRIM).
+        d = replace(d, state=State.ALONE, reason=f"{d.reason}; replication not in sync")
     flags = Flag.NONE
     if i.eligible and d.state is not State.STOP:
         flags |= Flag.ELIGIBLE
@@ -105,17 +118,20 @@ def decide(i: Inputs) -> Decision:
     new_gen = (d.state is State.ALONE and i.state is not State.ALONE) or (
         d.state.is_primary and i.record.generation.empty
     )
+    # A secondary follows the primary's generation only once its copy equals the primary's:
+    # until then it stays older, so it can never become primary on its own.
+    adopt = d.adopt_peer_generation and i.replica_sync is not False
     outdated = d.peer_outdated
     if d.state is State.ALONE and new_gen:
         outdated = True
-    elif d.state is State.PRIM or d.adopt_peer_generation:
+    elif d.state is State.PRIM or adopt:
         outdated = False
     return Decision(
         state=d.state,
         reason=d.reason,
         flags=flags,
         new_generation=new_gen,
-        adopt_peer_generation=d.adopt_peer_generation,
+        adopt_peer_generation=adopt,
         start_handover=d.start_handover,
         peer_outdated=outdated,
     )
@@ -161,8 +177,12 @@ def _with_live_peer(i: Inputs) -> Decision:
                 f"switchover: handing the module over to {i.peer_name}",
                 start_handover=True,
             )
-        if peer.state is State.SECOND and rel is Relation.SAME:
+        if peer.state is State.SECOND and rel is Relation.SAME and i.replica_sync is not False:
             return Decision(State.PRIM, f"{i.peer_name} is SECOND and in sync")
+        if peer.state is State.SECOND and i.replica_sync is not None:
+            return Decision(
+                State.ALONE, f"{i.peer_name} is SECOND, replication not in sync (resyncing)"
+            )
         return Decision(State.ALONE, f"{i.peer_name} is {_name(peer.state)}, not replicating")
     if peer.primary:
         if rel in (Relation.SAME, Relation.PEER_NEWER) or i.accept_peer_data:
@@ -174,6 +194,8 @@ def _with_live_peer(i: Inputs) -> Decision:
             return Decision(
                 State.SECOND, f"{i.peer_name} is primary{why}", adopt_peer_generation=True
             )
+        if rel is Relation.DIVERGED and i.quarantine_on_split:
+            return _split_brain_second(i)
         if rel is Relation.LOCAL_NEWER:
             return Decision(
                 State.WAIT,
@@ -187,7 +209,12 @@ def _with_live_peer(i: Inputs) -> Decision:
         )
     # Neither is primary: the same order on both sides picks at most one candidate.
     if _outranks(i):
-        if peer.state is State.SECOND and rel is Relation.SAME and not i.record.generation.empty:
+        if (
+            peer.state is State.SECOND
+            and rel is Relation.SAME
+            and not i.record.generation.empty
+            and i.replica_sync is not False
+        ):
             return Decision(State.PRIM, f"taking the primary role, {i.peer_name} is SECOND in sync")
         return Decision(
             State.ALONE, f"taking the primary role, {i.peer_name} is {_name(peer.state)}"
@@ -216,10 +243,23 @@ def _two_primaries(i: Inputs) -> Decision:
             f"{i.peer_name} is also primary and outranks us: yielding",
             adopt_peer_generation=True,
         )
+    if rel is Relation.DIVERGED and i.quarantine_on_split:
+        return _split_brain_second(i)
     return Decision(
         State.WAIT,
         f"SPLIT BRAIN: both nodes were primary and the data diverged; {i.peer_name} keeps the"
         " role, the operator must decide (hactl second MODULE accepts the peer's data)",
+    )
+
+
+def _split_brain_second(i: Inputs) -> Decision:
+    """Split brain on a replicated module: yield, keeping our diverging files aside."""
+    return Decision(
+        State.SECOND,
+        f"SPLIT BRAIN: our data and {i.peer_name}'s diverged and {i.peer_name} keeps the"
+        " primary role; our diverging files are quarantined by a full resync"
+        " (hactl status MODULE shows where; the operator decides)",
+        adopt_peer_generation=True,
     )
 
 

@@ -21,8 +21,9 @@ from ha_runtime import checkers, vip
 from ha_runtime.config import CheckerSpec, ClusterConfig, ModuleConfig
 from ha_runtime.decision import Decision, Inputs, PeerStatus, PeerView, decide, swap_refusal
 from ha_runtime.events import EventLog
-from ha_runtime.generation import GenerationStore, GenRecord, Relation
+from ha_runtime.generation import Generation, GenerationStore, GenRecord, Relation
 from ha_runtime.heartbeat import LocalAnnounce, PeerTable
+from ha_runtime.replica import ReplicaError, ReplicaSupervisor
 from ha_runtime.scripts import ScriptResult, run_script, script_env
 from ha_runtime.states import Flag, State
 
@@ -124,6 +125,12 @@ class ModuleManager:
         )
         self._wake = trio.Event()
         self._lock = trio.Lock()  # one transition or app restart at a time
+        # Replicated directories: one child process per directory (ha_runtime.replica).
+        self.replica: ReplicaSupervisor | None = None
+        if module.replicated_dirs:
+            self.replica = ReplicaSupervisor(cluster, module, self._on_replica_event)
+            self.replica.generation = _hex(self.record.generation)
+        self._nursery: trio.Nursery | None = None
 
     # ----------------------------------------------------------------- inputs
 
@@ -153,7 +160,14 @@ class ModuleManager:
             accept_peer_data=self.ctl.accept_peer_data,
             failback_auto=self.m.failback == "auto",
             failback_allowed=not self.budget.exhausted(now),
+            replica_sync=self._replica_sync(),
+            quarantine_on_split=self.replica is not None,
         )
+
+    def _replica_sync(self) -> bool | None:
+        if self.replica is None:
+            return None
+        return self.replica.in_sync(_hex(self.peer_view().generation))
 
     def wake(self) -> None:
         self._wake.set()
@@ -165,6 +179,9 @@ class ModuleManager:
         if not self.ctl.admin_stopped:
             await self._run_script("prestart", "STOP->WAIT", "module starting")
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            if self.replica is not None:
+                await nursery.start(self.replica.run)
             if self.m.witness:
                 nursery.start_soon(self._witness_loop)
             for spec in self.m.checkers:
@@ -182,6 +199,7 @@ class ModuleManager:
         async with self._lock:
             now = self._clock()
             peer = self.peer_view()
+            self._check_replica()
             if now >= self.ctl.handover_until or (peer.primary and self.ctl.handover_until):
                 self.ctl.handover_until = 0.0
             d = decide(self.inputs())
@@ -214,6 +232,11 @@ class ModuleManager:
         if rec != self.record:
             self.store.save(rec)
             self.record = rec
+            if self.replica is not None:
+                # The primary's children declare the peer in sync under this generation.
+                self.replica.generation = _hex(rec.generation)
+                if self._nursery is not None and self.replica.role == "primary":
+                    self._nursery.start_soon(self.replica.set_generation, _hex(rec.generation))
 
     async def _transition(self, d: Decision) -> None:
         old, new = self.state, d.state
@@ -263,9 +286,64 @@ class ModuleManager:
         if self._on_transition is not None:
             self._on_transition(self.m.name, old, new)
         await self._send_now(self.m.name)
+        await self._replica_follow(new)
+
+    async def _replica_follow(self, new: State) -> None:
+        """A SECOND receives into its backing directories; other non-primary states don't
+        (the primary's children are started and stopped by _promote/_demote)."""
+        if self.replica is None or new.is_primary:
+            return
+        if new is State.SECOND:
+            try:
+                await self.replica.start("secondary")
+            except ReplicaError as exc:
+                log.error("%s: cannot receive replication: %s", self.m.name, exc)  # noqa: TRY400
+                self.events.append(
+                    self.m.name, "replication", node=self.node, kind="error", reason=str(exc)
+                )
+        elif self.replica.role is not None:
+            await self.replica.stop()
+
+    def _check_replica(self) -> None:
+        if self.replica is None or self.ctl.yielding is not None:
+            return
+        failed = self.replica.failed_primary()
+        if failed is not None and self.state.is_primary:
+            self.ctl.yielding = failed
+            self.events.append(
+                self.m.name, "replication", node=self.node, kind="failed", reason=failed
+            )
+
+    def _on_replica_event(self, index: int, kind: str, detail: dict[str, Any]) -> None:
+        """Events of the replication children: audit log, journal, and a fresh decision."""
+        if kind != "__state__":
+            where = str(self.m.replicated_dirs[index])
+            fields = {k: v for k, v in detail.items() if k not in ("node", "dir", "kind")}
+            if kind == "split_brain_quarantine":
+                log.error(
+                    "%s: SPLIT BRAIN: diverging files of %s kept in %s (operator: see"
+                    " docs/replication.md)",
+                    self.m.name,
+                    where,
+                    detail.get("directory"),
+                )
+            self.events.append(
+                self.m.name, "replication", node=self.node, dir=where, kind=kind, **fields
+            )
+        self.wake()
 
     async def _promote(self, label: str, reason: str) -> list[str]:
         errors: list[str] = []
+        if self.replica is not None:
+            # The application only ever sees its directories through the replicator.
+            try:
+                await self.replica.start("primary")
+            except ReplicaError as exc:
+                errors.append(f"replication: {exc}")
+                self.ctl.yielding = f"cannot start replication: {exc}"
+                log.error("%s: %s", self.m.name, self.ctl.yielding)  # noqa: TRY400
+                self.wake()
+                return errors
         try:
             await self.vip_ops.add(self.m)
         except (OSError, vip.VipError) as exc:
@@ -289,6 +367,9 @@ class ModuleManager:
         if res is not None and not res.ok:
             # The VIP goes anyway: a half-stopped application must not keep clients.
             errors.append(res.describe())
+        if self.replica is not None:
+            # Application stopped: drain the peer, then unmount, before anyone takes over.
+            await self.replica.stop()
         try:
             await self.vip_ops.remove(self.m)
         except (OSError, vip.VipError) as exc:
@@ -316,6 +397,8 @@ class ModuleManager:
         async with self._lock:
             if self.state.is_primary:
                 await self._demote(f"{self.state.name}->STOP", "daemon stopping")
+            if self.replica is not None:
+                await self.replica.stop()
             old = self.state
             self.state = State.STOP
             self.flags = Flag.NONE
@@ -545,9 +628,7 @@ class ModuleManager:
             "vip_held": self.state.is_primary,
             "last_transition": _iso(self.last_transition),
             "reason": self.reason,
-            "sync": "in-sync"
-            if self.state is State.SECOND and i.relation is Relation.SAME
-            else None,
+            "sync": _sync_word(self.state, i.relation, self.replica is not None),
             "generation": self.record.generation.short(),
             "peer_generation": p.generation.short() if p.status is not PeerStatus.NEVER else None,
             "data": i.relation.value if p.status is not PeerStatus.NEVER else "unknown",
@@ -559,13 +640,70 @@ class ModuleManager:
             "checkers": [
                 {"name": n, "ok": c.ok, "detail": c.detail} for n, c in sorted(self.checks.items())
             ],
+            "replication": self.replica.status(_hex(p.generation))
+            if self.replica is not None
+            else None,
         }
+
+    # ----------------------------------------------------------------- replication commands
+
+    def _replica_primary(self, what: str) -> ReplicaSupervisor:
+        if self.replica is None:
+            raise CommandRefused(f"{self.m.name} has no replicated_dirs: nothing to {what}")
+        if not self.state.is_primary:
+            raise CommandRefused(
+                f"{what} runs on the primary of {self.m.name}; this node is {self.state.name}"
+                f" (run it on {self.peer_name})"
+            )
+        return self.replica
+
+    async def cmd_verify(self) -> dict[str, Any]:
+        rep = self._replica_primary("verify")
+        try:
+            dirs = await rep.verify()
+        except ReplicaError as exc:
+            raise CommandRefused(f"verify {self.m.name}: {exc}") from exc
+        equal = all(d["equal"] for d in dirs)
+        self.events.append(
+            self.m.name,
+            "verify",
+            node=self.node,
+            equal=equal,
+            differences=sum(len(d["differences"]) for d in dirs),
+        )
+        files = sum(int(d["files"]) for d in dirs)
+        msg = f"{self.m.name}: {files} files compared with {self.peer_name}: " + (
+            "identical" if equal else "DIFFERENT"
+        )
+        return {"message": msg, "equal": equal, "dirs": dirs}
+
+    async def cmd_resync(self, full: bool = False) -> str:
+        rep = self._replica_primary("resync")
+        self.events.append(self.m.name, "command", node=self.node, command="resync", full=full)
+        try:
+            await rep.resync(full)
+        except ReplicaError as exc:
+            raise CommandRefused(f"resync {self.m.name}: {exc}") from exc
+        kind = "full (checksum delta)" if full else "incremental"
+        return f"{self.m.name}: {kind} resync of {self.peer_name} requested"
 
 
 def _state_name(p: PeerView) -> str:
     if not p.alive:
         return "LOST" if p.status is PeerStatus.LOST else "UNKNOWN"
     return p.state.name if p.state is not None else "UNKNOWN"
+
+
+def _hex(g: Generation) -> str:
+    return f"{g.current:016x}"
+
+
+def _sync_word(state: State, rel: Relation, replicated: bool) -> str | None:
+    if state is not State.SECOND:
+        return None
+    if rel is Relation.SAME:
+        return "in-sync"
+    return "resyncing" if replicated else None
 
 
 def _iso(ts: float) -> str:

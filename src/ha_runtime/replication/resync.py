@@ -204,8 +204,8 @@ async def full(  # noqa: PLR0917
     ours = await trio.to_thread.run_sync(list_tree, root)
     changed = [p for p, v in ours.items() if checksum or theirs.get(p) != v]
     removed = [p for p in theirs if p not in ours]
-    if quarantine:
-        doomed = [p for p in changed if p in theirs] + removed
+    doomed = [p for p in changed if p in theirs] + removed
+    if quarantine and doomed:
         await link.request({"op": "quarantine", "paths": doomed})
     progress.bytes_total = sum(ours[p][1] for p in changed if stat.S_ISREG(ours[p][0]))
     for p in sorted(removed, key=lambda s: -s.count("/")):

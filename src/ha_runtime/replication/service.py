@@ -21,6 +21,7 @@ from typing import Any, Literal
 import trio
 
 from ha_runtime.config import ClusterConfig, ModuleConfig
+from ha_runtime.generation import Generation, GenerationStore, Relation, atomic_write, compare
 from ha_runtime.replication import delta as D
 from ha_runtime.replication import fusefs, resync, transport
 from ha_runtime.replication.applier import Applier
@@ -61,6 +62,9 @@ class ReplicationStatus:
     dirty_bytes: int = 0
     dirty_paths: int = 0
     resync: dict[str, Any] | None = None
+    # The generation the primary declared this copy in sync at (secondary: the manager adopts
+    # the primary's generation only while this equals it).
+    synced_generation: str | None = None
     rejected: dict[str, int] = field(default_factory=dict)
     last_error: str | None = None
 
@@ -93,6 +97,11 @@ class ReplicationService:
         self.backing = base / module.name / str(dir_index)
         self.dirty_path = base / f"{module.name}.{dir_index}.dirty"
         self.quarantine_root = base / f"{module.name}.quarantine"
+        # Generation at which both copies were last identical (written on both sides at the
+        # end of a resync, and by a primary that drained cleanly on stop).
+        self.synced_path = base / f"{module.name}.{dir_index}.synced"
+        self.generations = GenerationStore(cluster.state_dir, module.name)
+        self.generation: str | None = None  # primary: the manager's current generation
         self.peer = module.peer_of(cluster.node)
         key = self.settings.site_key
         if key is None:
@@ -106,6 +115,7 @@ class ReplicationService:
         self._progress: resync.Progress | None = None
         self._resync_request: tuple[bool, bool] | None = None
         self._kick = trio.Event()
+        self._drained: int | None = None  # seq of the drain barrier the peer acked
 
     # -- events and status
     def _emit(self, kind: str, /, **detail: Any) -> None:
@@ -221,7 +231,7 @@ class ReplicationService:
         first = not self.dirty_path.exists()
         self._dirty = DirtyLog(self.dirty_path)
         self._dirty.open()
-        if first:
+        if first and self._read_synced() is None:
             self._dirty.mark_lost()  # never synced: the peer's copy is unknown
             self._dirty.sync()
         self._status.rejected = dict(self._dirty.rejected)
@@ -237,6 +247,10 @@ class ReplicationService:
                 await self._connect_loop()
         finally:
             self._dirty.close()
+            link = self._link
+            if self._drained is not None and (link is None or link.seq == self._drained):
+                # The peer holds everything: no dirty log means "nothing the peer lacks".
+                self.dirty_path.unlink(missing_ok=True)
 
     def _addresses(self) -> list[tuple[str, int]]:
         spec = self.cluster.peer(self.peer)
@@ -287,6 +301,11 @@ class ReplicationService:
         full, quarantine = self._resync_request or (False, False)
         self._resync_request = None
         state = self._dirty.snapshot()
+        why = self._resync_kind(hello)
+        if why is not None:
+            full = True
+            quarantine = quarantine or why.startswith(("split brain", "first"))
+            self._emit("resync_full_needed", reason=why, quarantine=quarantine)
         full = full or state.lost
         self._link = link
         self._status.state = "resyncing"  # live writes: noted dirty and shipped
@@ -297,7 +316,7 @@ class ReplicationService:
             self._dirty.clear()
             self._dirty.mark_lost()
             await trio.to_thread.run_sync(self._dirty.sync)
-            await resync.full(link, self.backing, self._progress, checksum=quarantine,
+            await resync.full(link, self.backing, self._progress, checksum=True,
                               quarantine=quarantine, on_progress=self._on_progress)  # fmt: skip
             state = self._dirty.snapshot()
         await resync.incremental(link, self.backing, state, self._progress, self._on_progress)
@@ -308,7 +327,71 @@ class ReplicationService:
         await trio.to_thread.run_sync(self._dirty.clear)
         done = self._progress.as_dict()
         self._progress = None
+        await self._declare_in_sync(link)
         self._emit("resync_done", **done)
+
+    def _resync_kind(self, hello: dict[str, Any]) -> str | None:
+        """Why the peer needs a full (checksum delta) resync; None: our dirty log covers it.
+
+        The dirty log holds what changed since both copies were identical at ``synced``;
+        it is enough only if the peer's copy is that same copy, untouched since."""
+        local = self.generations.load().generation
+        peer = _parse_gen(hello.get("generation"))
+        if peer is None:
+            return "the peer did not tell its data generation"
+        rel = compare(local, peer)
+        if rel in (Relation.DIVERGED, Relation.PEER_NEWER):
+            return f"split brain: the peer's copy changed apart from ours ({rel.value})"
+        if peer.empty:
+            return "first synchronisation of the peer's copy"
+        if hello.get("dirty"):
+            return "the peer was primary since it was last in sync (its last writes are unknown)"
+        ours = self._read_synced()
+        if ours is None or hello.get("synced") != ours:
+            return "the two copies were not last identical at the same generation"
+        return None
+
+    def _read_synced(self) -> str | None:
+        try:
+            return self.synced_path.read_text().strip() or None
+        except FileNotFoundError:
+            return None
+
+    def _write_synced(self, gen: str) -> None:
+        atomic_write(self.synced_path, (gen + "\n").encode())
+
+    async def _declare_in_sync(self, link: PrimaryLink) -> None:
+        """Tell the secondary it is in sync at our current generation (in stream order)."""
+        gen = self.generation or f"{self.generations.load().generation.current:016x}"
+        await trio.to_thread.run_sync(self._write_synced, gen)
+        await link.request({"op": "in_sync", "generation": gen})
+        self._status.synced_generation = gen
+
+    async def set_generation(self, gen: str) -> None:
+        """Primary: the manager's generation changed; re-declare sync under the new label."""
+        self.generation = gen
+        link = self._link
+        if self._status.state == "sync" and link is not None and not link.lost_reason:
+            try:
+                await self._declare_in_sync(link)
+            except LinkLost as e:
+                await self._go_alone(str(e))
+
+    async def drain(self, timeout: float) -> bool:
+        """Primary stopping (application already stopped): wait until the peer has made
+        everything durable. True: the copies are identical, the dirty log is dropped."""
+        link = self._link
+        if link is None or self._status.state != "sync" or link.lost_reason:
+            return False
+        seq = link.submit(Record(0, Op.FSYNC, b""))
+        try:
+            await link.wait_acked(seq, timeout=timeout)
+            await self._declare_in_sync(link)
+        except LinkLost as e:
+            await self._go_alone(str(e))
+            return False
+        self._drained = seq
+        return True
 
     def _on_progress(self, p: resync.Progress) -> None:
         self._emit("resync_progress", **p.as_dict())
@@ -355,6 +438,7 @@ class ReplicationService:
             finally:
                 self._status.link = "down"
                 self._status.state = "idle"
+                self._status.synced_generation = None
 
         try:
             async with trio.open_nursery() as n:
@@ -378,8 +462,28 @@ class ReplicationService:
         if op == "hello":
             if obj.get("module") != self.module.name:
                 return {"error": f"module {obj.get('module')!r} is not {self.module.name!r}"}, b""
-            return {"module": self.module.name, "node": self.cluster.node}, b""
+            g = self.generations.load().generation
+            return {
+                "module": self.module.name,
+                "node": self.cluster.node,
+                "generation": {
+                    "current": f"{g.current:016x}",
+                    "history": [f"{h:016x}" for h in g.history],
+                },
+                "synced": self._read_synced(),
+                # A dirty log here means this node was primary since it was last in sync.
+                "dirty": self.dirty_path.exists(),
+            }, b""
         await trio.to_thread.run_sync(applier.barrier)
+        if op == "in_sync":
+            gen = str(obj.get("generation", ""))
+            await trio.to_thread.run_sync(self._write_synced, gen)
+            self.dirty_path.unlink(missing_ok=True)
+            self._status.state = "sync"
+            if self._status.synced_generation != gen:
+                self._status.synced_generation = gen
+                self._emit("in_sync", generation=gen)
+            return {"_durable": applier.durable_seq}, b""
         if op == "list":
             return {"tree": await trio.to_thread.run_sync(resync.list_tree, self.backing)}, b""
         if op == "digest":
@@ -421,6 +525,13 @@ class ReplicationService:
                 shutil.copy2(src, target, follow_symlinks=False)
         os.sync()
         return dest
+
+
+def _parse_gen(raw: Any) -> Generation | None:
+    try:
+        return Generation(int(raw["current"], 16), tuple(int(h, 16) for h in raw["history"]))
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def now() -> float:

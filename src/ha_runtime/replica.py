@@ -1,0 +1,364 @@
+"""The daemon's side of replication: one supervised child process per replicated directory.
+
+A module manager owns one ``ReplicaSupervisor``. On the primary it starts one
+``hactl replicate primary`` child per ``replicated_dirs`` entry (each mounts its FUSE file
+system and connects to the peer) and only then starts the application; on the secondary,
+``hactl replicate secondary`` children receive into the backing directories. Their status
+and events come back over a pipe (protocol: ``replica_child``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from ha_runtime.config import ClusterConfig, ModuleConfig
+from ha_runtime.replica_child import mounted, unmount
+
+log = logging.getLogger(__name__)
+
+START_TIMEOUT_S = 30.0
+RESPAWN_DELAY_S = 1.0
+
+EventSink = Callable[[int, str, dict[str, Any]], None]
+
+
+class ReplicaError(Exception):
+    """Replication could not be started or asked: the message says why."""
+
+
+@dataclass
+class DirChild:
+    index: int
+    app_dir: Path
+    role: str
+    proc: trio.Process | None = None
+    status: dict[str, Any] = field(default_factory=dict)
+    started: trio.Event = field(default_factory=trio.Event)
+    exited: trio.Event = field(default_factory=trio.Event)
+    stopping: bool = False
+    returncode: int | None = None
+    replies: dict[int, dict[str, Any]] = field(default_factory=dict)
+    reply_ready: trio.Event = field(default_factory=trio.Event)
+    send_lock: trio.Lock = field(default_factory=trio.Lock)
+    since: float = field(default_factory=time.time)
+
+    async def send(self, obj: dict[str, Any]) -> None:
+        if self.proc is None or self.proc.stdin is None or self.exited.is_set():
+            raise ReplicaError(f"replication of {self.app_dir} is not running")
+        async with self.send_lock:
+            try:
+                await self.proc.stdin.send_all((json.dumps(obj) + "\n").encode())
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
+                raise ReplicaError(f"replication of {self.app_dir} is not running") from e
+
+
+class ReplicaSupervisor:
+    def __init__(
+        self,
+        cluster: ClusterConfig,
+        module: ModuleConfig,
+        on_event: EventSink,
+        command: Callable[[str, int], list[str]] | None = None,
+    ) -> None:
+        self.cluster = cluster
+        self.m = module
+        self.on_event = on_event
+        self.command = command or self._default_command
+        self.role: str | None = None
+        self.children: dict[int, DirChild] = {}
+        self.generation: str | None = None
+        self._nursery: trio.Nursery | None = None
+        self._req = 0
+        self.base = module.replication.backing_base(cluster.state_dir)
+
+    def _default_command(self, role: str, index: int) -> list[str]:
+        return [
+            sys.executable, "-m", "ha_runtime.cli", "--config", str(self.cluster.path),
+            "replicate", role, self.m.name, "--dir", str(index),
+        ]  # fmt: skip
+
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as n:
+            self._nursery = n
+            task_status.started()
+            await trio.sleep_forever()
+
+    # ----------------------------------------------------------------- lifecycle
+
+    async def start(self, role: str, timeout: float = START_TIMEOUT_S) -> None:
+        """Run `role` ("primary" or "secondary") for every directory; returns once every
+        child is up (primary: mounted). Raises ReplicaError (nothing left running)."""
+        if self.role == role and all(not c.exited.is_set() for c in self.children.values()):
+            return
+        await self.stop()
+        assert self._nursery is not None, "ReplicaSupervisor.run() must be running"
+        self.role = role
+        for i, d in enumerate(self.m.replicated_dirs):
+            c = DirChild(i, d, role)
+            self.children[i] = c
+            self._nursery.start_soon(self._supervise, c)
+        failed: list[str] = []
+        with trio.move_on_after(timeout):
+            for c in self.children.values():
+                async with trio.open_nursery() as w:
+                    w.start_soon(_set_when, c.started, w.cancel_scope)
+                    w.start_soon(_set_when, c.exited, w.cancel_scope)
+        for c in self.children.values():
+            if not c.started.is_set():
+                failed.append(
+                    f"{c.app_dir}: replication {role} did not start"
+                    + (f" (exit code {c.returncode})" if c.exited.is_set() else " in time")
+                )
+        if failed:
+            await self.stop()
+            raise ReplicaError("; ".join(failed))
+        if role == "primary" and self.generation is not None:
+            await self.set_generation(self.generation)
+
+    async def stop(self, timeout: float | None = None) -> None:
+        """Stop every child: a primary drains the peer and unmounts first."""
+        if timeout is None:
+            timeout = 2 * self.m.replication.timeout_ms / 1000 + 10
+        children = list(self.children.values())
+        for c in children:
+            c.stopping = True
+            if c.exited.is_set() or c.proc is None:
+                continue
+            with contextlib.suppress(ReplicaError):
+                await c.send({"cmd": "stop"})
+        with trio.move_on_after(timeout):
+            for c in children:
+                await c.exited.wait()
+        for c in children:
+            if not c.exited.is_set() and c.proc is not None:
+                log.warning(
+                    "%s: replication of %s did not stop: killing it", self.m.name, c.app_dir
+                )
+                c.proc.kill()
+                with trio.move_on_after(5):
+                    await c.exited.wait()
+        for c in children:
+            if c.role == "primary" and mounted(c.app_dir):
+                try:
+                    await trio.to_thread.run_sync(unmount, c.app_dir)
+                except OSError:
+                    log.exception("%s: cannot unmount %s", self.m.name, c.app_dir)
+        self.children = {}
+        self.role = None
+
+    async def _supervise(self, c: DirChild) -> None:
+        first = True
+        while True:
+            if not first:  # a respawn: start() waits on the events of the first run
+                c.started, c.exited = trio.Event(), trio.Event()
+            first = False
+            try:
+                c.proc = await trio.lowlevel.open_process(
+                    self.command(c.role, c.index), stdin=subprocess.PIPE, stdout=subprocess.PIPE
+                )
+            except OSError:
+                log.exception("%s: cannot run replication of %s", self.m.name, c.app_dir)
+                c.exited.set()
+                return
+            c.since = time.time()
+            try:
+                await self._read(c)
+            finally:
+                with trio.CancelScope(shield=True):
+                    # Cancelled (daemon torn down without stop()): SIGTERM drains and
+                    # unmounts like "stop"; a child that does not go is killed.
+                    if c.proc.returncode is None and not c.stopping:
+                        c.proc.terminate()
+                    with trio.move_on_after(2 * self.m.replication.timeout_ms / 1000 + 10):
+                        await c.proc.wait()
+                    if c.proc.returncode is None:
+                        c.proc.kill()
+                    c.returncode = await c.proc.wait()
+                c.status = {**c.status, "state": "stopped", "link": "down"}
+                c.exited.set()
+                c.reply_ready.set()
+            if c.stopping:
+                return
+            self.on_event(c.index, "replication_exited", {"role": c.role, "code": c.returncode})
+            if c.role != "secondary" or self.children.get(c.index) is not c:
+                return  # a primary's mount is gone: the manager decides (app must stop)
+            await trio.sleep(RESPAWN_DELAY_S)
+            if c.stopping:
+                return
+
+    async def _read(self, c: DirChild) -> None:
+        assert c.proc is not None and c.proc.stdout is not None
+        buf = b""
+        while True:
+            chunk = await c.proc.stdout.receive_some(65536)
+            if not chunk:
+                return
+            buf += chunk
+            while b"\n" in buf:
+                line, buf = buf.split(b"\n", 1)
+                try:
+                    msg = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(msg, dict):
+                    self._dispatch(c, msg)
+
+    def _dispatch(self, c: DirChild, msg: dict[str, Any]) -> None:
+        kind = msg.get("type")
+        if kind == "started":
+            c.started.set()
+            self.on_event(c.index, "replication_started", {"role": c.role})
+        elif kind == "status" and isinstance(msg.get("status"), dict):
+            old = c.status.get("state")
+            c.status = msg["status"]
+            if c.status.get("state") != old:
+                self.on_event(c.index, "__state__", {"state": c.status.get("state")})
+        elif kind == "event":
+            self.on_event(c.index, str(msg.get("kind")), dict(msg.get("detail") or {}))
+        elif kind == "reply" and isinstance(msg.get("id"), int):
+            c.replies[msg["id"]] = msg
+            c.reply_ready.set()
+
+    # ----------------------------------------------------------------- requests
+
+    async def set_generation(self, gen: str) -> None:
+        self.generation = gen
+        if self.role != "primary":
+            return
+        for c in self.children.values():
+            with contextlib.suppress(ReplicaError):
+                await c.send({"cmd": "generation", "value": gen})
+
+    async def _ask(self, c: DirChild, obj: dict[str, Any], timeout: float) -> dict[str, Any]:
+        self._req += 1
+        rid = self._req
+        await c.send({**obj, "id": rid})
+        with trio.move_on_after(timeout):
+            while rid not in c.replies:
+                if c.exited.is_set():
+                    raise ReplicaError(f"replication of {c.app_dir} stopped")
+                c.reply_ready = trio.Event()
+                await c.reply_ready.wait()
+            return c.replies.pop(rid)
+        raise ReplicaError(f"replication of {c.app_dir} did not answer within {timeout:g} s")
+
+    def _need_primary(self) -> list[DirChild]:
+        if self.role != "primary" or not self.children:
+            raise ReplicaError("this node is not the primary of the module")
+        return list(self.children.values())
+
+    async def verify(self, timeout: float = 600.0) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        for c in self._need_primary():
+            r = await self._ask(c, {"cmd": "verify"}, timeout)
+            if "error" in r:
+                raise ReplicaError(f"{c.app_dir}: {r['error']}")
+            out.append({"dir": str(c.app_dir), **r["result"]})
+        return out
+
+    async def resync(self, full: bool) -> None:
+        for c in self._need_primary():
+            await self._ask(c, {"cmd": "resync", "full": full}, 30.0)
+
+    # ----------------------------------------------------------------- views
+
+    def in_sync(self, peer_generation: str | None) -> bool:
+        """Every directory replicating synchronously (secondary: at the primary's generation)."""
+        if self.role is None or not self.children:
+            return False
+        for c in self.children.values():
+            st = c.status
+            if c.exited.is_set() or st.get("state") != "sync":
+                return False
+            if self.role == "secondary" and st.get("synced_generation") != peer_generation:
+                return False
+        return True
+
+    def failed_primary(self) -> str | None:
+        """A primary child that died: its mount is gone under the application."""
+        if self.role != "primary":
+            return None
+        for c in self.children.values():
+            if c.exited.is_set() and not c.stopping:
+                return f"replication of {c.app_dir} stopped (exit code {c.returncode})"
+        return None
+
+    def quarantines(self) -> list[str]:
+        root = self.base / f"{self.m.name}.quarantine"
+        try:
+            return sorted(str(p) for p in root.iterdir())
+        except OSError:
+            return []
+
+    def status(self, peer_generation: str | None) -> dict[str, Any]:
+        dirs = []
+        for i, d in enumerate(self.m.replicated_dirs):
+            c = self.children.get(i)
+            st = dict(c.status) if c is not None else {}
+            dirs.append(
+                {
+                    "dir": str(d),
+                    "backing": str(self.base / self.m.name / str(i)),
+                    "port": self.m.replication.port + i,
+                    "role": self.role or "none",
+                    "state": st.get("state", "stopped") if c is not None else "stopped",
+                    "link": st.get("link", "down"),
+                    "address": st.get("address"),
+                    "last_seq": st.get("last_seq", 0),
+                    "acked_seq": st.get("acked_seq", 0),
+                    "inflight_bytes": st.get("inflight_bytes", 0),
+                    "dirty_bytes": st.get("dirty_bytes", 0),
+                    "dirty_paths": st.get("dirty_paths", 0),
+                    "resync": st.get("resync"),
+                    "synced_generation": st.get("synced_generation"),
+                    "rejected": st.get("rejected", {}),
+                    "last_error": st.get("last_error"),
+                    "pid": c.proc.pid if c is not None and c.proc is not None else None,
+                }
+            )
+        states = {d["state"] for d in dirs}
+        overall = (
+            "stopped"
+            if states == {"stopped"}
+            else next((s for s in ("alone", "resyncing", "idle", "stopped") if s in states), "sync")
+        )
+        return {
+            "role": self.role or "none",
+            "state": overall,
+            "in_sync": self.in_sync(peer_generation),
+            "ack": self.m.replication.ack,
+            "resync": _sum_progress([d["resync"] for d in dirs if d["resync"]]),
+            "quarantine": self.quarantines(),
+            "dirs": dirs,
+        }
+
+
+def _sum_progress(parts: list[dict[str, Any]]) -> dict[str, Any] | None:
+    if not parts:
+        return None
+    done = sum(int(p.get("bytes_done", 0)) for p in parts)
+    left = sum(int(p.get("bytes_left", 0)) for p in parts)
+    rate = sum(float(p.get("rate_bps", 0.0)) for p in parts)
+    return {
+        "kind": ",".join(sorted({str(p.get("kind", "?")) for p in parts})),
+        "bytes_done": done,
+        "bytes_left": left,
+        "rate_bps": rate,
+        "eta_s": round(left / rate, 1) if rate > 0 else None,
+    }
+
+
+async def _set_when(ev: trio.Event, scope: trio.CancelScope) -> None:
+    await ev.wait()
+    scope.cancel()

@@ -1,0 +1,236 @@
+"""`hactl replicate primary|secondary MODULE --dir N`: one replicated directory, one process.
+
+pyfuse3 serves one mount per process, so the daemon runs every replicated directory's
+service in a child of its own (both roles, for one way of supervising them). The child
+talks to the daemon over its stdin/stdout, one JSON object per line:
+
+daemon -> child: ``{"cmd": "stop"}`` (primary: drain the peer, unmount, exit),
+``{"cmd": "generation", "value": HEX}`` (primary: the manager's data generation),
+``{"cmd": "resync", "full": BOOL}``, ``{"cmd": "verify", "id": N}``.
+
+child -> daemon: ``{"type": "started"}`` (primary: the mount is up; secondary: listening),
+``{"type": "status", "status": {...}}`` (twice a second), ``{"type": "event", "kind": ...,
+"detail": {...}}``, ``{"type": "reply", "id": N, "result": ...}`` or ``"error"``.
+
+End of stdin (the daemon died) stops the child as ``stop`` does. Logs go to stderr (the
+journal of hapair.service).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from ha_runtime.config import ClusterConfig, ModuleConfig
+
+log = logging.getLogger("hapair.replicate")
+
+STATUS_PERIOD_S = 0.5
+
+
+def settings_for(module: ModuleConfig, dir_index: int) -> Any:
+    from ha_runtime.replication.service import ReplicationSettings  # noqa: PLC0415
+
+    r = module.replication
+    return ReplicationSettings(
+        port=r.port + dir_index,
+        ack=r.ack,
+        timeout_s=r.timeout_ms / 1000,
+        networks=r.networks,
+        backing_root=r.backing_root,
+    )
+
+
+def mounted(path: Path) -> bool:
+    """Is something (maybe a dead FUSE server's mount) mounted at path?"""
+    # Never stat the mount point itself: a hung FUSE server would block the caller.
+    target = os.path.join(os.path.realpath(path.parent), path.name)
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return False
+    for line in lines:
+        fields = line.split()
+        if len(fields) > 4 and _unescape(fields[4]) in (target, str(path)):
+            return True
+    return False
+
+
+def _unescape(s: str) -> str:
+    return s.encode().decode("unicode_escape") if "\\" in s else s
+
+
+def unmount(path: Path) -> None:
+    """Lazy unmount (a dead FUSE mount answers ENOTCONN to everything)."""
+    while mounted(path):
+        r = subprocess.run(["umount", "-l", str(path)], capture_output=True, text=True, check=False)
+        if r.returncode != 0:
+            raise OSError(f"cannot unmount {path}: {r.stderr.strip()}")
+
+
+def prepare_dirs(app_dir: Path, backing: Path, base: Path, module: str, index: int) -> list[str]:
+    """Make app_dir an empty, unmounted directory and backing the copy; report what moved.
+
+    Files found in the (unmounted) application directory are either the data of a
+    directory that was not replicated before (adopted into an empty, never synced backing
+    directory) or writes made behind the replicator's back (moved aside, never deleted)."""
+    notes: list[str] = []
+    if mounted(app_dir):
+        unmount(app_dir)
+        notes.append(f"unmounted a stale mount at {app_dir}")
+    app_dir.mkdir(parents=True, exist_ok=True)
+    created = not backing.exists()
+    backing.mkdir(parents=True, exist_ok=True)
+    if created:
+        st = app_dir.stat()
+        os.chown(backing, st.st_uid, st.st_gid)
+        os.chmod(backing, st.st_mode & 0o7777)
+    entries = sorted(os.listdir(app_dir))
+    if not entries:
+        return notes
+    never_synced = not (base / f"{module}.{index}.synced").exists()
+    if never_synced and not os.listdir(backing):
+        for e in entries:
+            shutil.move(app_dir / e, backing / e)
+        notes.append(f"adopted {len(entries)} existing entries of {app_dir} into {backing}")
+    else:
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+        dest = base / f"{module}.stray" / stamp / str(index)
+        dest.mkdir(parents=True, exist_ok=True)
+        for e in entries:
+            shutil.move(app_dir / e, dest / e)
+        notes.append(
+            f"moved {len(entries)} entries written in {app_dir} while it was not replicated"
+            f" to {dest}"
+        )
+    os.sync()
+    return notes
+
+
+class _Out:
+    def __init__(self) -> None:
+        self.broken = False
+
+    def send(self, obj: dict[str, Any]) -> None:
+        if self.broken:
+            return
+        try:
+            sys.stdout.write(json.dumps(obj, default=str) + "\n")
+            sys.stdout.flush()
+        except (BrokenPipeError, OSError):
+            self.broken = True
+
+
+async def run_child(  # noqa: PLR0915 - one place for the whole child protocol
+    role: str, cluster: ClusterConfig, module: ModuleConfig, index: int
+) -> int:
+    from ha_runtime.replication.service import (  # noqa: PLC0415
+        Event,
+        ReplicationService,
+    )
+    from ha_runtime.replication.transport import LinkLost  # noqa: PLC0415
+
+    out = _Out()
+
+    def on_event(ev: Event) -> None:
+        out.send({"type": "event", "kind": ev.kind, "detail": ev.detail})
+
+    settings = settings_for(module, index)
+    svc = ReplicationService(module, cluster, settings, on_event=on_event, dir_index=index)
+    base = module.replication.backing_base(cluster.state_dir)
+    for note in prepare_dirs(svc.app_dir, svc.backing, base, module.name, index):
+        log.warning("%s: %s", module.name, note)
+        out.send({"type": "event", "kind": "directory_prepared", "detail": {"note": note}})
+    stop = trio.Event()
+
+    async def status_loop() -> None:
+        while True:
+            out.send({"type": "status", "status": svc.status().as_dict()})
+            await trio.sleep(STATUS_PERIOD_S)
+
+    async def commands() -> None:
+        stdin = trio.lowlevel.FdStream(os.dup(0))
+        buf = b""
+        while True:
+            chunk = await stdin.receive_some(65536)
+            if not chunk:
+                stop.set()
+                return
+            buf += chunk
+            while b"\n" in buf:
+                line, buf = buf.split(b"\n", 1)
+                try:
+                    req = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(req, dict):
+                    nursery.start_soon(one, req)
+
+    async def one(req: dict[str, Any]) -> None:
+        cmd = req.get("cmd")
+        if cmd == "stop":
+            stop.set()
+        elif cmd == "generation":
+            await svc.set_generation(str(req.get("value")))
+        elif cmd == "resync":
+            svc.request_resync(full=bool(req.get("full")), quarantine=False)
+            out.send({"type": "reply", "id": req.get("id"), "result": "resync requested"})
+        elif cmd == "verify":
+            try:
+                rep = await svc.verify()
+                out.send(
+                    {
+                        "type": "reply",
+                        "id": req.get("id"),
+                        "result": {
+                            "equal": rep.equal,
+                            "files": rep.files,
+                            "differences": rep.differences,
+                        },
+                    }
+                )
+            except (LinkLost, OSError) as e:
+                out.send({"type": "reply", "id": req.get("id"), "error": str(e)})
+
+    async def signals() -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
+            async for _ in sigs:
+                stop.set()
+                return
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(commands)
+        nursery.start_soon(signals)
+        runner = svc.run_primary if role == "primary" else svc.run_secondary
+        await nursery.start(runner)
+        out.send({"type": "started", "dir": str(svc.app_dir), "backing": str(svc.backing)})
+        nursery.start_soon(status_loop)
+        await stop.wait()
+        if role == "primary":
+            drained = await svc.drain(settings.timeout_s)
+            out.send({"type": "event", "kind": "drained", "detail": {"ok": drained}})
+        nursery.cancel_scope.cancel()
+    out.send({"type": "status", "status": svc.status().as_dict()})
+    return 0
+
+
+def main(role: str, cluster: ClusterConfig, module: ModuleConfig, index: int) -> int:
+    logging.basicConfig(
+        level=logging.INFO,
+        format=f"%(levelname)s replicate[{module.name}/{index} {role}] %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    with contextlib.suppress(KeyboardInterrupt):
+        return trio.run(run_child, role, cluster, module, index)
+    return 1

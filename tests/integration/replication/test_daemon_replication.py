@@ -1,0 +1,206 @@
+"""Two node daemons on loopback with a replicated directory (root + /dev/fuse, this host).
+
+The daemon-level wiring: the primary mounts the directory in a child process before
+starting the application, the secondary receives into its backing directory and adopts the
+primary's generation only once in sync (PRIM/SECOND), `hactl verify` equal, a planned swap
+drains and moves the mount, and a peer lost and back resyncs incrementally. Each node has
+its own application directory (one host), only the VIP is faked."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import socket
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from ha_runtime import api
+from ha_runtime.config import load_site
+from ha_runtime.daemon import NodeDaemon
+from ha_runtime.replica_child import mounted
+from ha_runtime.states import State
+
+_spec = importlib.util.spec_from_file_location(
+    "replication_pki", Path(__file__).parents[2] / "unit/replication/conftest.py"
+)
+assert _spec and _spec.loader
+_pki = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_pki)
+
+pytestmark = [
+    pytest.mark.fuse,
+    pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/dev/fuse"), reason="root+FUSE"),
+]
+
+KEY = b"k" * 48
+
+
+class FakeVip:
+    def __init__(self, node: str, holders: dict[str, str]) -> None:
+        self.node, self.holders = node, holders
+
+    async def add(self, m: Any) -> None:
+        assert self.holders.get(m.name) in (None, self.node)
+        self.holders[m.name] = self.node
+
+    async def remove(self, m: Any) -> None:
+        if self.holders.get(m.name) == self.node:
+            del self.holders[m.name]
+
+    def held(self, m: Any) -> bool | None:
+        return self.holders.get(m.name) == self.node
+
+
+def _free_port(kind: int = socket.SOCK_DGRAM) -> int:
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _site(tmp: Path, node: str, hb_port: int, repl_port: int) -> Path:
+    base = tmp / node
+    (base / "modules").mkdir(parents=True)
+    tls = _pki.make_site(tmp / "pki", "a", ("node1", "node2")) if node == "node1" else None
+    pki = tmp / "pki"
+    key = base / "site.key"
+    key.write_bytes(KEY)
+    key.chmod(0o600)
+    app = base / "app"
+    log = tmp / "scripts.log"
+    for name in ("start_prim", "stop_prim"):
+        script = base / name
+        # The "application" checks that it is started on the mounted directory.
+        script.write_text(
+            "#!/bin/sh\n"
+            f'grep -q " {app} fuse" /proc/self/mounts && m=mounted || m=unmounted\n'
+            f'echo "$HAPAIR_NODE $HAPAIR_SCRIPT $m" >> {log}\n'
+        )
+        script.chmod(0o755)
+    del tls
+    (base / "cluster.yml").write_text(
+        f"""
+node: {node}
+nodes:
+  - {{name: node1, addresses: {{lan: 127.0.0.1}}}}
+  - {{name: node2, addresses: {{lan: 127.0.0.2}}}}
+heartbeat_port: {hb_port}
+site_key: {key}
+tls: {{ca: {pki}/ca.crt, cert: {pki}/{node}.crt, key: {pki}/{node}.key}}
+api_socket: {base}/api.sock
+metrics_address: ""
+state_dir: {base}/state
+modules_dir: {base}/modules
+"""
+    )
+    (base / "modules" / "flightdata.yml").write_text(
+        f"""
+name: flightdata
+type: mirror
+nodes: [node1, node2]
+default_primary: node1
+vip: {{address: 10.77.0.100/24, interface: lan0}}
+heartbeat: {{interval_ms: 100, timeout_ms: 1000}}
+scripts: {{start_prim: {base}/start_prim, stop_prim: {base}/stop_prim, timeout_s: 5}}
+replicated_dirs: [{app}]
+replication: {{port: {repl_port}, timeout_ms: 1000, networks: [lan]}}
+"""
+    )
+    return base / "cluster.yml"
+
+
+MANAGERS: list[Any] = []
+
+
+async def _wait(pred: Any, timeout: float = 30) -> None:
+    with trio.move_on_after(timeout):
+        while not pred():
+            await trio.sleep(0.05)
+        return
+    raise AssertionError(f"timeout; now {[m.status() for m in MANAGERS]}")
+
+
+def _write_sync(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def test_daemons_replicate_swap_and_resync(tmp_path: Path) -> None:  # noqa: PLR0915
+    hb, rp = _free_port(), _free_port(socket.SOCK_STREAM)
+    holders: dict[str, str] = {}
+    sites = [load_site(_site(tmp_path, n, hb, rp)) for n in ("node1", "node2")]
+    d1 = NodeDaemon(sites[0], KEY, vip_ops=FakeVip("node1", holders), metrics=False)
+    d2 = NodeDaemon(sites[1], KEY, vip_ops=FakeVip("node2", holders), metrics=False)
+    m1, m2 = d1.managers["flightdata"], d2.managers["flightdata"]
+    MANAGERS[:] = [m1, m2]
+    app1, app2 = tmp_path / "node1" / "app", tmp_path / "node2" / "app"
+    back1 = tmp_path / "node1" / "state" / "replica" / "flightdata" / "0"
+    back2 = tmp_path / "node2" / "state" / "replica" / "flightdata" / "0"
+
+    async def call(d: NodeDaemon, req: dict[str, Any]) -> dict[str, Any]:
+        return await trio.to_thread.run_sync(api.call, d.cluster.api_socket, req)
+
+    def pair(prim: Any, sec: Any) -> bool:
+        return (
+            prim.state is State.PRIM
+            and sec.state is State.SECOND
+            and sec.status()["sync"] == "in-sync"
+        )
+
+    async def main() -> None:
+        async with trio.open_nursery() as outer:
+            outer.start_soon(d1.run)
+            async with trio.open_nursery() as n2:
+                n2.start_soon(d2.run)
+                await _wait(lambda: pair(m1, m2))
+                assert mounted(app1) and not mounted(app2)
+                await trio.to_thread.run_sync(_write_sync, app1 / "a.txt", b"hello\n")
+                assert (back2 / "a.txt").read_bytes() == b"hello\n"  # fsync returned: on node2
+                v = (await call(d1, {"command": "verify", "module": "flightdata"}))["result"]
+                assert v["equal"], v
+                st = (await call(d1, {"command": "status", "module": "flightdata"}))["result"]
+                rep = st["modules"][0]["replication"]
+                assert rep["role"] == "primary" and rep["in_sync"], rep
+
+                # Planned swap: drained, unmounted on node1, mounted on node2.
+                resp = await call(d1, {"command": "swap", "module": "flightdata"})
+                assert resp["ok"], resp
+                await _wait(lambda: pair(m2, m1))
+                assert mounted(app2) and not mounted(app1)
+                assert (app2 / "a.txt").read_bytes() == b"hello\n"
+                await trio.to_thread.run_sync(_write_sync, app2 / "b.txt", b"from node2\n")
+                assert (back1 / "b.txt").read_bytes() == b"from node2\n"
+
+                # node1 stops: node2 goes ALONE and keeps writing (dirty log).
+                await call(d1, {"command": "stop", "module": "flightdata"})
+                await _wait(lambda: m2.state is State.ALONE)
+                await trio.to_thread.run_sync(_write_sync, app2 / "c.txt", b"while alone\n")
+                assert not (back1 / "c.txt").exists()
+                await call(d1, {"command": "start", "module": "flightdata"})
+                await _wait(lambda: pair(m2, m1))
+                assert (back1 / "c.txt").read_bytes() == b"while alone\n"
+                events = (await call(d2, {"command": "events", "module": "flightdata"}))["result"]
+                kinds = [e.get("kind") for e in events if e.get("event") == "replication"]
+                assert "resync_done" in kinds
+                full = [e for e in events if e.get("kind") == "resync_started"]
+                assert full and full[-1]["full"] is False, full  # only the changes travelled
+                v = (await call(d2, {"command": "verify", "module": "flightdata"}))["result"]
+                assert v["equal"], v
+                n2.cancel_scope.cancel()
+            outer.cancel_scope.cancel()
+
+    try:
+        trio.run(main)
+    finally:
+        for p in (app1, app2):
+            if mounted(p):
+                subprocess.run(["umount", "-l", str(p)], check=False)
+    lines = (tmp_path / "scripts.log").read_text().splitlines()
+    assert all(line.endswith(" mounted") for line in lines if "start_prim" in line), lines
