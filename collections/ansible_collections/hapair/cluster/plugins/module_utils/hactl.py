@@ -12,7 +12,7 @@ import json
 
 # Every state a module can be in on one node (see DESIGN.md, "States").
 STATES = ("STOP", "WAIT", "ALONE", "PRIM", "SECOND", "UP")
-ACTIONS = ("start", "stop", "prim", "second", "swap", "drain", "undrain")
+ACTIONS = ("start", "stop", "prim", "second", "swap", "drain", "undrain", "resync")
 
 # States in which an action has nothing left to do on this node.
 _DONE = {
@@ -21,6 +21,8 @@ _DONE = {
     "prim": frozenset(("PRIM", "ALONE")),
     "second": frozenset(("SECOND",)),
     "swap": frozenset(),
+    # Mirror modules with replicated_dirs, on the primary: always acts (like swap).
+    "resync": frozenset(),
     # Farm modules: decided by the entry's `drained` flag (see needs_action).
     "drain": frozenset(),
     "undrain": frozenset(),
@@ -109,3 +111,26 @@ def run_status(module, hactl, name=None):
     if rc != 0:
         raise HactlError("%s failed (rc=%d): %s" % (" ".join(cmd), rc, (err or out).strip()))
     return parse_status(out)
+
+
+def parse_verify(text):
+    """Turn ``hactl verify MODULE --json`` output into ``{"equal", "files", "message", "dirs"}``.
+
+    Each of ``dirs`` is ``{"dir", "equal", "files", "differences": [str]}``; a difference
+    names one file and what each node holds (``PATH: primary f:<sha256>, secondary missing``).
+    """
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise HactlError("hactl verify --json did not print JSON: %s" % exc)
+    if not isinstance(data, dict) or not isinstance(data.get("dirs"), list):
+        raise HactlError("hactl verify --json: expected an object with dirs, got %r" % (data,))
+    dirs = []
+    for item in data["dirs"]:
+        if not isinstance(item, dict) or "dir" not in item:
+            raise HactlError("hactl verify --json: directory entry without dir: %r" % (item,))
+        diffs = [str(d) for d in item.get("differences") or []]
+        dirs.append(dict(dir=str(item["dir"]), equal=bool(item.get("equal")) and not diffs,
+                         files=int(item.get("files", 0)), differences=diffs))
+    equal = bool(data.get("equal", True)) and all(d["equal"] for d in dirs)
+    return dict(equal=equal, files=sum(d["files"] for d in dirs), message=str(data.get("message", "")), dirs=dirs)

@@ -33,9 +33,19 @@ options:
       - C(drain) (farm modules) gives every bucket of this node away, so new connections
         go to the other nodes while established ones finish here; C(undrain) takes this
         node's share back. Both are idempotent (the status entry's C(drained) flag).
+      - C(resync) (mirror modules with C(replicated_dirs), on the primary) asks the runtime to
+        resynchronise the secondary now (C(hactl resync)), incrementally or, with O(full),
+        by a checksum delta over the whole tree. It always acts; wait for the result with
+        O(wait_for=PRIM) (the primary becomes PRIM once the peer is in sync again).
       - Omit to only wait for O(wait_for).
     type: str
-    choices: [start, stop, prim, second, swap, drain, undrain]
+    choices: [start, stop, prim, second, swap, drain, undrain, resync]
+  full:
+    description:
+      - With O(action=resync), a full resync (rolling checksum delta over every file) instead
+        of the incremental one (the recorded changed ranges only).
+    type: bool
+    default: false
   wait_for:
     description:
       - States to wait for on this node after the action (any one of them).
@@ -93,6 +103,15 @@ EXAMPLES = r"""
     sync: in-sync
     timeout: 120
 
+- name: Resynchronise the secondary of flightdata from scratch (checksum delta), then wait for PRIM
+  hapair.cluster.ha_command:
+    module: flightdata
+    action: resync
+    full: true
+    wait_for: PRIM
+    timeout: 600
+  when: hapair_status.modules.flightdata.state in ['PRIM', 'ALONE']
+
 - name: Take this node out of the weather farm for maintenance (its buckets move away)
   hapair.cluster.ha_command:
     module: weather
@@ -132,6 +151,7 @@ import time
 from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.hapair.cluster.plugins.module_utils.hactl import (
+    ACTIONS,
     HactlError,
     STATES,
     needs_action,
@@ -153,7 +173,8 @@ def main():
     module = AnsibleModule(
         argument_spec=dict(
             module=dict(type="str", required=True),
-            action=dict(type="str", choices=["start", "stop", "prim", "second", "swap", "drain", "undrain"]),
+            action=dict(type="str", choices=list(ACTIONS)),
+            full=dict(type="bool", default=False),
             wait_for=dict(type="list", elements="str", choices=list(STATES)),
             sync=dict(type="str", choices=["in-sync", "resyncing"]),
             timeout=dict(type="float", default=60),
@@ -173,6 +194,8 @@ def main():
         start = time.monotonic()
         if action and needs_action(action, before["state"], before):
             cmd = [hactl, action, name]
+            if action == "resync" and p["full"]:
+                cmd.append("--full")
             result.update(changed=True, cmd=cmd)
             if module.check_mode:
                 result["after"] = before
