@@ -277,21 +277,37 @@ def tree_digests(root: Path) -> dict[str, str]:
             rel = os.fsdecode(os.path.relpath(p, base))
             if rel.startswith(".hapair-tmp."):
                 continue
-            try:
-                st = os.lstat(p)
-                if stat.S_ISREG(st.st_mode):
-                    h = hashlib.sha256()
-                    with open(p, "rb") as f:
-                        while chunk := f.read(1 << 20):
-                            h.update(chunk)
-                    out[rel] = "f:" + h.hexdigest()
-                elif stat.S_ISLNK(st.st_mode):
-                    out[rel] = "l:" + os.fsdecode(os.readlink(p))
-                else:
-                    out[rel] = f"m:{stat.S_IFMT(st.st_mode):o}"
-            except FileNotFoundError:
-                continue
+            digest = _digest(p)
+            if digest is not None:
+                out[rel] = digest
     return out
+
+
+def digests_of(root: Path, paths: list[str]) -> dict[str, str]:
+    """The digests of `tree_digests` for some relative paths only (missing ones left out)."""
+    base = os.fsencode(root)
+    out: dict[str, str] = {}
+    for rel in paths:
+        digest = _digest(os.path.join(base, os.fsencode(rel)))
+        if digest is not None:
+            out[rel] = digest
+    return out
+
+
+def _digest(p: bytes) -> str | None:
+    try:
+        st = os.lstat(p)
+        if stat.S_ISREG(st.st_mode):
+            h = hashlib.sha256()
+            with open(p, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    h.update(chunk)
+            return "f:" + h.hexdigest()
+        if stat.S_ISLNK(st.st_mode):
+            return "l:" + os.fsdecode(os.readlink(p))
+        return f"m:{stat.S_IFMT(st.st_mode):o}"
+    except FileNotFoundError:
+        return None
 
 
 def compare(ours: dict[str, str], theirs: dict[str, str]) -> list[str]:

@@ -116,6 +116,8 @@ class ReplicationService:
         self._resync_request: tuple[bool, bool] | None = None
         self._kick = trio.Event()
         self._drained: int | None = None  # seq of the drain barrier the peer acked
+        # verify(): while set, mutating operations wait (the final comparison's quiesce).
+        self._paused: trio.Event | None = None
 
     # -- events and status
     def _emit(self, kind: str, /, **detail: Any) -> None:
@@ -146,6 +148,8 @@ class ReplicationService:
 
     # -- the Sink the FUSE layer calls (primary)
     async def before(self, rec: Record) -> None:
+        while self._paused is not None:
+            await self._paused.wait()
         link = self._link
         if self._status.state != "sync" or link is None:
             assert self._dirty is not None
@@ -402,11 +406,28 @@ class ReplicationService:
             raise LinkLost("not in sync with the peer")
         seq = link.submit(Record(0, Op.FSYNC, b""))
         await link.wait_acked(seq)
-        # Compare at this journal position: the secondary digests after applying it.
+        # First pass with the application running: the secondary digests its copy at this
+        # journal position, the primary its own a little later, so a file written meanwhile
+        # may differ without being different.
         theirs_reply, _ = await link.request({"op": "digest"})
         ours = await trio.to_thread.run_sync(resync.tree_digests, self.backing)
         theirs = theirs_reply.get("digests", {})
         diffs = resync.compare(ours, theirs)
+        if not diffs:
+            return VerifyReport(True, len(ours), [])
+        # Final comparison of those paths only, at one journal position: mutating operations
+        # wait (a short quiesce, a few files), a barrier drains the journal, both digest.
+        paths = sorted({p for p in set(ours) | set(theirs) if ours.get(p) != theirs.get(p)})
+        self._paused = trio.Event()
+        try:
+            seq = link.submit(Record(0, Op.FSYNC, b""))
+            await link.wait_acked(seq)
+            theirs_reply, _ = await link.request({"op": "digest", "paths": paths})
+            mine = await trio.to_thread.run_sync(resync.digests_of, self.backing, paths)
+        finally:
+            paused, self._paused = self._paused, None
+            paused.set()
+        diffs = resync.compare(mine, theirs_reply.get("digests", {}))
         return VerifyReport(not diffs, len(ours), diffs)
 
     # -- secondary
@@ -487,6 +508,11 @@ class ReplicationService:
         if op == "list":
             return {"tree": await trio.to_thread.run_sync(resync.list_tree, self.backing)}, b""
         if op == "digest":
+            paths = obj.get("paths")
+            if isinstance(paths, list):
+                wanted = [str(p) for p in paths if valid_path(os.fsencode(str(p)))]
+                digests = await trio.to_thread.run_sync(resync.digests_of, self.backing, wanted)
+                return {"digests": digests}, b""
             return {
                 "digests": await trio.to_thread.run_sync(resync.tree_digests, self.backing)
             }, b""
