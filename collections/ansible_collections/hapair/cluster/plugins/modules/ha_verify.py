@@ -14,10 +14,13 @@ description:
     the replication journal, waits until the secondary has applied it, then compares a digest
     of every file, symbolic link and directory of each replicated directory on both nodes
     while the application keeps running.
-  - A file the application writes between the two digests may show as a difference that is
-    not one. With O(attempts) greater than 1 the comparison runs again after O(delay) seconds
-    and the result is that of the first attempt that found the copies identical, or of the
-    last one; only differences seen in every attempt are reported as RV(persistent).
+  - A path that differs in that first pass (the application may have written it between
+    the two digests) is compared again by the runtime at one journal position, with the
+    application's writes held for that moment only; only what still differs is reported.
+  - With O(attempts) greater than 1 a comparison that found differences runs again after
+    O(delay) seconds; the result is that of the first attempt that found the copies
+    identical, or of the last one; differences on paths seen in every attempt are also
+    reported as RV(persistent).
   - Read only; runs in check mode too.
 author:
   - hapair contributors
