@@ -498,6 +498,8 @@ class SecondarySession:
     durable_seq: int = 0
     _last_ckpt: float = field(default_factory=time.monotonic)
     _unacked: int = 0
+    # Frames received while a control request ran, handled next, in order.
+    _held: list[Frame | None] = field(default_factory=list)
 
     async def run(self) -> None:
         send_ch, recv_ch = trio.open_memory_channel[Frame | None](64)
@@ -534,9 +536,13 @@ class SecondarySession:
         while True:
             timed_out = True
             f: Frame | None = None
-            with trio.move_on_after(self.checkpoint_s):
-                f = await frames.receive()
+            if self._held:
+                f = self._held.pop(0)
                 timed_out = False
+            else:
+                with trio.move_on_after(self.checkpoint_s):
+                    f = await frames.receive()
+                    timed_out = False
             if f is None and not timed_out:
                 if self.conn.decoder.failed:
                     self._reject(self.conn.decoder.failed)
@@ -545,10 +551,35 @@ class SecondarySession:
             if (f is None or late) and self.durable_seq < self.received:
                 await self._checkpoint()
                 await self._ack()
-            if f is not None and not await self._handle(f):
+            if f is not None and not await self._handle(f, frames):
                 return
 
-    async def _handle(self, f: Frame) -> bool:
+    async def _control(self, c: Any, frames: trio.MemoryReceiveChannel[Frame | None]) -> Any:
+        """Run a control request (a digest or signatures of a large tree may take longer than
+        the link's timeout) while answering the primary's keepalives; any other frame
+        waits in order until it is done."""
+        result: list[tuple[dict[str, Any], bytes]] = []
+
+        async def keepalives() -> None:
+            while True:
+                fr = await frames.receive()
+                if fr is not None and fr.kind == Kind.PING:
+                    await self._ack(encode_frame(Kind.PONG, b"", self.conn.key))
+                    continue
+                self._held.append(fr)
+                if fr is None:
+                    return
+
+        async with trio.open_nursery() as n:
+            n.start_soon(keepalives)
+            try:
+                result.append(await self.control(*c))
+            except (OSError, ValueError) as e:
+                result.append(({"error": str(e)}, b""))
+            n.cancel_scope.cancel()
+        return result[0]
+
+    async def _handle(self, f: Frame, frames: trio.MemoryReceiveChannel[Frame | None]) -> bool:
         if f.kind == Kind.RECORD:
             return await self._record(f)
         if f.kind == Kind.PING:
@@ -559,10 +590,7 @@ class SecondarySession:
             if c is None:
                 self._reject("malformed_control")
                 return False
-            try:
-                obj, body = await self.control(*c)
-            except (OSError, ValueError) as e:
-                obj, body = {"error": str(e)}, b""
+            obj, body = await self._control(c, frames)
             self.durable_seq = max(self.durable_seq, int(obj.pop("_durable", 0)))
             await self._ack(encode_control({**obj, "id": c[0].get("id")}, body, self.conn.key))
             return True

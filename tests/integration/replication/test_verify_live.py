@@ -84,3 +84,42 @@ def test_verify_while_writing_then_a_real_difference(tmp_path: Path) -> None:
             n.cancel_scope.cancel()
 
     trio.run(main)
+
+
+def test_a_digest_longer_than_the_link_timeout_keeps_the_link(tmp_path: Path) -> None:
+    """The secondary answers keepalives while it digests (or signs) a large tree."""
+    module, c1, c2 = _fuse.configs(tmp_path)
+    st = ReplicationSettings(
+        port=_fuse.free_port(), timeout_s=0.3, networks=("lan",), site_key=b"k" * 48
+    )
+    events: list[Any] = []
+    prim = ReplicationService(module, c1, st, on_event=events.append)
+
+    def big() -> None:
+        # The same 640 MiB in both copies, put there behind the replicator: only the
+        # digest is slow, no replicated write is in flight.
+        chunk = os.urandom(1 << 20)
+        for node in ("node1", "node2"):
+            with open(tmp_path / node / "replica/demo/0/big", "wb") as f:
+                for i in range(640):
+                    f.write(chunk[i % 7 :] + chunk[: i % 7])
+
+    async def main() -> None:
+        async with trio.open_nursery() as n:
+            sec = ReplicationService(module, c2, st)
+            n.start_soon(sec.run_secondary)
+            await n.start(prim.run_primary)
+            with trio.fail_after(15):
+                while prim.status().state != "sync":
+                    await trio.sleep(0.05)
+            await trio.to_thread.run_sync(big)
+            lost = sum(1 for e in events if e.kind == "peer_lost")
+            started = trio.current_time()
+            rep = await prim.verify()
+            assert rep.equal, rep.differences
+            assert trio.current_time() - started > st.timeout_s  # longer than the timeout
+            assert sum(1 for e in events if e.kind == "peer_lost") == lost
+            assert prim.status().state == "sync"
+            n.cancel_scope.cancel()
+
+    trio.run(main)
