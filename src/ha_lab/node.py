@@ -88,9 +88,11 @@ class Node:
         paths.disk.mkdir(exist_ok=True)
         if not os.path.ismount(paths.disk):
             run(["mount", "-o", "loop", str(paths.disk_image), str(paths.disk)])
-        paths.upper.mkdir(exist_ok=True)
-        paths.work.mkdir(exist_ok=True)
-        paths.root.mkdir(exist_ok=True)
+        # Explicit modes, whatever the caller's umask: the upper directory becomes the
+        # node's "/", and a 0700 root locks every non-root service out of the node.
+        for directory in (paths.upper, paths.work, paths.root):
+            directory.mkdir(exist_ok=True)
+            directory.chmod(0o755)
         if not os.path.ismount(paths.root):
             options = f"lowerdir={image},upperdir={paths.upper},workdir={paths.work}"
             run(["mount", "-t", "overlay", "overlay", "-o", options, str(paths.root)])

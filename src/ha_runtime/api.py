@@ -37,13 +37,17 @@ def peer_uid(sock: trio.socket.SocketType) -> int:
 async def open_listener(path: Path) -> trio.SocketListener:
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     path.unlink(missing_ok=True)
-    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old = os.umask(0o177)  # the socket file is born 0600: no window where others can connect
+    raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    # The socket file is born 0600: no window where others can connect. The umask is
+    # process-wide, so the bind is synchronous: no other task may run (and inherit or
+    # restore the wrong umask) between the two os.umask calls.
+    old = os.umask(0o177)
     try:
-        await sock.bind(str(path))
+        raw.bind(str(path))
     finally:
         os.umask(old)
     os.chmod(path, 0o600)
+    sock = trio.socket.from_stdlib_socket(raw)
     sock.listen(16)
     return trio.SocketListener(sock)
 
