@@ -3,7 +3,7 @@
 The demo site is deployed with the weather module's power set to node1: 3, node2: 1;
 400 requests through the VIP from the client namespace, each on a new connection (a new
 source port, so each is hashed on its own), must be answered, 75 % +- 10 by node1. The
-committed site (1:1) is deployed again afterwards.
+lab is left with power 3:1; later tests deploy what they need.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ REQUESTS = 400
 def power_3_1(lab: Lab) -> Iterator[None]:
     lab.up(2)
     deploy(["node1", "node2"], with_farm(power={"node1": 3, "node2": 1}))
-    try:
-        yield
-    finally:
-        deploy(["node1", "node2"])
+    # No re-deploy of the committed site afterwards: every later test deploys the site it
+    # needs (three nodes, the mirror site), and a re-deploy here once failed in CI's run
+    # for a reason not yet diagnosed (tracked in the issue-5 note), hiding this result.
+    yield
 
 
 def test_power_3_to_1(power_3_1: None) -> None:
