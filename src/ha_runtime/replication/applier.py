@@ -24,6 +24,8 @@ from pathlib import Path
 
 from ha_runtime.replication import delta as D
 from ha_runtime.replication.journal import (
+    DELTA_CONT,
+    DELTA_MORE,
     FSYNC_DATA,
     SET_ATIME,
     SET_GID,
@@ -70,12 +72,14 @@ class Applier:
         self._dirty_dirs: set[bytes] = set()
         self.applied_seq = 0
         self.durable_seq = 0
+        self._deltas: dict[bytes, int] = {}  # path -> fd of its new file, pieces arriving
 
     def close(self) -> None:
-        for fd in list(self._files.values()) + self._pending:
+        for fd in list(self._files.values()) + self._pending + list(self._deltas.values()):
             os.close(fd)
         self._files.clear()
         self._pending.clear()
+        self._deltas.clear()
         os.close(self.root_fd)
 
     # -- path resolution
@@ -359,26 +363,30 @@ class Applier:
         if r.seq:
             self.durable_seq = r.seq
 
-    def _replace_with(self, path: bytes, content: D.Delta | bytes) -> None:
-        """Write the new content beside the file, fsync it, rename it over (atomic)."""
+    def _replace_with(self, path: bytes, content: D.Delta | bytes, more: bool = False) -> None:
+        """Write the new content beside the file; with ``more`` keep it open for the next
+        pieces, else fsync it and rename it over (atomic)."""
         self._retire(path)
         pfd, name = self._parent(path)
         try:
             tmp = TMP_PREFIX + name[: 255 - len(TMP_PREFIX)]
-            fd = os.open(
-                tmp,
-                os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
-                0o600,
-                dir_fd=pfd,
-            )
+            fd = self._deltas.pop(path, -1)
+            if fd < 0:
+                flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+                fd = os.open(tmp, flags, 0o600, dir_fd=pfd)
             try:
                 if isinstance(content, D.Delta):
                     self._patch_into(pfd, name, content, fd)
                 else:
                     os.write(fd, content)
+                if more:
+                    self._deltas[path] = fd
+                    fd = -1
+                    return
                 os.fsync(fd)
             finally:
-                os.close(fd)
+                if fd >= 0:
+                    os.close(fd)
             try:
                 st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
                 os.chmod(tmp, st.st_mode & 0o7777, dir_fd=pfd)
@@ -414,7 +422,21 @@ class Applier:
                 os.close(bfd)
 
     def _op_delta(self, r: Record) -> None:
-        self._replace_with(r.path, D.Delta.decode(r.data))
+        d = D.Delta.decode(r.data)
+        open_fd = self._deltas.get(r.path)
+        if r.flags & DELTA_CONT:
+            # A piece whose start was never seen (or at another offset) cannot be placed.
+            if open_fd is None or os.lseek(open_fd, 0, os.SEEK_CUR) != r.offset:
+                self._abandon_delta(r.path)
+                raise D.DeltaError("delta piece out of sequence")
+        elif open_fd is not None:
+            self._abandon_delta(r.path)  # a new delta restarts the file
+        self._replace_with(r.path, d, more=bool(r.flags & DELTA_MORE))
+
+    def _abandon_delta(self, path: bytes) -> None:
+        fd = self._deltas.pop(path, None)
+        if fd is not None:
+            os.close(fd)
 
     def _op_replace(self, r: Record) -> None:
         self._replace_with(r.path, r.data)

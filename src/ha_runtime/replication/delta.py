@@ -392,6 +392,41 @@ def delta(sig: Signature, new: Buffer) -> Delta:
     return out
 
 
+def split(d: Delta, max_bytes: int) -> Iterator[Delta]:
+    """``d`` cut into consecutive pieces whose encoding stays near ``max_bytes`` (literals
+    are cut too), so a delta of any size travels in bounded frames. Patching the pieces one
+    after the other, appending, rebuilds the same file as patching ``d``."""
+    if max_bytes < 1024:
+        raise ValueError("max_bytes too small")
+    piece = Delta(0)
+    size = 0
+    for op in d.ops:
+        if op[0] == COPY and len(op) == 3:
+            if size + Delta._COPY.size > max_bytes and piece.ops:
+                yield piece
+                piece, size = Delta(0), 0
+            piece.ops.append(op)
+            piece.length += op[2]
+            size += Delta._COPY.size
+            continue
+        data = op[1]
+        assert isinstance(data, bytes)
+        pos = 0
+        while pos < len(data):
+            room = max_bytes - size - Delta._LIT.size
+            if room <= 0:
+                yield piece
+                piece, size = Delta(0), 0
+                continue
+            part = data[pos : pos + room]
+            piece.ops.append((LITERAL, part))
+            piece.length += len(part)
+            size += Delta._LIT.size + len(part)
+            pos += len(part)
+    if piece.ops or d.length == 0:
+        yield piece
+
+
 def patch(basis: Buffer, d: Delta) -> bytes:
     """The sender's file rebuilt from ``basis`` and ``d``."""
     buf = io.BytesIO()

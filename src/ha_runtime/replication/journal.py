@@ -70,6 +70,10 @@ SET_MTIME = 16
 SET_SIZE = 32
 # FSYNC flags
 FSYNC_DATA = 1
+# DELTA flags: a delta travels in pieces (frames are bounded); offset = output offset.
+# Neither flag: the whole delta in one record.
+DELTA_CONT = 1  # continues the delta opened by the previous piece for this path
+DELTA_MORE = 2  # more pieces follow: keep the new file open
 
 NAMESPACE_OPS = frozenset(
     {
@@ -258,7 +262,8 @@ class Frame:
         """The JSON object of a HELLO/WELCOME/ERROR/CONTROL frame, or None if malformed."""
         try:
             obj = json.loads(self.payload)
-        except (ValueError, UnicodeDecodeError):
+        # RecursionError: deeply nested JSON ("[[[[...") overflows the decoder's stack.
+        except (ValueError, UnicodeDecodeError, RecursionError):
             return None
         return obj if isinstance(obj, dict) else None
 

@@ -30,6 +30,8 @@ import trio
 from ha_runtime.replication import delta as D
 from ha_runtime.replication.dirtylog import DirtyState
 from ha_runtime.replication.journal import (
+    DELTA_CONT,
+    DELTA_MORE,
     SET_ATIME,
     SET_GID,
     SET_MODE,
@@ -41,6 +43,7 @@ from ha_runtime.replication.journal import (
 from ha_runtime.replication.transport import PrimaryLink
 
 CHUNK = 1 << 20
+DELTA_PIECE = 4 << 20  # well under the 16 MiB frame limit
 REMOVE_ANY = 1  # UNLINK flag: remove whatever is there (file or tree)
 SMALL_FILE = 64 << 10
 
@@ -255,9 +258,16 @@ async def _send_file(  # noqa: PLR0917
         return
     sig = D.Signature.decode(sig_bytes)
     d = await trio.to_thread.run_sync(D.delta_file, sig, path)
-    await link.room()
-    link.submit(Record(0, Op.DELTA, rel, data=d.encode()))
-    progress.bytes_done += d.length
+    # Live writes may land between pieces (and on the old file): they are in the dirty log
+    # and the incremental pass after the full one sends them again.
+    pieces = list(D.split(d, DELTA_PIECE))
+    out = 0
+    for i, piece in enumerate(pieces):
+        await link.room()
+        flags = (DELTA_CONT if i else 0) | (DELTA_MORE if i < len(pieces) - 1 else 0)
+        link.submit(Record(0, Op.DELTA, rel, offset=out, flags=flags, data=piece.encode()))
+        out += piece.length
+        progress.bytes_done += piece.length
 
 
 def _read(path: bytes) -> bytes:

@@ -9,7 +9,15 @@ import pytest
 
 from ha_runtime.replication import delta as D
 from ha_runtime.replication.applier import Applier, UnsafePath
-from ha_runtime.replication.journal import SET_MODE, SET_MTIME, SET_SIZE, Op, Record
+from ha_runtime.replication.journal import (
+    DELTA_CONT,
+    DELTA_MORE,
+    SET_MODE,
+    SET_MTIME,
+    SET_SIZE,
+    Op,
+    Record,
+)
 
 
 def script() -> list[Record]:
@@ -106,4 +114,26 @@ def test_delta_and_replace_are_atomic_and_keep_metadata(tmp_path: Path) -> None:
     a.apply(Record(4, Op.REPLACE, b"g", data=b"small"))
     assert (tmp_path / "r/g").read_bytes() == b"small"
     assert not [n for n in os.listdir(tmp_path / "r") if n.startswith(".hapair-tmp")]
+    a.close()
+
+
+def test_delta_in_pieces_rebuilds_the_file_and_refuses_a_stray_piece(tmp_path: Path) -> None:
+    a = Applier(tmp_path / "r")
+    basis = os.urandom(300_000)
+    new = basis[:1000] + os.urandom(40_000) + basis[100_000:]
+    a.apply(Record(1, Op.CREATE, b"f", mode=0o100600))
+    a.apply(Record(2, Op.WRITE, b"f", data=basis))
+    pieces = list(D.split(D.delta(D.signature(basis, 2048), new), 8192))
+    assert len(pieces) > 3
+    out = 0
+    for i, p in enumerate(pieces):
+        flags = (DELTA_CONT if i else 0) | (DELTA_MORE if i < len(pieces) - 1 else 0)
+        a.apply(Record(3 + i, Op.DELTA, b"f", offset=out, flags=flags, data=p.encode()))
+        out += p.length
+        # the old file stays in place until the last piece
+        assert (tmp_path / "r/f").read_bytes() == (new if i == len(pieces) - 1 else basis)
+    assert not [n for n in os.listdir(tmp_path / "r") if n.startswith(".hapair-tmp")]
+    with pytest.raises(D.DeltaError):
+        a.apply(Record(99, Op.DELTA, b"f", offset=5, flags=DELTA_CONT, data=pieces[1].encode()))
+    assert (tmp_path / "r/f").read_bytes() == new
     a.close()

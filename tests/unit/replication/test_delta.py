@@ -27,6 +27,24 @@ def test_roundtrip_arbitrary(basis: bytes, new: bytes, bs: int) -> None:
     assert D.patch(basis, d2) == new
 
 
+@settings(max_examples=200, deadline=None)
+@given(
+    basis=st.binary(max_size=3000),
+    new=st.binary(max_size=6000),
+    bs=small_blocks,
+    limit=st.integers(1024, 4096),
+)
+def test_split_pieces_rebuild_the_file_within_the_limit(
+    basis: bytes, new: bytes, bs: int, limit: int
+) -> None:
+    d = D.delta(D.signature(basis, bs), new)
+    pieces = list(D.split(d, limit))
+    assert all(len(p.encode()) <= limit + 64 for p in pieces)
+    assert sum(p.length for p in pieces) == len(new)
+    rebuilt = b"".join(D.patch(basis, D.Delta.decode(p.encode())) for p in pieces)
+    assert rebuilt == new
+
+
 @settings(max_examples=150, deadline=None)
 @given(
     basis=st.binary(min_size=1, max_size=2000),
