@@ -33,6 +33,10 @@ from ha_runtime.replication.journal import NAMESPACE_OPS, Op, Record, read_recor
 INF = 1 << 62
 LOST_FLAG = 0xFFFFFFFF  # SETATTR(b"", flags=LOST_FLAG): the log is not trustworthy
 TORN_MAX = 16 << 10  # a torn tail is at most one record; more invalid bytes = corruption
+# A write that extends a file is recorded up to the next multiple of this, so the appends
+# that follow are already covered and cost no log fsync (a streaming writer would otherwise
+# pay one per write). Resync clips ranges to the file's size: no extra byte travels.
+APPEND_EXTENT = 4 << 20
 
 
 @dataclass
@@ -109,7 +113,9 @@ class DirtyState:
             for p in [p for p in self.ranges if _under(p, dst)]:
                 del self.ranges[p]
             for p, r in moved.items():
-                del self.ranges[p]
+                # pop, not del: a rename into its own subtree (or onto itself, read back from
+                # a crafted log) already dropped p with the ranges under dst.
+                self.ranges.pop(p, None)
                 self.ranges[dst + p[len(src) :]] = r
             self.touched.update((src, dst))
         elif rec.op in NAMESPACE_OPS:
@@ -186,15 +192,19 @@ class DirtyLog:
             self._fd = -1
 
     # -- recording
-    def note(self, rec: Record) -> int:
+    def note(self, rec: Record, eof: int | None = None) -> int:
         """Record what ``rec`` changes, if not already recorded. Returns the log position
-        that must be durable before the operation is performed (0: nothing to wait for)."""
+        that must be durable before the operation is performed (0: nothing to wait for).
+        ``eof``: the file's size before a WRITE/FALLOCATE, when known (see APPEND_EXTENT)."""
         with self._lock:
             if self.state.covered(rec):
                 return 0
             if rec.op in (Op.WRITE, Op.FALLOCATE):
                 length = rec.length if rec.op == Op.FALLOCATE or not rec.data else len(rec.data)
-                entry = Record(0, rec.op, rec.path, offset=rec.offset, length=length)
+                end = rec.offset + length
+                if eof is not None and end >= eof:
+                    end = -(-end // APPEND_EXTENT) * APPEND_EXTENT
+                entry = Record(0, rec.op, rec.path, offset=rec.offset, length=end - rec.offset)
             elif rec.op == Op.TRUNCATE:
                 entry = Record(0, Op.TRUNCATE, rec.path, offset=rec.offset)
             elif rec.op in NAMESPACE_OPS:

@@ -153,7 +153,7 @@ class ReplicationService:
         link = self._link
         if self._status.state != "sync" or link is None:
             assert self._dirty is not None
-            pos = self._dirty.note(rec)
+            pos = self._dirty.note(rec, self._size_of(rec))
             self._noted.add(id(rec))
             if pos:
                 await trio.to_thread.run_sync(self._dirty.sync, pos)
@@ -164,6 +164,15 @@ class ReplicationService:
                 link.fail(f"no acknowledgement within {link.timeout:g} s (queue full)")
                 await self._go_alone(link.lost_reason or "")
                 await self.before(rec)
+
+    def _size_of(self, rec: Record) -> int | None:
+        """The backing file's size before a write (lets the dirty log record appends ahead)."""
+        if rec.op not in (Op.WRITE, Op.FALLOCATE):
+            return None
+        try:
+            return os.stat(os.fsencode(self.backing) + b"/" + rec.path).st_size
+        except OSError:
+            return None
 
     def after(self, rec: Record) -> None:
         noted = id(rec) in self._noted

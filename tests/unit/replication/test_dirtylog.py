@@ -10,7 +10,7 @@ from pathlib import Path
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ha_runtime.replication.dirtylog import INF, DirtyLog, RangeSet
+from ha_runtime.replication.dirtylog import APPEND_EXTENT, INF, DirtyLog, RangeSet
 from ha_runtime.replication.journal import Op, Record
 
 
@@ -121,3 +121,23 @@ def test_compaction_keeps_the_state(tmp_path: Path) -> None:
     log3.open()
     assert log3.state.empty
     log3.close()
+
+
+def test_appends_are_recorded_ahead_so_a_stream_costs_one_record_per_extent(
+    tmp_path: Path,
+) -> None:
+    log = DirtyLog(tmp_path / "d.log")
+    log.open()
+    block = b"x" * 8192
+    positions = []
+    size = 0
+    for _ in range(2 * APPEND_EXTENT // len(block)):
+        positions.append(log.note(Record(0, Op.WRITE, b"f", offset=size, data=block), eof=size))
+        size += len(block)
+    # one new log position (one fsync) per extent crossed, not one per write
+    assert len([p for p in positions if p]) == 2
+    assert list(log.state.ranges[b"f"]) == [(0, 2 * APPEND_EXTENT)]
+    # an overwrite inside the file is recorded exactly
+    assert log.note(Record(0, Op.WRITE, b"g", offset=0, data=block), eof=1 << 30)
+    assert list(log.state.ranges[b"g"]) == [(0, len(block))]
+    log.close()
