@@ -1,0 +1,414 @@
+"""A fault campaign on the lab: nemesis + workloads + observers, then the invariant checks.
+
+    python tests/chaos/campaign.py --seed 7 --minutes 30     (make chaos SEED=7 MINUTES=30)
+
+1. The lab is brought up and the demo site deployed (playbooks/deploy.yml) with a witness
+   (the lab's router, 10.77.0.1) on both modules, unless it already runs that way.
+2. Workloads start in the client namespace: the mirror writer (ha_lab.records.Writer,
+   every acknowledged record logged) and a farm prober (every answer logged); the
+   observers sample VIP holders, farm buckets and module states.
+3. The nemesis (nemesis.py) runs its seeded schedule for `minutes`, then heals everything.
+4. After the site converged, the checkers (checks below) assert the invariants; a JSON
+   summary goes to stdout and tests/chaos/results/. Any violation raises CampaignFailed
+   whose message carries the seed and the whole fault log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:  # run as a script or imported by pytest: siblings importable
+    sys.path.insert(0, str(HERE))
+
+import yaml  # noqa: E402
+from nemesis import (  # noqa: E402
+    FARM,
+    FAULTS,
+    JUSTIFY_FAILOVER,
+    MIRROR,
+    Fault,
+    Nemesis,
+    running,
+    site_status,
+    wait_converged,
+)
+from observers import NODES, HolderObserver, HolderRound, StateObserver, StateRound  # noqa: E402
+from playrunner import ROOT, run_playbook  # noqa: E402
+
+from ha_lab.lab import Lab  # noqa: E402
+from ha_lab.observe import Probe, Sample  # noqa: E402
+from ha_lab.records import Ack, Writer, read_back  # noqa: E402
+
+MIRROR_VIP = "10.77.0.100"
+FARM_VIP = "10.77.0.200"
+WITNESS = "10.77.0.1"
+MODULES_FILE = ROOT / "inventories" / "lab" / "group_vars" / "all" / "modules.yml"
+RESULTS = HERE / "results"
+CONVERGENCE_BOUND = 120.0  # s after the last heal: PRIM/SECOND in sync and UP/UP
+FAILOVER_GRACE = 30.0  # s after a fault's heal during which a failover is still its doing
+
+
+class CampaignFailed(AssertionError):
+    pass
+
+
+def site_modules(witness: bool) -> list[dict[str, Any]]:
+    modules: list[dict[str, Any]] = yaml.safe_load(MODULES_FILE.read_text())["hapair_modules"]
+    modules = copy.deepcopy(modules)
+    if witness:
+        for m in modules:
+            m["witness"] = [WITNESS]
+    return modules
+
+
+def deploy(witness: bool, log: Any = print) -> None:
+    """deploy.yml with (or without) the witness; raises if it fails or does not converge."""
+    st = site_status()
+    have = all(
+        (st[n].get(m, {}).get("witness_ok") is not None) == witness
+        for n in NODES
+        for m in (MIRROR, FARM)
+    )
+    deployed = all(st[n] for n in NODES)
+    if have and deployed:
+        log(f"[campaign] site already deployed with witness={witness}")
+    else:
+        # Only the module role when the site is deployed (the witness is a module setting).
+        playbook = "tests/chaos/site_modules.yml" if deployed else "playbooks/deploy.yml"
+        log(f"[campaign] {playbook} (witness={witness})")
+        result = run_playbook(playbook, {"hapair_modules": site_modules(witness)}, 1800)
+        if result.problems(set()):
+            raise CampaignFailed(f"{playbook} failed: {result.problems(set())}")
+    if wait_converged(180) is None:
+        raise CampaignFailed(f"site not converged after deploy: {site_status()}")
+
+
+# ---------------------------------------------------------------------------- the checks
+
+
+@dataclass
+class Failover:
+    t: float
+    src: str
+    dst: str
+    justified_by: list[str] = field(default_factory=list)
+
+
+def failovers(rounds: list[HolderRound], faults: list[Fault], end: float) -> list[Failover]:
+    """Changes of the node holding the mirror VIP (rounds with one holder only)."""
+    out: list[Failover] = []
+    last: str | None = None
+    for r in rounds:
+        holders = r.vip_holders
+        if len(holders) != 1:
+            continue
+        if last is not None and holders[0] != last:
+            why = [
+                f"{f.kind}@{f.target}"
+                for f in faults
+                if f.kind in JUSTIFY_FAILOVER
+                and f.t_inject - 1.0 <= r.t0 <= (f.t_heal or end) + FAILOVER_GRACE
+            ]
+            out.append(Failover(r.t0, last, holders[0], why))
+        last = holders[0]
+    return out
+
+
+def vip_overlaps(rounds: list[HolderRound]) -> list[dict[str, Any]]:
+    return [
+        {"t": r.t0, "skew_s": round(r.t1 - r.t0, 3), "holders": r.vip_holders}
+        for r in rounds
+        if len(r.vip_holders) > 1
+    ]
+
+
+def bucket_overlaps(rounds: list[HolderRound]) -> list[dict[str, Any]]:
+    out = []
+    for r in rounds:
+        views = list(r.views.items())
+        for i, (a, va) in enumerate(views):
+            for b, vb in views[i + 1 :]:
+                common = va.buckets & vb.buckets
+                if common:
+                    out.append(
+                        {"t": r.t0, "nodes": [a, b], "buckets": sorted(common)[:16],
+                         "count": len(common), "skew_s": round(r.t1 - r.t0, 3)}
+                    )  # fmt: skip
+    return out
+
+
+def two_alone(rounds: list[StateRound]) -> list[float]:
+    return [r.t for r in rounds if all(r.state(n, MIRROR) == "ALONE" for n in NODES)]
+
+
+# ---------------------------------------------------------------------------- the campaign
+
+
+@dataclass
+class Campaign:
+    seed: int
+    minutes: float
+    witness: bool = True
+    steps: bool = True
+    max_faults: int | None = None  # faults and steps; None: as many as the minutes allow
+    log: Any = print
+    summary: dict[str, Any] = field(default_factory=dict)
+    violations: list[str] = field(default_factory=list)
+    lost: int = 0
+    dupes: int = 0
+    fo: list[Failover] = field(default_factory=list)
+    vo: list[dict[str, Any]] = field(default_factory=list)
+    bo: list[dict[str, Any]] = field(default_factory=list)
+    hround: list[HolderRound] = field(default_factory=list)
+    srounds: list[StateRound] = field(default_factory=list)
+
+    def run(self) -> dict[str, Any]:
+        lab = Lab()
+        started_wall = time.time()
+        started = time.monotonic()
+        lab.up(2)
+        nemesis = Nemesis(lab, self.seed, log=self.log, steps=self.steps)
+        nemesis.heal_all()  # a previous run interrupted halfway
+        deploy(self.witness, self.log)
+        duration = self.minutes * 60
+        horizon = duration + 1800  # the workloads outlive the schedule and the final heal
+        writer = Writer(MIRROR_VIP, duration=horizon).start()
+        farm = Probe(FARM_VIP, path="/", interval=0.05, timeout=0.5, duration=horizon).start()
+        holders = HolderObserver(lab).start()
+        states = StateObserver(lab).start()
+        t_start = time.monotonic()
+        nemesis.t0 = t_start
+        last_heal = t_start
+        converge_s: float | None = None
+        acks: list[Ack] = []
+        try:
+            if not writer.wait_acks(20, timeout=60):
+                self.violations.append("the writer got no acknowledgement before the faults")
+            nemesis.run(t_start + duration, self.max_faults)
+            nemesis.heal_all()
+            last_heal = max([t_start, *(f.t_heal or 0 for f in nemesis.faults)])
+            if wait_converged(CONVERGENCE_BOUND) is not None:
+                converge_s = time.monotonic() - last_heal
+            # A few more acknowledgements once converged: the writer is served again.
+            writer.wait_acks(20, after=time.monotonic(), timeout=60)
+        finally:
+            acks = writer.stop()
+            farm_samples = farm.stop()
+            holders.stop()
+            states.stop()
+            if not all(running(n) for n in NODES):
+                nemesis.heal_all()
+        end = time.monotonic()
+        self._check_all(
+            nemesis=nemesis, acks=acks, holders=holders, states=states,
+            converge_s=converge_s, t_start=t_start, end=end,
+        )  # fmt: skip
+        self._summarise(
+            nemesis=nemesis, acks=acks, write_failures=writer.failures,
+            farm_samples=farm_samples, holders=holders, states=states,
+            converge_s=converge_s, started=started, started_wall=started_wall,
+            t_start=t_start, last_heal=last_heal, end=end,
+        )  # fmt: skip
+        return self.summary
+
+    def _check_all(
+        self,
+        *,
+        nemesis: Nemesis,
+        acks: list[Ack],
+        holders: HolderObserver,
+        states: StateObserver,
+        converge_s: float | None,
+        t_start: float,
+        end: float,
+    ) -> None:
+        faults = nemesis.faults
+        if converge_s is None or converge_s > CONVERGENCE_BOUND:
+            self.violations.append(
+                f"not converged (PRIM/SECOND in sync, UP/UP) within {CONVERGENCE_BOUND:.0f} s "
+                f"of the last heal: {site_status()}"
+            )
+        ids = [a.id for a in acks]
+        dupes = len(ids) - len(set(ids))
+        if dupes:
+            self.violations.append(f"{dupes} ids acknowledged twice (a lost write's id reused)")
+        back = read_back(MIRROR_VIP, acks) if acks else None
+        self.lost = (len(back.missing) + len(back.wrong)) if back else 0
+        self.dupes = dupes
+        if back is None or not back.ok:
+            self.violations.append(
+                "acknowledged records not all readable: "
+                + (
+                    f"{len(back.missing)} missing (first {back.missing[:20]}), "
+                    f"{len(back.wrong)} with another body ({back.wrong[:3]}), "
+                    f"errors {back.errors[:3]}"
+                    if back
+                    else "no record acknowledged"
+                )
+            )
+        verify = run_playbook(
+            "playbooks/verify_resync.yml", {"module": MIRROR, "verify_resync_wait": 120}
+        )
+        nemesis.plays.append(verify)
+        if verify.problems(set()):
+            self.violations.append(f"final verify_resync.yml: {verify.problems(set())}")
+        for f in faults:
+            if f.play is not None and f.problems:
+                self.violations.append(f"{f.kind} playbook step: {f.problems}")
+            elif f.problems:
+                self.violations.append(f"{f.kind} on {f.target}: {f.problems}")
+
+        hround = holders.snapshot()
+        vo = vip_overlaps(hround)
+        if vo:
+            self.violations.append(f"two nodes held {MIRROR_VIP} in {len(vo)} rounds: {vo[:5]}")
+        bo = bucket_overlaps(hround)
+        if bo:
+            self.violations.append(
+                f"two nodes had the same farm bucket in {len(bo)} rounds: {bo[:3]}"
+            )
+        srounds = states.snapshot()
+        if self.witness:
+            ta = two_alone(srounds)
+            if ta:
+                rel = [round(t - t_start, 1) for t in ta[:10]]
+                self.violations.append(f"two ALONE nodes with a witness at t+{rel}")
+        fo = failovers(hround, faults, end)
+        unjustified = [f for f in fo if not f.justified_by]
+        for u in unjustified:
+            active = [
+                x.kind
+                for x in faults
+                if x.t_inject - 1 <= u.t <= (x.t_heal or end) + FAILOVER_GRACE
+            ]
+            self.violations.append(
+                f"failover {u.src}->{u.dst} at t+{u.t - t_start:.1f} with no fault justifying it "
+                f"(faults then: {active or 'none'})"
+            )
+        self.fo, self.vo, self.bo, self.hround, self.srounds = fo, vo, bo, hround, srounds
+
+    def _summarise(
+        self,
+        *,
+        nemesis: Nemesis,
+        acks: list[Ack],
+        write_failures: int,
+        farm_samples: list[Sample],
+        holders: HolderObserver,
+        states: StateObserver,
+        converge_s: float | None,
+        started: float,
+        started_wall: float,
+        t_start: float,
+        last_heal: float,
+        end: float,
+    ) -> None:
+        faults = nemesis.faults
+        fo, vo, bo = self.fo, self.vo, self.bo
+        unjustified = [f for f in fo if not f.justified_by]
+        lost, dupes = self.lost, self.dupes
+        hround, srounds = self.hround, self.srounds
+
+        by_kind: dict[str, int] = {}
+        for f in faults:
+            if f.note.endswith("skipped"):
+                continue
+            by_kind[f.kind] = by_kind.get(f.kind, 0) + 1
+        farm_ok = sum(1 for s in farm_samples if s.node)
+        self.summary = {
+            "seed": self.seed,
+            "minutes": self.minutes,
+            "witness": self.witness,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started_wall)),
+            "wall_s": round(end - started, 1),
+            "schedule_s": round(last_heal - t_start, 1),
+            "faults_injected": sum(v for k, v in by_kind.items() if k in FAULTS),
+            "by_kind": by_kind,
+            "records_acknowledged": len(acks),
+            "write_failures": write_failures,
+            "lost": lost,
+            "duplicate_ids": dupes,
+            "farm_requests_answered": farm_ok,
+            "farm_requests_failed": len(farm_samples) - farm_ok,
+            "failovers": len(fo),
+            "failover_log": [
+                {"t": round(f.t - t_start, 1), "from": f.src, "to": f.dst, "by": f.justified_by}
+                for f in fo
+            ],
+            "unjustified_failovers": len(unjustified),
+            "vip_overlap_rounds": len(vo),
+            "bucket_overlap_rounds": len(bo),
+            "convergence_after_last_fault_s": None if converge_s is None else round(converge_s, 1),
+            "recovery_s_by_fault": [
+                {"kind": f.kind, "target": f.target, "s": f.recovered_s} for f in faults
+            ],
+            "playbooks": [p.brief() for p in nemesis.plays],
+            "observer_rounds": {"holders": len(hround), "states": len(srounds)},
+            "fault_log": [f.line(t_start) for f in faults],
+            "violations": self.violations,
+        }
+        RESULTS.mkdir(exist_ok=True)
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(started_wall))
+        (RESULTS / f"campaign-seed{self.seed}-{stamp}.json").write_text(
+            json.dumps(self.summary, indent=2) + "\n"
+        )
+
+    def check(self) -> None:
+        if self.violations:
+            log = "\n".join(self.summary.get("fault_log", []))
+            raise CampaignFailed(
+                f"fault campaign seed={self.seed} minutes={self.minutes}: "
+                f"{len(self.violations)} invariant(s) violated:\n- "
+                + "\n- ".join(self.violations)
+                + f"\nreproduce: make chaos SEED={self.seed} MINUTES={self.minutes}"
+                + f"\nfault log (seed {self.seed}):\n{log}"
+            )
+
+
+def restore_site(log: Any = print) -> None:
+    """Leave the lab as the demo describes it: every node up, no fault, committed site."""
+    lab = Lab()
+    lab.up(2)
+    Nemesis(lab, 0, log=log).heal_all()
+    deploy(False, log)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else "")
+    parser.add_argument("--seed", type=int, required=True)
+    parser.add_argument("--minutes", type=float, default=30)
+    parser.add_argument("--no-witness", action="store_true")
+    parser.add_argument(
+        "--keep-witness", action="store_true", help="leave the site deployed with the witness"
+    )
+    args = parser.parse_args(argv)
+    campaign = Campaign(args.seed, args.minutes, witness=not args.no_witness)
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    campaign.log = log
+    try:
+        summary = campaign.run()
+    finally:
+        if not args.keep_witness:
+            restore_site(log)
+    print(json.dumps(summary, indent=2))
+    try:
+        campaign.check()
+    except CampaignFailed as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
