@@ -14,7 +14,7 @@ APT_PACKAGES := debootstrap systemd-container nftables iproute2 openssh-client r
 	libfuse3-dev fuse3 pkg-config gcc python3-dev e2fsprogs util-linux curl iputils-ping psmisc
 SETUP_STAMP := $(VENV)/.setup-stamp
 
-.PHONY: setup demo test lint unit integration replication-acceptance molecule bench chaos lab-up lab-down clean
+.PHONY: setup demo test lint unit integration replication-acceptance molecule fuzz bench chaos lab-up lab-down clean
 
 setup: $(SETUP_STAMP)
 
@@ -58,6 +58,11 @@ molecule: setup
 	cd $(CURDIR) && for s in $$(ls molecule); do $(BIN)/molecule test -s $$s || exit 1; done
 
 test: setup lint unit integration molecule
+
+# Coverage-guided fuzzing (atheris/libFuzzer) of every parser of network or disk input.
+FUZZ_RUNS ?= 20000
+fuzz: setup
+	for f in tests/fuzz/fuzz_*.py; do echo "== $$f"; $(BIN)/python $$f -runs=$(FUZZ_RUNS) || exit 1; done
 
 bench: setup
 	$(BIN)/python -m benchmarks.run_all

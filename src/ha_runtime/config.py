@@ -321,6 +321,9 @@ def _read_yaml(path: Path, v: _V) -> Any:
     except OSError as exc:
         v.err("", f"cannot read file: {exc.strerror}")
         return None
+    except UnicodeDecodeError as exc:  # a binary or corrupt file is a config error, not a crash
+        v.err("", f"invalid YAML: not UTF-8 (byte {exc.start})")
+        return None
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -328,6 +331,9 @@ def _read_yaml(path: Path, v: _V) -> Any:
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc)
         v.err(where, f"invalid YAML: {problem}")
+        return None
+    except RecursionError:  # PyYAML composes nested nodes recursively: "[[[[..." overflows
+        v.err("", "invalid YAML: nested too deeply")
         return None
 
 

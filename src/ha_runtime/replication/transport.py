@@ -22,7 +22,7 @@ import math
 import ssl
 import struct
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,7 +110,8 @@ def decode_control(f: Frame) -> tuple[dict[str, Any], bytes] | None:
         return None
     try:
         obj = json.loads(p[_CTL.size : _CTL.size + n])
-    except (ValueError, UnicodeDecodeError):
+    # RecursionError: deeply nested JSON ("[[[[...") overflows the decoder's stack.
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return None
     if not isinstance(obj, dict):
         return None
@@ -302,6 +303,9 @@ class PrimaryLink:
     _replies: dict[int, tuple[dict[str, Any], bytes]] = field(default_factory=dict)
     _req: int = 0
     _last_heard: float = field(default_factory=time.monotonic)
+    # Frames from the secondary refused (each drops the link), by reason, as on the secondary.
+    rejected: Counter[str] = field(default_factory=Counter)
+    on_rejected: Callable[[str], None] | None = None
 
     def submit(self, rec: Record) -> int:
         """Queue a record (assigning its sequence number). Never blocks, never reorders."""
@@ -423,18 +427,22 @@ class PrimaryLink:
         while True:
             f = await self.conn.recv()
             if f is None:
+                if self.conn.decoder.failed:
+                    self._reject(self.conn.decoder.failed)
                 self.fail(f"connection closed ({self.conn.decoder.failed or 'end of stream'})")
                 return
             self._last_heard = time.monotonic()
             if f.kind == Kind.ACK:
                 a = f.ack()
                 if a is None:
+                    self._reject("malformed_ack")
                     self.fail("malformed ack")
                     return
                 self._on_ack(*a)
             elif f.kind == Kind.CONTROL:
                 c = decode_control(f)
                 if c is None or not isinstance(c[0].get("id"), int):
+                    self._reject("malformed_control")
                     self.fail("malformed control reply")
                     return
                 self._replies[c[0]["id"]] = c
@@ -444,8 +452,14 @@ class PrimaryLink:
                 self.fail(f"secondary error: {obj.get('error', '?')}")
                 return
             elif f.kind != Kind.PONG:
+                self._reject(f"unexpected_{f.kind.name.lower()}")
                 self.fail(f"unexpected frame {f.kind.name}")
                 return
+
+    def _reject(self, reason: str) -> None:
+        self.rejected[reason] += 1
+        if self.on_rejected:
+            self.on_rejected(reason)
 
     def _notify(self) -> None:
         ev, self._ack_changed = self._ack_changed, trio.Event()
