@@ -289,7 +289,7 @@ class ReplicationService:
             attempt = 0
             link = PrimaryLink(
                 conn, timeout=self.settings.timeout_s, durable=self.settings.ack == "durable",
-                max_inflight=self.settings.max_inflight_bytes,
+                max_inflight=self.settings.max_inflight_bytes, on_rejected=self._rejected,
             )  # fmt: skip
             async with trio.open_nursery() as n:
                 n.start_soon(link.run)

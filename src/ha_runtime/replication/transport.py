@@ -509,9 +509,13 @@ class SecondarySession:
     durable: bool = True
     checkpoint_s: float = 1.0
     on_rejected: Callable[[str], None] | None = None
+    # The primary pings every timeout/4: a peer silent this long is gone, or stuck half-way
+    # through a frame whose length lied; drop it so a new connection can take its place.
+    idle_timeout_s: float = 30.0
     received: int = 0
     durable_seq: int = 0
     _last_ckpt: float = field(default_factory=time.monotonic)
+    _last_frame: float = field(default_factory=time.monotonic)
     _unacked: int = 0
     # Frames received while a control request ran, handled next, in order.
     _held: list[Frame | None] = field(default_factory=list)
@@ -561,6 +565,12 @@ class SecondarySession:
             if f is None and not timed_out:
                 if self.conn.decoder.failed:
                     self._reject(self.conn.decoder.failed)
+                return
+            now = time.monotonic()
+            if f is not None:
+                self._last_frame = now
+            elif now - self._last_frame > self.idle_timeout_s:
+                self._reject("idle")
                 return
             late = time.monotonic() - self._last_ckpt > self.checkpoint_s
             if (f is None or late) and self.durable_seq < self.received:

@@ -149,3 +149,37 @@ def test_primary_error_frame_with_deep_json_regression() -> None:
     link = trio.run(_primary_against, J.encode_frame(J.Kind.ERROR, b"[" * 100_000, KEY))
     assert link.lost_reason == "secondary error: ?"
     assert not link.rejected  # a peer's error report is not a rejected frame
+
+
+def test_a_peer_stuck_half_way_through_a_frame_is_dropped_when_idle() -> None:
+    """A length that lies upwards, then silence: the session gives up and counts it."""
+    rejected: list[str] = []
+    applied: list[J.Record] = []
+    good = J.record_frame(_rec(1), KEY)
+
+    async def barrier() -> int:
+        return 0
+
+    async def control(obj: dict[str, Any], body: bytes) -> tuple[dict[str, Any], bytes]:
+        return {}, b""
+
+    async def main() -> None:
+        peer, ours = trio.testing.memory_stream_pair()
+        session = T.SecondarySession(
+            T.Conn(ours, KEY, "node1"), applied.append, barrier, control,
+            checkpoint_s=0.05, idle_timeout_s=0.3, on_rejected=rejected.append,
+        )  # fmt: skip
+        with trio.fail_after(5):
+            async with trio.open_nursery() as n:
+                n.start_soon(session.run)
+                await peer.send_all(good + good[: len(good) // 2])
+                await session_done(session)
+        await peer.aclose()
+
+    async def session_done(session: T.SecondarySession) -> None:
+        while not rejected:
+            await trio.sleep(0.05)
+
+    trio.run(main)
+    assert rejected == ["idle"]
+    assert [r.seq for r in applied] == [1]
