@@ -32,15 +32,13 @@ from typing import Any
 
 import trio
 
-from ha_runtime import checkers
-from ha_runtime.config import CheckerSpec, ClusterConfig, ModuleConfig
+from ha_runtime.config import ClusterConfig, ModuleConfig
 from ha_runtime.decision import PeerStatus
 from ha_runtime.events import EventLog
 from ha_runtime.farm import FarmService, FarmSettings, FarmSpec, Membership, PeerView
 from ha_runtime.generation import Generation
 from ha_runtime.heartbeat import LocalAnnounce, PeerTable
-from ha_runtime.manager import FAILURES_BEFORE_ACTION, CheckerStatus, CommandRefused
-from ha_runtime.scripts import ScriptResult, run_script, script_env
+from ha_runtime.module_base import CommandRefused, ModuleBase
 from ha_runtime.states import Flag, State
 
 log = logging.getLogger(__name__)
@@ -52,7 +50,13 @@ def _real_service(spec: FarmSpec, node: str) -> FarmService:
     return FarmService(spec, node)
 
 
-class FarmModuleManager:
+class FarmModuleManager(ModuleBase):
+    """A farm module: the application and the farm service run on every started node."""
+
+    STOP_SCRIPT = "stop_both"
+    START_SCRIPT = "start_both"
+    NOT_RUNNING_DETAIL = "module stopped here"
+
     def __init__(
         self,
         *,
@@ -65,37 +69,25 @@ class FarmModuleManager:
         service_factory: ServiceFactory = _real_service,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.cluster = cluster
-        self.m = module
-        self.node = cluster.node
+        super().__init__(
+            cluster=cluster,
+            module=module,
+            peers=peers,
+            events=events,
+            send_now=send_now,
+            on_transition=on_transition,
+            clock=clock,
+        )
         self.spec = FarmSpec.from_module(module, module.farm or FarmSettings())
         self.peer_names = tuple(n for n in module.nodes if n != cluster.node)
-        self.peers = peers
-        self.events = events
-        self._send_now = send_now
-        self._on_transition = on_transition
         self._factory = service_factory
-        self._clock = clock
-        self.admin_file = cluster.state_dir / f"{module.name}.stopped"
         self.drain_file = cluster.state_dir / f"{module.name}.drained"
-        self.admin_stopped = self.admin_file.exists()
         self.drained = self.drain_file.exists()
         self.service: FarmService | None = None
         self._membership_tx: trio.MemorySendChannel[Membership] | None = None
         self._service_done: trio.Event | None = None
         self._started_at = 0.0
         self._sent: Membership | None = None
-        self.state = State.STOP
-        self.reason = "daemon started"
-        self.last_transition = time.time()
-        self.witness_ok: bool | None = None if not module.witness else True
-        self.checks: dict[str, CheckerStatus] = {c.name: CheckerStatus() for c in module.checkers}
-        self.blocked: dict[str, str] = {}
-        self.budget = checkers.RestartBudget(
-            module.restart_policy.max_restarts, module.restart_policy.window_s
-        )
-        self._wake = trio.Event()
-        self._lock = trio.Lock()  # one start/stop/app restart at a time
 
     # ----------------------------------------------------------------- heartbeats
 
@@ -130,25 +122,39 @@ class FarmModuleManager:
             self.peers.view(self.m.name, n).status is PeerStatus.ALIVE for n in self.peer_names
         )
 
-    def wake(self) -> None:
-        self._wake.set()
+    # ----------------------------------------------------------------- ModuleBase hooks
+
+    def _app_running(self) -> bool:
+        return self.service is not None
+
+    def _module_started(self) -> bool:
+        return self.service is not None
+
+    def _script_peer(self) -> str:
+        return ",".join(self.peer_names)
+
+    def _generation_label(self) -> str:
+        return "farm"
+
+    async def _withdraw(self, checker: str, detail: str) -> None:
+        # A farm has no primary to fail over to: give the buckets away until it passes.
+        self._block(checker, detail)
+
+    def _checker_passed(self, checker: str) -> None:
+        self._checker_event(checker, "pass")
+        super()._checker_passed(checker)
+
+    async def _restart_module(self) -> str:
+        return await self.cmd_start()  # nothing runs here: starting is the restart
 
     # ----------------------------------------------------------------- main loop
 
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
-            if self.m.witness:
-                nursery.start_soon(self._witness_loop)
-            for spec in self.m.checkers:
-                nursery.start_soon(self._checker_loop, spec)
+            self._start_monitors(nursery)
             while True:
                 await self.step(nursery)
-                self._wake = trio.Event()
-                changed = self.peers.changed[self.m.name]
-                with trio.move_on_after(self.m.heartbeat.interval_ms / 1000):
-                    async with trio.open_nursery() as waiters:
-                        waiters.start_soon(_wait_then_cancel, self._wake, waiters.cancel_scope)
-                        waiters.start_soon(_wait_then_cancel, changed, waiters.cancel_scope)
+                await self._wait_for_news()
 
     async def step(self, nursery: trio.Nursery) -> None:
         async with self._lock:
@@ -181,7 +187,7 @@ class FarmModuleManager:
             while service.transitions:
                 t = service.transitions.popleft()
                 self.reason = t.reason
-                self._event(t.old, t.new, t.reason)
+                self._transition_event(t.old, t.new, t.reason, [])
         if new_state is not self.state:
             old, self.state = self.state, new_state
             self.last_transition = time.time()
@@ -190,17 +196,6 @@ class FarmModuleManager:
             await self._send_now(self.m.name)
         elif service is not None:
             self.reason = service.member.reason
-
-    def _event(self, old: State, new: State, reason: str) -> None:
-        self.events.append(
-            self.m.name,
-            "transition",
-            node=self.node,
-            **{"from": old.name, "to": new.name},
-            reason=reason,
-            generation="farm",
-            errors=[],
-        )
 
     async def _start(self, nursery: trio.Nursery) -> None:
         await self._run_script("prestart", "STOP->WAIT", "module starting")
@@ -267,126 +262,7 @@ class FarmModuleManager:
         async with self._lock:
             await self._stop("hapair daemon stopping")
 
-    async def _run_script(self, which: str, transition: str, reason: str) -> ScriptResult | None:
-        path = getattr(self.m.scripts, which)
-        if path is None:
-            return None
-        env = script_env(
-            module=self.m.name,
-            node=self.node,
-            peer=",".join(self.peer_names),
-            script=which,
-            transition=transition,
-            reason=reason,
-            vip=self.m.vip.cidr if self.m.vip else "",
-        )
-        return await run_script(path, env, self.m.scripts.timeout_s, label=f"{self.m.name}/{which}")
-
-    # ----------------------------------------------------------------- monitors
-
-    async def _witness_loop(self) -> None:
-        period = max(1.0, self.m.heartbeat.interval_ms / 1000)
-        while True:
-            ok = await checkers.any_reachable(self.m.witness, 1.0)
-            if ok != self.witness_ok:
-                log.info("%s: witness %s", self.m.name, "reachable" if ok else "unreachable")
-                self.witness_ok = ok
-                self.wake()
-            await trio.sleep(period)
-
-    async def _checker_loop(self, spec: CheckerSpec) -> None:
-        st = self.checks[spec.name]
-        while True:
-            await trio.sleep(spec.interval_s)
-            if spec.app_level and self.service is None:
-                st.ok, st.detail, st.failures = None, "module stopped here", 0
-                continue
-            ok, detail = await checkers.probe(spec)
-            st.ok, st.detail = ok, detail
-            st.failures = 0 if ok else st.failures + 1
-            if ok:
-                if self.blocked.pop(spec.name, None) is not None:
-                    self.events.append(
-                        self.m.name, "checker", node=self.node, checker=spec.name, action="pass"
-                    )
-                    self.wake()
-                continue
-            if st.failures >= FAILURES_BEFORE_ACTION:
-                await self._checker_failed(spec, detail)
-
-    async def _checker_failed(self, spec: CheckerSpec, detail: str) -> None:
-        name = spec.name
-        if spec.action == "restart" and name not in self.blocked:
-            if self.budget.try_restart(self._clock()):
-                self.events.append(
-                    self.m.name,
-                    "checker",
-                    node=self.node,
-                    checker=name,
-                    action="restart",
-                    detail=detail,
-                )
-                await self.restart_application(f"checker {name}: {detail}")
-                self.checks[name].failures = 0
-                return
-            detail += f" ({self.budget.max_restarts} restarts used in the window)"
-        if name not in self.blocked:
-            self.events.append(
-                self.m.name, "checker", node=self.node, checker=name, action="wait", detail=detail
-            )
-            self.blocked[name] = detail
-            self.wake()
-
-    async def restart_application(self, reason: str) -> None:
-        async with self._lock:
-            if self.service is None:
-                return
-            label = f"{self.state.name}->{self.state.name}"
-            await self._run_script("stop_both", label, reason)
-            res = await self._run_script("start_both", label, reason)
-            self.events.append(
-                self.m.name, "restart", node=self.node, reason=reason, ok=res is None or res.ok
-            )
-
     # ----------------------------------------------------------------- operator commands
-
-    async def _await(self, wanted: Callable[[], bool], timeout: float) -> bool:
-        with trio.move_on_after(timeout):
-            while not wanted():
-                self.wake()
-                await trio.sleep(0.05)
-            return True
-        return False
-
-    def _timeout(self) -> float:
-        return 2 * self.m.scripts.timeout_s + 3 * self.m.heartbeat.timeout_ms / 1000 + 5
-
-    async def cmd_start(self) -> str:
-        self.admin_stopped = False
-        self.admin_file.unlink(missing_ok=True)
-        self.events.append(self.m.name, "command", node=self.node, command="start")
-        self.wake()
-        await self._await(lambda: self.service is not None, self._timeout())
-        return f"{self.m.name} started on {self.node}: {self.state.name} ({self.reason})"
-
-    async def cmd_stop(self) -> str:
-        self.admin_stopped = True
-        self.admin_file.parent.mkdir(parents=True, exist_ok=True)
-        self.admin_file.touch()
-        self.events.append(self.m.name, "command", node=self.node, command="stop")
-        self.wake()
-        if not await self._await(lambda: self.service is None, self._timeout()):
-            raise CommandRefused(
-                f"{self.m.name} did not reach STOP in time (now {self.state.name})"
-            )
-        return f"{self.m.name} stopped on {self.node}"
-
-    async def cmd_restart(self) -> str:
-        self.events.append(self.m.name, "command", node=self.node, command="restart")
-        if self.service is not None:
-            await self.restart_application("operator restart")
-            return f"{self.m.name}: application restarted on {self.node}"
-        return await self.cmd_start()
 
     async def cmd_drain(self) -> str:
         if self.drained:
@@ -405,7 +281,7 @@ class FarmModuleManager:
         if self.service is not None:
             self.service.drain()
         self.wake()
-        await self._await(self._applied, self._timeout())
+        await self._await_state(self._applied, self._transition_timeout())
         return (
             f"{self.m.name} drained on {self.node}: no bucket here; new connections go to "
             f"{', '.join(others) or 'the other nodes'}, established ones finish here"
@@ -420,7 +296,7 @@ class FarmModuleManager:
         if self.service is not None:
             self.service.undrain()
         self.wake()
-        await self._await(self._applied, self._timeout())
+        await self._await_state(self._applied, self._transition_timeout())
         n = len(self.service.member.my_buckets) if self.service is not None else 0
         return f"{self.m.name} undrained on {self.node}: {self.state.name}, {n} buckets here"
 
@@ -516,8 +392,3 @@ class FarmModuleManager:
 
 def _gone(status: PeerStatus) -> str:
     return "LOST" if status is PeerStatus.LOST else "UNKNOWN"
-
-
-async def _wait_then_cancel(ev: trio.Event, scope: trio.CancelScope) -> None:
-    await ev.wait()
-    scope.cancel()

@@ -12,30 +12,25 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import trio
 
 from ha_runtime import checkers, vip
-from ha_runtime.config import CheckerSpec, ClusterConfig, ModuleConfig
+from ha_runtime.config import ClusterConfig, ModuleConfig
 from ha_runtime.decision import Decision, Inputs, PeerStatus, PeerView, decide, swap_refusal
 from ha_runtime.events import EventLog
 from ha_runtime.generation import Generation, GenerationStore, GenRecord, Relation
 from ha_runtime.heartbeat import LocalAnnounce, PeerTable
+from ha_runtime.module_base import CommandRefused, ModuleBase
 from ha_runtime.replica import ReplicaError, ReplicaSupervisor
-from ha_runtime.scripts import ScriptResult, run_script, script_env
 from ha_runtime.states import Flag, State
 
+# CommandRefused is raised here and caught by the daemon, which imports it from here.
+__all__ = ["CommandRefused", "ModuleManager", "NetlinkVip", "VipOps"]
+
 log = logging.getLogger(__name__)
-
-# A checker must fail this many probes in a row before its action runs: one lost probe on
-# a busy node is not a reason to restart an air-traffic application.
-FAILURES_BEFORE_ACTION = 2
-
-
-class CommandRefused(Exception):
-    """An operator command that cannot be done now; nothing was changed."""
 
 
 class VipOps(Protocol):
@@ -66,26 +61,24 @@ class NetlinkVip:
 
 
 @dataclass
-class CheckerStatus:
-    ok: bool | None = None
-    detail: str = "not run yet"
-    failures: int = 0
-
-
-@dataclass
 class Control:
-    """Operator requests and runtime verdicts that feed the decision."""
+    """Operator requests and runtime verdicts that feed the decision (the admin stop and
+    the checkers' blocks live in ModuleBase, which farm modules share)."""
 
-    admin_stopped: bool = False
     force_primary: bool = False
     accept_peer_data: bool = False
     swap_until: float = 0.0
     handover_until: float = 0.0
     yielding: str | None = None
-    blocked: dict[str, str] = field(default_factory=dict)
 
 
-class ModuleManager:
+class ModuleManager(ModuleBase):
+    """A mirror module: one primary with the VIP and the application, one SECOND."""
+
+    STOP_SCRIPT = "stop_prim"
+    START_SCRIPT = "start_prim"
+    NOT_RUNNING_DETAIL = "application not running here"
+
     def __init__(
         self,
         *,
@@ -98,33 +91,24 @@ class ModuleManager:
         on_transition: Callable[[str, State, State], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.cluster = cluster
-        self.m = module
-        self.node = cluster.node
+        super().__init__(
+            cluster=cluster,
+            module=module,
+            peers=peers,
+            events=events,
+            send_now=send_now,
+            on_transition=on_transition,
+            clock=clock,
+        )
         self.peer_name = module.peer_of(cluster.node)
-        self.peers = peers
-        self.events = events
-        self._send_now = send_now
         self.vip_ops: VipOps = vip_ops or NetlinkVip()
-        self._on_transition = on_transition
-        self._clock = clock
         self.store = GenerationStore(cluster.state_dir, module.name)
         self.record: GenRecord = self.store.load()
-        self.admin_file = cluster.state_dir / f"{module.name}.stopped"
-        self.ctl = Control(admin_stopped=self.admin_file.exists())
-        self.state = State.STOP if self.ctl.admin_stopped else State.WAIT
+        self.ctl = Control()
+        self.state = State.STOP if self.admin_stopped else State.WAIT
         # Announce eligibility from the first heartbeat: a peer must never take an
         # undecided, just-booted node for one that cannot run the application.
-        self.flags = Flag.NONE if self.ctl.admin_stopped else Flag.ELIGIBLE
-        self.reason = "daemon started"
-        self.last_transition = time.time()
-        self.witness_ok: bool | None = None if not module.witness else True
-        self.checks: dict[str, CheckerStatus] = {c.name: CheckerStatus() for c in module.checkers}
-        self.budget = checkers.RestartBudget(
-            module.restart_policy.max_restarts, module.restart_policy.window_s
-        )
-        self._wake = trio.Event()
-        self._lock = trio.Lock()  # one transition or app restart at a time
+        self.flags = Flag.NONE if self.admin_stopped else Flag.ELIGIBLE
         # Replicated directories: one child process per directory (ha_runtime.replica).
         self.replica: ReplicaSupervisor | None = None
         if module.replicated_dirs:
@@ -142,7 +126,7 @@ class ModuleManager:
 
     def inputs(self) -> Inputs:
         now = self._clock()
-        blocked = "; ".join(f"{k}: {v}" for k, v in sorted(self.ctl.blocked.items())) or None
+        blocked = "; ".join(f"{k}: {v}" for k, v in sorted(self.blocked.items())) or None
         return Inputs(
             node=self.node,
             peer_name=self.peer_name,
@@ -150,7 +134,7 @@ class ModuleManager:
             state=self.state,
             record=self.record,
             peer=self.peer_view(),
-            admin_stopped=self.ctl.admin_stopped,
+            admin_stopped=self.admin_stopped,
             blocked=blocked,
             yielding=self.ctl.yielding,
             handover=now < self.ctl.handover_until,
@@ -169,31 +153,45 @@ class ModuleManager:
             return None
         return self.replica.in_sync(_hex(self.peer_view().generation))
 
-    def wake(self) -> None:
-        self._wake.set()
+    # ----------------------------------------------------------------- ModuleBase hooks
+
+    def _app_running(self) -> bool:
+        return self.state.is_primary
+
+    def _module_started(self) -> bool:
+        return self.state is not State.STOP
+
+    def _script_peer(self) -> str:
+        return self.peer_name
+
+    def _generation_label(self) -> str:
+        return self.record.generation.short()
+
+    def _operator_started(self) -> None:
+        super()._operator_started()
+        self.ctl.yielding = None  # a start is the operator's retry after a failover
+
+    async def _withdraw(self, checker: str, detail: str) -> None:
+        # No restart left: fail over, the peer runs the application.
+        why = f"checker {checker}: {detail}"
+        self._checker_event(checker, "failover", detail=why)
+        self.ctl.yielding = why
+        self.wake()
 
     # ----------------------------------------------------------------- main loop
 
     async def run(self) -> None:
         await self.vip_ops.remove(self.m)  # a VIP left by a crash is not ours until decided
-        if not self.ctl.admin_stopped:
+        if not self.admin_stopped:
             await self._run_script("prestart", "STOP->WAIT", "module starting")
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             if self.replica is not None:
                 await nursery.start(self.replica.run)
-            if self.m.witness:
-                nursery.start_soon(self._witness_loop)
-            for spec in self.m.checkers:
-                nursery.start_soon(self._checker_loop, spec)
+            self._start_monitors(nursery)
             while True:
                 await self.step()
-                self._wake = trio.Event()
-                changed = self.peers.changed[self.m.name]
-                with trio.move_on_after(self.m.heartbeat.interval_ms / 1000):
-                    async with trio.open_nursery() as waiters:
-                        waiters.start_soon(_wait_then_cancel, self._wake, waiters.cancel_scope)
-                        waiters.start_soon(_wait_then_cancel, changed, waiters.cancel_scope)
+                await self._wait_for_news()
 
     async def step(self) -> Decision:
         async with self._lock:
@@ -274,15 +272,7 @@ class ModuleManager:
         self.reason = d.reason
         self.last_transition = time.time()
         self.flags = d.flags
-        self.events.append(
-            self.m.name,
-            "transition",
-            node=self.node,
-            **{"from": old.name, "to": new.name},
-            reason=d.reason,
-            generation=self.record.generation.short(),
-            errors=failures,
-        )
+        self._transition_event(old, new, d.reason, failures)
         if self._on_transition is not None:
             self._on_transition(self.m.name, old, new)
         await self._send_now(self.m.name)
@@ -377,21 +367,6 @@ class ModuleManager:
             log.exception("%s: cannot remove the VIP", self.m.name)
         return errors
 
-    async def _run_script(self, which: str, transition: str, reason: str) -> ScriptResult | None:
-        path = getattr(self.m.scripts, which)
-        if path is None:
-            return None
-        env = script_env(
-            module=self.m.name,
-            node=self.node,
-            peer=self.peer_name,
-            script=which,
-            transition=transition,
-            reason=reason,
-            vip=self.m.vip.cidr if self.m.vip else "",
-        )
-        return await run_script(path, env, self.m.scripts.timeout_s, label=f"{self.m.name}/{which}")
-
     async def shutdown(self) -> None:
         """Daemon stopping: give the role up cleanly so the peer takes over at once."""
         async with self._lock:
@@ -402,137 +377,10 @@ class ModuleManager:
             old = self.state
             self.state = State.STOP
             self.flags = Flag.NONE
-            self.events.append(
-                self.m.name,
-                "transition",
-                node=self.node,
-                **{"from": old.name, "to": "STOP"},
-                reason="hapair daemon stopping",
-                generation=self.record.generation.short(),
-                errors=[],
-            )
+            self._transition_event(old, State.STOP, "hapair daemon stopping", [])
             await self._send_now(self.m.name)
 
-    # ----------------------------------------------------------------- monitors
-
-    async def _witness_loop(self) -> None:
-        period = max(1.0, self.m.heartbeat.interval_ms / 1000)
-        while True:
-            ok = await checkers.any_reachable(self.m.witness, 1.0)
-            if ok != self.witness_ok:
-                log.info("%s: witness %s", self.m.name, "reachable" if ok else "unreachable")
-                self.witness_ok = ok
-                self.wake()
-            await trio.sleep(period)
-
-    async def _checker_loop(self, spec: CheckerSpec) -> None:
-        st = self.checks[spec.name]
-        while True:
-            await trio.sleep(spec.interval_s)
-            if spec.app_level and not self.state.is_primary:
-                st.ok, st.detail, st.failures = None, "application not running here", 0
-                continue
-            ok, detail = await checkers.probe(spec)
-            st.ok, st.detail = ok, detail
-            st.failures = 0 if ok else st.failures + 1
-            if ok:
-                if self.ctl.blocked.pop(spec.name, None) is not None:
-                    self.wake()
-                continue
-            if st.failures < FAILURES_BEFORE_ACTION:
-                continue
-            await self._checker_failed(spec, detail)
-
-    async def _checker_failed(self, spec: Any, detail: str) -> None:
-        name = spec.name
-        if spec.action == "wait":
-            if name not in self.ctl.blocked:
-                self.events.append(
-                    self.m.name,
-                    "checker",
-                    node=self.node,
-                    checker=name,
-                    action="wait",
-                    detail=detail,
-                )
-                self.ctl.blocked[name] = detail
-                self.wake()
-            return
-        if spec.action == "restart" and self.budget.try_restart(self._clock()):
-            self.events.append(
-                self.m.name,
-                "checker",
-                node=self.node,
-                checker=name,
-                action="restart",
-                detail=detail,
-            )
-            await self.restart_application(f"checker {name}: {detail}")
-            self.checks[name].failures = 0
-            return
-        why = f"checker {name}: {detail}"
-        if spec.action == "restart":
-            why += f" ({self.budget.max_restarts} restarts used in the window)"
-        self.events.append(
-            self.m.name, "checker", node=self.node, checker=name, action="failover", detail=why
-        )
-        self.ctl.yielding = why
-        self.wake()
-
-    async def restart_application(self, reason: str) -> None:
-        async with self._lock:
-            if not self.state.is_primary:
-                return
-            label = f"{self.state.name}->{self.state.name}"
-            await self._run_script("stop_prim", label, reason)
-            res = await self._run_script("start_prim", label, reason)
-            self.events.append(
-                self.m.name, "restart", node=self.node, reason=reason, ok=res is None or res.ok
-            )
-
     # ----------------------------------------------------------------- operator commands
-
-    async def _await_state(self, wanted: Callable[[], bool], timeout: float) -> bool:
-        with trio.move_on_after(timeout):
-            while not wanted():
-                self.wake()
-                await trio.sleep(0.05)
-            return True
-        return False
-
-    def _transition_timeout(self) -> float:
-        return 2 * self.m.scripts.timeout_s + 3 * self.m.heartbeat.timeout_ms / 1000 + 5
-
-    async def cmd_start(self) -> str:
-        self.ctl.admin_stopped = False
-        self.ctl.yielding = None
-        self.admin_file.unlink(missing_ok=True)
-        self.events.append(self.m.name, "command", node=self.node, command="start")
-        self.wake()
-        await self._await_state(lambda: self.state is not State.STOP, self._transition_timeout())
-        return f"{self.m.name} started on {self.node}: {self.state.name} ({self.reason})"
-
-    async def cmd_stop(self) -> str:
-        self.ctl.admin_stopped = True
-        self.admin_file.parent.mkdir(parents=True, exist_ok=True)
-        self.admin_file.touch()
-        self.events.append(self.m.name, "command", node=self.node, command="stop")
-        self.wake()
-        if not await self._await_state(
-            lambda: self.state is State.STOP, self._transition_timeout()
-        ):
-            raise CommandRefused(
-                f"{self.m.name} did not reach STOP in time (now {self.state.name})"
-            )
-        return f"{self.m.name} stopped on {self.node}"
-
-    async def cmd_restart(self) -> str:
-        self.events.append(self.m.name, "command", node=self.node, command="restart")
-        if self.state.is_primary:
-            await self.restart_application("operator restart")
-            return f"{self.m.name}: application restarted on {self.node}"
-        await self.cmd_stop()
-        return await self.cmd_start()
 
     async def cmd_prim(self) -> str:
         i = self.inputs()
@@ -708,8 +556,3 @@ def _sync_word(state: State, rel: Relation, replicated: bool) -> str | None:
 
 def _iso(ts: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
-
-
-async def _wait_then_cancel(ev: trio.Event, scope: trio.CancelScope) -> None:
-    await ev.wait()
-    scope.cancel()

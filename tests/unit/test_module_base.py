@@ -1,0 +1,202 @@
+"""The checker policy both module types share (ha_runtime.module_base), on each of them.
+
+What is checked: a `restart` checker restarts the application within the restart budget
+and then gives up the way its module type does (a mirror fails over, a farm gives its
+buckets away); the budget frees up as restarts leave the window; a `wait` checker blocks
+once; a blocked farm checker does not spend restarts; the admin-stopped file survives a
+restart of the daemon; `hactl start` clears a mirror's failover verdict.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import trio
+import yaml
+
+from ha_runtime.config import (
+    ClusterConfig,
+    ModuleConfig,
+    ScriptsSpec,
+    parse_cluster,
+    parse_module,
+)
+from ha_runtime.events import EventLog
+from ha_runtime.farm_manager import FarmModuleManager
+from ha_runtime.heartbeat import ModuleStream, PeerTable
+from ha_runtime.manager import ModuleManager
+from ha_runtime.states import Flag, State
+
+CHECKER = {"name": "app", "type": "tcp", "port": 1, "interval_s": 1, "action": "restart"}
+WAITER = {"name": "disk", "type": "tcp", "port": 2, "interval_s": 1, "action": "wait"}
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _configs(tmp: Path, kind: str) -> tuple[ClusterConfig, ModuleConfig]:
+    cluster, errors = parse_cluster(
+        {
+            "node": "node1",
+            "nodes": [
+                {"name": "node1", "addresses": {"lan": "127.0.0.1"}},
+                {"name": "node2", "addresses": {"lan": "127.0.0.2"}},
+            ],
+            "site_key": "/k",
+            "tls": {"ca": "/a", "cert": "/b", "key": "/c"},
+            "state_dir": str(tmp / "state"),
+            "metrics_address": "",
+        },
+        tmp / "cluster.yml",
+    )
+    assert cluster is not None, errors
+    extra = (
+        "farm: {rules: [{protocol: tcp, ports: [8080]}]}"
+        if kind == "farm"
+        else "default_primary: node1"
+    )
+    app = "both" if kind == "farm" else "prim"
+    module, errors = parse_module(
+        yaml.safe_load(
+            f"""
+name: app
+type: {kind}
+nodes: [node1, node2]
+vip: {{address: 10.77.0.200/24, interface: lan0}}
+heartbeat: {{interval_ms: 100, timeout_ms: 1000}}
+restart_policy: {{max_restarts: 2, window_s: 100}}
+scripts: {{start_{app}: /bin/true, stop_{app}: /bin/true}}
+{extra}
+"""
+        )
+        | {"checkers": [CHECKER, WAITER]},
+        tmp / "app.yml",
+        cluster,
+        check_files=False,
+    )
+    assert module is not None, errors
+    # No script runs: what is checked is the policy, not the subprocess.
+    return cluster, dataclasses.replace(module, scripts=ScriptsSpec())
+
+
+async def _send_now(_m: str) -> None:
+    return None
+
+
+def _mirror(tmp: Path, clock: Clock) -> ModuleManager:
+    cluster, module = _configs(tmp, "mirror")
+    table = PeerTable({"app": ModuleStream("app", ("node2",), 0.1, 1.0)}, clock)
+    return ModuleManager(
+        cluster=cluster,
+        module=module,
+        peers=table,
+        events=EventLog(tmp / "events.jsonl"),
+        send_now=_send_now,
+        clock=clock,
+    )
+
+
+def _farm(tmp: Path, clock: Clock) -> FarmModuleManager:
+    cluster, module = _configs(tmp, "farm")
+    table = PeerTable({"app": ModuleStream("app", ("node2",), 0.1, 1.0)}, clock)
+    return FarmModuleManager(
+        cluster=cluster,
+        module=module,
+        peers=table,
+        events=EventLog(tmp / "events.jsonl"),
+        send_now=_send_now,
+        clock=clock,
+    )
+
+
+def _checker_events(mgr: Any) -> list[tuple[str, str]]:
+    return [(e["action"], e["detail"]) for e in mgr.events.read("app") if e["event"] == "checker"]
+
+
+def _restarts(mgr: Any) -> int:
+    return sum(1 for e in mgr.events.read("app") if e["event"] == "restart")
+
+
+def test_mirror_restarts_within_budget_then_fails_over(tmp_path: Path) -> None:
+    clock = Clock()
+    mgr = _mirror(tmp_path, clock)
+    spec = mgr.m.checkers[0]
+    assert spec.action == "restart"
+
+    async def main() -> None:
+        mgr.state = State.PRIM  # the application runs here: a restart restarts it
+        mgr.checks["app"].failures = 5
+        await mgr._checker_failed(spec, "refused")
+        clock.now += 10
+        await mgr._checker_failed(spec, "refused")
+        assert _restarts(mgr) == 2 and mgr.ctl.yielding is None
+        assert mgr.checks["app"].failures == 0
+        clock.now += 10
+        await mgr._checker_failed(spec, "refused")
+        assert _restarts(mgr) == 2  # budget spent: no third restart
+        why = "checker app: refused (2 restarts used in the window)"
+        assert _checker_events(mgr)[-1] == ("failover", why)
+        assert mgr.ctl.yielding == why
+        assert not mgr.inputs().eligible and mgr.status()["restarts_in_window"] == 2
+        # The first restart leaves the window: one restart is allowed again.
+        mgr.ctl.yielding = None
+        clock.now = 1000.0 + 100
+        await mgr._checker_failed(spec, "refused")
+        assert _restarts(mgr) == 3 and mgr.ctl.yielding is None
+
+    trio.run(main)
+
+
+def test_mirror_wait_checker_blocks_once_and_start_clears_failover(tmp_path: Path) -> None:
+    clock = Clock()
+    mgr = _mirror(tmp_path, clock)
+    waiter = mgr.m.checkers[1]
+
+    async def main() -> None:
+        await mgr._checker_failed(waiter, "full")
+        await mgr._checker_failed(waiter, "full")
+        assert _checker_events(mgr) == [("wait", "full")]
+        assert mgr.inputs().blocked == "disk: full" and mgr.ctl.yielding is None
+        mgr.ctl.yielding = "checker app: refused"
+        mgr.state = State.WAIT  # already started: cmd_start returns at once
+        await mgr.cmd_start()
+        assert mgr.ctl.yielding is None and not mgr.admin_stopped
+
+    trio.run(main)
+
+
+def test_farm_restarts_within_budget_then_gives_buckets_away(tmp_path: Path) -> None:
+    clock = Clock()
+    mgr = _farm(tmp_path, clock)
+    spec = mgr.m.checkers[0]
+
+    async def main() -> None:
+        for _ in range(3):
+            await mgr._checker_failed(spec, "refused")
+        detail = "refused (2 restarts used in the window)"
+        assert [a for a, _ in _checker_events(mgr)] == ["restart", "restart", "wait"]
+        assert mgr.blocked == {"app": detail} and not mgr.membership().healthy
+        # Blocked: it waits to pass, it does not spend the restarts freed by the window.
+        clock.now += 100
+        await mgr._checker_failed(spec, "refused")
+        assert mgr.budget.used(clock.now) == 0 and len(_checker_events(mgr)) == 3
+
+    trio.run(main)
+
+
+def test_admin_stop_survives_a_daemon_restart(tmp_path: Path) -> None:
+    clock = Clock()
+    first = _mirror(tmp_path, clock)
+    first.admin_file.parent.mkdir(parents=True)
+    first.admin_file.touch()  # what cmd_stop leaves behind
+    mirror = _mirror(tmp_path, clock)
+    assert mirror.state is State.STOP and mirror.flags == Flag.NONE
+    assert mirror.inputs().admin_stopped
+    assert _farm(tmp_path, clock).admin_stopped  # same module name: same file
