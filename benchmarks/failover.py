@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Sequence
 
 from benchmarks.mirror_lab import arguments, steady_pair
 from benchmarks.report import Figure, emit
@@ -21,8 +22,8 @@ from ha_lab.observe import Probe
 TARGET_MEDIAN_S = 2.5  # with the 100 ms / 1 s heartbeat profile
 
 
-def main() -> int:
-    args = arguments(__doc__ or "")
+def main(argv: Sequence[str] | None = None) -> int:
+    args = arguments(__doc__ or "", argv)
     lab = Lab()
     samples: list[float] = []
     failures = 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Sequence
 
 from ha_lab.observe import states_of
 
@@ -12,13 +13,13 @@ class NotReady(RuntimeError):
     pass
 
 
-def arguments(description: str) -> argparse.Namespace:
+def arguments(description: str, argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--module", default="flightdata")
     parser.add_argument("--vip", default="10.77.0.100")
     parser.add_argument("--port", type=int, default=8080)
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
 def steady_pair(module: str, timeout: float = 180.0) -> tuple[str, str]:

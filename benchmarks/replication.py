@@ -22,6 +22,7 @@ import argparse
 import json
 import subprocess
 import sys
+from collections.abc import Sequence
 
 from benchmarks.mirror_lab import steady_pair
 from benchmarks.report import Figure, emit, percentile
@@ -92,14 +93,14 @@ print(json.dumps(out))
 """
 
 
-def main() -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--module", default="flightdata")
     parser.add_argument("--dir", default="/var/lib/flightdata", help="a replicated directory")
     parser.add_argument("--local", default="/var/tmp/hapair-bench")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     primary, secondary = steady_pair(args.module)
     argv = Lab().exec_argv(
         primary,
@@ -141,6 +142,7 @@ def main() -> int:
             unit,
             pick(workload, "replicated", key),
             extra=extra,
+            anchor=local.figure,  # the same workload on the node's local disk
         )
         ratio = Figure(
             "replication",
@@ -166,6 +168,7 @@ def main() -> int:
                 "ms",
                 [percentile(lat, 99)],
                 extra={"p50_ms": percentile(lat, 50), "ops": len(lat)},
+                anchor="" if where == "local" else "4k_fdatasync_p99_local",
             )
         )
     emit(figures)

@@ -24,6 +24,7 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -197,7 +198,14 @@ def incremental(b: Bench, primary: str, secondary: str, hb: str) -> list[Figure]
     )
     ratio.passed = sent <= 1.1 * changed + (4 << 20)
     return [
-        Figure("resync", "incremental_resync_s", "s", [resync_s], extra=extra),
+        Figure(
+            "resync",
+            "incremental_resync_s",
+            "s",
+            [resync_s],
+            extra=extra,
+            anchor="rsync_a_same_tree_s",
+        ),
         Figure("resync", "rsync_a_same_tree_s", "s", [rsync_s], extra=extra),
         speed,
         ratio,
@@ -236,19 +244,26 @@ def full(b: Bench, primary: str, secondary: str, hb: str) -> list[Figure]:
         "wire_to_primary": wire.from_port,
     }
     return [
-        Figure("resync", "full_delta_throughput", "MB/s", [size_mb / resync_s], extra=extra),
+        Figure(
+            "resync",
+            "full_delta_throughput",
+            "MB/s",
+            [size_mb / resync_s],
+            extra=extra,
+            anchor="rsync_no_whole_file_throughput",
+        ),
         Figure(
             "resync", "rsync_no_whole_file_throughput", "MB/s", [size_mb / rsync_s], extra=extra
         ),
     ]
 
 
-def main() -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--module", default="flightdata")
     parser.add_argument("--dir", default="/var/lib/flightdata", help="a replicated directory")
     parser.add_argument("--only", choices=("incremental", "full"))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     b = Bench(args.module, args.dir)
     primary, secondary = steady_pair(args.module)
     hb = next(n["addresses"]["hb"] for n in b.lab.describe()["nodes"] if n["name"] == secondary)
