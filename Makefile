@@ -14,7 +14,7 @@ APT_PACKAGES := debootstrap systemd-container nftables iproute2 openssh-client r
 	libfuse3-dev fuse3 pkg-config gcc python3-dev e2fsprogs util-linux curl iputils-ping psmisc
 SETUP_STAMP := $(VENV)/.setup-stamp
 
-.PHONY: setup demo test lint unit integration replication-acceptance molecule fuzz bench chaos lab-up lab-down clean
+.PHONY: setup demo test lint unit integration molecule fuzz bench chaos lab-up lab-down clean
 
 setup: $(SETUP_STAMP)
 
@@ -45,14 +45,8 @@ unit: setup
 	$(BIN)/pytest tests/unit
 
 # Root-only tests: FUSE, TLS and namespaces on this host, then the two-node lab.
-# The replication acceptance tests (issue 4, still open) failed in the last full run and
-# left the lab unusable for what follows; they run in `make replication-acceptance` until
-# issue 4 is closed, then move back here.
 integration: setup
-	$(BIN)/pytest $(wildcard tests/integration) tests/lab --ignore-glob='tests/lab/test_replication_*'
-
-replication-acceptance: setup
-	$(BIN)/pytest tests/lab/test_replication_*.py
+	$(BIN)/pytest $(wildcard tests/integration) tests/lab
 
 molecule: setup
 	cd $(CURDIR) && for s in $$(ls molecule); do $(BIN)/molecule test -s $$s || exit 1; done
