@@ -10,11 +10,12 @@ import trio
 
 from ha_runtime import api, sdnotify
 from ha_runtime.config import ModuleConfig, SiteConfig
-from ha_runtime.events import EventLog
+from ha_runtime.events import EventLog, RefusalLog
 from ha_runtime.farm_manager import FarmModuleManager
 from ha_runtime.heartbeat import HeartbeatService, LocalAnnounce, ModuleStream
 from ha_runtime.manager import CommandRefused, ModuleManager, VipOps
 from ha_runtime.metrics import Metrics
+from ha_runtime.packet import Drop
 from ha_runtime.states import State
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ class NodeDaemon:
             if m not in self.modules and m not in farm_modules:
                 log.info("module %s: not managed here (type %s, nodes %s)", m.name, m.type, m.nodes)
         self.events = EventLog(c.events_log)
+        self._refusals = RefusalLog(self.events, "heartbeat_refused")
         self.metrics = Metrics()
         self._serve_metrics = metrics and c.metrics_address is not None
         streams = {
@@ -58,7 +60,7 @@ class NodeDaemon:
             peers={n.name: dict(n.addresses) for n in c.nodes if n.name != c.node},
             streams=streams,
             announce=self._announce,
-            on_drop=self.metrics.on_drop,
+            on_drop=self._on_heartbeat_drop,
         )
         self.managers: dict[str, ModuleManager] = {
             m.name: ModuleManager(
@@ -84,6 +86,10 @@ class NodeDaemon:
             for m in farm_modules
         }
         self.ready = trio.Event()
+
+    def _on_heartbeat_drop(self, reason: Drop) -> None:
+        self.metrics.on_drop(reason)
+        self._refusals(reason.value)
 
     def _announce(self, module: str) -> LocalAnnounce:
         if module in self.farms:

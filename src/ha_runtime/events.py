@@ -9,9 +9,11 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+NODE_WIDE = "*"  # the module of events about the node, shown with every module's events
 
 
 class EventLog:
@@ -38,7 +40,9 @@ class EventLog:
         return record
 
     def read(self, module: str | None = None, limit: int | None = None) -> list[dict[str, Any]]:
-        records = [r for r in self._iter() if module is None or r.get("module") == module]
+        records = [
+            r for r in self._iter() if module is None or r.get("module") in (module, NODE_WIDE)
+        ]
         return records[-limit:] if limit else records
 
     def _iter(self) -> Iterator[dict[str, Any]]:
@@ -53,3 +57,33 @@ class EventLog:
                         yield rec
         except FileNotFoundError:
             return
+
+
+class RefusalLog:
+    """Refused input (forged or replayed heartbeats...) made visible in the audit log
+    without letting a flood of it write the log: the first refusal of a reason is logged at
+    once, later ones at most once per ``interval`` with how many were refused since."""
+
+    def __init__(
+        self,
+        events: EventLog,
+        event: str,
+        interval: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.events = events
+        self.event = event
+        self.interval = interval
+        self.clock = clock
+        self._last: dict[str, float] = {}
+        self._pending: dict[str, int] = {}
+
+    def __call__(self, reason: str) -> None:
+        now = self.clock()
+        self._pending[reason] = self._pending.get(reason, 0) + 1
+        last = self._last.get(reason)
+        if last is not None and now - last < self.interval:
+            return
+        self._last[reason] = now
+        count = self._pending.pop(reason)
+        self.events.append(NODE_WIDE, self.event, reason=reason, count=count)

@@ -11,7 +11,7 @@ import trio
 
 from ha_runtime.checkers import RestartBudget, interface_up, probe, process_running
 from ha_runtime.config import CheckerSpec
-from ha_runtime.events import EventLog
+from ha_runtime.events import EventLog, RefusalLog
 from ha_runtime.generation import Generation, GenerationStore, GenRecord
 from ha_runtime.scripts import run_script, script_env
 from ha_runtime.sdnotify import notify
@@ -126,3 +126,18 @@ def test_garp_frame() -> None:
     f = garp_frame(mac, "10.77.0.100")
     assert len(f) == 42 and f[:6] == b"\xff" * 6 and f[12:14] == b"\x08\x06"
     assert f[28:32] == socket.inet_aton("10.77.0.100") == f[38:42]
+
+
+def test_refusals_reach_the_audit_log_without_flooding_it(tmp_path: Path) -> None:
+    now = [0.0]
+    log = EventLog(tmp_path / "events.log")
+    refusals = RefusalLog(log, "heartbeat_refused", interval=10.0, clock=lambda: now[0])
+    for _ in range(500):
+        refusals("forged")
+    refusals("replayed")
+    now[0] = 11.0
+    refusals("forged")
+    got = [(e["reason"], e["count"]) for e in log.read("flightdata")]
+    # one line at the first refusal of each reason, then one per interval with the count
+    assert got == [("forged", 1), ("replayed", 1), ("forged", 500)]
+    assert all(e["module"] == "*" and e["event"] == "heartbeat_refused" for e in log.read())
