@@ -22,6 +22,7 @@ from ha_runtime import api
 from ha_runtime.config import load_site
 from ha_runtime.daemon import NodeDaemon
 from ha_runtime.replica_child import mounted
+from ha_runtime.replication import transport
 from ha_runtime.states import State
 
 _spec = importlib.util.spec_from_file_location(
@@ -168,6 +169,26 @@ def test_daemons_replicate_swap_and_resync(tmp_path: Path) -> None:  # noqa: PLR
                 st = (await call(d1, {"command": "status", "module": "flightdata"}))["result"]
                 rep = st["modules"][0]["replication"]
                 assert rep["role"] == "primary" and rep["in_sync"], rep
+
+                # A replication peer with another site's certificate: refused, in the events.
+                foreign = _pki.make_site(tmp_path / "other-site", "b", ("node1", "node2"))
+                with pytest.raises(transport.LinkLost):
+                    await transport.connect(
+                        addresses=[("127.0.0.2", rp)], peer="node2",
+                        ctx=transport.client_context(foreign["node1"]), key=KEY, timeout=2,
+                    )  # fmt: skip
+                refused: list[dict[str, Any]] = []
+
+                async def refusal_logged() -> bool:
+                    ev = (await call(d2, {"command": "events", "module": "flightdata"}))["result"]
+                    refused[:] = [e for e in ev if e.get("kind") == "link_refused"]
+                    return bool(refused)
+
+                with trio.move_on_after(10):
+                    while not await refusal_logged():
+                        await trio.sleep(0.1)
+                assert refused and "TLS handshake refused" in refused[-1]["reason"], refused
+                assert pair(m1, m2)  # the genuine link was not disturbed
 
                 # Planned swap: drained, unmounted on node1, mounted on node2.
                 resp = await call(d1, {"command": "swap", "module": "flightdata"})
