@@ -32,6 +32,10 @@ def kill_unit_main(lab: Lab, node: str, unit: str) -> None:
     _run(lab, node, ["systemctl", "kill", "--kill-whom=main", "--signal=SIGKILL", unit])
 
 
+def start_unit(lab: Lab, node: str, unit: str) -> None:
+    _run(lab, node, ["systemctl", "start", unit], timeout=120)
+
+
 def kill_runtime(lab: Lab, node: str) -> None:
     kill_unit_main(lab, node, RUNTIME_UNIT)
 

@@ -145,6 +145,24 @@ def bucket_overlaps(rounds: list[HolderRound]) -> list[dict[str, Any]]:
     return out
 
 
+# A known runtime bug the campaign found (reported in issue 6's closing note): when
+# hapair.service is killed -9, what it installed in the kernel (the mirror VIP, the farm's
+# bucket set) stays in force until systemd has restarted it (RestartSec=1s + start-up,
+# ~2 s), while the peer takes over after the heartbeat timeout (1 s in the lab profile):
+# for about a second both nodes hold the VIP / accept the same farm buckets.
+KNOWN_KILLED_DAEMON = "known bug: kernel state outlives a killed hapair daemon"
+KILLED_DAEMON_WINDOW = 5.0  # s after the daemon is back
+
+
+def _daemon_killed(faults: list[Fault], t: float) -> bool:
+    for f in faults:
+        if f.kind == "kill_runtime":
+            back = f.t_inject + float(f.params.get("restarted_after_s", 30.0))
+            if f.t_inject <= t <= back + KILLED_DAEMON_WINDOW:
+                return True
+    return False
+
+
 def two_alone(rounds: list[StateRound]) -> list[float]:
     return [r.t for r in rounds if all(r.state(n, MIRROR) == "ALONE" for n in NODES)]
 
@@ -162,6 +180,7 @@ class Campaign:
     log: Any = print
     summary: dict[str, Any] = field(default_factory=dict)
     violations: list[str] = field(default_factory=list)
+    known: list[str] = field(default_factory=list)  # violations of a known, reported bug
     lost: int = 0
     dupes: int = 0
     fo: list[Failover] = field(default_factory=list)
@@ -268,13 +287,19 @@ class Campaign:
 
         hround = holders.snapshot()
         vo = vip_overlaps(hround)
-        if vo:
-            self.violations.append(f"two nodes held {MIRROR_VIP} in {len(vo)} rounds: {vo[:5]}")
         bo = bucket_overlaps(hround)
-        if bo:
-            self.violations.append(
-                f"two nodes had the same farm bucket in {len(bo)} rounds: {bo[:3]}"
-            )
+        for what, found in ((f"held {MIRROR_VIP}", vo), ("had the same farm bucket", bo)):
+            for o in found:
+                o["t"] = round(o["t"] - t_start, 2)  # relative, as in the fault log
+            known = [o for o in found if _daemon_killed(faults, o["t"] + t_start)]
+            other = [o for o in found if o not in known]
+            if other:
+                self.violations.append(f"two nodes {what} in {len(other)} rounds: {other[:4]}")
+            if known:
+                self.known.append(
+                    f"{KNOWN_KILLED_DAEMON}: two nodes {what} in {len(known)} rounds "
+                    f"while a killed daemon was restarting: {known[:4]}"
+                )
         srounds = states.snapshot()
         if self.witness:
             ta = two_alone(srounds)
@@ -353,7 +378,9 @@ class Campaign:
             "playbooks": [p.brief() for p in nemesis.plays],
             "observer_rounds": {"holders": len(hround), "states": len(srounds)},
             "fault_log": [f.line(t_start) for f in faults],
+            "t_start_monotonic": t_start,
             "violations": self.violations,
+            "known_bug_violations": self.known,
         }
         RESULTS.mkdir(exist_ok=True)
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(started_wall))
@@ -361,13 +388,15 @@ class Campaign:
             json.dumps(self.summary, indent=2) + "\n"
         )
 
-    def check(self) -> None:
-        if self.violations:
+    def check(self, allow_known: bool = False) -> None:
+        """Raise CampaignFailed on any violation (known-bug ones too unless allow_known)."""
+        violations = self.violations + ([] if allow_known else self.known)
+        if violations:
             log = "\n".join(self.summary.get("fault_log", []))
             raise CampaignFailed(
                 f"fault campaign seed={self.seed} minutes={self.minutes}: "
-                f"{len(self.violations)} invariant(s) violated:\n- "
-                + "\n- ".join(self.violations)
+                f"{len(violations)} invariant(s) violated:\n- "
+                + "\n- ".join(violations)
                 + f"\nreproduce: make chaos SEED={self.seed} MINUTES={self.minutes}"
                 + f"\nfault log (seed {self.seed}):\n{log}"
             )
@@ -389,6 +418,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--keep-witness", action="store_true", help="leave the site deployed with the witness"
     )
+    parser.add_argument(
+        "--allow-known", action="store_true", help="exit 0 when only known-bug violations"
+    )
     args = parser.parse_args(argv)
     campaign = Campaign(args.seed, args.minutes, witness=not args.no_witness)
 
@@ -403,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
             restore_site(log)
     print(json.dumps(summary, indent=2))
     try:
-        campaign.check()
+        campaign.check(allow_known=args.allow_known)
     except CampaignFailed as exc:
         print(str(exc), file=sys.stderr)
         return 1

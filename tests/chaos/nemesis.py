@@ -229,9 +229,21 @@ class Nemesis:
             fault.target, fault.role = prim or fault.target, "primary"
         assert fault.target is not None
         fault.params["app"] = app
-        nemesis_faults.kill_unit_main(self.lab, fault.target, f"{app}.service")
-        # No heal: hapair's checker restarts the application (or fails the module over).
-        fault.t_heal = time.monotonic()
+        node = fault.target
+        nemesis_faults.kill_unit_main(self.lab, node, f"{app}.service")
+        if app == MIRROR:
+            # No heal: hapair's checker (action restart) restarts it, or fails the module over.
+            fault.t_heal = time.monotonic()
+            return
+
+        def heal() -> None:
+            # The site's weather checker has action `wait`: hapair gives the node's buckets
+            # away but does not restart the application; the operator does.
+            if not nemesis_faults.unit_active(self.lab, node, f"{app}.service"):
+                fault.note = "operator restarted weather (checker action wait)"
+                nemesis_faults.start_unit(self.lab, node, f"{app}.service")
+
+        self._hold_then(fault, hold, heal)
 
     def _do_fill(self, fault: Fault, hold: float) -> None:
         prim = primary(site_status())
