@@ -616,6 +616,7 @@ class SecondarySession:
                 self._reject("malformed_control")
                 return False
             obj, body = await self._control(c, frames)
+            self._last_frame = time.monotonic()  # keepalives were answered meanwhile
             self.durable_seq = max(self.durable_seq, int(obj.pop("_durable", 0)))
             await self._ack(encode_control({**obj, "id": c[0].get("id")}, body, self.conn.key))
             return True
