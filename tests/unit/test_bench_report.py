@@ -67,6 +67,14 @@ def test_ratio_is_median_over_the_anchor_median_of_the_same_run() -> None:
     assert cells[7] == "-"  # no target of its own
 
 
+def test_numbers_keep_their_precision() -> None:
+    fig = Figure("failover", "failover_time", "s", [1.995, 2.0449], target="median <= 2.5")
+    fig.passed = True
+    cells = row(table(Outcome("failover", figures=[fig])), "failover_time")
+    assert cells[1:4] == ["2.02", "2.04", "2"]
+    assert cells[7] == "pass"
+
+
 def test_pass_and_fail_against_targets() -> None:
     lines = table(replication_outcome())
     assert row(lines, "4k_fdatasync_ratio")[6:] == [">= 0.40", "pass"]
