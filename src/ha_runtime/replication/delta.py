@@ -392,32 +392,41 @@ def delta(sig: Signature, new: Buffer) -> Delta:
     return out
 
 
-def split(d: Delta, max_bytes: int) -> Iterator[Delta]:
-    """``d`` cut into consecutive pieces whose encoding stays near ``max_bytes`` (literals
-    are cut too), so a delta of any size travels in bounded frames. Patching the pieces one
-    after the other, appending, rebuilds the same file as patching ``d``."""
-    if max_bytes < 1024:
-        raise ValueError("max_bytes too small")
+def split(d: Delta, max_bytes: int, max_output: int = 1 << 62) -> Iterator[Delta]:
+    """``d`` cut into consecutive pieces whose encoding stays near ``max_bytes`` and that
+    rebuild at most ``max_output`` bytes each (long copies and literals are cut too), so a
+    delta of any size travels in bounded frames and each piece applies in bounded time.
+    Patching the pieces one after the other, appending, rebuilds the file ``d`` rebuilds."""
+    if max_bytes < 1024 or max_output < 1:
+        raise ValueError("pieces too small")
     piece = Delta(0)
     size = 0
+
+    def full(need: int) -> bool:
+        return bool(piece.ops) and (size + need > max_bytes or piece.length >= max_output)
+
     for op in d.ops:
         if op[0] == COPY and len(op) == 3:
-            if size + Delta._COPY.size > max_bytes and piece.ops:
-                yield piece
-                piece, size = Delta(0), 0
-            piece.ops.append(op)
-            piece.length += op[2]
-            size += Delta._COPY.size
+            _, off, n = op
+            while n > 0:
+                if full(Delta._COPY.size):
+                    yield piece
+                    piece, size = Delta(0), 0
+                take = min(n, max_output - piece.length)
+                piece.ops.append((COPY, off, take))
+                piece.length += take
+                size += Delta._COPY.size
+                off += take
+                n -= take
             continue
         data = op[1]
         assert isinstance(data, bytes)
         pos = 0
         while pos < len(data):
-            room = max_bytes - size - Delta._LIT.size
-            if room <= 0:
+            if full(Delta._LIT.size + 1):
                 yield piece
                 piece, size = Delta(0), 0
-                continue
+            room = min(max_bytes - size - Delta._LIT.size, max_output - piece.length)
             part = data[pos : pos + room]
             piece.ops.append((LITERAL, part))
             piece.length += len(part)

@@ -44,6 +44,7 @@ from ha_runtime.replication.transport import PrimaryLink
 
 CHUNK = 1 << 20
 DELTA_PIECE = 4 << 20  # well under the 16 MiB frame limit
+DELTA_PIECE_OUTPUT = 32 << 20  # a piece rebuilds at most this: applied well within a timeout
 REMOVE_ANY = 1  # UNLINK flag: remove whatever is there (file or tree)
 SMALL_FILE = 64 << 10
 
@@ -260,7 +261,7 @@ async def _send_file(  # noqa: PLR0917
     d = await trio.to_thread.run_sync(D.delta_file, sig, path)
     # Live writes may land between pieces (and on the old file): they are in the dirty log
     # and the incremental pass after the full one sends them again.
-    pieces = list(D.split(d, DELTA_PIECE))
+    pieces = list(D.split(d, DELTA_PIECE, DELTA_PIECE_OUTPUT))
     out = 0
     for i, piece in enumerate(pieces):
         await link.room()

@@ -298,6 +298,9 @@ class ReplicationService:
                     await link._lost.wait()
                 except LinkLost:
                     pass
+                except trio.TooSlowError:
+                    # a resync waited a whole timeout for room without any acknowledgement
+                    link.fail(f"no acknowledgement within {link.timeout:g} s (resync)")
                 n.cancel_scope.cancel()
             await self._go_alone(link.lost_reason or "link closed")
             self._link = None

@@ -364,10 +364,14 @@ class PrimaryLink:
             raise LinkLost(self.lost_reason)
 
     async def room(self) -> None:
-        """Backpressure: wait while too many bytes are unacknowledged."""
-        with trio.fail_after(self.timeout):
-            while self._inflight_bytes > self.max_inflight:
+        """Backpressure: wait while too many bytes are unacknowledged. TooSlowError only when
+        no acknowledgement at all came for a whole timeout: a busy secondary still making
+        progress (a resync's large records) is not a dead one."""
+        while self._inflight_bytes > self.max_inflight:
+            with trio.move_on_after(self.timeout) as cs:
                 await self._wait_change()
+            if cs.cancelled_caught:
+                raise trio.TooSlowError
 
     async def wait_acked(self, seq: int, timeout: float | None = None) -> None:
         """Wait until the secondary acknowledged ``seq`` (durably in durable mode)."""

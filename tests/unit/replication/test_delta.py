@@ -33,13 +33,15 @@ def test_roundtrip_arbitrary(basis: bytes, new: bytes, bs: int) -> None:
     new=st.binary(max_size=6000),
     bs=small_blocks,
     limit=st.integers(1024, 4096),
+    out_limit=st.integers(1, 5000),
 )
-def test_split_pieces_rebuild_the_file_within_the_limit(
-    basis: bytes, new: bytes, bs: int, limit: int
+def test_split_pieces_rebuild_the_file_within_the_limits(
+    basis: bytes, new: bytes, bs: int, limit: int, out_limit: int
 ) -> None:
     d = D.delta(D.signature(basis, bs), new)
-    pieces = list(D.split(d, limit))
-    assert all(len(p.encode()) <= limit + 64 for p in pieces)
+    pieces = list(D.split(d, limit, out_limit))
+    assert all(len(p.encode()) <= limit for p in pieces)
+    assert all(p.length <= out_limit for p in pieces)
     assert sum(p.length for p in pieces) == len(new)
     rebuilt = b"".join(D.patch(basis, D.Delta.decode(p.encode())) for p in pieces)
     assert rebuilt == new

@@ -158,3 +158,25 @@ def test_silent_peer_times_out(site: dict[str, T.TlsFiles]) -> None:
             n.cancel_scope.cancel()
 
     trio.run(main)
+
+
+def test_room_waits_for_a_slow_secondary_that_acks_and_gives_up_on_a_silent_one() -> None:
+    link = T.PrimaryLink(conn=None, timeout=0.2, max_inflight=10)  # type: ignore[arg-type]
+
+    async def acks(every: float, times: int) -> None:
+        for _ in range(times):
+            await trio.sleep(every)
+            link._notify()  # an ack that frees nothing yet: progress all the same
+        link._inflight_bytes = 0
+        link._notify()
+
+    async def main() -> None:
+        link._inflight_bytes = 100
+        async with trio.open_nursery() as n:
+            n.start_soon(acks, 0.05, 12)  # 0.6 s in all, three timeouts' worth
+            await link.room()  # no TooSlowError: acks kept coming
+        link._inflight_bytes = 100
+        with pytest.raises(trio.TooSlowError):
+            await link.room()
+
+    trio.run(main)
