@@ -14,7 +14,7 @@ APT_PACKAGES := debootstrap systemd-container nftables iproute2 openssh-client r
 	libfuse3-dev fuse3 pkg-config gcc python3-dev e2fsprogs util-linux curl iputils-ping psmisc
 SETUP_STAMP := $(VENV)/.setup-stamp
 
-.PHONY: setup demo test lint unit integration molecule fuzz bench chaos lab-up lab-down clean
+.PHONY: setup demo test lint unit integration molecule fuzz bench chaos chaos-short lab-up lab-down clean
 
 setup: $(SETUP_STAMP)
 
@@ -51,7 +51,20 @@ integration: setup
 molecule: setup
 	cd $(CURDIR) && for s in $$(ls molecule); do $(BIN)/molecule test -s $$s || exit 1; done
 
-test: setup lint unit integration molecule
+test: setup lint unit integration chaos-short molecule
+
+# Fault campaign (issue 6): a seeded nemesis drives the lab (crash, boot, cuts, loss, kill -9,
+# fill, CPU, switchover/failback/verify_resync through ansible-runner) while clients write;
+# then the invariants are checked. `make test` runs the short one (fixed seeds, a few
+# minutes); `make chaos SEED=... MINUTES=...` a long one. Summaries: tests/chaos/results/.
+SEED ?= 20261203
+MINUTES ?= 30
+
+chaos-short: setup
+	$(BIN)/pytest tests/chaos
+
+chaos: setup
+	$(BIN)/python tests/chaos/campaign.py --seed $(SEED) --minutes $(MINUTES)
 
 # Coverage-guided fuzzing (atheris/libFuzzer) of every parser of network or disk input.
 FUZZ_RUNS ?= 20000

@@ -163,6 +163,20 @@ def _daemon_killed(faults: list[Fault], t: float) -> bool:
     return False
 
 
+# Second known bug (same note): with a witness, a node cut from every network keeps (mirror
+# PRIM: the VIP; farm: takes *every* bucket at once) until its witness ping fails, up to
+# 1 s after it lost its peer, while the peer, which reaches the witness, takes over at the
+# same moment: about a second of overlap on the isolated node (which nobody can reach).
+KNOWN_ISOLATION_RACE = "known bug: an isolated node demotes a witness timeout late"
+ISOLATION_WINDOW = 4.0  # s after the cut: detection 1 s + witness ping 1 s + margin
+
+
+def _just_isolated(faults: list[Fault], t: float) -> bool:
+    return any(
+        f.kind == "cut_all" and f.t_inject <= t <= f.t_inject + ISOLATION_WINDOW for f in faults
+    )
+
+
 def two_alone(rounds: list[StateRound]) -> list[float]:
     return [r.t for r in rounds if all(r.state(n, MIRROR) == "ALONE" for n in NODES)]
 
@@ -291,14 +305,20 @@ class Campaign:
         for what, found in ((f"held {MIRROR_VIP}", vo), ("had the same farm bucket", bo)):
             for o in found:
                 o["t"] = round(o["t"] - t_start, 2)  # relative, as in the fault log
-            known = [o for o in found if _daemon_killed(faults, o["t"] + t_start)]
-            other = [o for o in found if o not in known]
+            killed = [o for o in found if _daemon_killed(faults, o["t"] + t_start)]
+            isolated = [o for o in found if _just_isolated(faults, o["t"] + t_start)]
+            other = [o for o in found if o not in killed and o not in isolated]
             if other:
                 self.violations.append(f"two nodes {what} in {len(other)} rounds: {other[:4]}")
-            if known:
+            if killed:
                 self.known.append(
-                    f"{KNOWN_KILLED_DAEMON}: two nodes {what} in {len(known)} rounds "
-                    f"while a killed daemon was restarting: {known[:4]}"
+                    f"{KNOWN_KILLED_DAEMON}: two nodes {what} in {len(killed)} rounds "
+                    f"while a killed daemon was restarting: {killed[:4]}"
+                )
+            if isolated:
+                self.known.append(
+                    f"{KNOWN_ISOLATION_RACE}: two nodes {what} in {len(isolated)} rounds "
+                    f"just after a node was cut from every network: {isolated[:4]}"
                 )
         srounds = states.snapshot()
         if self.witness:
