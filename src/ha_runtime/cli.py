@@ -49,6 +49,12 @@ def _parser() -> argparse.ArgumentParser:
     d = sub.add_parser("daemon", help="run the node daemon (hapair.service)")
     d.set_defaults(func=cmd_daemon)
 
+    rel = sub.add_parser(
+        "release",
+        help="(internal, systemd ExecStopPost) drop the VIPs and farm rules of a dead daemon",
+    )
+    rel.set_defaults(func=cmd_release)
+
     s = sub.add_parser("status", help="state of the modules on this node")
     s.add_argument("module", nargs="?")
     s.add_argument("--json", action="store_true")
@@ -124,6 +130,13 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     daemon = NodeDaemon(site, key)
     trio.run(daemon.run)
     return EXIT_OK
+
+
+def cmd_release(args: argparse.Namespace) -> int:
+    from ha_runtime.release import main as release  # noqa: PLC0415 - pyroute2, nft
+
+    _setup_logging()
+    return release(args.config)
 
 
 def _load_for_daemon(path: Path) -> tuple[Any, bytes] | list[str]:
