@@ -40,5 +40,5 @@ def test_short_campaign(seed: int, leave_lab_as_found: None) -> None:
     assert summary["lost"] == 0
     if campaign.known:
         # Not hidden: XFAIL in the report, with the seed and what was seen (campaign.py,
-        # KNOWN_KILLED_DAEMON; reported in issue 6's closing note, to fix in the runtime).
+        # KNOWN_ISOLATION_RACE; reported in issue 6's closing note, to fix in the runtime).
         pytest.xfail(f"seed {seed}: " + "; ".join(campaign.known))
