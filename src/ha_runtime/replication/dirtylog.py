@@ -24,7 +24,7 @@ from __future__ import annotations
 import bisect
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -74,6 +74,11 @@ class RangeSet:
         return len(self.starts)
 
 
+def _span(rec: Record) -> int:
+    """Bytes a WRITE/FALLOCATE touches (a WRITE read back from the log has a length, no data)."""
+    return rec.length if rec.op == Op.FALLOCATE or not rec.data else len(rec.data)
+
+
 def _under(p: bytes, root: bytes) -> bool:
     return p == root or p.startswith(root + b"/")
 
@@ -88,8 +93,7 @@ class DirtyState:
     def covered(self, rec: Record) -> bool:
         if rec.op in (Op.WRITE, Op.FALLOCATE):
             rs = self.ranges.get(rec.path)
-            length = rec.length if rec.op == Op.FALLOCATE or not rec.data else len(rec.data)
-            return rs is not None and rs.covers(rec.offset, rec.offset + length)
+            return rs is not None and rs.covers(rec.offset, rec.offset + _span(rec))
         if rec.op == Op.TRUNCATE:
             rs = self.ranges.get(rec.path)
             return rs is not None and rs.covers(rec.offset, INF)
@@ -101,8 +105,7 @@ class DirtyState:
         if rec.op == Op.SETATTR and rec.flags == LOST_FLAG:
             self.lost = True
         elif rec.op in (Op.WRITE, Op.FALLOCATE):
-            length = rec.length if rec.op == Op.FALLOCATE or not rec.data else len(rec.data)
-            self.ranges.setdefault(rec.path, RangeSet()).add(rec.offset, rec.offset + length)
+            self.ranges.setdefault(rec.path, RangeSet()).add(rec.offset, rec.offset + _span(rec))
         elif rec.op == Op.TRUNCATE:
             self.ranges.setdefault(rec.path, RangeSet()).add(rec.offset, INF)
             self.touched.add(rec.path)
@@ -192,17 +195,18 @@ class DirtyLog:
             self._fd = -1
 
     # -- recording
-    def note(self, rec: Record, eof: int | None = None) -> int:
+    def note(self, rec: Record, eof: Callable[[], int | None] | None = None) -> int:
         """Record what ``rec`` changes, if not already recorded. Returns the log position
         that must be durable before the operation is performed (0: nothing to wait for).
-        ``eof``: the file's size before a WRITE/FALLOCATE, when known (see APPEND_EXTENT)."""
+        ``eof``: gives the file's size before a WRITE/FALLOCATE, when known (see
+        APPEND_EXTENT); asked only when the write is not already covered."""
         with self._lock:
             if self.state.covered(rec):
                 return 0
             if rec.op in (Op.WRITE, Op.FALLOCATE):
-                length = rec.length if rec.op == Op.FALLOCATE or not rec.data else len(rec.data)
-                end = rec.offset + length
-                if eof is not None and end >= eof:
+                end = rec.offset + _span(rec)
+                size = eof() if eof is not None else None
+                if size is not None and end >= size:
                     end = -(-end // APPEND_EXTENT) * APPEND_EXTENT
                 entry = Record(0, rec.op, rec.path, offset=rec.offset, length=end - rec.offset)
             elif rec.op == Op.TRUNCATE:

@@ -153,7 +153,7 @@ class ReplicationService:
         link = self._link
         if self._status.state != "sync" or link is None:
             assert self._dirty is not None
-            pos = self._dirty.note(rec, self._size_of(rec))
+            pos = self._dirty.note(rec, lambda: self._size_of(rec))
             self._noted.add(id(rec))
             if pos:
                 await trio.to_thread.run_sync(self._dirty.sync, pos)
@@ -167,8 +167,6 @@ class ReplicationService:
 
     def _size_of(self, rec: Record) -> int | None:
         """The backing file's size before a write (lets the dirty log record appends ahead)."""
-        if rec.op not in (Op.WRITE, Op.FALLOCATE):
-            return None
         try:
             return os.stat(os.fsencode(self.backing) + b"/" + rec.path).st_size
         except OSError:
