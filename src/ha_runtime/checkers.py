@@ -190,7 +190,12 @@ async def ping(address: str, timeout_s: float) -> bool:
     return False
 
 
-async def any_reachable(addresses: tuple[str, ...], timeout_s: float) -> bool:
+async def any_reachable(addresses: tuple[str, ...], timeout_s: float, attempts: int = 1) -> bool:
+    """Whether any address answers an ICMP echo within `timeout_s`.
+
+    With several attempts, a new round of echoes leaves every timeout_s/attempts: under
+    packet loss one lost echo must not make a reachable witness look gone.
+    """
     found = False
 
     async def one(addr: str, cancel: trio.CancelScope) -> None:
@@ -203,7 +208,10 @@ async def any_reachable(addresses: tuple[str, ...], timeout_s: float) -> bool:
             found = True
             cancel.cancel()
 
-    async with trio.open_nursery() as nursery:
-        for a in addresses:
-            nursery.start_soon(one, a, nursery.cancel_scope)
+    with trio.move_on_after(timeout_s):
+        async with trio.open_nursery() as nursery:
+            for _ in range(max(1, attempts)):
+                for a in addresses:
+                    nursery.start_soon(one, a, nursery.cancel_scope)
+                await trio.sleep(timeout_s / max(1, attempts))
     return found

@@ -11,7 +11,8 @@ Safety rules (docs/states in DESIGN.md):
   sides (`_outranks`), so exactly one wins;
 - a node whose data is not known to be at least as new as its peer's never becomes
   primary on its own (only `hactl prim` forces it);
-- with a witness, losing the peer and every witness means WAIT, never ALONE.
+- with a witness, losing the peer and every witness means WAIT, never ALONE; a primary
+  that may be isolated releases before the peer's timeout, not after it.
 """
 
 from __future__ import annotations
@@ -62,6 +63,9 @@ class Inputs:
     handover: bool = False  # we are handing the role over (swap in progress)
     swap_requested: bool = False  # the operator asked this node for a swap
     witness_ok: bool | None = None  # None: no witness configured
+    # The peer has gone quiet and no witness answered since: this node may be the one cut
+    # off, and the peer will take over when its timeout expires (module_base.isolated).
+    isolated: bool = False
     force_primary: bool = False  # `hactl prim`
     accept_peer_data: bool = False  # `hactl second` on a node holding newer/diverged data
     failback_auto: bool = False
@@ -145,6 +149,12 @@ def _decide_state(i: Inputs) -> Decision:
         if i.primary:
             return Decision(i.state, "primary (forced by operator)")
         return Decision(State.ALONE, "primary forced by operator (hactl prim)")
+    if i.isolated and i.primary:
+        return Decision(
+            State.WAIT,
+            "peer quiet and no witness answers: this node may be the isolated one, so it"
+            " releases the application before the peer's timeout lets the peer take over",
+        )
     if not peer.alive and i.witness_ok is False:
         return Decision(
             State.WAIT,

@@ -115,6 +115,7 @@ class FarmModuleManager(ModuleBase):
             healthy=not self.blocked,
             health_reason=reason,
             witness_ok=self.witness_ok,
+            isolated=self.isolated,
         )
 
     def _all_peers_heard(self) -> bool:
@@ -129,6 +130,9 @@ class FarmModuleManager(ModuleBase):
 
     def _module_started(self) -> bool:
         return self.service is not None
+
+    def _peer_names(self) -> tuple[str, ...]:
+        return tuple(self.peer_names)
 
     def _script_peer(self) -> str:
         return ",".join(self.peer_names)

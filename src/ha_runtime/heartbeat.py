@@ -99,6 +99,13 @@ class PeerTable:
             Generation(hb.generation, hb.history),
         )
 
+    def last_heard(self, module: str, peer: str) -> float | None:
+        """When a valid heartbeat of this peer last arrived on any network (None: never)."""
+        track = self._tracks.get((module, peer))
+        if track is None or not track.last_rx:
+            return None
+        return max(track.last_rx.values())
+
     def networks_alive(self, module: str, peer: str) -> list[str]:
         track = self._tracks.get((module, peer))
         if track is None:

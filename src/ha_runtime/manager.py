@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 import trio
 
-from ha_runtime import checkers, vip
+from ha_runtime import vip
 from ha_runtime.config import ClusterConfig, ModuleConfig
 from ha_runtime.decision import Decision, Inputs, PeerStatus, PeerView, decide, swap_refusal
 from ha_runtime.events import EventLog
@@ -140,6 +140,7 @@ class ModuleManager(ModuleBase):
             handover=now < self.ctl.handover_until,
             swap_requested=now < self.ctl.swap_until,
             witness_ok=self.witness_ok,
+            isolated=self.isolated,
             force_primary=self.ctl.force_primary,
             accept_peer_data=self.ctl.accept_peer_data,
             failback_auto=self.m.failback == "auto",
@@ -160,6 +161,9 @@ class ModuleManager(ModuleBase):
 
     def _module_started(self) -> bool:
         return self.state is not State.STOP
+
+    def _peer_names(self) -> tuple[str, ...]:
+        return (self.peer_name,)
 
     def _script_peer(self) -> str:
         return self.peer_name
@@ -202,8 +206,10 @@ class ModuleManager(ModuleBase):
                 self.ctl.handover_until = 0.0
             d = decide(self.inputs())
             if d.state.is_primary and not peer.alive and self.m.witness:
-                # Isolation is judged on a fresh probe, not on the last periodic one.
-                self.witness_ok = await checkers.any_reachable(self.m.witness, 1.0)
+                # Serving alone is judged on a probe sent since the peer went quiet, not on
+                # the last periodic one (the isolation watch has usually sent it already).
+                if not self._witness_fresh():
+                    await self._probe_witness()
                 d = decide(self.inputs())
             if d.state is not self.state:
                 await self._transition(d)
@@ -252,7 +258,7 @@ class ModuleManager(ModuleBase):
             await self._send_now(self.m.name)
             failures += await self._promote(label, d.reason)
         elif old.is_primary and not new.is_primary:
-            failures += await self._demote(label, d.reason)
+            failures += await self._demote(label, d.reason, vip_first=self.isolated)
             self._save_generation(d)
             self.state = new
         else:
@@ -351,8 +357,12 @@ class ModuleManager(ModuleBase):
             c.failures = 0
         return errors
 
-    async def _demote(self, label: str, reason: str) -> list[str]:
+    async def _demote(self, label: str, reason: str, *, vip_first: bool = False) -> list[str]:
         errors: list[str] = []
+        if vip_first:
+            # Isolated: the peer takes over on its own timeout, whatever we do; the VIP must be
+            # gone by then, not after a stop script and a drain that may take seconds.
+            await self._remove_vip(errors)
         res = await self._run_script("stop_prim", label, reason)
         if res is not None and not res.ok:
             # The VIP goes anyway: a half-stopped application must not keep clients.
@@ -360,12 +370,16 @@ class ModuleManager(ModuleBase):
         if self.replica is not None:
             # Application stopped: drain the peer, then unmount, before anyone takes over.
             await self.replica.stop()
+        if not vip_first:
+            await self._remove_vip(errors)
+        return errors
+
+    async def _remove_vip(self, errors: list[str]) -> None:
         try:
             await self.vip_ops.remove(self.m)
         except (OSError, vip.VipError) as exc:
             errors.append(f"VIP: {exc}")
             log.exception("%s: cannot remove the VIP", self.m.name)
-        return errors
 
     async def shutdown(self) -> None:
         """Daemon stopping: give the role up cleanly so the peer takes over at once."""

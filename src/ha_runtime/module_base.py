@@ -36,6 +36,12 @@ class CommandRefused(Exception):
     """An operator command that cannot be done now; nothing was changed."""
 
 
+@dataclass(frozen=True)
+class WitnessProbe:
+    started: float  # clock() when the echoes left
+    ok: bool
+
+
 @dataclass
 class CheckerStatus:
     ok: bool | None = None
@@ -78,6 +84,7 @@ class ModuleBase(ABC):
         self.reason = "daemon started"
         self.last_transition = time.time()
         self.witness_ok: bool | None = None if not module.witness else True
+        self._witness_probe: WitnessProbe | None = None
         self.checks: dict[str, CheckerStatus] = {c.name: CheckerStatus() for c in module.checkers}
         # Checkers holding this node out, with why (a mirror's `wait` ones, any farm one that
         # gave up); each leaves when it passes again.
@@ -97,6 +104,10 @@ class ModuleBase(ABC):
     @abstractmethod
     def _module_started(self) -> bool:
         """The module is started here (what `hactl start`/`stop` wait for)."""
+
+    @abstractmethod
+    def _peer_names(self) -> tuple[str, ...]:
+        """The other nodes of the module (whose silence may mean this node is cut off)."""
 
     @abstractmethod
     def _script_peer(self) -> str:
@@ -131,6 +142,7 @@ class ModuleBase(ABC):
     def _start_monitors(self, nursery: trio.Nursery) -> None:
         if self.m.witness:
             nursery.start_soon(self._witness_loop)
+            nursery.start_soon(self._isolation_watch)
         for spec in self.m.checkers:
             nursery.start_soon(self._checker_loop, spec)
 
@@ -171,15 +183,69 @@ class ModuleBase(ABC):
 
     # ----------------------------------------------------------------- monitors
 
-    async def _witness_loop(self) -> None:
-        period = max(1.0, self.m.heartbeat.interval_ms / 1000)
-        while True:
-            ok = await checkers.any_reachable(self.m.witness, 1.0)
+    # A node cut from every network must stop serving *before* its peer's heartbeat timeout
+    # lets the peer take over, or both serve for a while. So isolation is judged early:
+    # once every peer has been silent for a third of the timeout, the witness is probed at
+    # once, in a window short enough to release the VIP or buckets well inside the timeout.
+
+    @property
+    def _suspect_after_s(self) -> float:
+        return self.m.heartbeat.timeout_ms / 1000 / 3
+
+    @property
+    def _witness_window_s(self) -> float:
+        return min(1.0, max(0.1, self.m.heartbeat.timeout_ms / 1000 / 6))
+
+    def _quiet_since(self) -> float | None:
+        """When the last heartbeat of any peer arrived, if every peer heard since boot has
+        been silent for the suspicion delay; None while one is heard."""
+        heard = [self.peers.last_heard(self.m.name, p) for p in self._peer_names()]
+        times = [t for t in heard if t is not None]
+        if not times:
+            return None  # never heard: nobody can be racing us for what we serve
+        last = max(times)
+        return last if self._clock() - last >= self._suspect_after_s else None
+
+    def _witness_fresh(self) -> bool:
+        """A witness probe started after the peers went quiet has answered."""
+        quiet = self._quiet_since()
+        probe = self._witness_probe
+        return quiet is not None and probe is not None and probe.started > quiet
+
+    @property
+    def isolated(self) -> bool:
+        """Every peer is quiet and no witness answered a probe sent since: this node may be
+        the one cut off, so it must release what it serves before a peer takes it over."""
+        probe = self._witness_probe
+        return bool(self.m.witness) and self._witness_fresh() and probe is not None and not probe.ok
+
+    async def _probe_witness(self) -> bool:
+        started = self._clock()
+        ok = await checkers.any_reachable(self.m.witness, self._witness_window_s, attempts=4)
+        latest = self._witness_probe
+        # Two probes may overlap (periodic and isolation watch): the later-sent one counts.
+        if latest is None or started >= latest.started:
+            self._witness_probe = WitnessProbe(started, ok)
             if ok != self.witness_ok:
                 log.info("%s: witness %s", self.m.name, "reachable" if ok else "unreachable")
                 self.witness_ok = ok
                 self.wake()
+            elif not ok:
+                self.wake()  # an unanswered probe may make this node isolated now
+        return ok
+
+    async def _witness_loop(self) -> None:
+        period = max(1.0, self.m.heartbeat.interval_ms / 1000)
+        while True:
+            await self._probe_witness()
             await trio.sleep(period)
+
+    async def _isolation_watch(self) -> None:
+        tick = max(0.02, min(self.m.heartbeat.interval_ms / 1000, self._witness_window_s) / 2)
+        while True:
+            if self._quiet_since() is not None and not self._witness_fresh():
+                await self._probe_witness()
+            await trio.sleep(tick)
 
     async def _checker_loop(self, spec: CheckerSpec) -> None:
         st = self.checks[spec.name]

@@ -145,21 +145,6 @@ def bucket_overlaps(rounds: list[HolderRound]) -> list[dict[str, Any]]:
     return out
 
 
-# A known runtime bug the campaign found (reported in issue 6's closing note): with a
-# witness, a node cut from every network keeps (mirror
-# PRIM: the VIP; farm: takes *every* bucket at once) until its witness ping fails, up to
-# 1 s after it lost its peer, while the peer, which reaches the witness, takes over at the
-# same moment: about a second of overlap on the isolated node (which nobody can reach).
-KNOWN_ISOLATION_RACE = "known bug: an isolated node demotes a witness timeout late"
-ISOLATION_WINDOW = 4.0  # s after the cut: detection 1 s + witness ping 1 s + margin
-
-
-def _just_isolated(faults: list[Fault], t: float) -> bool:
-    return any(
-        f.kind == "cut_all" and f.t_inject <= t <= f.t_inject + ISOLATION_WINDOW for f in faults
-    )
-
-
 def two_alone(rounds: list[StateRound]) -> list[float]:
     return [r.t for r in rounds if all(r.state(n, MIRROR) == "ALONE" for n in NODES)]
 
@@ -177,7 +162,6 @@ class Campaign:
     log: Any = print
     summary: dict[str, Any] = field(default_factory=dict)
     violations: list[str] = field(default_factory=list)
-    known: list[str] = field(default_factory=list)  # violations of a known, reported bug
     lost: int = 0
     dupes: int = 0
     fo: list[Failover] = field(default_factory=list)
@@ -288,17 +272,11 @@ class Campaign:
         for what, found in ((f"held {MIRROR_VIP}", vo), ("had the same farm bucket", bo)):
             for o in found:
                 o["t"] = round(o["t"] - t_start, 2)  # relative, as in the fault log
-            # (a daemon killed -9 overlapping its peer was a bug too: fixed by `hactl release`
-            # as the unit's ExecStopPost, so it counts as a violation like any other)
-            isolated = [o for o in found if _just_isolated(faults, o["t"] + t_start)]
-            other = [o for o in found if o not in isolated]
-            if other:
-                self.violations.append(f"two nodes {what} in {len(other)} rounds: {other[:4]}")
-            if isolated:
-                self.known.append(
-                    f"{KNOWN_ISOLATION_RACE}: two nodes {what} in {len(isolated)} rounds "
-                    f"just after a node was cut from every network: {isolated[:4]}"
-                )
+            # Two bugs the campaign found made overlaps here: a daemon killed -9 (fixed by
+            # `hactl release` as ExecStopPost) and a node cut from every network releasing a
+            # witness timeout late (fixed by the early isolation probe of module_base).
+            if found:
+                self.violations.append(f"two nodes {what} in {len(found)} rounds: {found[:4]}")
         srounds = states.snapshot()
         if self.witness:
             ta = two_alone(srounds)
@@ -379,7 +357,6 @@ class Campaign:
             "fault_log": [f.line(t_start) for f in faults],
             "t_start_monotonic": t_start,
             "violations": self.violations,
-            "known_bug_violations": self.known,
         }
         RESULTS.mkdir(exist_ok=True)
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(started_wall))
@@ -387,9 +364,9 @@ class Campaign:
             json.dumps(self.summary, indent=2) + "\n"
         )
 
-    def check(self, allow_known: bool = False) -> None:
-        """Raise CampaignFailed on any violation (known-bug ones too unless allow_known)."""
-        violations = self.violations + ([] if allow_known else self.known)
+    def check(self) -> None:
+        """Raise CampaignFailed on any violated invariant."""
+        violations = self.violations
         if violations:
             log = "\n".join(self.summary.get("fault_log", []))
             raise CampaignFailed(
@@ -417,9 +394,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--keep-witness", action="store_true", help="leave the site deployed with the witness"
     )
-    parser.add_argument(
-        "--allow-known", action="store_true", help="exit 0 when only known-bug violations"
-    )
     args = parser.parse_args(argv)
     campaign = Campaign(args.seed, args.minutes, witness=not args.no_witness)
 
@@ -434,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
             restore_site(log)
     print(json.dumps(summary, indent=2))
     try:
-        campaign.check(allow_known=args.allow_known)
+        campaign.check()
     except CampaignFailed as exc:
         print(str(exc), file=sys.stderr)
         return 1

@@ -105,6 +105,16 @@ CASES = [
         State.WAIT,
     ),
     (
+        "primary quiet peer, no witness answer: releases before the peer's timeout",
+        inputs("node1", State.PRIM, G1, alive(State.SECOND), witness_ok=False, isolated=True),
+        State.WAIT,
+    ),
+    (
+        "secondary quiet peer, no witness answer: nothing to release, waits for the timeout",
+        inputs("node2", State.SECOND, G1, alive(State.PRIM), witness_ok=False, isolated=True),
+        State.SECOND,
+    ),
+    (
         "primary keeps running alone",
         inputs("node1", State.PRIM, G1, PeerView(PeerStatus.LOST, State.SECOND, E, G1)),
         State.ALONE,

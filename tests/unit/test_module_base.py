@@ -13,9 +13,12 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
+import trio.testing
 import yaml
 
+from ha_runtime import checkers
 from ha_runtime.config import (
     ClusterConfig,
     ModuleConfig,
@@ -23,10 +26,13 @@ from ha_runtime.config import (
     parse_cluster,
     parse_module,
 )
+from ha_runtime.decision import decide
 from ha_runtime.events import EventLog
 from ha_runtime.farm_manager import FarmModuleManager
 from ha_runtime.heartbeat import ModuleStream, PeerTable
 from ha_runtime.manager import ModuleManager
+from ha_runtime.module_base import WitnessProbe
+from ha_runtime.packet import Heartbeat
 from ha_runtime.states import Flag, State
 
 CHECKER = {"name": "app", "type": "tcp", "port": 1, "interval_s": 1, "action": "restart"}
@@ -200,3 +206,70 @@ def test_admin_stop_survives_a_daemon_restart(tmp_path: Path) -> None:
     assert mirror.state is State.STOP and mirror.flags == Flag.NONE
     assert mirror.inputs().admin_stopped
     assert _farm(tmp_path, clock).admin_stopped  # same module name: same file
+
+
+def _heard(table: PeerTable, at_state: State = State.SECOND) -> None:
+    table.record(Heartbeat("node2", "app", "hb", at_state, Flag.ELIGIBLE, 1, 1, 1))
+
+
+def test_an_isolated_primary_releases_well_inside_the_peers_timeout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The race the fault campaign found: cut from every network, a node kept its VIP (or
+    every farm bucket) until its periodic witness probe timed out, up to 2 s after the cut,
+    while the peer took over at its 1 s timeout. Now the quiet peer triggers a probe at a
+    third of the timeout and the node counts as isolated before the timeout."""
+    sent: list[float] = []
+
+    async def unanswered(addresses: tuple[str, ...], timeout_s: float, attempts: int = 1) -> bool:
+        sent.append(trio.current_time())
+        await trio.sleep(timeout_s)  # a cut witness: the whole window passes
+        return False
+
+    monkeypatch.setattr(checkers, "any_reachable", unanswered)
+    for make in (_mirror, _farm):
+        sent.clear()
+
+        async def main(make: Any = make) -> None:
+            mgr = make(tmp_path / make.__name__, trio.current_time)
+            mgr.m = dataclasses.replace(mgr.m, witness=("10.77.0.254",))
+            _heard(mgr.peers)
+            cut = trio.current_time()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(mgr._isolation_watch)
+                await trio.sleep(0.3)
+                assert not sent and not mgr.isolated  # 0.3 s of silence is not suspicious
+                while not mgr.isolated:
+                    await trio.sleep(0.01)
+                released = trio.current_time() - cut
+                # suspicion at 1/3 s + one tick + the 1/6 s window, far from the 1 s timeout
+                assert released <= 0.6, released
+                assert len(sent) == 1  # one probe per quiet spell, not one per tick
+                if isinstance(mgr, ModuleManager):
+                    mgr.state = State.PRIM
+                    assert mgr.inputs().isolated and decide(mgr.inputs()).state is State.WAIT
+                else:
+                    assert mgr.membership().isolated
+                _heard(mgr.peers)  # the peer is heard again: not isolated any more
+                assert not mgr.isolated
+                nursery.cancel_scope.cancel()
+
+        trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_only_a_probe_sent_after_the_peer_went_quiet_counts(tmp_path: Path) -> None:
+    clock = Clock()
+    mgr = _mirror(tmp_path, clock)
+    mgr.m = dataclasses.replace(mgr.m, witness=("10.77.0.254",))
+    _heard(mgr.peers)
+    clock.now += 0.5
+    # Witness unreachable before the silence began (the witness alone was down): no verdict.
+    mgr._witness_probe = WitnessProbe(started=clock.now - 0.6, ok=False)
+    assert not mgr.isolated
+    mgr._witness_probe = WitnessProbe(started=clock.now - 0.1, ok=False)
+    assert mgr.isolated
+    mgr._witness_probe = WitnessProbe(started=clock.now - 0.1, ok=True)
+    assert not mgr.isolated  # the witness answers: the peer is the one gone
+    no_witness = _mirror(tmp_path / "plain", clock)
+    no_witness._witness_probe = WitnessProbe(started=clock.now, ok=False)
+    assert not no_witness.isolated

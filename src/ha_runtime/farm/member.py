@@ -43,6 +43,9 @@ class Membership:
     healthy: bool = True  # every checker with a farm action passes on this node
     health_reason: str = ""
     witness_ok: bool | None = None  # None: no witness configured, or not probed
+    # Every peer went quiet and no witness answered since (module_base.isolated): release
+    # the buckets before the peers' timeout lets them take this node's share.
+    isolated: bool = False
 
 
 @dataclass(frozen=True)
@@ -166,7 +169,7 @@ class FarmMember:
         if not m.healthy:
             return self._set(State.WAIT, f"checker failing: {m.health_reason or 'unhealthy'}")
         peers_alive = any(p.alive for p in m.peers)
-        if self.spec.witness and not peers_alive and m.witness_ok is False:
+        if m.isolated or (self.spec.witness and not peers_alive and m.witness_ok is False):
             return self._set(State.WAIT, "isolated: every peer and every witness lost")
         return self._set(State.UP, "serving" if peers_alive else "serving alone (no peer)")
 

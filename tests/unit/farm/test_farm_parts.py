@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+from dataclasses import replace
 from pathlib import Path
 
 from ha_runtime.farm.arp import (
@@ -219,6 +220,19 @@ def test_peer_not_eligible_is_not_a_member_and_isolation_waits() -> None:
     assert state_of(m) == State.WAIT and "isolated" in m.reason
     m.update(Membership(peers=peers().peers, witness_ok=True))
     assert state_of(m) == State.UP and m.members == ("node1",)
+
+
+def test_isolated_member_releases_its_buckets_while_peers_still_count_as_alive() -> None:
+    m = FarmMember(spec(witness=True), "node1")
+    m.start()
+    m.update(peers("node2", "node3"))
+    assert state_of(m) == State.UP and m.my_buckets
+    # The peers are not yet past their timeout, but this node heard none of them for a third
+    # of it and its witness probe went unanswered: it gives every bucket up now.
+    m.update(replace(peers("node2", "node3"), witness_ok=False, isolated=True))
+    assert state_of(m) == State.WAIT and m.my_buckets == frozenset()
+    m.update(peers("node2", "node3"))  # heard again: back in, with its share
+    assert state_of(m) == State.UP and len(m.my_buckets) == 64
 
 
 def test_orphans_are_buckets_taken_from_a_dead_node_by_a_node_left_alone() -> None:
