@@ -100,8 +100,9 @@ class ReadBack:
     checked: int
     missing: list[int]
     wrong: list[dict[str, Any]]
-    errors: list[str]
+    errors: list[str]  # still not readable after the retries
     served_by: list[str]
+    transient: list[str] = field(default_factory=list)  # failed at first, read on a retry
 
     @property
     def ok(self) -> bool:
@@ -121,7 +122,12 @@ def read_back(host: str, acks: list[Ack], port: int = 8080) -> ReadBack:
         return ReadBack(0, [], [], [f"check failed ({proc.returncode}): {proc.stderr[-2000:]}"], [])
     data = json.loads(proc.stdout)
     return ReadBack(
-        int(data["checked"]), data["missing"], data["wrong"], data["errors"], data["served_by"]
+        int(data["checked"]),
+        data["missing"],
+        data["wrong"],
+        data["errors"],
+        data["served_by"],
+        data.get("transient", []),
     )
 
 
@@ -175,36 +181,56 @@ def write(host: str, port: int, timeout: float, pause: float, duration: float) -
     return 0
 
 
+# A record that could not be read (connection dropped, HTTP 5xx) is asked again this many
+# times, a second apart: "not readable for a moment" is reported apart from "not readable".
+RETRIES = 5
+
+
 def check(host: str, port: int, timeout: float) -> int:
     expected: dict[str, int] = json.load(sys.stdin)
     missing: list[int] = []
     wrong: list[dict[str, Any]] = []
-    errors: list[str] = []
+    failed: dict[int, str] = {}
+    transient: list[str] = []
     conn = _connect(host, port, timeout)
     _, health = _request(conn, "GET", "/health")
     served_by = [str(health.get("node"))] if isinstance(health, dict) else []
-    for key, seq in sorted(expected.items(), key=lambda kv: int(kv[0])):
-        rowid = int(key)
+
+    def get(rowid: int, seq: int) -> None:
+        nonlocal conn
         try:
             status, data = _request(conn, "GET", f"/records/{rowid}")
         except (OSError, http.client.HTTPException) as exc:
-            errors.append(f"GET /records/{rowid}: {type(exc).__name__}: {exc}")
+            failed[rowid] = f"GET /records/{rowid}: {type(exc).__name__}: {exc}"
             conn.close()
             conn = _connect(host, port, timeout)
-            continue
+            return
         if status == 404:
             missing.append(rowid)
         elif status != 200 or not isinstance(data, dict):
-            errors.append(f"GET /records/{rowid}: HTTP {status}")
+            failed[rowid] = f"GET /records/{rowid}: HTTP {status} {data}"
         elif (data.get("record") or {}).get("seq") != seq:
             wrong.append({"id": rowid, "expected_seq": seq, "got": data.get("record")})
+
+    for key, seq in sorted(expected.items(), key=lambda kv: int(kv[0])):
+        get(int(key), seq)
+    for _ in range(RETRIES):
+        if not failed:
+            break
+        time.sleep(1.0)
+        again = dict(failed)
+        failed.clear()
+        for rowid, first in sorted(again.items()):
+            get(rowid, expected[str(rowid)])
+            if rowid not in failed:
+                transient.append(f"{first} (then read)")
     _, health = _request(conn, "GET", "/health")
     if isinstance(health, dict) and str(health.get("node")) not in served_by:
         served_by.append(str(health.get("node")))
     print(
         json.dumps(
-            {"checked": len(expected), "missing": missing, "wrong": wrong, "errors": errors,
-             "served_by": served_by}
+            {"checked": len(expected), "missing": missing, "wrong": wrong,
+             "errors": list(failed.values()), "transient": transient, "served_by": served_by}
         )
     )  # fmt: skip
     return 0

@@ -163,6 +163,7 @@ class Campaign:
     summary: dict[str, Any] = field(default_factory=dict)
     violations: list[str] = field(default_factory=list)
     lost: int = 0
+    transient: list[str] = field(default_factory=list)
     dupes: int = 0
     fo: list[Failover] = field(default_factory=list)
     vo: list[dict[str, Any]] = field(default_factory=list)
@@ -242,6 +243,9 @@ class Campaign:
             self.violations.append(f"{dupes} ids acknowledged twice (a lost write's id reused)")
         back = read_back(MIRROR_VIP, acks) if acks else None
         self.lost = (len(back.missing) + len(back.wrong)) if back else 0
+        # Reported, not a violation: a record that failed once and was read a second later
+        # is not lost (the summary and the log say it happened, with the error).
+        self.transient = back.transient if back else []
         self.dupes = dupes
         if back is None or not back.ok:
             self.violations.append(
@@ -337,6 +341,7 @@ class Campaign:
             "records_acknowledged": len(acks),
             "write_failures": write_failures,
             "lost": lost,
+            "read_back_transient_errors": self.transient,
             "duplicate_ids": dupes,
             "farm_requests_answered": farm_ok,
             "farm_requests_failed": len(farm_samples) - farm_ok,

@@ -108,7 +108,14 @@ class Handler(BaseHTTPRequestHandler):
         prefix = "/records/"
         if self.path.startswith(prefix) and self.path[len(prefix) :].isdigit():
             rowid = int(self.path[len(prefix) :])
-            body = self.store.get(rowid)
+            try:
+                body = self.store.get(rowid)
+            except sqlite3.Error:
+                # An answer, not a dropped connection: the client must tell "not readable
+                # now" from "not there", and the journal must say why.
+                LOG.exception("read of record %d failed", rowid)
+                self._reply(HTTPStatus.SERVICE_UNAVAILABLE, {"error": "read failed"})
+                return
             if body is None:
                 self._reply(HTTPStatus.NOT_FOUND, {"error": f"no record {rowid}"})
             else:
