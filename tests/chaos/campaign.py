@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -218,7 +219,25 @@ class Campaign:
             converge_s=converge_s, started=started, started_wall=started_wall,
             t_start=t_start, last_heal=last_heal, end=end,
         )  # fmt: skip
+        if self.violations:
+            self._keep_node_logs(lab, started_wall)
         return self.summary
+
+    def _keep_node_logs(self, lab: Lab, since_wall: float) -> None:
+        """The nodes' journals are volatile (a crash or the next run loses them): keep what
+        the runtime and the applications logged beside the summary, to diagnose."""
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(since_wall - 5))
+        units = ["-u", "hapair", "-u", "flightdata", "-u", "weather"]
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(since_wall))
+        for node in NODES:
+            argv = ["journalctl", "--utc", "--no-pager", "-o", "short-precise", "--since", since]
+            proc = subprocess.run(
+                lab.exec_argv(node, argv + units),
+                capture_output=True, text=True, timeout=120, check=False,
+            )  # fmt: skip
+            path = RESULTS / f"campaign-seed{self.seed}-{stamp}-{node}.log"
+            path.write_text(proc.stdout + proc.stderr)
+            self.log(f"{node}'s journal since the start kept in {path}")
 
     def _check_all(
         self,
