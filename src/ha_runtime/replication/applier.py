@@ -40,6 +40,9 @@ from ha_runtime.replication.journal import (
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 AT_FDCWD = -100
 TMP_PREFIX = b".hapair-tmp."
+# A barrier with more dirty files than this syncs the file system once (syncfs) instead of
+# each file: a live fsync touches one or a few files, a resync hundreds.
+SYNCFS_OVER = 8
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -443,6 +446,9 @@ class Applier:
 
     # -- durability
     def barrier(self, datasync: bool = False) -> None:
+        if len(self._dirty_files) + len(self._pending) > SYNCFS_OVER:
+            self._barrier_syncfs()
+            return
         sync = os.fdatasync if datasync else os.fsync
         for p in list(self._dirty_files):
             fd = self._files.get(p)
@@ -469,6 +475,43 @@ class Applier:
                     os.close(dfd)
             except (FileNotFoundError, NotADirectoryError):
                 continue
+        self._dirty_dirs.clear()
+        self.durable_seq = self.applied_seq
+
+    def _barrier_syncfs(self) -> None:
+        """The barrier of many files at once (a resync): one syncfs of the backing file
+        system, one journal commit and cache flush, where one fsync per file cost one each
+        (576 files: ~1.5 s on the lab's loop-mounted disks). Anything dirty on another file
+        system (a mount under the root) still gets its own fsync."""
+        dev = os.fstat(self.root_fd).st_dev
+        fds = [self._files[p] for p in self._dirty_files if p in self._files] + self._pending
+        others = [fd for fd in fds if os.fstat(fd).st_dev != dev]
+        dir_fds: list[int] = []
+        try:
+            for d in sorted(self._dirty_dirs - {b""}):
+                try:
+                    pfd, name = self._parent(d)
+                    try:
+                        dfd = os.open(name, _DIR_FLAGS, dir_fd=pfd)
+                    finally:
+                        self._done(pfd)
+                except (FileNotFoundError, NotADirectoryError):
+                    continue
+                dir_fds.append(dfd)
+                if os.fstat(dfd).st_dev != dev:
+                    others.append(dfd)
+            if _libc.syncfs(self.root_fd) != 0:
+                e = ctypes.get_errno()
+                raise OSError(e, os.strerror(e))
+            for fd in others:
+                os.fsync(fd)
+        finally:
+            for fd in dir_fds:
+                os.close(fd)
+        for fd in self._pending:
+            os.close(fd)
+        self._pending.clear()
+        self._dirty_files.clear()
         self._dirty_dirs.clear()
         self.durable_seq = self.applied_seq
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from ha_runtime.replication import applier as A
 from ha_runtime.replication import delta as D
 from ha_runtime.replication.applier import Applier, UnsafePath
 from ha_runtime.replication.journal import (
@@ -136,4 +137,41 @@ def test_delta_in_pieces_rebuilds_the_file_and_refuses_a_stray_piece(tmp_path: P
     with pytest.raises(D.DeltaError):
         a.apply(Record(99, Op.DELTA, b"f", offset=5, flags=DELTA_CONT, data=pieces[1].encode()))
     assert (tmp_path / "r/f").read_bytes() == new
+    a.close()
+
+
+def test_barrier_of_many_files_syncs_the_file_system_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: dict[str, int] = {"syncfs": 0, "fsync": 0}
+    real_fsync = os.fsync
+
+    class Libc:
+        def syncfs(self, fd: int) -> int:
+            calls["syncfs"] += 1
+            return 0
+
+    def fsync(fd: int) -> None:
+        calls["fsync"] += 1
+        real_fsync(fd)
+
+    monkeypatch.setattr(A, "_libc", Libc())
+    monkeypatch.setattr(A.os, "fsync", fsync)
+    a = Applier(tmp_path / "b", max_open=4)  # most files retired to the pending list
+    seq = 0
+    for i in range(A.SYNCFS_OVER + 5):
+        seq += 1
+        a.apply(Record(seq, Op.CREATE, b"f%d" % i, mode=0o100600))
+        seq += 1
+        a.apply(Record(seq, Op.WRITE, b"f%d" % i, data=b"x" * 10))
+    seq += 1
+    a.apply(Record(seq, Op.FSYNC, b""))
+    assert calls == {"syncfs": 1, "fsync": 0}
+    assert a.durable_seq == seq
+    # the retired files were closed, and a later barrier of one file fsyncs just that file
+    assert not a._pending and not a._dirty_files and not a._dirty_dirs
+    a.apply(Record(seq + 1, Op.WRITE, b"f0", data=b"y"))
+    a.apply(Record(seq + 2, Op.FSYNC, b"f0"))
+    assert calls["syncfs"] == 1 and calls["fsync"] >= 1
+    assert a.durable_seq == seq + 2
     a.close()
