@@ -168,9 +168,13 @@ async def _reconcile(  # noqa: PLR0917
         target = os.readlink(_abs(root, rel))
         link.submit(Record(0, Op.SYMLINK, rel, path2=target, uid=st.st_uid, gid=st.st_gid))
     elif stat.S_ISREG(m):
-        link.submit(Record(0, Op.CREATE, rel, mode=m, uid=st.st_uid, gid=st.st_gid))
-        link.submit(Record(0, Op.TRUNCATE, rel, offset=st.st_size))
         rs = state.ranges.get(rel)
+        if rs is None or rel in state.touched:
+            link.submit(Record(0, Op.CREATE, rel, mode=m, uid=st.st_uid, gid=st.st_gid))
+            link.submit(Record(0, Op.TRUNCATE, rel, offset=st.st_size))
+        # else only written since the copies were identical: the peer has this very file,
+        # and its size differs only by what the ranges extend (a shrink is a TRUNCATE, which
+        # touches the path), so the data records alone rebuild it, two records fewer.
         if rs is not None:
             await _send_ranges(link, root, rel, list(rs), progress)
     else:
