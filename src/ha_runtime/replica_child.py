@@ -19,6 +19,8 @@ journal of hapair.service).
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import json
 import logging
 import os
@@ -225,7 +227,26 @@ async def run_child(  # noqa: PLR0915 - one place for the whole child protocol
     return 0
 
 
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+
+
+def keep_freed_memory() -> None:
+    """Let glibc reuse freed memory instead of returning it to the kernel. Every record of
+    up to a MiB is a fresh buffer (read from FUSE, framed, sent; received, decoded,
+    written); served by new mmaps (glibc's default above 128 KiB), each buffer pays its page
+    faults again, and a page fault is dear in a virtual machine (measured on the lab's VM:
+    copying a MiB 2.6 ms into fresh memory, 0.3 ms into reused memory)."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    mallopt = getattr(libc, "mallopt", None)
+    if mallopt is None:  # not glibc
+        return
+    mallopt(M_MMAP_THRESHOLD, 32 << 20)  # the largest glibc accepts; frames are below it
+    mallopt(M_TRIM_THRESHOLD, 64 << 20)  # keep up to a full send queue of freed memory
+
+
 def main(role: str, cluster: ClusterConfig, module: ModuleConfig, index: int) -> int:
+    keep_freed_memory()
     logging.basicConfig(
         level=logging.INFO,
         format=f"%(levelname)s replicate[{module.name}/{index} {role}] %(name)s: %(message)s",
