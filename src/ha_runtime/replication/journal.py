@@ -5,8 +5,9 @@ Frame layout (network byte order)::
 
     magic "HJ" | version u8 | kind u8 | length u32 | payload[length] | tag[16]
 
-``tag`` is a keyed BLAKE2b-128 of header + payload (key derived from the site key; an empty
-key makes it a plain checksum for local files). Decoding is strict: a bad magic, version,
+``tag`` is HMAC-SHA256 of header + payload truncated to 128 bits (version 2; version 1
+frames, read still, carry a keyed BLAKE2b-128), key derived from the site key; an empty key
+makes it a plain checksum for local files. Decoding is strict: a bad magic, version,
 kind, length, tag or payload rejects the frame with a counted reason; nothing is ever
 applied from a frame that did not verify, and the decoder never raises.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import hmac
 import json
 import struct
 from collections import Counter
@@ -22,7 +24,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 MAGIC = b"HJ"
-VERSION = 1
+# Version 2: HMAC-SHA256 tags (OpenSSL, SHA extensions: ~5x cheaper per MiB than CPython's
+# BLAKE2b, which cost a third of the primary's CPU on 1 MiB writes). Version 1 (BLAKE2b)
+# is still read, for dirty logs written before the change.
+VERSION = 2
+VERSIONS = frozenset({1, 2})
 TAG_LEN = 16
 HEADER = struct.Struct("!2sBBI")
 MAX_PAYLOAD = 16 << 20
@@ -117,7 +123,8 @@ class Record:
     name: bytes = b""  # xattr name
     data: bytes = b""  # written bytes, xattr value, delta, whole file
 
-    def encode(self) -> bytes:
+    def head(self) -> bytes:
+        """The encoded record without its data (which follows it on the wire)."""
         return (
             _REC.pack(
                 self.seq,
@@ -139,8 +146,10 @@ class Record:
             + self.path
             + self.path2
             + self.name
-            + self.data
         )
+
+    def encode(self) -> bytes:
+        return self.head() + self.data
 
     @property
     def end(self) -> int:
@@ -228,18 +237,31 @@ def derive_key(site_key: bytes, purpose: bytes = b"hapair replication v1") -> by
     return hashlib.sha256(site_key + b"\0" + purpose).digest() if site_key else b""
 
 
-def _tag(key: bytes, header: bytes, payload: bytes | memoryview) -> bytes:
-    h = hashlib.blake2b(key=key, digest_size=TAG_LEN)
-    h.update(header)
-    h.update(payload)
-    return h.digest()
+def _tag(key: bytes, header: bytes | memoryview, *payload: bytes | memoryview) -> bytes:
+    """Tag of a frame (payload possibly in pieces); the algorithm is the one of the version
+    in ``header``."""
+    h: Any
+    if header[2] == 1:
+        h = hashlib.blake2b(key=key, digest_size=TAG_LEN)
+        h.update(header)
+    else:
+        h = hmac.new(key, header, "sha256")
+    for p in payload:
+        h.update(p)
+    return bytes(h.digest()[:TAG_LEN])
+
+
+def _frame(kind: Kind, key: bytes, *payload: bytes) -> bytes:
+    # One join: a 1 MiB write is copied once into its frame, not once per concatenation.
+    n = sum(len(p) for p in payload)
+    if n > MAX_PAYLOAD:
+        raise ValueError(f"frame payload of {n} bytes exceeds {MAX_PAYLOAD}")
+    hdr = HEADER.pack(MAGIC, VERSION, int(kind), n)
+    return b"".join((hdr, *payload, _tag(key, hdr, *payload)))
 
 
 def encode_frame(kind: Kind, payload: bytes, key: bytes = b"") -> bytes:
-    if len(payload) > MAX_PAYLOAD:
-        raise ValueError(f"frame payload of {len(payload)} bytes exceeds {MAX_PAYLOAD}")
-    hdr = HEADER.pack(MAGIC, VERSION, int(kind), len(payload))
-    return hdr + payload + _tag(key, hdr, payload)
+    return _frame(kind, key, payload)
 
 
 def encode_json(kind: Kind, obj: dict[str, Any], key: bytes = b"") -> bytes:
@@ -291,51 +313,64 @@ class FrameDecoder:
     consumed: int = 0  # bytes of complete, valid frames so far
 
     def _fail(self, reason: str) -> None:
+        # The buffer is cleared by feed() once no view of it is held.
         self.failed = reason
         self.rejected[reason] += 1
-        self._buf.clear()
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[Frame]:
         if self.failed:
             return []
-        self._buf += data
+        # Frames are parsed in place: from ``data`` itself when nothing is pending (only an
+        # incomplete tail is kept), else from the pending buffer with ``data`` appended.
+        buf: bytes | bytearray | memoryview = data
+        if self._buf:
+            self._buf += data
+            buf = self._buf
         out: list[Frame] = []
-        while len(self._buf) >= HEADER.size:
-            magic, version, kind, length = HEADER.unpack_from(self._buf)
-            if magic != MAGIC:
-                self._fail("bad_magic")
-                break
-            if version != VERSION:
-                self._fail("bad_version")
-                break
-            if length > self.max_payload:
-                self._fail("oversized")
-                break
-            total = HEADER.size + length + TAG_LEN
-            if len(self._buf) < total:
-                break
-            mv = memoryview(self._buf)
-            hdr = bytes(mv[: HEADER.size])
-            payload = bytes(mv[HEADER.size : HEADER.size + length])
-            tag = bytes(mv[HEADER.size + length : total])
-            mv.release()
-            if _tag(self.key, hdr, payload) != tag:
-                self._fail("bad_tag")
-                break
-            try:
-                k = Kind(kind)
-            except ValueError:
-                self._fail("bad_kind")
-                break
-            del self._buf[:total]
-            self.consumed += total
-            out.append(Frame(k, payload))
+        pos = 0
+        with memoryview(buf) as mv:
+            end = len(mv)
+            while end - pos >= HEADER.size:
+                magic, version, kind, length = HEADER.unpack_from(mv, pos)
+                if magic != MAGIC:
+                    self._fail("bad_magic")
+                    break
+                if version not in VERSIONS:
+                    self._fail("bad_version")
+                    break
+                if length > self.max_payload:
+                    self._fail("oversized")
+                    break
+                body = pos + HEADER.size
+                total = HEADER.size + length + TAG_LEN
+                if end - pos < total:
+                    break
+                payload = bytes(mv[body : body + length])
+                tag = _tag(self.key, mv[pos:body], payload)
+                if not hmac.compare_digest(tag, mv[body + length : pos + total]):
+                    self._fail("bad_tag")
+                    break
+                try:
+                    k = Kind(kind)
+                except ValueError:
+                    self._fail("bad_kind")
+                    break
+                pos += total
+                self.consumed += total
+                out.append(Frame(k, payload))
+            if buf is not self._buf and not self.failed:
+                self._buf = bytearray(mv[pos:])
+        if self.failed:
+            self._buf.clear()
+        elif buf is self._buf:
+            del self._buf[:pos]
         return out
 
     def finish(self) -> None:
         """End of stream: leftover bytes are a truncated frame."""
         if not self.failed and self._buf:
             self._fail("truncated")
+            self._buf.clear()
 
     @property
     def pending(self) -> int:
@@ -343,7 +378,7 @@ class FrameDecoder:
 
 
 def record_frame(rec: Record, key: bytes = b"") -> bytes:
-    return encode_frame(Kind.RECORD, rec.encode(), key)
+    return _frame(Kind.RECORD, key, rec.head(), rec.data)
 
 
 def read_records(data: bytes, key: bytes = b"") -> tuple[list[Record], int, Counter[str]]:

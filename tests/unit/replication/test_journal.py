@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -102,3 +104,36 @@ def test_torn_tail_of_a_file() -> None:
     assert got == recs[:4]
     assert good == len(b"".join(J.record_frame(r) for r in recs[:4]))
     assert rejected["truncated"] == 1
+
+
+def test_version_1_frames_are_still_read() -> None:
+    """A dirty log written before tags became HMAC-SHA256 (version 2) keeps its records."""
+    rec = J.Record(3, J.Op.WRITE, b"d/f", offset=1, data=b"abc")
+    payload = rec.encode()
+    hdr = J.HEADER.pack(J.MAGIC, 1, int(J.Kind.RECORD), len(payload))
+    v1 = hdr + payload + hashlib.blake2b(hdr + payload, key=KEY, digest_size=J.TAG_LEN).digest()
+    assert J.read_records(v1, KEY)[:2] == ([rec], len(v1))
+    new = J.record_frame(rec, KEY)
+    assert new[2] == J.VERSION == 2
+    assert new[: J.HEADER.size] != hdr and new[J.HEADER.size : -J.TAG_LEN] == payload
+    # Each version's tag is its own: a version 1 tag under a version 2 header is refused.
+    forged = new[:2] + b"\x02" + v1[3:]
+    assert J.read_records(forged, KEY)[0] == []
+
+
+def test_large_frames_in_small_chunks_and_several_per_chunk() -> None:
+    recs = [
+        J.Record(1, J.Op.WRITE, b"f", offset=0, data=bytes(range(256)) * 4096),
+        J.Record(2, J.Op.FSYNC, b"f"),
+        J.Record(3, J.Op.WRITE, b"g", offset=9, data=b"x" * 70_000),
+    ]
+    stream = b"".join(J.record_frame(r, KEY) for r in recs)
+    for size in (7, 4096, 65536, 1 << 20, len(stream)):
+        dec = J.FrameDecoder(KEY)
+        frames = []
+        for i in range(0, len(stream), size):
+            frames += dec.feed(memoryview(stream)[i : i + size])
+        dec.finish()
+        assert dec.failed is None and dec.pending == 0
+        assert [J.decode_record(f.payload) for f in frames] == recs
+        assert dec.consumed == len(stream)
