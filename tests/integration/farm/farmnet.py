@@ -132,7 +132,14 @@ class FarmNet:
         return agent
 
     def crash(self, node: str) -> None:
-        """Pull the plug: the process dies and the machine leaves the network."""
+        """Pull the plug: the machine leaves the network, then its process dies.
+
+        The link goes first, as in a power cut: a process killed while its machine is still
+        on the network has its kernel close every socket with a FIN, which the client
+        receives, and the client then sees that FIN (EOF) or the survivor's reset depending
+        on scheduling (the flake of test_crash_resets_the_dead_nodes_connections_at_once
+        under CPU load). A dead machine sends nothing."""
+        sh("ip", "-n", self.net, "link", "del", f"p-{node}")  # takes the node's lan0 with it
         self.agents.pop(node).kill()
         name = self.ns(node)
         sh("ip", "netns", "del", name, check=False)
