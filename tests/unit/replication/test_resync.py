@@ -13,6 +13,7 @@ from ha_runtime.replication import resync
 from ha_runtime.replication.applier import Applier
 from ha_runtime.replication.dirtylog import DirtyLog
 from ha_runtime.replication.journal import Op, Record
+from ha_runtime.replication.transport import LinkStats
 
 
 class ApplyingLink:
@@ -30,8 +31,13 @@ class ApplyingLink:
         self.applier.apply(r)
         return r.seq
 
+    timeout = 3.0
+
     async def room(self) -> None:
         await trio.lowlevel.checkpoint()
+
+    def stats(self) -> LinkStats:
+        return LinkStats()
 
 
 def snapshot(root: Path) -> dict[str, tuple[int, int, bytes]]:
@@ -82,9 +88,68 @@ def test_incremental_rebuilds_the_copy_sending_only_dirty_ranges(tmp_path: Path)
     log.close()
 
     assert snapshot(peer) == snapshot(prim)
-    assert progress.bytes_done == 5000 + 4000 + 70_000
+    assert progress.bytes_done == progress.bytes_total == 5000 + 4000 + 70_000
     ops = {(r.op, r.path) for r in link.records}
     # a file only written gets its ranges and metadata, no CREATE/TRUNCATE
     assert (Op.CREATE, b"d/f0") not in ops and (Op.TRUNCATE, b"d/f0") not in ops
     assert (Op.CREATE, b"d/f1") not in ops
     assert {(Op.CREATE, b"d/new"), (Op.TRUNCATE, b"d/f2"), (Op.UNLINK, b"d/f3")} <= ops
+
+
+class SlowPeerLink:
+    """A link whose peer acknowledges ``per_ack`` bytes every 10 ms."""
+
+    timeout = 3.0
+
+    def __init__(self, per_ack: int) -> None:
+        self.per_ack = per_ack
+        self.inflight = 0
+        self.peak = 0
+        self.submitted = 0
+        self._changed = trio.Event()
+
+    def submit(self, rec: Record) -> int:
+        self.submitted += 1
+        self.inflight += len(rec.data) + 100
+        self.peak = max(self.peak, self.inflight)
+        return self.submitted
+
+    async def room(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+    def stats(self) -> LinkStats:
+        return LinkStats(inflight_bytes=self.inflight)
+
+    async def _wait_change(self) -> None:
+        await self._changed.wait()
+
+    async def peer(self) -> None:
+        while True:
+            await trio.sleep(0.01)
+            self.inflight = max(0, self.inflight - self.per_ack)
+            self._changed.set()
+            self._changed = trio.Event()
+
+
+def test_incremental_keeps_a_bounded_window_in_flight(tmp_path: Path) -> None:
+    """A resync never queues the link's whole allowance: the peer answers keepalives in
+    stream order, behind everything queued."""
+    root = tmp_path / "prim"
+    root.mkdir()
+    log = DirtyLog(tmp_path / "dirty")
+    log.open()
+    for i in range(40):
+        (root / f"f{i}").write_bytes(b"x" * (1 << 20))
+        log.note(Record(0, Op.WRITE, b"f%d" % i, offset=0, length=1 << 20))
+    link = SlowPeerLink(per_ack=4 << 20)
+
+    async def main() -> None:
+        async with trio.open_nursery() as n:
+            n.start_soon(link.peer)
+            await resync.incremental(link, root, log.snapshot(), resync.Progress())  # type: ignore[arg-type]
+            n.cancel_scope.cancel()
+
+    trio.run(main)
+    log.close()
+    assert link.peak <= resync.RESYNC_WINDOW + resync.CHUNK + 4096
+    assert link.submitted >= 40
