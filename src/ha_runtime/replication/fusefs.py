@@ -51,6 +51,11 @@ class _Handle:
     written: bool = False
 
 
+# The kernel asks for this attribute before every write to a file (to drop file
+# capabilities; FUSE_HANDLE_KILLPRIV, which would spare it, cannot be set through pyfuse3).
+_CAPS = b"security.capability"
+
+
 def _fuse_error(e: OSError) -> pyfuse3.FUSEError:
     return pyfuse3.FUSEError(e.errno or errno.EIO)
 
@@ -66,6 +71,9 @@ class PassthroughFS(pyfuse3.Operations):
         self._lookups: dict[int, int] = {}
         self._handles: dict[int, _Handle] = {}
         self._next_fh = 1
+        # Inodes known to have no security.capability: answered without a system call. Only
+        # this file system changes the backing directory, and its setxattr forgets the inode.
+        self._no_caps: set[int] = set()
 
     # -- paths
     def _rel(self, inode: int) -> bytes:
@@ -131,6 +139,7 @@ class PassthroughFS(pyfuse3.Operations):
                 self._lookups[ino] = left
             else:
                 self._lookups.pop(ino, None)
+                self._no_caps.discard(ino)
                 if ino != pyfuse3.ROOT_INODE and not any(
                     h.inode == ino for h in self._handles.values()
                 ):
@@ -315,11 +324,17 @@ class PassthroughFS(pyfuse3.Operations):
             Record(0, Op.SETXATTR, rel, name=name, data=value),
             lambda: os.setxattr(self._abs(rel), name, value, 0, follow_symlinks=False),
         )
+        self._no_caps.discard(inode)  # after: a getxattr may have run while before() waited
 
     async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
+        caps = name == _CAPS
+        if caps and inode in self._no_caps:
+            raise pyfuse3.FUSEError(errno.ENODATA)
         try:
             return os.getxattr(self._abs(self._rel(inode)), name, follow_symlinks=False)
         except OSError as e:
+            if caps and e.errno == errno.ENODATA:
+                self._no_caps.add(inode)
             raise _fuse_error(e) from None
 
     async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
