@@ -118,10 +118,36 @@ def decode_control(f: Frame) -> tuple[dict[str, Any], bytes] | None:
     return obj, p[_CTL.size + n :]
 
 
-def _check_peer(s: trio.SSLStream[trio.SocketStream], peer: str) -> None:
+def _check_peer(s: trio.SSLStream[Any], peer: str) -> None:
     names = cert_names(s.getpeercert())
     if peer not in names:
         raise PeerRefused(f"certificate names {sorted(names)}, expected {peer!r}")
+
+
+class _BigReads(trio.abc.Stream):
+    """A TCP stream whose default read is large. trio's SSLStream refills its TLS buffer with
+    the transport's default read (64 KiB): a 1 MiB frame took 16 socket reads, each a pass
+    through the scheduler."""
+
+    def __init__(self, tcp: trio.SocketStream, size: int = 1 << 20) -> None:
+        self.tcp = tcp
+        self.size = size
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self.tcp.receive_some(max_bytes or self.size)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.tcp.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.tcp.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        await self.tcp.aclose()
+
+
+def _tls(tcp: trio.SocketStream, ctx: ssl.SSLContext, **kw: Any) -> trio.SSLStream[Any]:
+    return trio.SSLStream(_BigReads(tcp), ctx, **kw)
 
 
 class Conn:
@@ -154,9 +180,23 @@ class Conn:
             if not data:
                 self.decoder.finish()
                 return None
-            self.bytes_received += len(data)
-            self._frames.extend(self.decoder.feed(data))
+            for part in self._more(data):
+                self.bytes_received += len(part)
+                self._frames.extend(self.decoder.feed(part))
         return self._frames.popleft()
+
+    def _more(self, first: bytes | bytearray) -> list[bytes | bytearray]:
+        """``first`` and the TLS records already received after it. trio's SSLStream returns
+        one record (16 KiB) per receive_some, each with a trip through the scheduler: 64 for
+        a 1 MiB frame, the secondary's largest cost. Any error is left for the next
+        receive_some to report (trio is pinned: ``_ssl_object`` is its TLS object)."""
+        obj = getattr(self.stream, "_ssl_object", None)
+        parts = [first]
+        if isinstance(obj, ssl.SSLObject):
+            with contextlib.suppress(ssl.SSLError):
+                while chunk := obj.read(1 << 20):
+                    parts.append(chunk)
+        return parts
 
     async def aclose(self) -> None:
         with trio.move_on_after(1) as cs:
@@ -185,7 +225,7 @@ async def connect(
             except OSError as e:
                 errors.append(f"{host}:{port}: {e}")
                 continue
-            s = trio.SSLStream(tcp, ctx, server_hostname=peer)
+            s = _tls(tcp, ctx, server_hostname=peer)
             try:
                 await s.do_handshake()
             except (trio.BrokenResourceError, ssl.SSLError, OSError) as e:
@@ -221,7 +261,7 @@ async def serve(
     current: list[trio.CancelScope] = []
 
     async def one(tcp: trio.SocketStream) -> None:
-        s = trio.SSLStream(tcp, ctx, server_side=True)
+        s = _tls(tcp, ctx, server_side=True)
         where = "?"
         try:
             host, port_ = tcp.socket.getpeername()[:2]
@@ -390,6 +430,14 @@ class PrimaryLink:
             self._lost.set()
             self._ack_changed.set()
 
+    def ping(self) -> None:
+        """Queue a keepalive now. The secondary answers it, with its receipt ack, once it has
+        handled everything queued before it: a resync paces itself with these."""
+        if self.lost_reason:
+            raise LinkLost(self.lost_reason)
+        self._out.append(encode_frame(Kind.PING, b"", self.conn.key))
+        self._wake_sender.set()
+
     def unacked(self) -> list[Record]:
         """Records the secondary may not have made durable (to mark dirty when lost)."""
         return [r for r in self.window if r.seq > self.durable_seq]
@@ -491,6 +539,11 @@ class PrimaryLink:
 
 # --------------------------------------------------------------------------- secondary side
 
+# Receipt acks free the primary's send queue (max_inflight, 64 MiB by default): acked by
+# count alone, a stream of 1 MiB writes filled it and stalled until the next checkpoint.
+ACK_EVERY_RECORDS = 256
+ACK_EVERY_BYTES = 4 << 20
+
 
 ControlHandler = Callable[[dict[str, Any], bytes], Awaitable[tuple[dict[str, Any], bytes]]]
 
@@ -521,6 +574,7 @@ class SecondarySession:
     _last_ckpt: float = field(default_factory=time.monotonic)
     _last_frame: float = field(default_factory=time.monotonic)
     _unacked: int = 0
+    _unacked_bytes: int = 0
     # Frames received while a control request ran, handled next, in order.
     _held: list[Frame | None] = field(default_factory=list)
 
@@ -550,6 +604,7 @@ class SecondarySession:
     async def _ack(self, extra: bytes = b"") -> None:
         await self.conn.send(encode_ack(self.received, self.durable_seq, self.conn.key) + extra)
         self._unacked = 0
+        self._unacked_bytes = 0
 
     async def _checkpoint(self) -> None:
         self.durable_seq = await self.barrier()
@@ -578,6 +633,9 @@ class SecondarySession:
                 return
             late = time.monotonic() - self._last_ckpt > self.checkpoint_s
             if (f is None or late) and self.durable_seq < self.received:
+                if self._unacked:
+                    # Free the primary's send queue first: the fsync may take a while.
+                    await self._ack()
                 await self._checkpoint()
                 await self._ack()
             if f is not None and not await self._handle(f, frames):
@@ -647,13 +705,14 @@ class SecondarySession:
             return False
         self.received = rec.seq
         self._unacked += 1
+        self._unacked_bytes += len(f.payload)
         if rec.op == Op.FSYNC:
             # Applying a FSYNC made everything applied durable (a thread hop for another
             # barrier here cost a millisecond on every fsync of the application).
             self.durable_seq = rec.seq
             self._last_ckpt = time.monotonic()
             await self._ack()
-        elif self._unacked >= 256:
+        elif self._unacked >= ACK_EVERY_RECORDS or self._unacked_bytes >= ACK_EVERY_BYTES:
             await self._ack()
         return True
 
