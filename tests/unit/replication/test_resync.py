@@ -39,6 +39,9 @@ class ApplyingLink:
     def stats(self) -> LinkStats:
         return LinkStats()
 
+    def ping(self) -> None:
+        pass
+
 
 def snapshot(root: Path) -> dict[str, tuple[int, int, bytes]]:
     out = {}
@@ -97,28 +100,36 @@ def test_incremental_rebuilds_the_copy_sending_only_dirty_ranges(tmp_path: Path)
 
 
 class SlowPeerLink:
-    """A link whose peer acknowledges ``per_ack`` bytes every 10 ms."""
+    """A link whose peer handles ``rate`` bytes every 10 ms and acknowledges receipt only
+    when it reaches a keepalive (as a secondary acking by record count does)."""
 
     timeout = 3.0
 
-    def __init__(self, per_ack: int) -> None:
-        self.per_ack = per_ack
-        self.inflight = 0
+    def __init__(self, rate: int) -> None:
+        self.rate = rate
+        self.sent = 0  # bytes queued so far
+        self.handled = 0  # bytes the peer has handled
+        self.acked = 0  # bytes the primary knows were received
+        self.seq = 0
+        self.received_seq = 0
+        self.pings: list[tuple[int, int]] = []  # (bytes before it, seq before it)
         self.peak = 0
-        self.submitted = 0
         self._changed = trio.Event()
 
     def submit(self, rec: Record) -> int:
-        self.submitted += 1
-        self.inflight += len(rec.data) + 100
-        self.peak = max(self.peak, self.inflight)
-        return self.submitted
+        self.seq += 1
+        self.sent += len(rec.data) + 100
+        self.peak = max(self.peak, self.sent - self.acked)
+        return self.seq
+
+    def ping(self) -> None:
+        self.pings.append((self.sent, self.seq))
 
     async def room(self) -> None:
         await trio.lowlevel.checkpoint()
 
     def stats(self) -> LinkStats:
-        return LinkStats(inflight_bytes=self.inflight)
+        return LinkStats(self.seq, self.received_seq, 0, self.sent - self.acked)
 
     async def _wait_change(self) -> None:
         await self._changed.wait()
@@ -126,14 +137,17 @@ class SlowPeerLink:
     async def peer(self) -> None:
         while True:
             await trio.sleep(0.01)
-            self.inflight = max(0, self.inflight - self.per_ack)
-            self._changed.set()
-            self._changed = trio.Event()
+            self.handled = min(self.sent, self.handled + self.rate)
+            while self.pings and self.pings[0][0] <= self.handled:
+                self.acked, self.received_seq = self.pings.pop(0)
+                self._changed.set()
+                self._changed = trio.Event()
 
 
 def test_incremental_keeps_a_bounded_window_in_flight(tmp_path: Path) -> None:
-    """A resync never queues the link's whole allowance: the peer answers keepalives in
-    stream order, behind everything queued."""
+    """A resync never queues the link's whole allowance (the peer answers keepalives in
+    stream order, behind everything queued), and its own keepalives keep the acks coming
+    from a peer that acknowledges by count."""
     root = tmp_path / "prim"
     root.mkdir()
     log = DirtyLog(tmp_path / "dirty")
@@ -141,15 +155,16 @@ def test_incremental_keeps_a_bounded_window_in_flight(tmp_path: Path) -> None:
     for i in range(40):
         (root / f"f{i}").write_bytes(b"x" * (1 << 20))
         log.note(Record(0, Op.WRITE, b"f%d" % i, offset=0, length=1 << 20))
-    link = SlowPeerLink(per_ack=4 << 20)
+    link = SlowPeerLink(rate=1 << 20)  # 100 MiB/s
 
     async def main() -> None:
-        async with trio.open_nursery() as n:
-            n.start_soon(link.peer)
-            await resync.incremental(link, root, log.snapshot(), resync.Progress())  # type: ignore[arg-type]
-            n.cancel_scope.cancel()
+        with trio.fail_after(5):  # 40 MiB: 0.4 s, with no stall waiting for an ack
+            async with trio.open_nursery() as n:
+                n.start_soon(link.peer)
+                await resync.incremental(link, root, log.snapshot(), resync.Progress())  # type: ignore[arg-type]
+                n.cancel_scope.cancel()
 
     trio.run(main)
     log.close()
     assert link.peak <= resync.RESYNC_WINDOW + resync.CHUNK + 4096
-    assert link.submitted >= 40
+    assert link.seq >= 40 and link.sent >= 40 << 20
