@@ -303,12 +303,31 @@ async def _send_file(  # noqa: PLR0917
     # and the incremental pass after the full one sends them again.
     pieces = list(D.split(d, DELTA_PIECE, DELTA_PIECE_OUTPUT))
     out = 0
+    sent: list[int] = []
     for i, piece in enumerate(pieces):
         await _room(link, progress)
+        # A piece costs the secondary up to 32 MiB of rebuilding for maybe a few KiB on the
+        # wire, which the byte window does not see: at most two pieces ahead of the one it
+        # rebuilds, so its keepalive answers stay within the timeout.
+        if len(sent) >= 2:
+            await _until_received(link, sent[-2])
         flags = (DELTA_CONT if i else 0) | (DELTA_MORE if i < len(pieces) - 1 else 0)
-        link.submit(Record(0, Op.DELTA, rel, offset=out, flags=flags, data=piece.encode()))
+        sent.append(
+            link.submit(Record(0, Op.DELTA, rel, offset=out, flags=flags, data=piece.encode()))
+        )
+        link.ping()  # answered once the piece is rebuilt: its receipt ack
         out += piece.length
         progress.bytes_done += piece.length
+
+
+async def _until_received(link: PrimaryLink, seq: int) -> None:
+    """Wait until the secondary acknowledged receipt of ``seq``; TooSlowError after a whole
+    timeout without any acknowledgement."""
+    while link.stats().received_seq < seq:
+        with trio.move_on_after(link.timeout) as cs:
+            await link._wait_change()
+        if cs.cancelled_caught:
+            raise trio.TooSlowError
 
 
 def _read(path: bytes) -> bytes:

@@ -6,9 +6,12 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
+import pytest
 import trio
 
+from ha_runtime.replication import delta as D
 from ha_runtime.replication import resync
 from ha_runtime.replication.applier import Applier
 from ha_runtime.replication.dirtylog import DirtyLog
@@ -37,10 +40,19 @@ class ApplyingLink:
         await trio.lowlevel.checkpoint()
 
     def stats(self) -> LinkStats:
-        return LinkStats()
+        n = len(self.records)
+        return LinkStats(last_seq=n, received_seq=n, durable_seq=n)
 
     def ping(self) -> None:
         pass
+
+    async def request(self, obj: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
+        self.applier.barrier()
+        root = self.applier.root
+        if obj["op"] == "list":
+            return {"tree": resync.list_tree(root)}, b""
+        assert obj["op"] == "sig"
+        return {}, D.signature_file(os.fsencode(root / obj["path"])).encode()
 
 
 def snapshot(root: Path) -> dict[str, tuple[int, int, bytes]]:
@@ -168,3 +180,26 @@ def test_incremental_keeps_a_bounded_window_in_flight(tmp_path: Path) -> None:
     log.close()
     assert link.peak <= resync.RESYNC_WINDOW + resync.CHUNK + 4096
     assert link.seq >= 40 and link.sent >= 40 << 20
+
+
+def test_full_resync_of_a_large_file_in_pieces(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(resync, "DELTA_PIECE_OUTPUT", 512 << 10)
+    prim, peer = tmp_path / "prim", tmp_path / "peer"
+    prim.mkdir()
+    peer.mkdir()
+    body = bytearray(os.urandom(4 << 20))
+    (peer / "big").write_bytes(body)
+    for off in range(0, len(body), 300_000):  # scattered changes
+        body[off : off + 5000] = os.urandom(5000)
+    (prim / "big").write_bytes(body)
+    (peer / "gone").write_bytes(b"x")
+    applier = Applier(peer)
+    link = ApplyingLink(applier)
+    trio.run(resync.full, link, prim, resync.Progress())  # type: ignore[arg-type]
+    applier.barrier()
+    applier.close()
+    assert snapshot(peer) == snapshot(prim)
+    pieces = [r for r in link.records if r.op == Op.DELTA]
+    assert len(pieces) >= 8
