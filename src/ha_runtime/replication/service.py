@@ -31,6 +31,10 @@ from ha_runtime.replication.transport import LinkLost, PrimaryLink, TlsFiles
 
 log = logging.getLogger("hapair.replication")
 
+# A barrier with at most this much written since the previous one fsyncs the local file in
+# the event loop (a short fdatasync); above it, in a thread.
+INLINE_FSYNC_BYTES = 1 << 20
+
 
 @dataclass(frozen=True)
 class ReplicationSettings:
@@ -118,6 +122,8 @@ class ReplicationService:
         self._drained: int | None = None  # seq of the drain barrier the peer acked
         # verify(): while set, mutating operations wait (the final comparison's quiesce).
         self._paused: trio.Event | None = None
+        self._barriers = 0  # barriers waiting for the peer
+        self._written = 0  # bytes written since the last barrier
 
     # -- events and status
     def _emit(self, kind: str, /, **detail: Any) -> None:
@@ -182,6 +188,7 @@ class ReplicationService:
             and self._status.state in ("sync", "resyncing")
         ):
             link.submit(rec)
+            self._written += len(rec.data)
         elif not noted and self._dirty is not None:
             # lost between before() and after(): record it now (synced by the next barrier)
             self._dirty.note(rec)
@@ -193,16 +200,33 @@ class ReplicationService:
         link = self._link
         if self._status.state == "sync" and link is not None and not link.lost_reason:
             seq = link.submit(Record(0, Op.FSYNC, path, flags=int(datasync)))
-            async with trio.open_nursery() as n:
-                n.start_soon(local)
-                try:
-                    await link.wait_acked(seq)
-                except LinkLost as e:
-                    await self._go_alone(str(e))
+            self._barriers += 1
+            try:
+                small, self._written = self._written <= INLINE_FSYNC_BYTES, 0
+                if self._barriers == 1 and small:
+                    # The only barrier in progress, little written since the last one: once
+                    # it is on its way, fsync here while the peer does, without two thread
+                    # hops (18 % of the CPU of a 4 KiB write + fdatasync). A longer fsync
+                    # would stall every operation and the link's keepalives: in a thread.
+                    await link.flush()
+                    self._fsync_local(path, datasync)
+                    await self._wait_acked(link, seq)
+                else:
+                    async with trio.open_nursery() as n:
+                        n.start_soon(local)
+                        await self._wait_acked(link, seq)
+            finally:
+                self._barriers -= 1
         else:
             await local()
             assert self._dirty is not None
             await trio.to_thread.run_sync(self._dirty.sync)
+
+    async def _wait_acked(self, link: PrimaryLink, seq: int) -> None:
+        try:
+            await link.wait_acked(seq)
+        except LinkLost as e:
+            await self._go_alone(str(e))
 
     def _fsync_local(self, path: bytes, datasync: bool) -> None:
         p = os.fsencode(self.backing) + (b"/" + path if path else b"")

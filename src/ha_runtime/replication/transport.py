@@ -461,19 +461,27 @@ class PrimaryLink:
         while True:
             await self._wake_sender.wait()
             self._wake_sender = trio.Event()
-            while self._out:
-                batch, self._out = self._out, []
-                self._out_bytes = 0
-                try:
-                    await self.conn.send(b"".join(batch))
-                except (
-                    trio.BrokenResourceError,
-                    trio.ClosedResourceError,
-                    ssl.SSLError,
-                    OSError,
-                ) as e:
-                    self.fail(f"send failed: {e}")
-                    return
+            while self._out and await self._send_out():
+                pass
+            if self.lost_reason:
+                return
+
+    async def _send_out(self) -> bool:
+        """Send what is queued; False if the link failed. Order holds between the sender and
+        ``flush``: each takes its batch and queues on the connection's FIFO lock at once."""
+        batch, self._out = self._out, []
+        self._out_bytes = 0
+        try:
+            await self.conn.send(b"".join(batch))
+        except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError, OSError) as e:
+            self.fail(f"send failed: {e}")
+            return False
+        return True
+
+    async def flush(self) -> None:
+        """Send what is queued now, from the calling task (a barrier about to block)."""
+        if self._out and not self.lost_reason:
+            await self._send_out()
 
     async def _receiver(self) -> None:
         while True:

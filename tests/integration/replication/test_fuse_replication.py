@@ -75,6 +75,11 @@ def write_sync(p: Path, data: bytes, off: int = 0) -> None:
         os.close(fd)
 
 
+def in_step(svc: ReplicationService) -> bool:
+    s = svc.status()
+    return s.acked_seq == s.last_seq
+
+
 def test_mount_replicate_lose_peer_resync(tmp_path: Path) -> None:  # noqa: PLR0915
     module, c1, c2 = configs(tmp_path)
     port = free_port()
@@ -107,7 +112,8 @@ def test_mount_replicate_lose_peer_resync(tmp_path: Path) -> None:  # noqa: PLR0
 
             n.start_soon(run_sec)
             await n.start(prim.run_primary)
-            await until(lambda: prim.status().state == "sync")
+            # "sync" starts with the resync's final barrier, before the peer acknowledged it
+            await until(lambda: prim.status().state == "sync" and in_step(prim))
             assert (b2 / "old.bin").read_bytes() == (b1 / "old.bin").read_bytes()
 
             # fsync semantics: when fsync returns, the secondary has the bytes durably
