@@ -31,6 +31,9 @@ from ha_runtime.replication.transport import LinkLost, PrimaryLink, TlsFiles
 
 log = logging.getLogger("hapair.replication")
 
+# A connection attempt refused within this (the peer's host answered) is retried this soon.
+QUICK_REFUSAL_S = 0.2
+
 # A barrier with at most this much written since the previous one fsyncs the local file in
 # the event loop (a short fdatasync); above it, in a thread.
 INLINE_FSYNC_BYTES = 1 << 20
@@ -296,19 +299,31 @@ class ReplicationService:
     async def _connect_loop(self) -> None:
         ctx = transport.client_context(self.tls)
         attempt = 0
+        refused: list[str] = []
+
+        def on_refused(m: str) -> None:
+            refused.append(m)
+            self._emit("link_refused", reason=m)
+
         while True:
+            refused.clear()
+            t0 = trio.current_time()
             try:
                 conn = await transport.connect(
                     addresses=self._addresses(), peer=self.peer, ctx=ctx, key=self.key,
-                    timeout=self.settings.timeout_s,
-                    on_refused=lambda m: self._emit("link_refused", reason=m),
+                    timeout=self.settings.timeout_s, on_refused=on_refused,
                 )  # fmt: skip
             except LinkLost as e:
                 self._status.last_error = str(e)
-                await trio.sleep(transport.backoff(attempt))
-                attempt += 1
+                if not refused and trio.current_time() - t0 < QUICK_REFUSAL_S:
+                    # Refused at once: the peer's host is up and its replica is not listening
+                    # yet (a node booting): it will be soon, and the resync waits on it (the
+                    # backoff made the peer wait up to 2 s more). A TLS refusal backs off.
+                    await trio.sleep(QUICK_REFUSAL_S)
+                else:
+                    await trio.sleep(transport.backoff(attempt))
+                    attempt += 1
                 continue
-            attempt = 0
             link = PrimaryLink(
                 conn, timeout=self.settings.timeout_s, durable=self.settings.ack == "durable",
                 max_inflight=self.settings.max_inflight_bytes, on_rejected=self._rejected,
@@ -324,8 +339,13 @@ class ReplicationService:
                     # a resync waited a whole timeout for room without any acknowledgement
                     link.fail(f"no acknowledgement within {link.timeout:g} s (resync)")
                 n.cancel_scope.cancel()
+            reached_sync = self._status.state == "sync"
             await self._go_alone(link.lost_reason or "link closed")
             self._link = None
+            # A secondary that fails every session at once (its disk full) must not be
+            # reconnected to in a tight loop: back off until a session reaches sync.
+            attempt = 0 if reached_sync else attempt + 1
+            await trio.sleep(transport.backoff(attempt))
 
     async def _session(self, link: PrimaryLink) -> None:
         assert self._dirty is not None
