@@ -65,6 +65,7 @@ class Progress:
     files_done: int = 0
     started: float = field(default_factory=time.monotonic)
     pinged_seq: int = 0  # last record sent before the resync's latest keepalive
+    queued_s: float | None = None  # when everything was queued (the rest: the final barrier)
 
     @property
     def bytes_left(self) -> int:
@@ -88,6 +89,7 @@ class Progress:
             "rate_bps": round(self.rate_bps),
             "eta_s": None if self.eta_s is None else round(self.eta_s, 1),
             "files_done": self.files_done,
+            "queued_s": None if self.queued_s is None else round(self.queued_s, 3),
         }
 
 
@@ -191,6 +193,7 @@ async def incremental(
         if on_progress and time.monotonic() - last >= 1:
             last = time.monotonic()
             on_progress(progress)
+    progress.queued_s = time.monotonic() - progress.started
 
 
 async def _reconcile(  # noqa: PLR0917
