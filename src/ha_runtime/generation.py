@@ -14,6 +14,7 @@ import enum
 import json
 import os
 import secrets
+import threading
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -96,7 +97,9 @@ class GenerationStore:
 def atomic_write(path: Path, data: bytes) -> None:
     """Write-temp, fsync, rename, fsync the directory: either the old or the new content."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    # A name of its own per writer: two tasks of one process declaring the same file (the
+    # link reaching sync while a new generation arrives) must not rename each other's temp.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         os.write(fd, data)

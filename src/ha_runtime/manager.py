@@ -19,7 +19,15 @@ import trio
 
 from ha_runtime import vip
 from ha_runtime.config import ClusterConfig, ModuleConfig
-from ha_runtime.decision import Decision, Inputs, PeerStatus, PeerView, decide, swap_refusal
+from ha_runtime.decision import (
+    Decision,
+    Inputs,
+    PeerStatus,
+    PeerView,
+    decide,
+    peer_ready,
+    swap_refusal,
+)
 from ha_runtime.events import EventLog
 from ha_runtime.generation import Generation, GenerationStore, GenRecord, Relation
 from ha_runtime.heartbeat import LocalAnnounce, PeerTable
@@ -115,6 +123,7 @@ class ModuleManager(ModuleBase):
             self.replica = ReplicaSupervisor(cluster, module, self._on_replica_event)
             self.replica.generation = _hex(self.record.generation)
         self._nursery: trio.Nursery | None = None
+        self._recovering = False  # a dead primary replication child is being restarted
 
     # ----------------------------------------------------------------- inputs
 
@@ -301,14 +310,48 @@ class ModuleManager(ModuleBase):
             await self.replica.stop()
 
     def _check_replica(self) -> None:
-        if self.replica is None or self.ctl.yielding is not None:
+        if self.replica is None or self.ctl.yielding is not None or self._recovering:
             return
         failed = self.replica.failed_primary()
-        if failed is not None and self.state.is_primary:
+        if failed is None or not self.state.is_primary:
+            return
+        self.events.append(self.m.name, "replication", node=self.node, kind="failed", reason=failed)
+        # The application lost its directories with the child. A peer in sync takes over;
+        # one that is not (resyncing, behind) cannot, and stepping down would leave nobody
+        # serving: restart the replicator and the application here instead, within budget.
+        if peer_ready(self.inputs()) or self._nursery is None:
             self.ctl.yielding = failed
-            self.events.append(
-                self.m.name, "replication", node=self.node, kind="failed", reason=failed
-            )
+        elif not self.budget.try_restart(self._clock()):
+            self.ctl.yielding = f"{failed} ({self.budget.max_restarts} restarts used in the window)"
+        else:
+            self._recovering = True
+            self._nursery.start_soon(self._restart_replication, failed)
+
+    async def _restart_replication(self, why: str) -> None:
+        """Remount through a new replication child (its dirty log on disk still records what
+        the peer lacks) and restart the application on it, keeping the VIP."""
+        assert self.replica is not None
+        try:
+            async with self._lock:
+                if not self.state.is_primary:
+                    return
+                label = f"{self.state.name}->{self.state.name}"
+                await self._run_script("stop_prim", label, why)
+                await self.replica.stop()
+                try:
+                    await self.replica.start("primary")
+                except ReplicaError as exc:
+                    self.ctl.yielding = f"cannot restart replication: {exc}"
+                    return
+                res = await self._run_script("start_prim", label, why)
+                self.events.append(
+                    self.m.name, "restart", node=self.node,
+                    reason=f"replication restarted here (peer not in sync): {why}",
+                    ok=res is None or res.ok,
+                )  # fmt: skip
+        finally:
+            self._recovering = False
+            self.wake()
 
     def _on_replica_event(self, index: int, kind: str, detail: dict[str, Any]) -> None:
         """Events of the replication children: audit log, journal, and a fresh decision."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import trio
 from ha_runtime.checkers import RestartBudget, interface_up, probe, process_running
 from ha_runtime.config import CheckerSpec
 from ha_runtime.events import EventLog, RefusalLog
-from ha_runtime.generation import Generation, GenerationStore, GenRecord
+from ha_runtime.generation import Generation, GenerationStore, GenRecord, atomic_write
 from ha_runtime.scripts import run_script, script_env
 from ha_runtime.sdnotify import notify
 from ha_runtime.security import InsecureFile, check_private, read_site_key
@@ -50,6 +51,30 @@ def test_generation_store_roundtrip(tmp_path: Path) -> None:
     rec = GenRecord(Generation().advance().advance(), True)
     store.save(rec)
     assert store.load() == rec
+    assert not list(tmp_path.glob(".*tmp"))
+
+
+def test_atomic_write_from_concurrent_threads(tmp_path: Path) -> None:
+    """The fault campaign killed a primary's replication child with FileNotFoundError: two
+    threads declared the same `.synced` file through one fixed temp name, and the first
+    rename took the second's temp away. Each writer now has its own temp."""
+    path = tmp_path / "m.0.synced"
+    errors: list[BaseException] = []
+
+    def writer(n: int) -> None:
+        try:
+            for i in range(200):
+                atomic_write(path, f"{n}-{i}\n".encode())
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert path.read_text().endswith("-199\n")
     assert not list(tmp_path.glob(".*tmp"))
 
 
