@@ -31,7 +31,6 @@ if str(HERE) not in sys.path:  # run as a script or imported by pytest: siblings
 
 import yaml  # noqa: E402
 from nemesis import (  # noqa: E402
-    FARM,
     FAULTS,
     JUSTIFY_FAILOVER,
     MIRROR,
@@ -71,23 +70,15 @@ def site_modules(witness: bool) -> list[dict[str, Any]]:
 
 
 def deploy(witness: bool, log: Any = print) -> None:
-    """deploy.yml with (or without) the witness; raises if it fails or does not converge."""
-    st = site_status()
-    have = all(
-        (st[n].get(m, {}).get("witness_ok") is not None) == witness
-        for n in NODES
-        for m in (MIRROR, FARM)
-    )
-    deployed = all(st[n] for n in NODES)
-    if have and deployed:
-        log(f"[campaign] site already deployed with witness={witness}")
-    else:
-        # Only the module role when the site is deployed (the witness is a module setting).
-        playbook = "tests/chaos/site_modules.yml" if deployed else "playbooks/deploy.yml"
-        log(f"[campaign] {playbook} (witness={witness})")
-        result = run_playbook(playbook, {"hapair_modules": site_modules(witness)}, 1800)
-        if result.problems(set()):
-            raise CampaignFailed(f"{playbook} failed: {result.problems(set())}")
+    """deploy.yml with (or without) the witness; raises if it fails or does not converge.
+
+    Always the whole playbook, even on a deployed site: the lab is shared, and a runtime
+    another run installed from another tree must not be the one the campaign judges (the
+    runtime role reinstalls only when this tree's wheelhouse differs, so it is quick)."""
+    log(f"[campaign] playbooks/deploy.yml (witness={witness})")
+    result = run_playbook("playbooks/deploy.yml", {"hapair_modules": site_modules(witness)}, 1800)
+    if result.problems(set()):
+        raise CampaignFailed(f"playbooks/deploy.yml failed: {result.problems(set())}")
     if wait_converged(180) is None:
         raise CampaignFailed(f"site not converged after deploy: {site_status()}")
 
