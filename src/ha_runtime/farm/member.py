@@ -71,6 +71,10 @@ class FarmMember:
         self._plan = plan(self.spec.power_map)
         self._last_map: BucketMap | None = None
         self._orphans: frozenset[int] = frozenset()
+        self._now = 0.0
+        # Buckets the map gave us from an owner still alive -> when we may take them.
+        self._pending: dict[int, float] = {}
+        self._reported = False  # a membership report has been evaluated
 
     # ------------------------------------------------------------------ inputs
 
@@ -90,9 +94,20 @@ class FarmMember:
         self.drained = False
         return self._evaluate()
 
-    def update(self, membership: Membership) -> Transition | None:
+    def update(self, membership: Membership, now: float | None = None) -> Transition | None:
+        if now is not None:
+            self._now = now
         self.membership = membership
         return self._evaluate()
+
+    def tick(self, now: float) -> None:
+        """Time passes: pending buckets whose handover delay is over become ours."""
+        self._now = now
+        self._pending = {b: t for b, t in self._pending.items() if t > now}
+
+    def next_due(self) -> float | None:
+        """When the next pending bucket becomes ours (None: nothing pending)."""
+        return min(self._pending.values(), default=None)
 
     # ------------------------------------------------------------------ outputs
 
@@ -119,9 +134,12 @@ class FarmMember:
 
     @property
     def my_buckets(self) -> frozenset[int]:
+        """The buckets this node answers now: its share of the map, less those still being
+        handed over by an owner that is alive."""
         if not self.eligible:
             return frozenset()
-        return self.bucket_map.buckets_of(self.node)
+        mine = self.bucket_map.buckets_of(self.node)
+        return mine - {b for b, t in self._pending.items() if t > self._now}
 
     @property
     def orphans(self) -> frozenset[int]:
@@ -151,7 +169,26 @@ class FarmMember:
         # gave the bucket away (it served it while the bucket's usual owner was away): only
         # a node left alone can tell a dead connection from a live one.
         self._orphans = frozenset() if alive - {self.node} else kept | gained
+        self._track_handover(old, mine, alive)
         self._last_map = new
+
+    def _track_handover(self, old: BucketMap | None, mine: frozenset[int], alive: set[str]) -> None:
+        """Two nodes must never answer one bucket. A bucket the map moves to us from a node
+        that is alive (rejoining, rebalancing, or one that just stepped down) is still
+        answered there until that node hears of the change; we take it handover_s later.
+        A bucket of a dead node is taken at once: nobody else answers it."""
+        pending = {b: t for b, t in self._pending.items() if b in mine}
+        if self.membership is not None and not self._reported:
+            # The first report (the service just started): the others served without us.
+            others = tuple(n for n in self.members if n != self.node)
+            old = self._plan.assign(others)
+            self._reported = True
+        if old is not None and self.spec.handover_s > 0:
+            for b in mine:
+                owner = old.owners[b]
+                if b not in pending and owner not in (None, self.node) and owner in alive:
+                    pending[b] = self._now + self.spec.handover_s
+        self._pending = pending
 
     def _evaluate(self) -> Transition | None:
         transition = self._decide()

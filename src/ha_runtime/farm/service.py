@@ -22,6 +22,8 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import math
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -80,6 +82,7 @@ class FarmService:
         self._dirty = trio.Event()
         self._lock = trio.Lock()
         self._counters: dict[str, int] = {}
+        self._clock = time.monotonic  # the handover delays of member.py
 
     # ------------------------------------------------------------------ operator / manager
 
@@ -165,8 +168,12 @@ class FarmService:
                 nursery.start_soon(self._follow, updates, nursery.cancel_scope)
                 task_status.started()
                 while True:
-                    await self._dirty.wait()
+                    due = self.member.next_due()
+                    wait = math.inf if due is None else max(0.0, due - self._clock())
+                    with trio.move_on_after(wait):
+                        await self._dirty.wait()
                     self._dirty = trio.Event()
+                    self.member.tick(self._clock())
                     await self._sync()
         finally:
             with trio.CancelScope(shield=True):
@@ -177,7 +184,7 @@ class FarmService:
     ) -> None:
         async with updates:
             async for membership in updates:
-                self._record(self.member.update(membership))
+                self._record(self.member.update(membership, now=self._clock()))
                 self._dirty.set()
         scope.cancel()  # the channel was closed: stop the module
 

@@ -61,6 +61,9 @@ class FarmSpec:
     mac: str
     seed: int  # jhash seed: must be the same on every node, so derived from the module name
     witness: bool = False  # the module has witness addresses (isolation rule of member.py)
+    # A bucket whose owner is still alive is taken this long after the map gives it to us:
+    # the owner hears the change one heartbeat later and releases it first (member.py).
+    handover_s: float = 0.0
 
     @property
     def nodes(self) -> tuple[str, ...]:
@@ -95,7 +98,14 @@ class FarmSpec:
             mac=farm.mac or default_mac(module.vip.address, farm.mac_mode),
             seed=seed_for(module.name),
             witness=bool(module.witness),
+            handover_s=handover_delay(module.heartbeat.interval_ms / 1000),
         )
+
+
+def handover_delay(interval_s: float) -> float:
+    """Three heartbeat intervals (at least 0.2 s): the new member announces itself at once,
+    so the owner has heard it after one interval even with a lost heartbeat or two."""
+    return max(0.2, 3 * interval_s)
 
 
 def seed_for(module: str) -> int:

@@ -6,6 +6,8 @@ import socket
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
+
 from ha_runtime.farm.arp import (
     ARP_REPLY,
     ARP_REQUEST,
@@ -21,6 +23,7 @@ from ha_runtime.farm.spec import (
     FarmRule,
     FarmSpec,
     default_mac,
+    handover_delay,
     igmp_group,
     parse_farm_section,
     seed_for,
@@ -263,3 +266,43 @@ def test_a_node_starting_alone_has_no_orphans() -> None:
     m.start()
     m.update(peers())
     assert len(m.my_buckets) == 256 and m.orphans == frozenset()
+
+
+def test_a_bucket_is_taken_from_a_live_owner_only_after_the_handover_delay() -> None:
+    """The fault campaign saw node1 and node2 answer the same 128 buckets for ~13 ms when
+    node2 came back (it took its share before node1 had heard it). Now a bucket whose owner
+    is alive is taken handover_s later; one whose owner is dead, at once."""
+    joining = FarmMember(spec(handover_s=0.3), "node2")
+    joining.start()
+    joining.update(peers("node1", "node3"), now=10.0)  # first report: the others serve all
+    assert state_of(joining) == State.UP and joining.my_buckets == frozenset()
+    assert joining.next_due() == pytest.approx(10.3)
+    joining.tick(10.29)
+    assert joining.my_buckets == frozenset()
+    joining.tick(10.31)
+    assert len(joining.my_buckets) == 64 and joining.next_due() is None
+
+    # Back from WAIT (a checker failed, then passed): the same delay.
+    joining.update(Membership(peers=peers("node1", "node3").peers, healthy=False), now=20.0)
+    assert joining.my_buckets == frozenset()
+    joining.update(peers("node1", "node3"), now=21.0)
+    assert joining.my_buckets == frozenset()
+    joining.tick(21.31)
+    assert len(joining.my_buckets) == 64
+
+    # node3 dies: nobody answers its buckets any more, node2 takes its part of them at once.
+    before = joining.my_buckets
+    joining.update(peers("node1"), now=30.0)
+    assert joining.my_buckets > before and joining.next_due() is None
+
+
+def test_no_handover_delay_configured_takes_at_once() -> None:
+    m = FarmMember(spec(), "node2")
+    m.start()
+    m.update(peers("node1", "node3"), now=1.0)
+    assert len(m.my_buckets) == 64 and m.next_due() is None
+
+
+def test_handover_delay_follows_the_heartbeat_interval() -> None:
+    assert handover_delay(0.1) == pytest.approx(0.3)
+    assert handover_delay(0.02) == pytest.approx(0.2)
