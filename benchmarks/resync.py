@@ -164,8 +164,12 @@ def incremental(b: Bench, primary: str, secondary: str, hb: str) -> list[Figure]
     b.sh(primary, f"rm -rf {tree}")
     b.py(primary, MAKE_TREE.format(tree=tree))
     b.wait_in_sync()
+    # sync: the lab's crash kills the container but the host keeps its file system and the
+    # copy's 1.1 GB of dirty pages, which the resync's final barrier (syncfs) would write
+    # back; a real crash or power cut leaves no dirty pages behind.
     b.sh(
-        secondary, f"rm -rf /var/tmp/rsync-tree && cp -a {b.backing}/bench-tree /var/tmp/rsync-tree"
+        secondary,
+        f"rm -rf /var/tmp/rsync-tree && cp -a {b.backing}/bench-tree /var/tmp/rsync-tree && sync",
     )
     b.lab.crash(secondary)
     changed = json.loads(b.py(primary, CHANGE_TREE.format(tree=tree)))["changed"]
@@ -251,7 +255,7 @@ def full(b: Bench, primary: str, secondary: str, hb: str) -> list[Figure]:
     b.wait_in_sync()
     # Unknown divergence: the secondary's copy altered behind the replicator's back.
     b.py(secondary, SCATTER.format(path=f"{b.backing}/bench-big"))
-    b.sh(secondary, f"cp {b.backing}/bench-big /var/tmp/rsync-big")
+    b.sh(secondary, f"cp {b.backing}/bench-big /var/tmp/rsync-big && sync")  # as above
     done_before = len(b.events(primary, "resync_done"))
     with WireCounter(7441) as wire:
         t = time.monotonic()
