@@ -33,6 +33,8 @@ log = logging.getLogger("hapair.replication")
 
 # A connection attempt refused within this (the peer's host answered) is retried this soon.
 QUICK_REFUSAL_S = 0.2
+# A session shorter than this counts as failed for the reconnection backoff.
+STABLE_SESSION_S = 10.0
 
 # A barrier with at most this much written since the previous one fsyncs the local file in
 # the event loop (a short fdatasync); above it, in a thread.
@@ -324,6 +326,7 @@ class ReplicationService:
                     await trio.sleep(transport.backoff(attempt))
                     attempt += 1
                 continue
+            t_session = trio.current_time()
             link = PrimaryLink(
                 conn, timeout=self.settings.timeout_s, durable=self.settings.ack == "durable",
                 max_inflight=self.settings.max_inflight_bytes, on_rejected=self._rejected,
@@ -339,12 +342,13 @@ class ReplicationService:
                     # a resync waited a whole timeout for room without any acknowledgement
                     link.fail(f"no acknowledgement within {link.timeout:g} s (resync)")
                 n.cancel_scope.cancel()
-            reached_sync = self._status.state == "sync"
+            lasted = trio.current_time() - t_session
             await self._go_alone(link.lost_reason or "link closed")
             self._link = None
-            # A secondary that fails every session at once (its disk full) must not be
-            # reconnected to in a tight loop: back off until a session reaches sync.
-            attempt = 0 if reached_sync else attempt + 1
+            # A secondary that fails every session within moments (its disk full: a short
+            # resync reaches sync, the next write fails) must not be reconnected to in a
+            # tight loop: back off until a session lasts.
+            attempt = 0 if lasted >= STABLE_SESSION_S else attempt + 1
             await trio.sleep(transport.backoff(attempt))
 
     async def _session(self, link: PrimaryLink) -> None:
