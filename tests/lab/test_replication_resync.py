@@ -38,6 +38,11 @@ for i in range({FILES}):
     os.makedirs(d, exist_ok=True)
     with open("%s/f%05d" % (d, i), "wb") as f:
         f.write(rnd.randbytes({FILE_SIZE}))
+# durable on both nodes before the crash (a barrier through the mount): writes not yet
+# durable on the peer when it goes are rightly noted dirty and resent, over the budget
+fd = os.open("{TREE}", os.O_RDONLY)
+os.fsync(fd)
+os.close(fd)
 os.sync()
 """
 
