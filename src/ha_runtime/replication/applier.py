@@ -383,6 +383,7 @@ class Applier:
                 else:
                     os.write(fd, content)
                 if more:
+                    _start_writeback(fd)
                     self._deltas[path] = fd
                     fd = -1
                     return
@@ -514,6 +515,22 @@ class Applier:
         self._dirty_files.clear()
         self._dirty_dirs.clear()
         self.durable_seq = self.applied_seq
+
+
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def _start_writeback(fd: int) -> None:
+    """Start writing the file's dirty pages back, without waiting (best effort: the fsync
+    that follows is what makes it durable). A delta rebuilds a large file piece by piece in
+    the secondary's event loop; left to its last piece, the fsync of 1 GiB took 2.2 s on a
+    loop disk, past the link timeout, and the full resync started again from the start."""
+    _libc.sync_file_range(
+        ctypes.c_int(fd),
+        ctypes.c_int64(0),
+        ctypes.c_int64(0),
+        ctypes.c_uint(_SYNC_FILE_RANGE_WRITE),
+    )
 
 
 def _rmtree_at(pfd: int, name: bytes) -> None:
