@@ -13,8 +13,9 @@
   over): the primary restarts the replicator and the application itself and keeps
   acknowledging writes; nothing acknowledged is lost.
 - Secondary disk full: the primary goes ALONE with a reason naming the full disk, backs off
-  between reconnections that fail at once, and keeps acknowledging writes; once space is freed the pair resyncs; every acknowledged write is
-  readable, both databases pass SQLite's integrity check and the copies are identical.
+  between reconnections that fail at once, and keeps acknowledging writes; once space is
+  freed the pair resyncs; every acknowledged write is readable, both databases pass
+  SQLite's integrity check and the copies are identical.
 """
 
 from __future__ import annotations
