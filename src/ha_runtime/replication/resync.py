@@ -117,11 +117,7 @@ async def _room(link: PrimaryLink, progress: Progress) -> None:
     if st.inflight_bytes > RESYNC_WINDOW // 2 and st.received_seq >= progress.pinged_seq:
         link.ping()  # the previous one was answered: ask for the next receipt ack
         progress.pinged_seq = st.last_seq
-    while link.stats().inflight_bytes > RESYNC_WINDOW:
-        with trio.move_on_after(link.timeout) as cs:
-            await link._wait_change()
-        if cs.cancelled_caught:
-            raise trio.TooSlowError
+    await link.wait_progress(lambda: link.stats().inflight_bytes <= RESYNC_WINDOW)
 
 
 async def _send_ranges(
@@ -313,7 +309,7 @@ async def _send_file(  # noqa: PLR0917
         # wire, which the byte window does not see: at most two pieces ahead of the one it
         # rebuilds, so its keepalive answers stay within the timeout.
         if len(sent) >= 2:
-            await _until_received(link, sent[-2])
+            await link.wait_progress(lambda: link.stats().received_seq >= sent[-2])
         flags = (DELTA_CONT if i else 0) | (DELTA_MORE if i < len(pieces) - 1 else 0)
         sent.append(
             link.submit(Record(0, Op.DELTA, rel, offset=out, flags=flags, data=piece.encode()))
@@ -321,16 +317,6 @@ async def _send_file(  # noqa: PLR0917
         link.ping()  # answered once the piece is rebuilt: its receipt ack
         out += piece.length
         progress.bytes_done += piece.length
-
-
-async def _until_received(link: PrimaryLink, seq: int) -> None:
-    """Wait until the secondary acknowledged receipt of ``seq``; TooSlowError after a whole
-    timeout without any acknowledgement."""
-    while link.stats().received_seq < seq:
-        with trio.move_on_after(link.timeout) as cs:
-            await link._wait_change()
-        if cs.cancelled_caught:
-            raise trio.TooSlowError
 
 
 def _read(path: bytes) -> bytes:

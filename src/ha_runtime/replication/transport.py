@@ -404,10 +404,14 @@ class PrimaryLink:
             raise LinkLost(self.lost_reason)
 
     async def room(self) -> None:
-        """Backpressure: wait while too many bytes are unacknowledged. TooSlowError only when
+        """Backpressure: wait while too many bytes are unacknowledged."""
+        await self.wait_progress(lambda: self._inflight_bytes <= self.max_inflight)
+
+    async def wait_progress(self, done: Callable[[], bool]) -> None:
+        """Wait until ``done()``, re-checked on every acknowledgement. TooSlowError only when
         no acknowledgement at all came for a whole timeout: a busy secondary still making
         progress (a resync's large records) is not a dead one."""
-        while self._inflight_bytes > self.max_inflight:
+        while not done():
             with trio.move_on_after(self.timeout) as cs:
                 await self._wait_change()
             if cs.cancelled_caught:

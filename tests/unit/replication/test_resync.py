@@ -16,7 +16,7 @@ from ha_runtime.replication import resync
 from ha_runtime.replication.applier import Applier
 from ha_runtime.replication.dirtylog import DirtyLog
 from ha_runtime.replication.journal import Op, Record
-from ha_runtime.replication.transport import LinkStats
+from ha_runtime.replication.transport import LinkStats, PrimaryLink
 
 
 class ApplyingLink:
@@ -35,6 +35,7 @@ class ApplyingLink:
         return r.seq
 
     timeout = 3.0
+    wait_progress = PrimaryLink.wait_progress  # the real loop; here every record is acked
 
     async def room(self) -> None:
         await trio.lowlevel.checkpoint()
@@ -116,6 +117,7 @@ class SlowPeerLink:
     when it reaches a keepalive (as a secondary acking by record count does)."""
 
     timeout = 3.0
+    wait_progress = PrimaryLink.wait_progress  # the real loop, woken by _wait_change below
 
     def __init__(self, rate: int) -> None:
         self.rate = rate
