@@ -230,19 +230,24 @@ class Campaign:
             for f in faults
         )
 
+    def _results_stem(self, started_wall: float) -> str:
+        """The name shared by a run's summary and kept journals in tests/chaos/results/."""
+        return (
+            f"campaign-seed{self.seed}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime(started_wall))}"
+        )
+
     def _keep_node_logs(self, lab: Lab, since_wall: float) -> None:
         """The nodes' journals are volatile (a crash or the next run loses them): keep what
         the runtime and the applications logged beside the summary, to diagnose."""
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(since_wall - 5))
         units = ["-u", "hapair", "-u", "flightdata", "-u", "weather"]
-        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(since_wall))
         for node in NODES:
             argv = ["journalctl", "--utc", "--no-pager", "-o", "short-precise", "--since", since]
             proc = subprocess.run(
                 lab.exec_argv(node, argv + units),
                 capture_output=True, text=True, timeout=120, check=False,
             )  # fmt: skip
-            path = RESULTS / f"campaign-seed{self.seed}-{stamp}-{node}.log"
+            path = RESULTS / f"{self._results_stem(since_wall)}-{node}.log"
             path.write_text(proc.stdout + proc.stderr)
             self.log(f"{node}'s journal since the start kept in {path}")
 
@@ -395,8 +400,7 @@ class Campaign:
             "violations": self.violations,
         }
         RESULTS.mkdir(exist_ok=True)
-        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(started_wall))
-        (RESULTS / f"campaign-seed{self.seed}-{stamp}.json").write_text(
+        (RESULTS / f"{self._results_stem(started_wall)}.json").write_text(
             json.dumps(self.summary, indent=2) + "\n"
         )
 
