@@ -208,10 +208,11 @@ async def any_reachable(addresses: tuple[str, ...], timeout_s: float, attempts: 
             found = True
             cancel.cancel()
 
+    rounds = max(1, attempts)
     with trio.move_on_after(timeout_s):
         async with trio.open_nursery() as nursery:
-            for _ in range(max(1, attempts)):
+            for _ in range(rounds):
                 for a in addresses:
                     nursery.start_soon(one, a, nursery.cancel_scope)
-                await trio.sleep(timeout_s / max(1, attempts))
+                await trio.sleep(timeout_s / rounds)
     return found

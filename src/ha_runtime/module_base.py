@@ -207,7 +207,7 @@ class ModuleBase(ABC):
         return last if self._clock() - last >= self._suspect_after_s else None
 
     def _witness_fresh(self) -> bool:
-        """A witness probe started after the peers went quiet has answered."""
+        """A witness probe sent after the peers went quiet has finished (answered or not)."""
         quiet = self._quiet_since()
         probe = self._witness_probe
         return quiet is not None and probe is not None and probe.started > quiet
