@@ -26,7 +26,7 @@ from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
@@ -551,10 +551,15 @@ class PrimaryLink:
 
 # --------------------------------------------------------------------------- secondary side
 
+T = TypeVar("T")
+
 # Receipt acks free the primary's send queue (max_inflight, 64 MiB by default): acked by
 # count alone, a stream of 1 MiB writes filled it and stalled until the next checkpoint.
 ACK_EVERY_RECORDS = 256
 ACK_EVERY_BYTES = 4 << 20
+# Records at least this large are applied in a worker thread while keepalives are answered
+# (and the next frames decrypted meanwhile).
+HEAVY_RECORD_BYTES = 256 << 10
 
 
 ControlHandler = Callable[[dict[str, Any], bytes], Awaitable[tuple[dict[str, Any], bytes]]]
@@ -648,16 +653,20 @@ class SecondarySession:
                 if self._unacked:
                     # Free the primary's send queue first: the fsync may take a while.
                     await self._ack()
-                await self._checkpoint()
+                await self._answering_keepalives(self._checkpoint, frames)
                 await self._ack()
             if f is not None and not await self._handle(f, frames):
                 return
 
-    async def _control(self, c: Any, frames: trio.MemoryReceiveChannel[Frame | None]) -> Any:
-        """Run a control request (a digest or signatures of a large tree may take longer than
-        the link's timeout) while answering the primary's keepalives; any other frame
-        waits in order until it is done."""
-        result: list[tuple[dict[str, Any], bytes]] = []
+    async def _answering_keepalives(
+        self, work: Callable[[], Awaitable[T]], frames: trio.MemoryReceiveChannel[Frame | None]
+    ) -> T:
+        """Run ``work`` (a control request, a large record applied in a thread, a checkpoint)
+        while answering the primary's keepalives; any other frame waits, in order, until it
+        is done. Without this a piece of a full resync rebuilding 32 MiB, or a syncfs behind
+        a resync's dirty pages, held the answers past the link's timeout and the primary
+        dropped the link and started over."""
+        result: list[T] = []
 
         async def keepalives() -> None:
             while True:
@@ -669,18 +678,33 @@ class SecondarySession:
                 if fr is None:
                     return
 
+        failed: list[Exception] = []
         async with trio.open_nursery() as n:
             n.start_soon(keepalives)
             try:
-                result.append(await self.control(*c))
-            except (OSError, ValueError) as e:
-                result.append(({"error": str(e)}, b""))
+                result.append(await work())
+            except Exception as e:  # re-raised bare below, not inside an ExceptionGroup
+                failed.append(e)
             n.cancel_scope.cancel()
+        if failed:
+            raise failed[0]
         return result[0]
+
+    async def _control(self, c: Any, frames: trio.MemoryReceiveChannel[Frame | None]) -> Any:
+        """Run a control request (a digest or signatures of a large tree may take longer than
+        the link's timeout) while answering keepalives."""
+
+        async def work() -> tuple[dict[str, Any], bytes]:
+            try:
+                return await self.control(*c)
+            except (OSError, ValueError) as e:
+                return {"error": str(e)}, b""
+
+        return await self._answering_keepalives(work, frames)
 
     async def _handle(self, f: Frame, frames: trio.MemoryReceiveChannel[Frame | None]) -> bool:
         if f.kind == Kind.RECORD:
-            return await self._record(f)
+            return await self._record(f, frames)
         if f.kind == Kind.PING:
             await self._ack(encode_frame(Kind.PONG, b"", self.conn.key))
             return True
@@ -697,7 +721,7 @@ class SecondarySession:
         self._reject(f"unexpected_{f.kind.name.lower()}")
         return False
 
-    async def _record(self, f: Frame) -> bool:
+    async def _record(self, f: Frame, frames: trio.MemoryReceiveChannel[Frame | None]) -> bool:
         try:
             rec = decode_record(f.payload)
         except RecordError as e:
@@ -708,8 +732,14 @@ class SecondarySession:
             self.received = rec.seq
             await self._ack()
             return True
+        heavy = _heavy(rec)
         try:
-            self.apply(rec)
+            if heavy:
+                await self._answering_keepalives(
+                    lambda: trio.to_thread.run_sync(self.apply, rec), frames
+                )
+            else:
+                self.apply(rec)
         except (OSError, ValueError) as e:
             log.warning("replication: cannot apply %s %r: %s", rec.op.name, rec.path, e)
             err = json.dumps({"error": f"{rec.op.name} {rec.path!r}: {e}"}).encode()
@@ -724,9 +754,19 @@ class SecondarySession:
             self.durable_seq = rec.seq
             self._last_ckpt = time.monotonic()
             await self._ack()
-        elif self._unacked >= ACK_EVERY_RECORDS or self._unacked_bytes >= ACK_EVERY_BYTES:
+        elif (
+            heavy  # keepalives answered meanwhile carried the ack before it: say it is done
+            or self._unacked >= ACK_EVERY_RECORDS
+            or self._unacked_bytes >= ACK_EVERY_BYTES
+        ):
             await self._ack()
         return True
+
+
+def _heavy(rec: Record) -> bool:
+    """A record applied in a worker thread: a full resync's piece (rebuilds up to 32 MiB)
+    or a large write. Small ones stay inline: a thread hop costs more than they do."""
+    return rec.op in (Op.DELTA, Op.REPLACE) or len(rec.data) >= HEAVY_RECORD_BYTES
 
 
 def backoff(attempt: int) -> float:

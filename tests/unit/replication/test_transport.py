@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import socket
+import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +31,10 @@ async def _no_control(obj: dict[str, Any], body: bytes) -> tuple[dict[str, Any],
 
 def _secondary(
     tmp: Path, tls: T.TlsFiles, port: int, refused: list[str], key: bytes = KEY, *,
-    checkpoint_s: float = 1.0,
+    checkpoint_s: float = 1.0, apply: Callable[[Applier, Record], None] | None = None,
 ):  # fmt: skip
     applier = Applier(tmp / "second")
+    apply_one = applier.apply if apply is None else partial(apply, applier)
 
     async def barrier() -> int:
         applier.barrier()
@@ -38,7 +42,7 @@ def _secondary(
 
     async def handler(conn: T.Conn) -> None:
         await T.SecondarySession(
-            conn, applier.apply, barrier, _no_control, on_rejected=refused.append,
+            conn, apply_one, barrier, _no_control, on_rejected=refused.append,
             checkpoint_s=checkpoint_s,
         ).run()  # fmt: skip
 
@@ -219,3 +223,52 @@ def test_room_waits_for_a_slow_secondary_that_acks_and_gives_up_on_a_silent_one(
             await link.room()
 
     trio.run(main)
+
+
+def _slow_large_writes(applier: Applier, rec: Record) -> None:
+    """A secondary whose disk takes 2 s per large write (a resync piece on a busy disk)."""
+    if len(rec.data) >= T.HEAVY_RECORD_BYTES:
+        time.sleep(2.0)
+        if rec.offset == 1 << 30:
+            raise OSError(28, "No space left on device")
+    applier.apply(rec)
+
+
+def test_a_slow_large_record_keeps_the_link_alive_and_its_error_still_ends_it(
+    tmp_path: Path, site: dict[str, T.TlsFiles]
+) -> None:
+    """While a large record is applied (in a worker thread), keepalives are answered: a
+    link with a 1 s timeout survives a 2 s apply, and the record is acknowledged when done.
+    An error applying one is still reported to the primary, which drops the link."""
+    port = free_port()
+    refused: list[str] = []
+    _applier, run_secondary = _secondary(
+        tmp_path, site["node2"], port, refused, apply=_slow_large_writes
+    )
+    big = b"x" * T.HEAVY_RECORD_BYTES
+    lost: list[str | None] = []
+
+    async def main() -> None:
+        async with trio.open_nursery() as n:
+            await n.start(run_secondary)
+            conn = await T.connect(
+                addresses=[("127.0.0.1", port)], peer="node2",
+                ctx=T.client_context(site["node1"]), key=KEY, timeout=1,
+            )  # fmt: skip
+            link = T.PrimaryLink(conn, timeout=1)
+            n.start_soon(link.run)
+            link.submit(Record(0, Op.CREATE, b"f", mode=0o100644))
+            seq = link.submit(Record(0, Op.WRITE, b"f", offset=0, data=big))
+            link.submit(Record(0, Op.WRITE, b"f", offset=len(big), data=b"tail"))
+            with trio.fail_after(10):
+                await link.wait_progress(lambda: link.received_seq >= seq)
+            assert link.lost_reason is None
+            link.submit(Record(0, Op.WRITE, b"f", offset=1 << 30, data=big))
+            with trio.fail_after(10):
+                await link._lost.wait()
+            lost.append(link.lost_reason)
+            n.cancel_scope.cancel()
+
+    trio.run(main)
+    assert lost and "secondary error" in str(lost[0]) and "No space" in str(lost[0])
+    assert (tmp_path / "second/f").read_bytes() == big + b"tail"
