@@ -290,6 +290,10 @@ async def serve(
             conn = Conn(s, key, peer)
             try:
                 await handler(conn)
+            except* (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError) as eg:
+                # The primary went away mid-send (crashed, reset): this session ends, the
+                # listener stays for the next one (it used to take the whole process down).
+                log.warning("replication: connection from %s broken: %r", where, eg.exceptions[0])
             finally:
                 current.remove(cs)
                 await conn.aclose()
@@ -666,11 +670,18 @@ class SecondarySession:
         is done. Without this a piece of a full resync rebuilding 32 MiB, or a syncfs behind
         a resync's dirty pages, held the answers past the link's timeout and the primary
         dropped the link and started over."""
-        result: list[T] = []
+        done = False
+        waiting: trio.CancelScope | None = None
 
         async def keepalives() -> None:
-            while True:
-                fr = await frames.receive()
+            nonlocal waiting
+            while not done:
+                with trio.CancelScope() as waiting:
+                    fr = await frames.receive()
+                if waiting.cancelled_caught:
+                    return
+                # Only the wait above is ever cancelled: a TLS send cut half-way breaks the
+                # stream for good (the next ack then raised BrokenResourceError).
                 if fr is not None and fr.kind == Kind.PING:
                     await self._ack(encode_frame(Kind.PONG, b"", self.conn.key))
                     continue
@@ -678,6 +689,7 @@ class SecondarySession:
                 if fr is None:
                     return
 
+        result: list[T] = []
         failed: list[Exception] = []
         async with trio.open_nursery() as n:
             n.start_soon(keepalives)
@@ -685,7 +697,9 @@ class SecondarySession:
                 result.append(await work())
             except Exception as e:  # re-raised bare below, not inside an ExceptionGroup
                 failed.append(e)
-            n.cancel_scope.cancel()
+            done = True
+            if waiting is not None:
+                waiting.cancel()
         if failed:
             raise failed[0]
         return result[0]

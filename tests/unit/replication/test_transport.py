@@ -272,3 +272,41 @@ def test_a_slow_large_record_keeps_the_link_alive_and_its_error_still_ends_it(
     trio.run(main)
     assert lost and "secondary error" in str(lost[0]) and "No space" in str(lost[0])
     assert (tmp_path / "second/f").read_bytes() == big + b"tail"
+
+
+def test_a_session_broken_mid_send_ends_alone_and_the_listener_serves_the_next(
+    site: dict[str, T.TlsFiles],
+) -> None:
+    """A primary that vanishes while the secondary sends (its ack hits a reset) ends that
+    session only; before, the error took the whole replication process down."""
+    port = free_port()
+    sessions: list[str] = []
+
+    async def handler(conn: T.Conn) -> None:
+        sessions.append(conn.peer)
+        if len(sessions) == 1:
+            raise trio.BrokenResourceError  # what a send to a reset peer raises
+        await conn.send(T.encode_frame(T.Kind.PONG, b"", KEY))
+
+    async def main() -> None:
+        async with trio.open_nursery() as n:
+            await n.start(
+                lambda task_status: T.serve(
+                    addresses=["127.0.0.1"], port=port, peer="node1",
+                    ctx=T.server_context(site["node2"]), key=KEY, handler=handler,
+                    task_status=task_status,
+                )
+            )  # fmt: skip
+            for expect_pong in (False, True):
+                conn = await T.connect(
+                    addresses=[("127.0.0.1", port)], peer="node2",
+                    ctx=T.client_context(site["node1"]), key=KEY, timeout=1,
+                )  # fmt: skip
+                with trio.fail_after(5):
+                    fr = await conn.recv()
+                assert (fr is not None and fr.kind == T.Kind.PONG) is expect_pong
+                await conn.aclose()
+            n.cancel_scope.cancel()
+
+    trio.run(main)
+    assert sessions == ["node1", "node1"]
