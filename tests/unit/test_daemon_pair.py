@@ -115,8 +115,9 @@ def test_pair_first_start_swap_and_failover(tmp_path: Path) -> None:
             async with trio.open_nursery() as n2:
                 n2.start_soon(d2.run)
                 # First start, no history: the default primary takes the role.
+                # The state names the role being entered; the VIP follows within it.
                 await _wait(lambda: m1.state is State.PRIM and m2.state is State.SECOND)
-                assert holders == {"flightdata": "node1"}
+                await _wait(lambda: holders == {"flightdata": "node1"})
                 status = (await call(d2, {"command": "status"}))["result"]
                 assert status["node"] == "node2"
                 mod = status["modules"][0]
@@ -127,7 +128,7 @@ def test_pair_first_start_swap_and_failover(tmp_path: Path) -> None:
                 resp = await call(d2, {"command": "swap", "module": "flightdata"})
                 assert resp["ok"], resp
                 await _wait(lambda: m2.state is State.PRIM and m1.state is State.SECOND)
-                assert holders == {"flightdata": "node2"}
+                await _wait(lambda: holders == {"flightdata": "node2"})
 
                 # Swap refused when the peer is not ready: nothing changes.
                 await call(d1, {"command": "stop", "module": "flightdata"})
@@ -142,7 +143,7 @@ def test_pair_first_start_swap_and_failover(tmp_path: Path) -> None:
             holders.pop("flightdata")  # ...and its VIP with it (a crashed node holds nothing)
             # node1 was SECOND in sync: it takes over after the timeout.
             await _wait(lambda: m1.state is State.ALONE)
-            assert holders == {"flightdata": "node1"}
+            await _wait(lambda: holders == {"flightdata": "node1"})
             events = (await call(d1, {"command": "events", "module": "flightdata"}))["result"]
             assert any(e.get("to") == "ALONE" for e in events)
             outer.cancel_scope.cancel()
