@@ -335,6 +335,22 @@ def _next_match(sig: Signature, x: U8, start: int, try_match: Callable[[int], in
     return -1
 
 
+def _next_in_place(sig: Signature, mv: memoryview, pos: int, hint: int) -> int:
+    """The basis block expected right after a mismatching block at ``pos``, if the new data
+    holds it there; else -1.
+
+    Data changed in place (a database page, a log block: the common case) leaves the next
+    block where it was, and one strong hash settles it, where the rolling search computes a
+    checksum at every offset of a window (6 ms each: 17 s for a 1 GiB file with 1 % of its
+    blocks changed). A match at an earlier, unaligned offset is only found by the search;
+    missing it costs at most one block of literal bytes."""
+    bs = sig.block_size
+    nxt = (hint if hint >= 0 else pos // bs if pos % bs == 0 else -1) + 1
+    if not 0 < nxt < sig.nblocks or pos + 2 * bs > len(mv):
+        return -1
+    return nxt if strong_hash(mv[pos + bs : pos + 2 * bs]) == sig.strong_of(nxt) else -1
+
+
 def delta(sig: Signature, new: Buffer) -> Delta:
     """Instructions turning the receiver's basis (described by ``sig``) into ``new``."""
     x = _as_u8(new)
@@ -378,7 +394,12 @@ def delta(sig: Signature, new: Buffer) -> Delta:
                 pos = n - tail_len
                 continue
             break
-        # Mismatch at pos: search forward with the rolling checksum.
+        # Mismatch at pos: first the block after it, where data changed in place left it.
+        nxt = _next_in_place(sig, mv, pos, hint)
+        if nxt >= 0:
+            pos, hint = pos + bs, nxt  # next iteration copies it (the hint is checked first)
+            continue
+        # Otherwise (data shifted): search forward with the rolling checksum.
         found = _next_match(sig, x, pos + 1, try_match)
         if found < 0:
             # No more receiver blocks ahead; maybe the tail, at the very end.

@@ -85,6 +85,26 @@ def test_only_mismatching_blocks_travel(seed: int, nchanges: int) -> None:
     assert len(d.encode()) <= d.literal_bytes + 17 * (2 * len(touched) + 1) + 16
 
 
+def test_blocks_changed_in_place_need_no_rolling_search(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Scattered in-place changes (the full resync's usual case) are settled block by
+    block: the rolling search, 6 ms a window, never runs, and only changed blocks travel."""
+    searches: list[int] = []
+    real = D._next_match
+    monkeypatch.setattr(D, "_next_match", lambda *a: searches.append(a[2]) or real(*a))
+    rnd = random.Random(7)
+    bs = 1024
+    basis = rnd.randbytes(bs * 200)
+    new = bytearray(basis)
+    touched = set(rnd.sample(range(200), 20)) | {0, 1}  # the very first ones too
+    for b in touched:
+        new[b * bs + rnd.randrange(bs)] ^= 0x5A
+    d = D.delta(D.signature(basis, bs), bytes(new))
+    assert D.patch(basis, d) == bytes(new)
+    assert d.literal_bytes == len(touched) * bs
+    # Two changed blocks in a row: the search finds what follows them; nothing else needs it.
+    assert len(searches) <= sum(1 for b in touched if b + 1 in touched)
+
+
 def test_shifted_data_is_found_by_the_rolling_checksum() -> None:
     basis = os.urandom(64 * 1024)
     new = b"inserted!" + basis[:30000] + b"x" * 5 + basis[30000:]
