@@ -72,7 +72,6 @@ class Applier:
         self._files: dict[bytes, int] = {}  # path -> writable fd
         self._pending: list[int] = []  # fds to fsync at the next barrier, then close
         self._dirty_files: set[bytes] = set()
-        self._last_written: bytes | None = None
         self._dirty_dirs: set[bytes] = set()
         self.applied_seq = 0
         self.durable_seq = 0
@@ -163,19 +162,6 @@ class Applier:
             mv = mv[n:]
             off += n
         self._dirty_files.add(r.path)
-        self._moved_on(r.path)
-
-    def _moved_on(self, path: bytes) -> None:
-        """Many files dirty (a resync): start the writeback of the file the stream just
-        left, so the disk works while the next ones arrive and the final barrier's syncfs
-        finds little left (it was 0.2-0.46 s of a 0.67 s incremental resync in the lab). A
-        live stream dirties a few files; it is left to the page cache and its fsyncs."""
-        prev, self._last_written = self._last_written, path
-        if prev is None or prev == path or len(self._dirty_files) <= SYNCFS_OVER:
-            return
-        fd = self._files.get(prev)
-        if fd is not None:
-            _start_writeback(fd)
 
     def _op_truncate(self, r: Record) -> None:
         os.ftruncate(self._file(r.path), r.offset)

@@ -151,9 +151,6 @@ def test_barrier_of_many_files_syncs_the_file_system_once(
             calls["syncfs"] += 1
             return 0
 
-        def sync_file_range(self, *args: object) -> int:
-            return 0
-
     def fsync(fd: int) -> None:
         calls["fsync"] += 1
         real_fsync(fd)
@@ -177,36 +174,4 @@ def test_barrier_of_many_files_syncs_the_file_system_once(
     a.apply(Record(seq + 2, Op.FSYNC, b"f0"))
     assert calls["syncfs"] == 1 and calls["fsync"] >= 1
     assert a.durable_seq == seq + 2
-    a.close()
-
-
-def test_a_stream_over_many_files_starts_each_ones_writeback_when_it_moves_on(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A resync (many dirty files): the file the stream leaves starts writing back at once,
-    so the final barrier finds little left. A live stream over a few files is left alone."""
-    started: list[int] = []
-    monkeypatch.setattr(A, "_start_writeback", started.append)
-    a = Applier(tmp_path / "b")
-    seq = 0
-
-    def write(name: bytes) -> None:
-        nonlocal seq
-        seq += 1
-        a.apply(Record(seq, Op.CREATE, name, mode=0o100600))
-        for off in (0, 4096):  # two records of the same file: no writeback in between
-            seq += 1
-            a.apply(Record(seq, Op.WRITE, name, offset=off, data=b"x" * 4096))
-
-    for name in (b"db", b"wal", b"db", b"wal"):
-        write(name)
-    assert started == []  # live: two files
-    names = [b"f%02d" % i for i in range(A.SYNCFS_OVER + 4)]
-    for name in names:
-        write(name)
-    fds = [a._files[n] for n in names]
-    # once more than SYNCFS_OVER files are dirty (db, wal and f00..fk), each file left
-    # starts its writeback
-    assert started == [fds[k - 1] for k in range(1, len(names)) if 3 + k > A.SYNCFS_OVER]
-    assert started
     a.close()
