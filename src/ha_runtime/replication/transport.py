@@ -317,6 +317,11 @@ def _meta(rec: Record) -> Record:
     return Record(rec.seq, rec.op, rec.path, path2=rec.path2, offset=rec.offset, length=rec.length)
 
 
+# One send joins the queued frames up to this size: a queue of tens of MiB (the primary ahead
+# of the secondary) joined at once was tens of MiB allocated, copied and encrypted in one go.
+SEND_BATCH_BYTES = 1 << 20
+
+
 @dataclass
 class LinkStats:
     last_seq: int = 0
@@ -482,10 +487,16 @@ class PrimaryLink:
                 return
 
     async def _send_out(self) -> bool:
-        """Send what is queued; False if the link failed. Order holds between the sender and
-        ``flush``: each takes its batch and queues on the connection's FIFO lock at once."""
-        batch, self._out = self._out, []
-        self._out_bytes = 0
+        """Send what is queued, at most about SEND_BATCH_BYTES at a time (the sender loops for
+        the rest); False if the link failed. Order holds between the sender and ``flush``:
+        each takes its batch from the front and queues on the connection's FIFO lock at once.
+        """
+        n, size = 0, 0
+        while n < len(self._out) and (n == 0 or size + len(self._out[n]) <= SEND_BATCH_BYTES):
+            size += len(self._out[n])
+            n += 1
+        batch, self._out = self._out[:n], self._out[n:]
+        self._out_bytes = max(0, self._out_bytes - size)
         try:
             await self.conn.send(b"".join(batch))
         except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError, OSError) as e:
