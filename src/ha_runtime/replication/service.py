@@ -354,10 +354,13 @@ class ReplicationService:
     async def _session(self, link: PrimaryLink) -> None:
         assert self._dirty is not None
         hello, _ = await link.request(
-            {"op": "hello", "module": self.module.name, "node": self.cluster.node}
-        )
+            {"op": "hello", "module": self.module.name, "node": self.cluster.node,
+             "untagged": True}
+        )  # fmt: skip
         if hello.get("error"):
             raise LinkLost(str(hello["error"]))
+        # A secondary that reads version 3 frames says so; an older one does not answer it.
+        link.untagged = hello.get("untagged") is True
         self._status.link = "connected"
         self._emit("peer_connected", address=link.conn.peer)
         full, quarantine = self._resync_request or (False, False)
@@ -502,10 +505,20 @@ class ReplicationService:
             await trio.to_thread.run_sync(applier.barrier)
             return applier.durable_seq
 
-        async def control(obj: dict[str, Any], body: bytes) -> tuple[dict[str, Any], bytes]:
-            return await self._control(applier, obj)
-
         async def handler(conn: transport.Conn) -> None:
+            async def control(obj: dict[str, Any], body: bytes) -> tuple[dict[str, Any], bytes]:
+                reply = await self._control(applier, obj)
+                if (
+                    obj.get("op") == "hello"
+                    and obj.get("untagged") is True
+                    and "error" not in reply[0]
+                ):
+                    # The primary offers frames without a tag (TLS authenticates them): read
+                    # them from now on, before the answer leaves that lets it send them.
+                    conn.decoder.untagged = True
+                    reply[0]["untagged"] = True
+                return reply
+
             self._status.link = "connected"
             self._status.state = "resyncing"
             try:

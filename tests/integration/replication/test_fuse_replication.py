@@ -115,6 +115,8 @@ def test_mount_replicate_lose_peer_resync(tmp_path: Path) -> None:  # noqa: PLR0
             # "sync" starts with the resync's final barrier, before the peer acknowledged it
             await until(lambda: prim.status().state == "sync" and in_step(prim))
             assert (b2 / "old.bin").read_bytes() == (b1 / "old.bin").read_bytes()
+            # Both ends of this version: the primary's frames travel untagged (version 3).
+            assert prim._link is not None and prim._link.untagged
 
             # fsync semantics: when fsync returns, the secondary has the bytes durably
             await io(write_sync, app / "db", b"A" * 10_000)
@@ -158,3 +160,38 @@ def test_mount_replicate_lose_peer_resync(tmp_path: Path) -> None:  # noqa: PLR0
 
     trio.run(main)
     assert not os.path.ismount(app)
+
+
+def test_a_secondary_that_does_not_read_untagged_frames_gets_tagged_ones(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Upgrade in either order: a secondary that does not answer the HELLO's offer (an older
+    version ignores it) keeps receiving version 2 frames, and replication works."""
+    module, c1, c2 = configs(tmp_path)
+    st = ReplicationSettings(port=free_port(), timeout_s=1.0, networks=("lan",), site_key=b"k" * 48)
+    prim = ReplicationService(module, c1, st)
+    sec = ReplicationService(module, c2, st)
+    original = sec._control
+
+    async def older(applier: Any, obj: dict[str, Any]) -> Any:
+        obj.pop("untagged", None)
+        return await original(applier, obj)
+
+    monkeypatch.setattr(sec, "_control", older)
+    b2 = tmp_path / "node2/replica/demo/0"
+
+    async def main() -> None:
+        async with trio.open_nursery() as n:
+            await n.start(sec.run_secondary)
+            await n.start(prim.run_primary)
+            with trio.fail_after(15):
+                while not (prim.status().state == "sync" and in_step(prim)):
+                    await trio.sleep(0.05)
+            assert prim._link is not None and not prim._link.untagged
+            data = os.urandom(3 << 20)
+            await trio.to_thread.run_sync(write_sync, tmp_path / "app" / "f", data)
+            assert (b2 / "f").read_bytes() == data
+            assert not prim.status().rejected and not sec.status().rejected
+            n.cancel_scope.cancel()
+
+    trio.run(main)

@@ -58,7 +58,35 @@ def _bad_inputs() -> st.SearchStrategy[tuple[str, bytes, bool]]:
     )
 
 
-def _run_secondary(stream_bytes: bytes) -> tuple[list[J.Record], list[str]]:
+def _untagged_bad_inputs() -> st.SearchStrategy[tuple[str, bytes, bool]]:
+    """Bad input on a link that reads untagged frames (version 3). No bit flips inside a
+    frame: TLS's AEAD is what catches those now; the frame layer still drops garbage, cuts,
+    lying lengths and anything that does not decode."""
+    good = J.record_frame(_rec(99), KEY, tag=False)
+
+    def untagged(payload: bytes, kind: J.Kind = J.Kind.RECORD) -> bytes:
+        return J.encode_frame(kind, payload, KEY, tag=False)
+
+    def shorter(n: int) -> tuple[str, bytes, bool]:  # the length says fewer bytes than sent
+        body = good[J.HEADER.size :]
+        return "", J.HEADER.pack(J.MAGIC, 3, 1, len(body) - n) + body, False
+
+    bad_path = J.Record(99, J.Op.UNLINK, b"../etc/passwd").encode()
+    return st.one_of(
+        st.binary(min_size=1, max_size=64).map(lambda b: ("", b"X" + b, False)),
+        st.integers(1, len(good) - 1).map(lambda n: ("truncated", good[:n], True)),
+        st.integers(1, len(good) - J.HEADER.size).map(shorter),
+        st.just(("oversized", J.HEADER.pack(J.MAGIC, 3, 1, J.MAX_PAYLOAD + 1), False)),
+        st.just(("bad_kind", J.HEADER.pack(J.MAGIC, 3, 99, 0), False)),
+        st.just(("bad_version", J.HEADER.pack(J.MAGIC, 4, 1, 0), False)),
+        st.just(("record_path", untagged(bad_path), False)),
+        st.binary(max_size=80).map(lambda p: ("", untagged(b"\0" * 75 + p), False)),
+        st.just(("unexpected_ack", J.encode_ack(1, 1, KEY), False)),
+        st.just(("malformed_control", untagged(b"[" * 1000, J.Kind.CONTROL), False)),
+    )
+
+
+def _run_secondary(stream_bytes: bytes, untagged: bool = False) -> tuple[list[J.Record], list[str]]:
     applied: list[J.Record] = []
     rejected: list[str] = []
 
@@ -71,6 +99,7 @@ def _run_secondary(stream_bytes: bytes) -> tuple[list[J.Record], list[str]]:
     async def main() -> None:
         peer, ours = trio.testing.memory_stream_pair()
         conn = T.Conn(ours, KEY, "node1")
+        conn.decoder.untagged = untagged
         session = T.SecondarySession(
             conn, applied.append, barrier, control, on_rejected=rejected.append
         )
@@ -105,6 +134,32 @@ def test_secondary_drops_bad_input_applies_only_whole_genuine_records(
     assert len(rejected) == 1, rejected
     if reason:
         assert rejected == [reason]
+
+
+@SETTINGS
+@given(n_good=st.integers(0, 5), bad=_untagged_bad_inputs(), trailing=st.binary(max_size=40))
+def test_secondary_reading_untagged_frames_still_drops_bad_input(
+    n_good: int, bad: tuple[str, bytes, bool], trailing: bytes
+) -> None:
+    reason, bad_bytes, close = bad
+    good = [_rec(i + 1) for i in range(n_good)]
+    after = J.record_frame(_rec(1000), KEY, tag=False)
+    # Tagged and untagged frames mix (the HELLO stays tagged).
+    stream = b"".join(J.record_frame(r, KEY, tag=r.seq % 2 == 0) for r in good) + bad_bytes
+    if not close:
+        stream += trailing + after
+    applied, rejected = _run_secondary(stream, untagged=True)
+    assert applied == good
+    assert len(rejected) == 1, rejected
+    if reason:
+        assert rejected == [reason]
+
+
+def test_secondary_refuses_untagged_frames_it_did_not_accept() -> None:
+    """An older primary never sends them; without the HELLO's agreement they are garbage."""
+    good = J.record_frame(_rec(1), KEY)
+    applied, rejected = _run_secondary(good + J.record_frame(_rec(2), KEY, tag=False))
+    assert applied == [_rec(1)] and rejected == ["bad_version"]
 
 
 def test_secondary_clean_end_of_stream_is_not_a_rejection() -> None:

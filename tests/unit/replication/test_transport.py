@@ -11,7 +11,9 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
+from ha_runtime.replication import journal as J
 from ha_runtime.replication import transport as T
 from ha_runtime.replication.applier import Applier
 from ha_runtime.replication.journal import Op, Record, derive_key
@@ -310,3 +312,46 @@ def test_a_session_broken_mid_send_ends_alone_and_the_listener_serves_the_next(
 
     trio.run(main)
     assert sessions == ["node1", "node1"]
+
+
+def test_a_long_queue_is_sent_in_bounded_batches_in_order() -> None:
+    """A primary far ahead of its secondary used to join its whole queue (tens of MiB) into
+    one send: one huge allocation, copy and TLS write. Now about SEND_BATCH_BYTES per send,
+    a large frame alone (not copied), small ones together, order kept across flush()."""
+    sizes: list[int] = []
+    got: list[Record] = []
+
+    async def main() -> None:
+        peer, ours = trio.testing.memory_stream_pair()
+        conn = T.Conn(ours, KEY, "node2")
+        real_send = conn.send
+
+        async def send(data: bytes) -> None:
+            sizes.append(len(data))
+            await real_send(data)
+
+        conn.send = send  # type: ignore[method-assign]
+        link = T.PrimaryLink(conn, timeout=5)
+        link.untagged = True
+        big = b"x" * (1 << 20)
+        for i in range(6):
+            link.submit(Record(0, Op.WRITE, b"f", offset=i << 20, data=big))
+        for i in range(300):
+            link.submit(Record(0, Op.WRITE, b"g", offset=i, data=b"y"))
+        await link.flush()  # from the calling task, as a barrier does, while the queue is long
+        dec = J.FrameDecoder(KEY, untagged=True)
+        with trio.fail_after(5):
+            async with trio.open_nursery() as n:
+                n.start_soon(link._sender)
+                link._wake_sender.set()
+                while len(got) < 306:
+                    got.extend(
+                        J.decode_record(f.payload) for f in dec.feed(await peer.receive_some())
+                    )
+                n.cancel_scope.cancel()
+
+    trio.run(main)
+    assert [r.seq for r in got] == list(range(1, 307))
+    frame = (1 << 20) + 200
+    assert len(sizes) >= 7 and max(sizes) <= frame, sizes  # never two 1 MiB frames in one send
+    assert sum(sizes[6:]) == sum(sizes) - sum(sizes[:6]) and len(sizes[6:]) <= 2, sizes
