@@ -202,7 +202,9 @@ class DirtyLog:
         APPEND_EXTENT); asked only when the write is not already covered."""
         with self._lock:
             if self.state.covered(rec):
-                return 0
+                # Covered by a record maybe still on its way to disk (another operation's
+                # fsync in progress): wait for it too, never perform the op before.
+                return self._written if self._synced < self._written else 0
             if rec.op in (Op.WRITE, Op.FALLOCATE):
                 end = rec.offset + _span(rec)
                 size = eof() if eof is not None else None
