@@ -380,11 +380,14 @@ class _Hot:
 
 def al_keys(rec: Record) -> list[tuple[Key, int]]:
     """The entries an operation uses: (key, offset for a TAIL)."""
-    if rec.op in (Op.WRITE, Op.FALLOCATE):
-        n = _span(rec)
+    op = rec.op
+    if op is Op.WRITE or op is Op.FALLOCATE:  # the hot path: identity, not enum equality
+        n = rec.length if op is Op.FALLOCATE or not rec.data else len(rec.data)
         if n <= 0:
             return []
         first, last = rec.offset // AL_EXTENT, (rec.offset + n - 1) // AL_EXTENT
+        if first == last:
+            return [((rec.path, first), 0)]
         return [((rec.path, i), 0) for i in range(first, last + 1)]
     if rec.op == Op.TRUNCATE:
         return [((rec.path, TAIL), rec.offset)]
