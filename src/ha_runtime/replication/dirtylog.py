@@ -25,6 +25,7 @@ import bisect
 import itertools
 import os
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -363,6 +364,10 @@ def _fsync_dir(d: Path) -> None:
 AL_EXTENT = 4 << 20
 AL_EXTENTS = 1024  # hot entries kept (forgotten least recently used first, once acked)
 AL_OVERFLOW_FACTOR = 16  # more unacknowledged entries than this x the bound: give up
+# An entry acknowledged and unused this long is dropped from the file (trim): what a crash
+# leaves hot is then what was in use lately, not the last AL_EXTENTS entries ever used
+# (4 GiB of extents, or whole files and trees for names and truncates).
+AL_IDLE_S = 2.0
 OVERFLOW_FLAG = 0xFFFFFFFE  # SETATTR(b"", flags=OVERFLOW_FLAG): recording stopped
 WHOLE, TAIL, META = -1, -2, -3  # entry kinds beside extent numbers >= 0
 PINNED = INF  # an operation is between note() and release(): never forgotten
@@ -376,6 +381,7 @@ class _Hot:
     mark: int = 0  # link seq that must be durable on the peer before it is forgotten
     pins: int = 0  # operations between note() and release()
     offset: int = 0  # TAIL: lowest size truncated to
+    used: float = 0.0  # time.monotonic() of its last use
 
 
 def al_keys(rec: Record) -> list[tuple[Key, int]]:
@@ -458,6 +464,7 @@ class ActivityLog(_RecordLog[ActivityState]):
         keys = al_keys(rec)
         if not keys:
             return 0
+        now = time.monotonic()
         with self._lock:
             st = self.state
             if st.overflow or st.lost:
@@ -476,6 +483,7 @@ class ActivityLog(_RecordLog[ActivityState]):
                 else:
                     st.hot.move_to_end(key)
                 h.pins += 1
+                h.used = now
                 wait = max(wait, h.pos)
             if new:
                 self._forget(acked)
@@ -500,6 +508,23 @@ class ActivityLog(_RecordLog[ActivityState]):
         with self._lock:
             for h in self.state.hot.values():
                 h.mark = 0
+
+    def trim(self, acked: int, idle: float = AL_IDLE_S) -> int:
+        """Drop the entries acknowledged (``acked``) and unused for ``idle`` seconds, and
+        rewrite the file without them (compaction: off the operations' path, though they
+        wait for its lock meanwhile). Returns how many went."""
+        now = time.monotonic()
+        with self._lock:
+            hot = self.state.hot
+            cold = [
+                k for k, h in hot.items() if not h.pins and h.mark <= acked and now - h.used >= idle
+            ]
+            for k in cold:
+                del hot[k]
+            stale = self._size > 2 * max(self._compacted, 4096)
+        if cold or stale:
+            self.compact()
+        return len(cold)
 
     def _forget(self, acked: int) -> None:
         hot = self.state.hot

@@ -27,6 +27,7 @@ from ha_runtime.replication import fusefs, resync, transport
 from ha_runtime.replication.applier import Applier
 from ha_runtime.replication.dirtylog import (
     AL_EXTENTS,
+    AL_IDLE_S,
     ActivityLog,
     DirtyLog,
     load_activity,
@@ -313,6 +314,7 @@ class ReplicationService:
                     )
                 )  # fmt: skip
                 task_status.started()
+                n.start_soon(self._trim_activity)
                 await self._connect_loop()
         finally:
             self._dirty.close()
@@ -322,6 +324,15 @@ class ReplicationService:
                 # The peer holds everything: no dirty log means "nothing the peer lacks".
                 self.dirty_path.unlink(missing_ok=True)
                 self.al_path.unlink(missing_ok=True)
+
+    async def _trim_activity(self) -> None:
+        """In sync: now and then drop from the activity log what the peer acknowledged and
+        nobody used lately, so a crash leaves only recent activity to resync."""
+        while True:
+            await trio.sleep(AL_IDLE_S / 2)
+            link, al = self._link, self._al
+            if self._status.state == "sync" and link is not None and al is not None:
+                await trio.to_thread.run_sync(al.trim, link.durable_seq)
 
     def _addresses(self) -> list[tuple[str, int]]:
         spec = self.cluster.peer(self.peer)

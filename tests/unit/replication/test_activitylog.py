@@ -332,3 +332,22 @@ def test_merge_adds_the_peer_plan_to_ours(tmp_path: Path) -> None:
     assert list(ours.ranges[b"b"]) == [(0, INF)]
     assert {b"a", b"b", b"m"} <= ours.touched  # sizes reconciled: its file may be longer
     assert b"s" in ours.scope
+
+
+def test_trim_drops_what_was_acknowledged_and_idle_from_the_file(tmp_path: Path) -> None:
+    """A crash must leave recent activity hot, not every entry since the log began (a file
+    written once long ago would travel whole on every return)."""
+    al, al_path, dirty_path = _logs(tmp_path)
+    old, busy, unacked = _w(b"old", 0, 1), _w(b"busy", 0, 1), _w(b"late", 0, 1)
+    for seq, rec in enumerate((old, busy, unacked), start=1):
+        al.sync(al.note(rec, acked=0))
+        al.release(rec, seq)
+    assert al.trim(acked=2, idle=3600) == 0  # nothing idle yet
+    time.sleep(0.05)
+    al.note(busy, acked=0)  # in use again: not idle
+    al.release(busy, 4)
+    assert al.trim(acked=2, idle=0.04) == 1  # "old" only: "late" (seq 3) is not acknowledged
+    os.close(al._fd)  # crash
+    plan, why = load_activity(al_path, dirty_path)
+    assert plan is not None, why
+    assert set(plan.ranges) == {b"busy", b"late"}
