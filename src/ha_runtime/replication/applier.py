@@ -223,7 +223,12 @@ class Applier:
         self._dirty_files.discard(r.path)
         if r.flags & 1:  # resync: remove whatever is there, a whole tree included
             self._retire_under(r.path)
-        pfd, name = self._parent(r.path)
+        try:
+            pfd, name = self._parent(r.path)
+        except (FileNotFoundError, NotADirectoryError):
+            if not r.flags & 1:
+                raise
+            return  # its parent is gone already: so is it (a resync removing a tree)
         try:
             os.unlink(name, dir_fd=pfd)
         except FileNotFoundError:

@@ -22,16 +22,21 @@ the coalesced state (atomically: temp file, fsync, rename, fsync of the director
 from __future__ import annotations
 
 import bisect
+import itertools
 import os
 import threading
+import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Generic, Protocol, TypeVar
 
 from ha_runtime.replication.journal import NAMESPACE_OPS, Op, Record, read_records, record_frame
 
 INF = 1 << 62
 LOST_FLAG = 0xFFFFFFFF  # SETATTR(b"", flags=LOST_FLAG): the log is not trustworthy
+SCOPE_FLAG = 0xFFFFFFFD  # UNLINK(path, flags=SCOPE_FLAG): reconcile its whole subtree
 TORN_MAX = 16 << 10  # a torn tail is at most one record; more invalid bytes = corruption
 # A write that extends a file is recorded up to the next multiple of this, so the appends
 # that follow are already covered and cost no log fsync (a streaming writer would otherwise
@@ -89,6 +94,10 @@ class DirtyState:
     touched: set[bytes] = field(default_factory=set)
     renames: list[tuple[bytes, bytes]] = field(default_factory=list)
     lost: bool = False  # the log itself is unusable: a full resync is needed
+    # Paths whose whole subtree the peer may hold in any state (from an activity log: names
+    # an operation changed that the peer may or may not have seen); reconciled by a checksum
+    # delta over them.
+    scope: set[bytes] = field(default_factory=set)
 
     def covered(self, rec: Record) -> bool:
         if rec.op in (Op.WRITE, Op.FALLOCATE):
@@ -104,6 +113,8 @@ class DirtyState:
     def apply(self, rec: Record) -> None:
         if rec.op == Op.SETATTR and rec.flags == LOST_FLAG:
             self.lost = True
+        elif rec.op == Op.UNLINK and rec.flags == SCOPE_FLAG:
+            self.scope.add(rec.path)
         elif rec.op in (Op.WRITE, Op.FALLOCATE):
             self.ranges.setdefault(rec.path, RangeSet()).add(rec.offset, rec.offset + _span(rec))
         elif rec.op == Op.TRUNCATE:
@@ -128,7 +139,7 @@ class DirtyState:
 
     @property
     def empty(self) -> bool:
-        return not (self.ranges or self.touched or self.renames or self.lost)
+        return not (self.ranges or self.touched or self.renames or self.scope or self.lost)
 
     def dirty_bytes(self) -> int:
         return sum(r.total() for r in self.ranges.values() if r.total() < INF // 2)
@@ -136,6 +147,7 @@ class DirtyState:
     def snapshot_records(self) -> list[Record]:
         out = [Record(0, Op.RENAME, s, path2=d) for s, d in self.renames]
         out += [Record(0, Op.SETATTR, p) for p in sorted(self.touched)]
+        out += [Record(0, Op.UNLINK, p, flags=SCOPE_FLAG) for p in sorted(self.scope)]
         for p, rs in sorted(self.ranges.items()):
             for a, b in rs:
                 if b >= INF:
@@ -147,14 +159,25 @@ class DirtyState:
         return out
 
 
-class DirtyLog:
-    """The durable dirty log of one replicated directory. Thread-safe (FUSE handlers may
-    call ``sync`` from worker threads)."""
+class _LogState(Protocol):
+    lost: bool
+
+    def apply(self, rec: Record) -> None: ...
+    def snapshot_records(self) -> list[Record]: ...
+
+
+S = TypeVar("S", bound=_LogState)
+
+
+class _RecordLog(Generic[S]):
+    """A durable append-only file of RECORD frames folded into an in-memory state ``S``:
+    loading with a torn tail dropped, appending, group commit, compaction, clearing.
+    Thread-safe (FUSE handlers may call ``sync`` from worker threads)."""
 
     def __init__(self, path: Path, compact_bytes: int = 8 << 20) -> None:
         self.path = path
         self.compact_bytes = compact_bytes
-        self.state = DirtyState()
+        self.state = self._new_state()
         self.rejected: dict[str, int] = {}
         self._lock = threading.Lock()
         self._sync_lock = threading.Lock()
@@ -163,6 +186,9 @@ class DirtyLog:
         self._synced = 0
         self._size = 0
         self._compacted = 0
+
+    def _new_state(self) -> S:
+        raise NotImplementedError
 
     # -- lifecycle
     def open(self) -> None:
@@ -195,31 +221,6 @@ class DirtyLog:
             self._fd = -1
 
     # -- recording
-    def note(self, rec: Record, eof: Callable[[], int | None] | None = None) -> int:
-        """Record what ``rec`` changes, if not already recorded. Returns the log position
-        that must be durable before the operation is performed (0: nothing to wait for).
-        ``eof``: gives the file's size before a WRITE/FALLOCATE, when known (see
-        APPEND_EXTENT); asked only when the write is not already covered."""
-        with self._lock:
-            if self.state.covered(rec):
-                return 0
-            if rec.op in (Op.WRITE, Op.FALLOCATE):
-                end = rec.offset + _span(rec)
-                size = eof() if eof is not None else None
-                if size is not None and end >= size:
-                    end = -(-end // APPEND_EXTENT) * APPEND_EXTENT
-                entry = Record(0, rec.op, rec.path, offset=rec.offset, length=end - rec.offset)
-            elif rec.op == Op.TRUNCATE:
-                entry = Record(0, Op.TRUNCATE, rec.path, offset=rec.offset)
-            elif rec.op in NAMESPACE_OPS:
-                two = rec.op in (Op.RENAME, Op.LINK)
-                entry = Record(0, rec.op, rec.path, path2=rec.path2 if two else b"")
-            else:
-                return 0
-            self.state.apply(entry)
-            self._append(record_frame(entry))
-            return self._written
-
     def mark_lost(self) -> None:
         """The log cannot be trusted (e.g. I/O error): a full resync will be needed."""
         with self._lock:
@@ -268,22 +269,63 @@ class DirtyLog:
     def clear(self) -> None:
         """Resync done: forget everything (durably)."""
         with self._lock, self._sync_lock:
-            self.state = DirtyState()
+            self.state = self._new_state()
             os.ftruncate(self._fd, 0)
             os.lseek(self._fd, 0, os.SEEK_SET)
             os.fsync(self._fd)
             self._size = 0
             self._synced = self._written
 
+    @property
+    def size(self) -> int:
+        return self._size
+
+
+class DirtyLog(_RecordLog[DirtyState]):
+    """The durable dirty log of one replicated directory."""
+
+    def _new_state(self) -> DirtyState:
+        return DirtyState()
+
+    def note(self, rec: Record, eof: Callable[[], int | None] | None = None) -> int:
+        """Record what ``rec`` changes, if not already recorded. Returns the log position
+        that must be durable before the operation is performed (0: nothing to wait for).
+        ``eof``: gives the file's size before a WRITE/FALLOCATE, when known (see
+        APPEND_EXTENT); asked only when the write is not already covered."""
+        with self._lock:
+            if self.state.covered(rec):
+                # Covered by a record maybe still on its way to disk (another operation's
+                # fsync in progress): wait for it too, never perform the op before.
+                return self._written if self._synced < self._written else 0
+            if rec.op in (Op.WRITE, Op.FALLOCATE):
+                end = rec.offset + _span(rec)
+                size = eof() if eof is not None else None
+                if size is not None and end >= size:
+                    end = -(-end // APPEND_EXTENT) * APPEND_EXTENT
+                entry = Record(0, rec.op, rec.path, offset=rec.offset, length=end - rec.offset)
+            elif rec.op == Op.TRUNCATE:
+                entry = Record(0, Op.TRUNCATE, rec.path, offset=rec.offset)
+            elif rec.op in NAMESPACE_OPS:
+                two = rec.op in (Op.RENAME, Op.LINK)
+                entry = Record(0, rec.op, rec.path, path2=rec.path2 if two else b"")
+            else:
+                return 0
+            self.state.apply(entry)
+            self._append(record_frame(entry))
+            return self._written
+
+    def note_scope(self, path: bytes) -> None:
+        """The peer may hold ``path`` (and anything under it) in any state."""
+        with self._lock:
+            if path not in self.state.scope:
+                self.state.scope.add(path)
+                self._append(record_frame(Record(0, Op.UNLINK, path, flags=SCOPE_FLAG)))
+
     def snapshot(self) -> DirtyState:
         """A copy of the current state: the work list of a resync. Entries stay in the log
         until ``clear()`` after the peer acknowledged the resync durably."""
         with self._lock:
             return _copy_state(self.state)
-
-    @property
-    def size(self) -> int:
-        return self._size
 
 
 def _copy_state(st: DirtyState) -> DirtyState:
@@ -299,3 +341,330 @@ def _fsync_dir(d: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# --------------------------------------------------------------------------- activity log
+#
+# The activity log of a primary in sync (DRBD's, at file-system granularity): before an
+# operation changes the backing directory, what it may change is durably "hot" there, so if
+# this node crashes with operations its peer never made durable, the peer, primary by then,
+# resyncs only the hot part of this copy instead of all of it. Entries (one record each):
+#
+# - ``WRITE(path, offset=i*AL_EXTENT, length=AL_EXTENT)``: extent ``i`` of a file's bytes;
+# - ``TRUNCATE(path, offset)``: everything from ``offset`` on (size changes);
+# - ``SETATTR(path)``: metadata only (mode, owner, times, xattrs);
+# - ``UNLINK(path)``: the name itself (create, unlink, mkdir, rmdir, mknod, symlink, both
+#   names of link and rename): whatever is there, whole subtree included, may differ.
+#
+# Only a new entry costs a record and an fsync (shared by concurrent ones: ``sync``). An
+# entry may be forgotten once every operation that used it is durable on the peer (its
+# ``mark``, a link sequence number, is acknowledged); forgetting is lazy and in memory (the
+# record stays on disk until compaction): over-recording costs a little resync, never data.
+
+AL_EXTENT = 4 << 20
+AL_EXTENTS = 1024  # hot entries kept (forgotten least recently used first, once acked)
+AL_OVERFLOW_FACTOR = 16  # more unacknowledged entries than this x the bound: give up
+# An entry acknowledged and unused this long is dropped from the file (trim): what a crash
+# leaves hot is then what was in use lately, not the last AL_EXTENTS entries ever used
+# (4 GiB of extents, or whole files and trees for names and truncates).
+AL_IDLE_S = 2.0
+OVERFLOW_FLAG = 0xFFFFFFFE  # SETATTR(b"", flags=OVERFLOW_FLAG): recording stopped
+WHOLE, TAIL, META = -1, -2, -3  # entry kinds beside extent numbers >= 0
+PINNED = INF  # an operation is between note() and release(): never forgotten
+
+Key = tuple[bytes, int]
+
+
+@dataclass
+class _Hot:
+    pos: int  # log position of its record: durable once synced up to it
+    mark: int = 0  # link seq that must be durable on the peer before it is forgotten
+    pins: int = 0  # operations between note() and release()
+    offset: int = 0  # TAIL: lowest size truncated to
+    used: float = 0.0  # time.monotonic() of its last use
+
+
+def al_keys(rec: Record) -> list[tuple[Key, int]]:
+    """The entries an operation uses: (key, offset for a TAIL)."""
+    op = rec.op
+    if op is Op.WRITE or op is Op.FALLOCATE:  # the hot path: identity, not enum equality
+        n = rec.length if op is Op.FALLOCATE or not rec.data else len(rec.data)
+        if n <= 0:
+            return []
+        first, last = rec.offset // AL_EXTENT, (rec.offset + n - 1) // AL_EXTENT
+        if first == last:
+            return [((rec.path, first), 0)]
+        return [((rec.path, i), 0) for i in range(first, last + 1)]
+    if rec.op == Op.TRUNCATE:
+        return [((rec.path, TAIL), rec.offset)]
+    if rec.op in (Op.SETATTR, Op.SETXATTR, Op.REMOVEXATTR):
+        return [((rec.path, META), 0)]
+    if rec.op in (Op.RENAME, Op.LINK):
+        return [((rec.path, WHOLE), 0), ((rec.path2, WHOLE), 0)]
+    if rec.op in NAMESPACE_OPS:
+        return [((rec.path, WHOLE), 0)]
+    return []
+
+
+def _al_record(key: Key, h: _Hot) -> Record:
+    path, kind = key
+    if kind == TAIL:
+        return Record(0, Op.TRUNCATE, path, offset=h.offset)
+    if kind == META:
+        return Record(0, Op.SETATTR, path)
+    if kind == WHOLE:
+        return Record(0, Op.UNLINK, path)
+    return Record(0, Op.WRITE, path, offset=kind * AL_EXTENT, length=AL_EXTENT)
+
+
+@dataclass
+class ActivityState:
+    hot: OrderedDict[Key, _Hot] = field(default_factory=OrderedDict)  # oldest use first
+    lost: bool = False  # unreadable: the peer needs a full resync
+    overflow: bool = False  # too many unacknowledged entries: recording stopped
+
+    def apply(self, rec: Record) -> None:
+        """Fold one record read back from the log."""
+        if rec.op == Op.SETATTR and rec.path == b"" and rec.flags == LOST_FLAG:
+            self.lost = True
+        elif rec.op == Op.SETATTR and rec.path == b"" and rec.flags == OVERFLOW_FLAG:
+            self.overflow = True
+        else:
+            for key, off in al_keys(rec):
+                h = self.hot.get(key)
+                if h is None:
+                    self.hot[key] = _Hot(0, offset=off)
+                else:
+                    h.offset = min(h.offset, off)
+
+    def snapshot_records(self) -> list[Record]:
+        out = [_al_record(k, h) for k, h in self.hot.items()]
+        if self.overflow:
+            out.append(Record(0, Op.SETATTR, b"", flags=OVERFLOW_FLAG))
+        if self.lost:
+            out.append(Record(0, Op.SETATTR, b"", flags=LOST_FLAG))
+        return out
+
+
+class ActivityLog(_RecordLog[ActivityState]):
+    """The activity log of one replicated directory (see above)."""
+
+    def __init__(self, path: Path, extents: int = AL_EXTENTS, compact_bytes: int = 1 << 20) -> None:
+        super().__init__(path, compact_bytes)
+        self.extents = extents
+
+    def _new_state(self) -> ActivityState:
+        return ActivityState()
+
+    def note(self, rec: Record, acked: int) -> int:
+        """Make the entries ``rec`` uses hot and pin them until ``release``. Returns the log
+        position that must be durable before the operation is performed (0: already is).
+        ``acked``: the link's sequence number the peer made durable (entries whose mark it
+        reached may be forgotten to keep the bound)."""
+        keys = al_keys(rec)
+        if not keys:
+            return 0
+        now = time.monotonic()
+        with self._lock:
+            st = self.state
+            if st.overflow or st.lost:
+                return 0
+            wait = 0
+            new = False
+            for key, off in keys:
+                h = st.hot.get(key)
+                if h is None or (key[1] == TAIL and off < h.offset):
+                    if h is None:
+                        h = st.hot[key] = _Hot(0, offset=off)
+                    h.offset = off
+                    self._append(record_frame(_al_record(key, h)))
+                    h.pos = self._written
+                    new = True
+                else:
+                    st.hot.move_to_end(key)
+                h.pins += 1
+                h.used = now
+                wait = max(wait, h.pos)
+            if new:
+                self._forget(acked)
+                if len(st.hot) > self.extents * AL_OVERFLOW_FACTOR:
+                    st.overflow = True
+                    self._append(record_frame(Record(0, Op.SETATTR, b"", flags=OVERFLOW_FLAG)))
+                    wait = self._written
+            return wait if wait > self._synced else 0
+
+    def release(self, rec: Record, mark: int) -> None:
+        """The operation is about to be performed and will travel as ``mark`` (or earlier)."""
+        with self._lock:
+            for key, _ in al_keys(rec):
+                h = self.state.hot.get(key)
+                if h is not None and h.pins:
+                    h.pins -= 1
+                    h.mark = max(h.mark, mark)
+
+    def link_changed(self) -> None:
+        """The link was lost: every operation it did not acknowledge is in the dirty log,
+        and sequence numbers start again on the next link; nothing here waits for acks."""
+        with self._lock:
+            for h in self.state.hot.values():
+                h.mark = 0
+
+    def trim(self, acked: int, idle: float = AL_IDLE_S) -> int:
+        """Drop the entries acknowledged (``acked``) and unused for ``idle`` seconds, and
+        rewrite the file without them (compaction: off the operations' path, though they
+        wait for its lock meanwhile). Returns how many went."""
+        now = time.monotonic()
+        with self._lock:
+            hot = self.state.hot
+            cold = [
+                k for k, h in hot.items() if not h.pins and h.mark <= acked and now - h.used >= idle
+            ]
+            for k in cold:
+                del hot[k]
+            stale = self._size > 2 * max(self._compacted, 4096)
+        if cold or stale:
+            self.compact()
+        return len(cold)
+
+    def _forget(self, acked: int) -> None:
+        hot = self.state.hot
+        excess = len(hot) - self.extents
+        if excess <= 0:
+            return
+        for key in list(itertools.islice(hot, excess + 64)):
+            h = hot[key]
+            if not h.pins and h.mark <= acked:
+                del hot[key]
+                excess -= 1
+                if not excess:
+                    return
+
+    def entries(self) -> int:
+        return len(self.state.hot)
+
+    def fold_into(self, dirty: DirtyLog) -> bool:
+        """A primary starting: what a past run here left hot may be missing on the peer
+        (that run crashed in sync, or the peer never took over): record it in the dirty log
+        (durably), then forget it here. True if there was anything."""
+        st = self.state
+        if not (st.hot or st.lost or st.overflow):
+            return False
+        if st.lost or st.overflow:
+            dirty.mark_lost()
+        for (path, kind), h in st.hot.items():
+            if kind == WHOLE:
+                dirty.note_scope(path)
+            else:
+                dirty.note(_al_record((path, kind), h))
+        dirty.sync()
+        self.clear()
+        return True
+
+
+def load_activity(al_path: Path, dirty_path: Path) -> tuple[DirtyState | None, str]:
+    """What a node that was primary may hold that its peer lacks (read-only, the logs of a
+    past primary run): the union of its activity log and its dirty log as a resync plan
+    (ranges, metadata-only paths in ``touched``, whole paths in ``scope``), or None and why
+    it cannot be trusted."""
+    al, why = _read_state(al_path, ActivityState())
+    if al is None:
+        return None, f"its activity log {why}"
+    if al.lost:
+        return None, "its activity log is damaged"
+    if al.overflow:
+        return None, "its activity log overflowed"
+    dirty, why = _read_state(dirty_path, DirtyState())
+    if dirty is None or dirty.lost:
+        return None, f"its dirty log {why or 'is lost'}"
+    plan = DirtyState()
+    for (path, kind), h in al.hot.items():
+        if kind == WHOLE:
+            plan.scope.add(path)
+        elif kind == META:
+            plan.touched.add(path)
+        else:
+            a, b = (h.offset, INF) if kind == TAIL else (kind * AL_EXTENT, (kind + 1) * AL_EXTENT)
+            plan.ranges.setdefault(path, RangeSet()).add(a, b)
+            plan.touched.add(path)
+    for path, rs in dirty.ranges.items():
+        for a, b in rs:
+            plan.ranges.setdefault(path, RangeSet()).add(a, b)
+        plan.touched.add(path)
+    plan.scope |= dirty.touched | dirty.scope
+    for s, d in dirty.renames:
+        plan.scope |= {s, d}
+    return plan, ""
+
+
+def _read_state(path: Path, state: S) -> tuple[S | None, str]:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None, "is missing"
+    except OSError as e:
+        return None, f"is unreadable ({e.strerror})"
+    recs, good, _ = read_records(data)
+    for r in recs:
+        state.apply(r)
+    if len(data) - good > TORN_MAX:
+        state.lost = True
+    return state, ""
+
+
+def plan_to_wire(plan: DirtyState | None, why: str) -> dict[str, object]:
+    """The HELLO's ``activity``: a returning primary's plan (paths as ``os.fsdecode``)."""
+    if plan is None:
+        return {"state": "unusable", "why": why}
+    return {
+        "state": "intact",
+        "ranges": [
+            [os.fsdecode(p), a, -1 if b >= INF else b]
+            for p, rs in sorted(plan.ranges.items())
+            for a, b in rs
+        ],
+        "touched": [os.fsdecode(p) for p in sorted(plan.touched)],
+        "scope": [os.fsdecode(p) for p in sorted(plan.scope)],
+    }
+
+
+def plan_from_wire(raw: object, valid: Callable[[bytes], bool]) -> tuple[DirtyState | None, str]:
+    """Parse the peer's ``activity``; (None, why) when absent, unusable or malformed."""
+    if not isinstance(raw, dict):
+        return None, "it sent no activity log (an older runtime)"
+    if raw.get("state") != "intact":
+        return None, str(raw.get("why") or "its activity log is unusable")
+    plan = DirtyState()
+
+    def path(x: object) -> bytes:
+        if not isinstance(x, str):
+            raise TypeError(x)
+        p = os.fsencode(x)
+        if p and not valid(p):
+            raise ValueError(x)
+        return p
+
+    def offset(x: object) -> int:
+        if not isinstance(x, int) or isinstance(x, bool):
+            raise TypeError(x)
+        return x
+
+    try:
+        for p, a, b in raw.get("ranges", []):
+            end = offset(b)
+            plan.ranges.setdefault(path(p), RangeSet()).add(
+                max(0, offset(a)), INF if end < 0 else end
+            )
+        plan.touched = {path(p) for p in raw.get("touched", [])}
+        plan.scope = {path(p) for p in raw.get("scope", [])}
+    except (TypeError, ValueError):
+        return None, "its activity log report is malformed"
+    return plan, ""
+
+
+def merge_peer(state: DirtyState, peer: DirtyState) -> None:
+    """Add a returning primary's plan to ours (``resync.incremental`` reconciles)."""
+    for p, rs in peer.ranges.items():
+        for a, b in rs:
+            state.ranges.setdefault(p, RangeSet()).add(a, b)
+    state.touched |= peer.touched | set(peer.ranges)
+    state.scope |= peer.scope

@@ -20,7 +20,7 @@ import hashlib
 import os
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -165,9 +165,23 @@ async def incremental(
     link: PrimaryLink, root: Path, state: DirtyState, progress: Progress,
     on_progress: Callable[[Progress], None] | None = None,
 ) -> None:  # fmt: skip
-    """Send exactly what ``state`` records."""
+    """Send exactly what ``state`` records. Paths in ``state.scope`` (a returning primary's
+    names, in whatever state its copy left them) first get a checksum delta over their
+    subtrees, then the recorded ranges and paths travel."""
     progress.kind = "incremental"
-    progress.bytes_total = _bytes_to_send(root, state)
+    if b"" in state.scope:  # the root is never replaced: its metadata is reconciled
+        state.scope.discard(b"")
+        state.touched.add(b"")
+    if state.scope:
+        # The peer's copy may differ from the one our renames were recorded against (names
+        # in scope): replaying one there could fail or misplace; both names are reconciled
+        # whole instead.
+        for src, dst in state.renames:
+            state.scope |= {src, dst}
+        state.renames = []
+        await full(link, root, progress, checksum=True, scope=state.scope,
+                   on_progress=on_progress)  # fmt: skip
+    progress.bytes_total = progress.bytes_done + _bytes_to_send(root, state)
     for src, dst in state.renames:
         link.submit(Record(0, Op.RENAME, src, path2=dst))
     paths = sorted(state.touched | set(state.ranges), key=lambda p: (p.count(b"/"), p))
@@ -221,36 +235,64 @@ async def _reconcile(  # noqa: PLR0917
 # --------------------------------------------------------------------------- full
 
 
-def list_tree(root: Path) -> dict[str, list[int]]:
-    """path -> [mode, size, mtime_ns] of everything under root (not root itself)."""
+def list_tree(root: Path, scope: Iterable[bytes] | None = None) -> dict[str, list[int]]:
+    """path -> [mode, size, mtime_ns] of everything under root (not root itself); with
+    ``scope``, of those paths and everything under them only (a path whose parent is not
+    a directory inside root, a symlink on the way included, is left out)."""
     out: dict[str, list[int]] = {}
     base = os.fsencode(root)
-    for dirpath, dirs, files in os.walk(base):
-        for n in dirs + files:
-            p = os.path.join(dirpath, n)
+    tops: list[bytes] = [base]
+    if scope is not None:
+        tops = []
+        real = os.path.realpath(base)
+        for rel in scope:
+            p = os.path.join(base, rel)
+            if not rel or os.path.realpath(os.path.dirname(p)) != os.path.dirname(
+                os.path.join(real, rel)
+            ):
+                continue
             try:
                 st = os.lstat(p)
-            except FileNotFoundError:
+            except (FileNotFoundError, NotADirectoryError):
                 continue
-            rel = os.path.relpath(p, base)
             out[os.fsdecode(rel)] = [st.st_mode, st.st_size, st.st_mtime_ns]
+            if stat.S_ISDIR(st.st_mode):
+                tops.append(p)
+    for top in tops:
+        for dirpath, dirs, files in os.walk(top):
+            for n in dirs + files:
+                p = os.path.join(dirpath, n)
+                try:
+                    st = os.lstat(p)
+                except FileNotFoundError:
+                    continue
+                rel = os.path.relpath(p, base)
+                out[os.fsdecode(rel)] = [st.st_mode, st.st_size, st.st_mtime_ns]
     return out
 
 
 async def full(  # noqa: PLR0917
     link: PrimaryLink, root: Path, progress: Progress, checksum: bool = False,
     quarantine: bool = False, on_progress: Callable[[Progress], None] | None = None,
+    scope: set[bytes] | None = None,
 ) -> None:  # fmt: skip
-    progress.kind = "full"
-    reply, _ = await link.request({"op": "list"})
+    """The delta over the whole tree, or over the subtrees of ``scope`` only."""
+    ask: dict[str, Any] = {"op": "list"}
+    if scope is None:
+        progress.kind = "full"
+    else:
+        ask["paths"] = sorted(os.fsdecode(p) for p in scope)
+    reply, _ = await link.request(ask)
     theirs: dict[str, list[int]] = reply.get("tree", {})
-    ours = await trio.to_thread.run_sync(list_tree, root)
+    ours = await trio.to_thread.run_sync(list_tree, root, scope)
     changed = [p for p, v in ours.items() if checksum or theirs.get(p) != v]
     removed = [p for p in theirs if p not in ours]
     doomed = [p for p in changed if p in theirs] + removed
     if quarantine and doomed:
         await link.request({"op": "quarantine", "paths": doomed})
-    progress.bytes_total = sum(ours[p][1] for p in changed if stat.S_ISREG(ours[p][0]))
+    progress.bytes_total = progress.bytes_done + sum(
+        ours[p][1] for p in changed if stat.S_ISREG(ours[p][0])
+    )
     for p in sorted(removed, key=lambda s: -s.count("/")):
         link.submit(Record(0, Op.UNLINK, os.fsencode(p), flags=REMOVE_ANY))
     last = time.monotonic()

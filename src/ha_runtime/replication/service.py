@@ -25,7 +25,16 @@ from ha_runtime.generation import Generation, GenerationStore, Relation, atomic_
 from ha_runtime.replication import delta as D
 from ha_runtime.replication import fusefs, resync, transport
 from ha_runtime.replication.applier import Applier
-from ha_runtime.replication.dirtylog import DirtyLog
+from ha_runtime.replication.dirtylog import (
+    AL_EXTENTS,
+    AL_IDLE_S,
+    ActivityLog,
+    DirtyLog,
+    load_activity,
+    merge_peer,
+    plan_from_wire,
+    plan_to_wire,
+)
 from ha_runtime.replication.journal import Op, Record, derive_key, valid_path
 from ha_runtime.replication.transport import LinkLost, PrimaryLink, TlsFiles
 
@@ -50,6 +59,7 @@ class ReplicationSettings:
     backing_root: Path | None = None  # default: cluster.state_dir / "replica"
     max_inflight_bytes: int = 64 << 20
     site_key: bytes | None = None  # default: read cluster.site_key
+    al_extents: int = AL_EXTENTS  # activity log: hot entries kept once the peer acked them
 
 
 @dataclass(frozen=True)
@@ -105,6 +115,7 @@ class ReplicationService:
         base = self.settings.backing_root or cluster.state_dir / "replica"
         self.backing = base / module.name / str(dir_index)
         self.dirty_path = base / f"{module.name}.{dir_index}.dirty"
+        self.al_path = base / f"{module.name}.{dir_index}.al"
         self.quarantine_root = base / f"{module.name}.quarantine"
         # Generation at which both copies were last identical (written on both sides at the
         # end of a resync, and by a primary that drained cleanly on stop).
@@ -119,6 +130,7 @@ class ReplicationService:
         self.tls = TlsFiles(cluster.tls.ca, cluster.tls.cert, cluster.tls.key)
         self._status = ReplicationStatus()
         self._dirty: DirtyLog | None = None
+        self._al: ActivityLog | None = None
         self._link: PrimaryLink | None = None
         self._noted: set[int] = set()
         self._progress: resync.Progress | None = None
@@ -169,12 +181,22 @@ class ReplicationService:
             if pos:
                 await trio.to_thread.run_sync(self._dirty.sync, pos)
         elif link is not None and not link.lost_reason:
+            # In sync: what the operation may change is hot in the activity log (durably)
+            # before it is performed; only a new entry costs a record and an fsync.
+            al = self._al
+            assert al is not None
+            pos = al.note(rec, link.durable_seq)
             try:
+                if pos:
+                    await trio.to_thread.run_sync(al.sync, pos)
                 await link.room()
             except trio.TooSlowError:
                 link.fail(f"no acknowledgement within {link.timeout:g} s (queue full)")
                 await self._go_alone(link.lost_reason or "")
                 await self.before(rec)
+            finally:
+                # No checkpoint from here to after(): the record will be link.seq + 1.
+                al.release(rec, link.seq + 1)
 
     def _size_of(self, rec: Record) -> int | None:
         """The backing file's size before a write (lets the dirty log record appends ahead)."""
@@ -256,6 +278,8 @@ class ReplicationService:
         if link is not None:
             for r in link.unacked():
                 self._dirty.note(r)
+        if self._al is not None:
+            self._al.link_changed()
         await trio.to_thread.run_sync(self._dirty.sync)
         if was == "sync":
             self._emit("peer_lost", reason=reason)
@@ -274,6 +298,12 @@ class ReplicationService:
         if first and self._read_synced() is None:
             self._dirty.mark_lost()  # never synced: the peer's copy is unknown
             self._dirty.sync()
+        self._al = ActivityLog(self.al_path, extents=self.settings.al_extents)
+        self._al.open()
+        # Left hot by a past run that ended in sync without draining: the peer may lack it.
+        hot = self._al.entries()
+        if self._al.fold_into(self._dirty):
+            self._emit("activity_log_folded", entries=hot)
         self._status.rejected = dict(self._dirty.rejected)
         try:
             async with trio.open_nursery() as n:
@@ -284,13 +314,25 @@ class ReplicationService:
                     )
                 )  # fmt: skip
                 task_status.started()
+                n.start_soon(self._trim_activity)
                 await self._connect_loop()
         finally:
             self._dirty.close()
+            self._al.close()
             link = self._link
             if self._drained is not None and (link is None or link.seq == self._drained):
                 # The peer holds everything: no dirty log means "nothing the peer lacks".
                 self.dirty_path.unlink(missing_ok=True)
+                self.al_path.unlink(missing_ok=True)
+
+    async def _trim_activity(self) -> None:
+        """In sync: now and then drop from the activity log what the peer acknowledged and
+        nobody used lately, so a crash leaves only recent activity to resync."""
+        while True:
+            await trio.sleep(AL_IDLE_S / 2)
+            link, al = self._link, self._al
+            if self._status.state == "sync" and link is not None and al is not None:
+                await trio.to_thread.run_sync(al.trim, link.durable_seq)
 
     def _addresses(self) -> list[tuple[str, int]]:
         spec = self.cluster.peer(self.peer)
@@ -372,10 +414,21 @@ class ReplicationService:
             quarantine = quarantine or why.startswith(("split brain", "first"))
             self._emit("resync_full_needed", reason=why, quarantine=quarantine)
         full = full or state.lost
+        detail: dict[str, Any] = {}
+        if not full and hello.get("dirty"):
+            # The peer was primary since it was last in sync: what it may have changed
+            # that we never got is in its activity log (checked by _resync_kind).
+            peer, _ = plan_from_wire(hello.get("activity"), valid_path)
+            assert peer is not None
+            merge_peer(state, peer)
+            detail["peer_activity"] = {
+                "ranges": sum(len(r) for r in peer.ranges.values()),
+                "paths": len(peer.touched | peer.scope),
+            }
         self._link = link
         self._status.state = "resyncing"  # live writes: noted dirty and shipped
         self._progress = resync.Progress()
-        self._emit("resync_started", full=full)
+        self._emit("resync_started", full=full, **detail)
         if full:
             # The log now says "full needed" until the end; live writes are noted too.
             self._dirty.clear()
@@ -385,6 +438,10 @@ class ReplicationService:
                               quarantine=quarantine, on_progress=self._on_progress)  # fmt: skip
             state = self._dirty.snapshot()
         await resync.incremental(link, self.backing, state, self._progress, self._on_progress)
+        # Everything the activity log held is in the dirty log or on the peer: start afresh
+        # (the dirty log keeps covering what goes before the final barrier).
+        assert self._al is not None
+        await trio.to_thread.run_sync(self._al.clear)
         # Switch to synchronous replication atomically with the final barrier.
         seq = link.submit(Record(0, Op.FSYNC, b""))
         self._status.state = "sync"
@@ -410,7 +467,9 @@ class ReplicationService:
         if peer.empty:
             return "first synchronisation of the peer's copy"
         if hello.get("dirty"):
-            return "the peer was primary since it was last in sync (its last writes are unknown)"
+            _, problem = plan_from_wire(hello.get("activity"), valid_path)
+            if problem:
+                return f"the peer was primary since it was last in sync and {problem}"
         ours = self._read_synced()
         if ours is None or hello.get("synced") != ours:
             return "the two copies were not last identical at the same generation"
@@ -555,6 +614,11 @@ class ReplicationService:
             if obj.get("module") != self.module.name:
                 return {"error": f"module {obj.get('module')!r} is not {self.module.name!r}"}, b""
             g = self.generations.load().generation
+            dirty = self.dirty_path.exists()
+            activity = None
+            if dirty:
+                plan = await trio.to_thread.run_sync(load_activity, self.al_path, self.dirty_path)
+                activity = plan_to_wire(*plan)
             return {
                 "module": self.module.name,
                 "node": self.cluster.node,
@@ -563,21 +627,29 @@ class ReplicationService:
                     "history": [f"{h:016x}" for h in g.history],
                 },
                 "synced": self._read_synced(),
-                # A dirty log here means this node was primary since it was last in sync.
-                "dirty": self.dirty_path.exists(),
+                # A dirty log here means this node was primary since it was last in sync;
+                # what it may hold that the peer lacks: its activity and dirty logs.
+                "dirty": dirty,
+                "activity": activity,
             }, b""
         await trio.to_thread.run_sync(applier.barrier)
         if op == "in_sync":
             gen = str(obj.get("generation", ""))
             await trio.to_thread.run_sync(self._write_synced, gen)
             self.dirty_path.unlink(missing_ok=True)
+            self.al_path.unlink(missing_ok=True)
             self._status.state = "sync"
             if self._status.synced_generation != gen:
                 self._status.synced_generation = gen
                 self._emit("in_sync", generation=gen)
             return {"_durable": applier.durable_seq}, b""
         if op == "list":
-            return {"tree": await trio.to_thread.run_sync(resync.list_tree, self.backing)}, b""
+            raw = obj.get("paths")
+            scope = None
+            if isinstance(raw, list):
+                scope = {p for p in (os.fsencode(str(x)) for x in raw) if valid_path(p)}
+            tree = await trio.to_thread.run_sync(resync.list_tree, self.backing, scope)
+            return {"tree": tree}, b""
         if op == "digest":
             paths = obj.get("paths")
             if isinstance(paths, list):

@@ -175,3 +175,20 @@ def test_barrier_of_many_files_syncs_the_file_system_once(
     assert calls["syncfs"] == 1 and calls["fsync"] >= 1
     assert a.durable_seq == seq + 2
     a.close()
+
+
+def test_resync_removal_under_a_parent_already_gone_is_a_no_op(tmp_path: Path) -> None:
+    """A resync removes a tree, then a path that was under it (both recorded): done already.
+    A live UNLINK there is still an error (the copies disagree)."""
+    root = tmp_path / "r"
+    a = Applier(root)
+    (root / "d").mkdir()
+    (root / "d/f").write_bytes(b"x")
+    (root / "plain").write_bytes(b"x")
+    a.apply(Record(1, Op.UNLINK, b"d", flags=1))
+    a.apply(Record(2, Op.UNLINK, b"d/f", flags=1))
+    a.apply(Record(3, Op.UNLINK, b"plain/f", flags=1))  # parent is not a directory
+    assert not (root / "d").exists()
+    with pytest.raises(FileNotFoundError):
+        a.apply(Record(4, Op.UNLINK, b"d/f"))
+    a.close()

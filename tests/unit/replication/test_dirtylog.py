@@ -133,7 +133,9 @@ def test_appends_are_recorded_ahead_so_a_stream_costs_one_record_per_extent(
     size = 0
     for _ in range(2 * APPEND_EXTENT // len(block)):
         rec = Record(0, Op.WRITE, b"f", offset=size, data=block)
-        positions.append(log.note(rec, eof=lambda: size))  # noqa: B023 (called at once)
+        pos = log.note(rec, eof=lambda: size)  # noqa: B023 (called at once)
+        positions.append(pos)
+        log.sync(pos)  # as the sink does before performing the write
         size += len(block)
     # one new log position (one fsync) per extent crossed, not one per write
     assert len([p for p in positions if p]) == 2
@@ -141,4 +143,19 @@ def test_appends_are_recorded_ahead_so_a_stream_costs_one_record_per_extent(
     # an overwrite inside the file is recorded exactly
     assert log.note(Record(0, Op.WRITE, b"g", offset=0, data=block), eof=lambda: 1 << 30)
     assert list(log.state.ranges[b"g"]) == [(0, len(block))]
+    log.close()
+
+
+def test_a_covered_write_waits_for_its_record_to_be_durable(tmp_path: Path) -> None:
+    """Two operations on one range: the second is covered by the first one's record, which
+    may still be on its way to disk (the first is waiting for the fsync); the second must
+    not be performed before it is durable either."""
+    log = DirtyLog(tmp_path / "d")
+    log.open()
+    first = log.note(_w(b"db", 0, 4096))
+    assert first > 0
+    second = log.note(_w(b"db", 0, 100))  # covered, but nothing is durable yet
+    assert second >= first
+    log.sync(first)
+    assert log.note(_w(b"db", 0, 100)) == 0  # covered and durable: free
     log.close()

@@ -4,6 +4,7 @@ only what the dirty state names travels."""
 from __future__ import annotations
 
 import os
+import random
 import shutil
 from pathlib import Path
 from typing import Any
@@ -14,8 +15,16 @@ import trio
 from ha_runtime.replication import delta as D
 from ha_runtime.replication import resync
 from ha_runtime.replication.applier import Applier
-from ha_runtime.replication.dirtylog import DirtyLog
-from ha_runtime.replication.journal import Op, Record
+from ha_runtime.replication.dirtylog import (
+    AL_EXTENT,
+    ActivityLog,
+    DirtyLog,
+    load_activity,
+    merge_peer,
+    plan_from_wire,
+    plan_to_wire,
+)
+from ha_runtime.replication.journal import Op, Record, valid_path
 from ha_runtime.replication.transport import LinkStats, PrimaryLink
 
 
@@ -51,7 +60,9 @@ class ApplyingLink:
         self.applier.barrier()
         root = self.applier.root
         if obj["op"] == "list":
-            return {"tree": resync.list_tree(root)}, b""
+            paths = obj.get("paths")
+            scope = None if paths is None else {os.fsencode(p) for p in paths}
+            return {"tree": resync.list_tree(root, scope)}, b""
         assert obj["op"] == "sig"
         return {}, D.signature_file(os.fsencode(root / obj["path"])).encode()
 
@@ -205,3 +216,123 @@ def test_full_resync_of_a_large_file_in_pieces(
     assert snapshot(peer) == snapshot(prim)
     pieces = [r for r in link.records if r.op == Op.DELTA]
     assert len(pieces) >= 8
+
+
+class _Node:
+    """A copy and the log its primary notes operations in before performing them."""
+
+    def __init__(self, root: Path, log: DirtyLog | ActivityLog) -> None:
+        self.root = root
+        self.log = log
+
+    def _note(self, rec: Record) -> None:
+        if isinstance(self.log, ActivityLog):
+            self.log.sync(self.log.note(rec, acked=0))
+            self.log.release(rec, 1)
+        else:
+            p = self.root / os.fsdecode(rec.path)
+            self.log.sync(self.log.note(rec, lambda: p.stat().st_size if p.exists() else None))
+
+    def write(self, rel: str, off: int, data: bytes) -> None:
+        if not (self.root / rel).exists():  # as the mount's create() does
+            self._note(Record(0, Op.CREATE, rel.encode()))
+        self._note(Record(0, Op.WRITE, rel.encode(), offset=off, data=data))
+        fd = os.open(self.root / rel, os.O_WRONLY | os.O_CREAT, 0o640)
+        os.pwrite(fd, data, off)
+        os.close(fd)
+
+    def op(self, rec: Record, fn: Any, *args: Any) -> None:
+        self._note(rec)
+        fn(*args)
+
+
+def _two_copies(tmp_path: Path) -> tuple[Path, Path]:
+    """Two identical copies (as when last in sync): the old primary's and the new one's."""
+    rnd = random.Random(7)
+    base = tmp_path / "base"
+    (base / "d").mkdir(parents=True)
+    (base / "olddir").mkdir()
+    for i in range(4):
+        (base / f"d/f{i}").write_bytes(rnd.randbytes(300_000))
+    (base / "olddir/a").write_bytes(b"a" * 1000)
+    (base / "olddir/b").write_bytes(b"b" * 1000)
+    (base / "big").write_bytes(rnd.randbytes(5 * AL_EXTENT))
+    old, new = tmp_path / "old", tmp_path / "new"  # the returning node; the new primary
+    shutil.copytree(base, old, symlinks=True)
+    shutil.copytree(base, new, symlinks=True)
+    return old, new
+
+
+def test_returning_primary_gets_only_its_hot_set_and_our_changes(tmp_path: Path) -> None:
+    """The old primary crashed in sync with operations its peer never got; the peer, primary
+    since, changed things too. Its activity log merged into the new primary's dirty state,
+    one incremental pass makes its copy equal, and the untouched bulk does not travel."""
+    old, new = _two_copies(tmp_path)
+    al = ActivityLog(tmp_path / "m.0.al")
+    al.open()
+    a = _Node(old, al)  # what the old primary did that never reached the peer
+    a.write("big", 3 * AL_EXTENT + 100, b"A" * 5000)
+    a.write("d/f1", 299_000, b"B" * 40_000)  # extends the file
+    a.op(Record(0, Op.TRUNCATE, b"d/f2", offset=100), os.truncate, old / "d/f2", 100)
+    a.write("d/onlyold", 0, b"N" * 7000)
+    a.op(Record(0, Op.UNLINK, b"d/f3"), os.unlink, old / "d/f3")
+    a.op(Record(0, Op.RENAME, b"olddir", path2=b"moved"), os.rename, old / "olddir",
+         old / "moved")  # fmt: skip
+    a.op(Record(0, Op.MKDIR, b"d/f0x"), os.mkdir, old / "d/f0x")
+    a.op(Record(0, Op.SETATTR, b"d/f0"), os.chmod, old / "d/f0", 0o600)
+    os.close(al._fd)  # crash
+    (tmp_path / "m.0.dirty").touch()
+
+    dirty = DirtyLog(tmp_path / "new.dirty")
+    dirty.open()
+    b = _Node(new, dirty)  # what the new primary did since it took over
+    b.write("big", 0, b"Z" * 4096)
+    b.op(Record(0, Op.RENAME, b"d/f0", path2=b"d/f0x"), os.rename, new / "d/f0", new / "d/f0x")
+    b.write("d/newb", 0, b"Q" * 9000)
+    b.op(Record(0, Op.MKDIR, b"olddir/sub"), os.mkdir, new / "olddir/sub")
+
+    plan, why = plan_from_wire(
+        plan_to_wire(*load_activity(tmp_path / "m.0.al", tmp_path / "m.0.dirty")), valid_path
+    )
+    assert plan is not None, why
+    state = dirty.snapshot()
+    merge_peer(state, plan)
+    applier = Applier(old)
+    link = ApplyingLink(applier)
+    progress = resync.Progress()
+    trio.run(resync.incremental, link, new, state, progress)  # type: ignore[arg-type]
+    applier.barrier()
+    applier.close()
+    dirty.close()
+
+    assert snapshot(old) == snapshot(new)
+    sent: dict[bytes, int] = {}
+    for r in link.records:
+        sent[r.path] = sent.get(r.path, 0) + len(r.data)
+    # big: its hot 4 MiB extent and our own 4 KiB range, not its 20 MiB
+    assert sent[b"big"] == AL_EXTENT + 4096, sent
+    assert sent[b"d/f3"] == 300_000  # it unlinked d/f3, we still have it: it travels whole
+    assert sent[b"d/f1"] == 300_000  # its extent 0, clipped to our size (it extended it)
+    assert b"d/f0" not in {r.path for r in link.records if r.data}  # renamed here: gone
+    assert sum(sent.values()) < 2 * AL_EXTENT, sent
+
+
+def test_full_resync_scoped_to_paths_leaves_the_rest_alone(tmp_path: Path) -> None:
+    prim, peer = tmp_path / "prim", tmp_path / "peer"
+    (prim / "keep").mkdir(parents=True)
+    (prim / "keep/x").write_bytes(b"x" * 100)
+    (prim / "s").mkdir()
+    (prim / "s/in").write_bytes(b"p" * 100)
+    shutil.copytree(prim, peer, symlinks=True)
+    (peer / "keep/x").write_bytes(b"different, out of scope")
+    (peer / "s/in").write_bytes(b"different")
+    (peer / "s/extra").write_bytes(b"only on the peer")
+    applier = Applier(peer)
+    link = ApplyingLink(applier)
+    trio.run(lambda: resync.full(link, prim, resync.Progress(), checksum=True,  # type: ignore[arg-type]
+                                 scope={b"s"}))  # fmt: skip
+    applier.barrier()
+    applier.close()
+    assert (peer / "s/in").read_bytes() == b"p" * 100
+    assert not (peer / "s/extra").exists()
+    assert (peer / "keep/x").read_bytes() == b"different, out of scope"
