@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -16,7 +16,7 @@ import trio.testing
 from ha_runtime.replication import journal as J
 from ha_runtime.replication import transport as T
 from ha_runtime.replication.applier import Applier
-from ha_runtime.replication.journal import Op, Record, derive_key
+from ha_runtime.replication.journal import Kind, Op, Record, derive_key, encode_frame
 
 KEY = derive_key(b"s" * 48)
 
@@ -25,6 +25,26 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+async def _connect(port: int, tls: T.TlsFiles) -> T.Conn:
+    """The primary's end: connect to the secondary listening on loopback."""
+    return await T.connect(
+        addresses=[("127.0.0.1", port)], peer="node2", ctx=T.client_context(tls), key=KEY,
+        timeout=1,
+    )  # fmt: skip
+
+
+async def _listen(
+    n: trio.Nursery, port: int, tls: T.TlsFiles, handler: Callable[[T.Conn], Awaitable[None]]
+) -> None:
+    """The secondary's end: serve ``handler`` on loopback, for the primary node1."""
+    await n.start(
+        lambda task_status: T.serve(
+            addresses=["127.0.0.1"], port=port, peer="node1", ctx=T.server_context(tls),
+            key=KEY, handler=handler, task_status=task_status,
+        )
+    )  # fmt: skip
 
 
 async def _no_control(obj: dict[str, Any], body: bytes) -> tuple[dict[str, Any], bytes]:
@@ -107,10 +127,7 @@ def test_large_writes_are_acknowledged_on_receipt_without_a_barrier(
     async def main() -> None:
         async with trio.open_nursery() as n:
             await n.start(run_secondary)
-            conn = await T.connect(
-                addresses=[("127.0.0.1", port)], peer="node2",
-                ctx=T.client_context(site["node1"]), key=KEY, timeout=1,
-            )  # fmt: skip
+            conn = await _connect(port, site["node1"])
             # keepalives (every timeout/4) are answered with an ack: none within the test
             link = T.PrimaryLink(conn, timeout=80, max_inflight=6 << 20)
             n.start_soon(link.run)
@@ -181,17 +198,8 @@ def test_silent_peer_times_out(site: dict[str, T.TlsFiles]) -> None:
             await trio.sleep_forever()
 
         async with trio.open_nursery() as n:
-            await n.start(
-                lambda task_status: T.serve(
-                    addresses=["127.0.0.1"], port=port, peer="node1",
-                    ctx=T.server_context(site["node2"]), key=KEY, handler=black_hole,
-                    task_status=task_status,
-                )
-            )  # fmt: skip
-            conn = await T.connect(
-                addresses=[("127.0.0.1", port)], peer="node2",
-                ctx=T.client_context(site["node1"]), key=KEY, timeout=1,
-            )  # fmt: skip
+            await _listen(n, port, site["node2"], black_hole)
+            conn = await _connect(port, site["node1"])
             link = T.PrimaryLink(conn, timeout=0.5)
             n.start_soon(link.run)
             seq = link.submit(Record(0, Op.FSYNC, b""))
@@ -253,10 +261,7 @@ def test_a_slow_large_record_keeps_the_link_alive_and_its_error_still_ends_it(
     async def main() -> None:
         async with trio.open_nursery() as n:
             await n.start(run_secondary)
-            conn = await T.connect(
-                addresses=[("127.0.0.1", port)], peer="node2",
-                ctx=T.client_context(site["node1"]), key=KEY, timeout=1,
-            )  # fmt: skip
+            conn = await _connect(port, site["node1"])
             link = T.PrimaryLink(conn, timeout=1)
             n.start_soon(link.run)
             link.submit(Record(0, Op.CREATE, b"f", mode=0o100644))
@@ -288,25 +293,16 @@ def test_a_session_broken_mid_send_ends_alone_and_the_listener_serves_the_next(
         sessions.append(conn.peer)
         if len(sessions) == 1:
             raise trio.BrokenResourceError  # what a send to a reset peer raises
-        await conn.send(T.encode_frame(T.Kind.PONG, b"", KEY))
+        await conn.send(encode_frame(Kind.PONG, b"", KEY))
 
     async def main() -> None:
         async with trio.open_nursery() as n:
-            await n.start(
-                lambda task_status: T.serve(
-                    addresses=["127.0.0.1"], port=port, peer="node1",
-                    ctx=T.server_context(site["node2"]), key=KEY, handler=handler,
-                    task_status=task_status,
-                )
-            )  # fmt: skip
+            await _listen(n, port, site["node2"], handler)
             for expect_pong in (False, True):
-                conn = await T.connect(
-                    addresses=[("127.0.0.1", port)], peer="node2",
-                    ctx=T.client_context(site["node1"]), key=KEY, timeout=1,
-                )  # fmt: skip
+                conn = await _connect(port, site["node1"])
                 with trio.fail_after(5):
                     fr = await conn.recv()
-                assert (fr is not None and fr.kind == T.Kind.PONG) is expect_pong
+                assert (fr is not None and fr.kind == Kind.PONG) is expect_pong
                 await conn.aclose()
             n.cancel_scope.cancel()
 
