@@ -22,7 +22,10 @@ the coalesced state (atomically: temp file, fsync, rename, fsync of the director
 from __future__ import annotations
 
 import bisect
+import contextlib
+import errno
 import itertools
+import logging
 import os
 import threading
 import time
@@ -33,6 +36,8 @@ from pathlib import Path
 from typing import Generic, Protocol, TypeVar
 
 from ha_runtime.replication.journal import NAMESPACE_OPS, Op, Record, read_records, record_frame
+
+log = logging.getLogger("hapair.replication")
 
 INF = 1 << 62
 LOST_FLAG = 0xFFFFFFFF  # SETATTR(b"", flags=LOST_FLAG): the log is not trustworthy
@@ -169,6 +174,12 @@ class _LogState(Protocol):
 S = TypeVar("S", bound=_LogState)
 
 
+def _write_all(fd: int, data: bytes) -> None:
+    """One write of a whole frame; a short one (the disk filling up) is an error."""
+    if os.write(fd, data) != len(data):
+        raise OSError(errno.ENOSPC, "short write to a log file")
+
+
 class _RecordLog(Generic[S]):
     """A durable append-only file of RECORD frames folded into an in-memory state ``S``:
     loading with a torn tail dropped, appending, group commit, compaction, clearing.
@@ -228,7 +239,14 @@ class _RecordLog(Generic[S]):
             self._append(record_frame(Record(0, Op.SETATTR, b"", flags=LOST_FLAG)))
 
     def _append(self, frame: bytes) -> None:
-        os.write(self._fd, frame)
+        try:
+            _write_all(self._fd, frame)
+        except OSError:
+            # A torn frame would hide every record appended after it (a reader stops there).
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, self._size)
+                os.lseek(self._fd, self._size, os.SEEK_SET)
+            raise
         self._written += len(frame)
         self._size += len(frame)
 
@@ -245,7 +263,10 @@ class _RecordLog(Generic[S]):
             os.fsync(self._fd)
             self._synced = max(self._synced, mark)
         if self._size > max(self.compact_bytes, 2 * self._compacted):
-            self.compact()
+            try:
+                self.compact()
+            except OSError as e:  # only a smaller file lost: the records are durable
+                log.warning("cannot compact %s: %s", self.path, e)
 
     def compact(self) -> None:
         with self._lock, self._sync_lock:
@@ -253,8 +274,11 @@ class _RecordLog(Generic[S]):
             blob = b"".join(record_frame(r) for r in self.state.snapshot_records())
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
             try:
-                os.write(fd, blob)
+                _write_all(fd, blob)
                 os.fsync(fd)
+            except OSError:
+                tmp.unlink(missing_ok=True)  # a full disk: give its space back
+                raise
             finally:
                 os.close(fd)
             os.replace(tmp, self.path)
@@ -471,18 +495,32 @@ class ActivityLog(_RecordLog[ActivityState]):
                 return 0
             wait = 0
             new = False
+            pinned: list[_Hot] = []
             for key, off in keys:
                 h = st.hot.get(key)
                 if h is None or (key[1] == TAIL and off < h.offset):
+                    created, old_offset = h is None, 0 if h is None else h.offset
                     if h is None:
                         h = st.hot[key] = _Hot(0, offset=off)
                     h.offset = off
-                    self._append(record_frame(_al_record(key, h)))
+                    try:
+                        self._append(record_frame(_al_record(key, h)))
+                    except OSError:
+                        # Not recorded: nothing may look recorded, and the operation must
+                        # not happen (its caller gets the error, e.g. ENOSPC).
+                        if created:
+                            del st.hot[key]
+                        else:
+                            h.offset = old_offset
+                        for p in pinned:
+                            p.pins -= 1
+                        raise
                     h.pos = self._written
                     new = True
                 else:
                     st.hot.move_to_end(key)
                 h.pins += 1
+                pinned.append(h)
                 h.used = now
                 wait = max(wait, h.pos)
             if new:

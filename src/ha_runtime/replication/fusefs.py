@@ -116,8 +116,10 @@ class PassthroughFS(pyfuse3.Operations):
         return a
 
     async def _mutate(self, rec: Record, fn: Any, *args: Any) -> Any:
-        await self.sink.before(rec)
         try:
+            # Recording it may fail too (a full disk under the dirty or activity log): then
+            # the operation is not performed and the application gets the error.
+            await self.sink.before(rec)
             result = fn(*args)
         except OSError as e:
             raise _fuse_error(e) from None

@@ -332,7 +332,12 @@ class ReplicationService:
             await trio.sleep(AL_IDLE_S / 2)
             link, al = self._link, self._al
             if self._status.state == "sync" and link is not None and al is not None:
-                await trio.to_thread.run_sync(al.trim, link.durable_seq)
+                try:
+                    await trio.to_thread.run_sync(al.trim, link.durable_seq)
+                except OSError as e:
+                    # The file keeps entries the peer has (more to resync after a crash,
+                    # never less); a full disk must not take replication down.
+                    log.warning("replication: cannot trim the activity log: %s", e)
 
     def _addresses(self) -> list[tuple[str, int]]:
         spec = self.cluster.peer(self.peer)

@@ -351,3 +351,38 @@ def test_trim_drops_what_was_acknowledged_and_idle_from_the_file(tmp_path: Path)
     plan, why = load_activity(al_path, dirty_path)
     assert plan is not None, why
     assert set(plan.ranges) == {b"busy", b"late"}
+
+
+def test_a_full_disk_fails_the_operation_and_never_fakes_an_entry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lab's fault campaign filled a primary's disk: recording a new entry must then fail
+    the operation (ENOSPC to the application), leave no entry that looks recorded, no torn
+    frame that would hide later records, and a failed trim must leave the file whole."""
+    al, al_path, dirty_path = _logs(tmp_path)
+    al.sync(al.note(_w(b"db", 0, 1), acked=0))
+    al.release(_w(b"db", 0, 1), 1)
+    real_write = os.write
+    full = [True]
+
+    def write(fd: int, data: bytes) -> int:
+        if full[0]:
+            return real_write(fd, data[: len(data) // 2])  # a short write, then full
+        return real_write(fd, data)
+
+    monkeypatch.setattr(dirtylog.os, "write", write)
+    size = al_path.stat().st_size
+    with pytest.raises(OSError):
+        al.note(Record(0, Op.RENAME, b"a", path2=b"b"), acked=0)
+    assert set(al.state.hot) == {(b"db", 0)}  # nothing new looks recorded
+    assert al_path.stat().st_size == size  # the half frame is gone
+    with pytest.raises(OSError):
+        al.compact()  # what a trim does
+    assert not al_path.with_suffix(".compact").exists()  # its space given back
+    assert al_path.stat().st_size == size  # the log itself untouched
+    full[0] = False  # space again: the same operation records and later ones survive
+    al.sync(al.note(Record(0, Op.RENAME, b"a", path2=b"b"), acked=0))
+    os.close(al._fd)  # crash
+    plan, why = load_activity(al_path, dirty_path)
+    assert plan is not None, why
+    assert plan.scope == {b"a", b"b"}
