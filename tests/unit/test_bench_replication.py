@@ -52,7 +52,8 @@ def test_both_nodes_anchor_is_extra_and_labelled() -> None:
     assert both.samples == [500.0, 500.0] and both.extra["secondary_ops"] == [480.0, 480.0]
     assert "share one host disk" in str(both.extra["what"])
     r = f["4k_fdatasync_ratio_both_nodes"]
-    assert r.anchor == both.figure and r.median == pytest.approx(0.5) and r.passed is None
+    assert r.unit == "repl/local_both_nodes" and not r.anchor  # a ratio, not divided again
+    assert r.median == pytest.approx(0.5) and r.passed is None
     assert f["4k_fdatasync_p99_local_both_nodes"].samples == [pytest.approx(2.0)]
     # Without the probe's rows there is no such figure, the target's anchor stays.
     names = by_name(figures_of(rows(both=False), {"seconds": 3.0}))
