@@ -25,6 +25,7 @@ from pathlib import Path
 from ha_runtime.replication import delta as D
 from ha_runtime.replication.journal import (
     DELTA_CONT,
+    DELTA_IN_PLACE,
     DELTA_MORE,
     FSYNC_DATA,
     SET_ATIME,
@@ -76,6 +77,7 @@ class Applier:
         self.applied_seq = 0
         self.durable_seq = 0
         self._deltas: dict[bytes, int] = {}  # path -> fd of its new file, pieces arriving
+        self._in_place: dict[bytes, int] = {}  # path -> where its in-place delta's next piece goes
 
     def close(self) -> None:
         for fd in list(self._files.values()) + self._pending + list(self._deltas.values()):
@@ -140,6 +142,9 @@ class Applier:
     def _retire_under(self, path: bytes) -> None:
         for p in [p for p in self._files if p == path or p.startswith(path + b"/")]:
             self._retire(p)
+        # A name gone or replaced: a delta patching it in place must not go on elsewhere.
+        for p in [p for p in self._in_place if p == path or p.startswith(path + b"/")]:
+            del self._in_place[p]
 
     def _dirname(self, path: bytes) -> bytes:
         return path.rpartition(b"/")[0]
@@ -181,6 +186,7 @@ class Applier:
 
     def _op_create(self, r: Record) -> None:
         self._retire(r.path)
+        self._in_place.pop(r.path, None)
         fd = self._file(r.path, create_mode=r.mode & 0o7777)
         os.fchmod(fd, r.mode & 0o7777)
         if r.uid >= 0 or r.gid >= 0:
@@ -219,10 +225,12 @@ class Applier:
         self._dirty_dirs.add(r.path)
 
     def _op_unlink(self, r: Record) -> None:
-        self._retire(r.path)
-        self._dirty_files.discard(r.path)
         if r.flags & 1:  # resync: remove whatever is there, a whole tree included
             self._retire_under(r.path)
+        else:
+            self._retire(r.path)
+        self._in_place.pop(r.path, None)
+        self._dirty_files.discard(r.path)
         try:
             pfd, name = self._parent(r.path)
         except (FileNotFoundError, NotADirectoryError):
@@ -432,6 +440,10 @@ class Applier:
 
     def _op_delta(self, r: Record) -> None:
         d = D.Delta.decode(r.data)
+        if r.flags & DELTA_IN_PLACE and self._patches_in_place(r):
+            self._delta_in_place(r, d)
+            return
+        self._in_place.pop(r.path, None)
         open_fd = self._deltas.get(r.path)
         if r.flags & DELTA_CONT:
             # A piece whose start was never seen (or at another offset) cannot be placed.
@@ -441,6 +453,42 @@ class Applier:
         elif open_fd is not None:
             self._abandon_delta(r.path)  # a new delta restarts the file
         self._replace_with(r.path, d, more=bool(r.flags & DELTA_MORE))
+
+    def _patches_in_place(self, r: Record) -> bool:
+        """An in-place delta is patched in place unless the file has other names (they are
+        separate files on the primary: a new file breaks the link) or its first piece began
+        the other way."""
+        if r.flags & DELTA_CONT:
+            return r.path in self._in_place
+        self._abandon_delta(r.path)
+        try:
+            return os.fstat(self._file(r.path)).st_nlink == 1
+        except OSError:
+            return False  # missing or not a file: rebuilt beside, as any delta
+
+    def _delta_in_place(self, r: Record, d: D.Delta) -> None:
+        """The literals written over the file itself; the last piece sets its length. A
+        resync cut short leaves it part old, part new, as ranges written by an incremental
+        resync do: the copy is not declared in sync before the resync's end."""
+        if r.flags & DELTA_CONT and self._in_place.get(r.path) != r.offset:
+            self._in_place.pop(r.path, None)
+            raise D.DeltaError("delta piece out of sequence")
+        if not r.flags & DELTA_CONT and r.offset:
+            raise D.DeltaError("delta piece out of sequence")
+        fd = self._file(r.path)
+        try:
+            end = D.patch_in_place(fd, d, r.offset)
+            if not r.flags & DELTA_MORE:
+                os.ftruncate(fd, end)
+        except BaseException:
+            self._in_place.pop(r.path, None)
+            raise
+        finally:
+            self._dirty_files.add(r.path)
+        if r.flags & DELTA_MORE:
+            self._in_place[r.path] = end
+        else:
+            self._in_place.pop(r.path, None)
 
     def _abandon_delta(self, path: bytes) -> None:
         fd = self._deltas.pop(path, None)

@@ -16,7 +16,8 @@ Same three steps as rsync/pyrsync2, not the same speed:
    that pass get a strong hash. No Python loop runs per byte: the loops run per block or per
    candidate.
 3. ``patch(basis, delta)``: the receiver rebuilds the new file from copies of its blocks and
-   the literal bytes.
+   the literal bytes; when every copy is in place (``in_place``: data changed where it lay,
+   the common case), ``patch_in_place`` writes only the literals over the file itself.
 
 Only blocks the receiver does not have travel (as literal bytes); the rest costs a few
 bytes per run of consecutive blocks.
@@ -455,6 +456,50 @@ def split(d: Delta, max_bytes: int, max_output: int = 1 << 62) -> Iterator[Delta
             pos += len(part)
     if piece.ops or d.length == 0:
         yield piece
+
+
+def in_place(d: Delta) -> bool:
+    """Whether every copy of ``d`` takes its bytes from where they end up. Then the receiver
+    can patch its file where it lies (literals written over it, copies left alone), with no
+    second copy of the file: data changed in place, appended or truncated gives such a delta;
+    data shifted does not."""
+    pos = 0
+    for op in d.ops:
+        if op[0] == COPY and len(op) == 3:
+            if op[1] != pos:
+                return False
+            pos += op[2]
+        elif isinstance(op[1], bytes):
+            pos += len(op[1])
+    return True
+
+
+def patch_in_place(fd: int, d: Delta, start: int = 0) -> int:
+    """Apply a piece of an in-place delta (``in_place``) to the file open as ``fd``: the
+    piece's output begins at ``start``. Only the literals are written. Returns the offset
+    after the piece. DeltaError (before any write) if a copy is not in place or reaches past
+    the end of the file."""
+    size = os.fstat(fd).st_size
+    pos = start
+    for op in d.ops:
+        if op[0] == COPY and len(op) == 3:
+            if op[1] != pos or pos + op[2] > size:
+                raise DeltaError("delta copy not in place")
+            pos += op[2]
+        elif isinstance(op[1], bytes):
+            pos += len(op[1])
+    if pos - start != d.length:
+        raise DeltaError("delta length mismatch")
+    pos = start
+    for op in d.ops:
+        if op[0] == COPY and len(op) == 3:
+            pos += op[2]
+        elif isinstance(op[1], bytes):
+            mv = memoryview(op[1])
+            while mv:
+                n = os.pwrite(fd, mv, pos)
+                mv, pos = mv[n:], pos + n
+    return pos
 
 
 def patch(basis: Buffer, d: Delta) -> bytes:

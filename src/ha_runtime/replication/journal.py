@@ -87,6 +87,9 @@ FSYNC_DATA = 1
 # Neither flag: the whole delta in one record.
 DELTA_CONT = 1  # continues the delta opened by the previous piece for this path
 DELTA_MORE = 2  # more pieces follow: keep the new file open
+# Every copy of the whole delta is in place (delta.in_place): the receiver may write the
+# literals over its file instead of building a new one. A receiver that ignores it rebuilds.
+DELTA_IN_PLACE = 4
 
 NAMESPACE_OPS = frozenset(
     {

@@ -31,6 +31,7 @@ from ha_runtime.replication import delta as D
 from ha_runtime.replication.dirtylog import DirtyState
 from ha_runtime.replication.journal import (
     DELTA_CONT,
+    DELTA_IN_PLACE,
     DELTA_MORE,
     SET_ATIME,
     SET_GID,
@@ -342,7 +343,10 @@ async def _send_file(  # noqa: PLR0917
     d = await trio.to_thread.run_sync(D.delta_file, sig, path)
     # Live writes may land between pieces (and on the old file): they are in the dirty log
     # and the incremental pass after the full one sends them again.
-    pieces = list(D.split(d, DELTA_PIECE, DELTA_PIECE_OUTPUT))
+    # In place (data changed where it lay), the secondary writes only the literals over its
+    # file: a piece costs it no more than its own size, and it rewrites no 1 GiB beside.
+    in_place = D.in_place(d)
+    pieces = list(D.split(d, DELTA_PIECE, (1 << 62) if in_place else DELTA_PIECE_OUTPUT))
     out = 0
     sent: list[int] = []
     for i, piece in enumerate(pieces):
@@ -353,6 +357,7 @@ async def _send_file(  # noqa: PLR0917
         if len(sent) >= 2:
             await link.wait_progress(lambda: link.stats().received_seq >= sent[-2])
         flags = (DELTA_CONT if i else 0) | (DELTA_MORE if i < len(pieces) - 1 else 0)
+        flags |= DELTA_IN_PLACE if in_place else 0
         sent.append(
             link.submit(Record(0, Op.DELTA, rel, offset=out, flags=flags, data=piece.encode()))
         )

@@ -12,6 +12,7 @@ from ha_runtime.replication import delta as D
 from ha_runtime.replication.applier import Applier, UnsafePath
 from ha_runtime.replication.journal import (
     DELTA_CONT,
+    DELTA_IN_PLACE,
     DELTA_MORE,
     SET_MODE,
     SET_MTIME,
@@ -137,6 +138,69 @@ def test_delta_in_pieces_rebuilds_the_file_and_refuses_a_stray_piece(tmp_path: P
     with pytest.raises(D.DeltaError):
         a.apply(Record(99, Op.DELTA, b"f", offset=5, flags=DELTA_CONT, data=pieces[1].encode()))
     assert (tmp_path / "r/f").read_bytes() == new
+    a.close()
+
+
+def _in_place_pieces(basis: bytes, new: bytes) -> list[tuple[int, int, bytes]]:
+    """(output offset, flags, encoded piece) of an in-place delta, as the primary sends them."""
+    d = D.delta(D.signature(basis, 2048), new)
+    assert D.in_place(d)
+    pieces = list(D.split(d, 8192))
+    out, records = 0, []
+    for i, p in enumerate(pieces):
+        flags = DELTA_IN_PLACE | (DELTA_CONT if i else 0)
+        flags |= DELTA_MORE if i < len(pieces) - 1 else 0
+        records.append((out, flags, p.encode()))
+        out += p.length
+    return records
+
+
+def test_in_place_delta_writes_over_the_file_and_refuses_a_stray_piece(tmp_path: Path) -> None:
+    a = Applier(tmp_path / "r")
+    basis = os.urandom(300_000)
+    new = bytearray(basis[:250_000])  # changed in place, and shorter
+    for off in (1000, 90_000, 200_000):
+        new[off : off + 3000] = os.urandom(3000)
+    a.apply(Record(1, Op.CREATE, b"f", mode=0o100600))
+    a.apply(Record(2, Op.WRITE, b"f", data=basis))
+    ino = (tmp_path / "r/f").stat().st_ino
+    pieces = _in_place_pieces(basis, bytes(new))
+    assert len(pieces) > 2
+    for i, (off, flags, data) in enumerate(pieces):
+        a.apply(Record(3 + i, Op.DELTA, b"f", offset=off, flags=flags, data=data))
+    assert (tmp_path / "r/f").read_bytes() == bytes(new)
+    assert (tmp_path / "r/f").stat().st_ino == ino  # the same file: nothing built beside
+    assert not [n for n in os.listdir(tmp_path / "r") if n.startswith(".hapair-tmp")]
+    # a piece whose delta is not open here (or at another offset) is refused, file untouched
+    off, flags, data = pieces[1]
+    with pytest.raises(D.DeltaError):
+        a.apply(Record(99, Op.DELTA, b"f", offset=off, flags=flags, data=data))
+    assert (tmp_path / "r/f").read_bytes() == bytes(new)
+    # a name removed between pieces ends the delta: the next piece does not write elsewhere
+    a.apply(Record(100, Op.DELTA, b"f", offset=0, flags=pieces[0][1], data=pieces[0][2]))
+    a.apply(Record(101, Op.UNLINK, b"f"))
+    a.apply(Record(102, Op.CREATE, b"f", mode=0o100600))
+    with pytest.raises(D.DeltaError):
+        a.apply(Record(103, Op.DELTA, b"f", offset=pieces[1][0], flags=pieces[1][1],
+                       data=pieces[1][2]))  # fmt: skip
+    assert (tmp_path / "r/f").read_bytes() == b""
+    a.close()
+
+
+def test_in_place_delta_of_a_file_with_other_names_builds_a_new_file(tmp_path: Path) -> None:
+    """Hard links here are separate files on the primary: patching the shared inode would
+    change the other name too; the delta builds a new file and breaks the link."""
+    a = Applier(tmp_path / "r")
+    basis = os.urandom(100_000)
+    new = bytearray(basis)
+    new[50_000:50_100] = os.urandom(100)
+    a.apply(Record(1, Op.CREATE, b"f", mode=0o100600))
+    a.apply(Record(2, Op.WRITE, b"f", data=basis))
+    a.apply(Record(3, Op.LINK, b"f", path2=b"g"))
+    for i, (off, flags, data) in enumerate(_in_place_pieces(basis, bytes(new))):
+        a.apply(Record(4 + i, Op.DELTA, b"f", offset=off, flags=flags, data=data))
+    assert (tmp_path / "r/f").read_bytes() == bytes(new)
+    assert (tmp_path / "r/g").read_bytes() == basis
     a.close()
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -64,6 +65,69 @@ def test_roundtrip_edited(basis: bytes, edits: list[tuple[int, int, bytes]], bs:
         new[p : p + cut] = ins
     d = D.delta(D.signature(basis, bs), bytes(new))
     assert D.patch(basis, d) == bytes(new)
+
+
+def _patched_in_place(basis: bytes, pieces: list[D.Delta]) -> bytes:
+    """The basis in a file, each piece patched over it where its output begins, then the
+    file cut to the delta's length (what the secondary's applier does)."""
+    with tempfile.TemporaryFile() as f:
+        f.write(basis)
+        f.flush()
+        fd = f.fileno()
+        end = 0
+        for p in pieces:
+            end = D.patch_in_place(fd, D.Delta.decode(p.encode()), end)
+        os.ftruncate(fd, end)
+        f.seek(0)
+        return f.read()
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    basis=st.binary(min_size=1, max_size=3000),
+    edits=st.lists(st.tuples(st.integers(0, 10**6), st.binary(max_size=80)), max_size=6),
+    resize=st.integers(-500, 500),
+    bs=st.sampled_from([4, 16, 32]),
+    limit=st.integers(1024, 2048),
+)
+def test_data_changed_in_place_is_patched_in_place(
+    basis: bytes, edits: list[tuple[int, bytes]], resize: int, bs: int, limit: int
+) -> None:
+    """Overwrites, then an append or a truncation: when the delta says in place (repetitive
+    data may match elsewhere: then it does not), writing its literals over the old file
+    rebuilds the new one, piece by piece."""
+    new = bytearray(basis)
+    for pos, data in edits:
+        p = pos % len(new)
+        new[p : p + len(data)] = data[: len(new) - p]
+    new = new + os.urandom(resize) if resize > 0 else new[: max(0, len(new) + resize)]
+    d = D.delta(D.signature(basis, bs), bytes(new))
+    pieces = list(D.split(d, limit))
+    if D.in_place(d):
+        assert _patched_in_place(basis, pieces) == bytes(new)
+    else:
+        with pytest.raises(D.DeltaError):
+            _patched_in_place(basis, pieces)
+
+
+def test_scattered_changes_are_in_place_and_shifted_data_is_not() -> None:
+    basis = os.urandom(256 * 1024)
+    new = bytearray(basis)
+    for off in (5000, 70_000, 200_000):
+        new[off : off + 100] = os.urandom(100)
+    d = D.delta(D.signature(basis, 1024), bytes(new) + b"appended")
+    assert D.in_place(d)
+    assert _patched_in_place(basis, list(D.split(d, 4096))) == bytes(new) + b"appended"
+    shifted = D.delta(D.signature(basis, 1024), b"inserted" + basis)
+    assert not D.in_place(shifted)
+    # refused before anything is written: the file is left as it was
+    with tempfile.TemporaryFile() as f:
+        f.write(basis)
+        f.flush()
+        with pytest.raises(D.DeltaError):
+            D.patch_in_place(f.fileno(), shifted)
+        f.seek(0)
+        assert f.read() == basis
 
 
 @settings(max_examples=60, deadline=None)

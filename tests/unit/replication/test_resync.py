@@ -24,7 +24,7 @@ from ha_runtime.replication.dirtylog import (
     plan_from_wire,
     plan_to_wire,
 )
-from ha_runtime.replication.journal import Op, Record, valid_path
+from ha_runtime.replication.journal import DELTA_IN_PLACE, Op, Record, valid_path
 from ha_runtime.replication.transport import LinkStats, PrimaryLink
 
 
@@ -204,18 +204,25 @@ def test_full_resync_of_a_large_file_in_pieces(
     peer.mkdir()
     body = bytearray(os.urandom(4 << 20))
     (peer / "big").write_bytes(body)
-    for off in range(0, len(body), 300_000):  # scattered changes
+    (peer / "shifted").write_bytes(body)
+    (prim / "shifted").write_bytes(b"inserted" + body)  # data moved: rebuilt beside
+    for off in range(0, len(body), 300_000):  # scattered changes: patched in place
         body[off : off + 5000] = os.urandom(5000)
     (prim / "big").write_bytes(body)
     (peer / "gone").write_bytes(b"x")
+    ino = (peer / "big").stat().st_ino
     applier = Applier(peer)
     link = ApplyingLink(applier)
     trio.run(resync.full, link, prim, resync.Progress())  # type: ignore[arg-type]
     applier.barrier()
     applier.close()
     assert snapshot(peer) == snapshot(prim)
-    pieces = [r for r in link.records if r.op == Op.DELTA]
-    assert len(pieces) >= 8
+    assert (peer / "big").stat().st_ino == ino
+    shifted = [r for r in link.records if r.op == Op.DELTA and r.path == b"shifted"]
+    assert len(shifted) >= 8  # bounded output per piece
+    assert not any(r.flags & DELTA_IN_PLACE for r in shifted)
+    big = [r for r in link.records if r.op == Op.DELTA and r.path == b"big"]
+    assert big and all(r.flags & DELTA_IN_PLACE for r in big)
 
 
 class _Node:
