@@ -336,7 +336,27 @@ def _next_match(sig: Signature, x: U8, start: int, try_match: Callable[[int], in
     return -1
 
 
-def _next_in_place(sig: Signature, mv: memoryview, pos: int, hint: int) -> int:
+def block_hashes(data: Buffer, block_size: int, limit: int | None = None) -> bytes:
+    """The strong hashes of the aligned full blocks of ``data`` (within its first ``limit``
+    bytes: where the receiver has blocks), concatenated: the sender's own, computed while
+    the receiver computes its signature (``delta(..., ours=...)``)."""
+    mv = _as_u8(data).data
+    n = min(len(mv), len(mv) if limit is None else limit) // block_size
+    return b"".join(strong_hash(mv[i * block_size : (i + 1) * block_size]) for i in range(n))
+
+
+def block_hashes_file(path: Path | str | bytes, block_size: int, limit: int | None = None) -> bytes:
+    with open(path, "rb") as f:
+        m = _map(f)
+        try:
+            return block_hashes(m, block_size, limit)
+        finally:
+            _close(m)
+
+
+def _next_in_place(
+    sig: Signature, mv: memoryview, pos: int, hint: int, hash_at: Callable[[int], bytes]
+) -> int:
     """The basis block expected right after a mismatching block at ``pos``, if the new data
     holds it there; else -1.
 
@@ -349,11 +369,26 @@ def _next_in_place(sig: Signature, mv: memoryview, pos: int, hint: int) -> int:
     nxt = (hint if hint >= 0 else pos // bs if pos % bs == 0 else -1) + 1
     if not 0 < nxt < sig.nblocks or pos + 2 * bs > len(mv):
         return -1
-    return nxt if strong_hash(mv[pos + bs : pos + 2 * bs]) == sig.strong_of(nxt) else -1
+    return nxt if hash_at(pos + bs) == sig.strong_of(nxt) else -1
 
 
-def delta(sig: Signature, new: Buffer) -> Delta:
-    """Instructions turning the receiver's basis (described by ``sig``) into ``new``."""
+def _hasher(mv: memoryview, bs: int, ours: bytes | None) -> Callable[[int], bytes]:
+    """The strong hash of ``mv[k:k+bs]``: from ``ours`` at an aligned offset it covers."""
+    known = len(ours) // STRONG_LEN * bs if ours is not None else 0
+
+    def hash_at(k: int) -> bytes:
+        if ours is not None and k % bs == 0 and k + bs <= known:
+            return ours[k // bs * STRONG_LEN : (k // bs + 1) * STRONG_LEN]
+        return strong_hash(mv[k : k + bs])
+
+    return hash_at
+
+
+def delta(sig: Signature, new: Buffer, ours: bytes | None = None) -> Delta:
+    """Instructions turning the receiver's basis (described by ``sig``) into ``new``.
+
+    ``ours``: ``block_hashes(new, sig.block_size)``, if already computed (data changed in
+    place is then matched without hashing anything here)."""
     x = _as_u8(new)
     mv = x.data
     n = x.shape[0]
@@ -364,10 +399,11 @@ def delta(sig: Signature, new: Buffer) -> Delta:
     pos = 0  # next byte of `new` not yet described
     lit = 0  # start of the pending literal run
     hint = -1  # basis block expected next (continuation of the previous copy)
+    hash_at = _hasher(mv, bs, ours)
 
     def try_match(k: int) -> int:
         """Basis block index whose strong hash equals new[k:k+bs], or -1."""
-        h = strong_hash(mv[k : k + bs])
+        h = hash_at(k)
         if hint >= 0 and hint < sig.nblocks and sig.strong_of(hint) == h:
             return hint
         return by_strong.get(h, -1)
@@ -396,7 +432,7 @@ def delta(sig: Signature, new: Buffer) -> Delta:
                 continue
             break
         # Mismatch at pos: first the block after it, where data changed in place left it.
-        nxt = _next_in_place(sig, mv, pos, hint)
+        nxt = _next_in_place(sig, mv, pos, hint, hash_at)
         if nxt >= 0:
             pos, hint = pos + bs, nxt  # next iteration copies it (the hint is checked first)
             continue
@@ -555,11 +591,11 @@ def signature_file(path: Path | str | bytes, block_size: int | None = None) -> S
             _close(m)
 
 
-def delta_file(sig: Signature, path: Path | str | bytes) -> Delta:
+def delta_file(sig: Signature, path: Path | str | bytes, ours: bytes | None = None) -> Delta:
     with open(path, "rb") as f:
         m = _map(f)
         try:
-            return delta(sig, m)
+            return delta(sig, m, ours)
         finally:
             _close(m)
 

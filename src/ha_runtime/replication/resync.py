@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import stat
@@ -308,7 +309,7 @@ async def full(  # noqa: PLR0917
             link.submit(Record(0, Op.UNLINK, rel, flags=REMOVE_ANY))
             t = None
         if stat.S_ISREG(st.st_mode):
-            await _send_file(link, root, rel, st, t is not None, progress)
+            await _send_file(link, root, rel, st, None if t is None else t[1], progress)
             for r in _meta_records(rel, st):
                 link.submit(r)
         else:
@@ -320,11 +321,13 @@ async def full(  # noqa: PLR0917
 
 
 async def _send_file(  # noqa: PLR0917
-    link: PrimaryLink, root: Path, rel: bytes, st: os.stat_result, exists: bool,
+    link: PrimaryLink, root: Path, rel: bytes, st: os.stat_result, their_size: int | None,
     progress: Progress,
 ) -> None:  # fmt: skip
+    """The file as a delta against the secondary's copy of ``their_size`` bytes (None: it
+    has none), whole if small."""
     path = _abs(root, rel)
-    if not exists or st.st_size <= SMALL_FILE:
+    if their_size is None or st.st_size <= SMALL_FILE:
         # read and queue with no checkpoint in between (ordering with live writes)
         link.submit(Record(0, Op.CREATE, rel, mode=st.st_mode, uid=st.st_uid, gid=st.st_gid))
         if st.st_size <= SMALL_FILE:
@@ -335,12 +338,24 @@ async def _send_file(  # noqa: PLR0917
             link.submit(Record(0, Op.TRUNCATE, rel, offset=0))
             await _send_ranges(link, root, rel, [(0, 1 << 62)], progress)
         return
-    reply, sig_bytes = await link.request({"op": "sig", "path": os.fsdecode(rel)})
+    # The secondary's signature and our own block hashes at the same block size at once:
+    # the delta then matches data changed in place without hashing (1 GiB: ~0.7 s).
+    bs = D.block_size_for(their_size)
+    ours: list[bytes] = []
+
+    async def hash_ours() -> None:
+        with contextlib.suppress(OSError):  # gone meanwhile: the delta finds out
+            ours.append(await trio.to_thread.run_sync(D.block_hashes_file, path, bs, their_size))
+
+    async with trio.open_nursery() as n:
+        n.start_soon(hash_ours)
+        reply, sig_bytes = await link.request({"op": "sig", "path": os.fsdecode(rel)})
     if "error" in reply:
         await _send_ranges(link, root, rel, [(0, st.st_size)], progress)
         return
     sig = D.Signature.decode(sig_bytes)
-    d = await trio.to_thread.run_sync(D.delta_file, sig, path)
+    known = ours[0] if ours and sig.block_size == bs else None
+    d = await trio.to_thread.run_sync(D.delta_file, sig, path, known)
     # Live writes may land between pieces (and on the old file): they are in the dirty log
     # and the incremental pass after the full one sends them again.
     # In place (data changed where it lay), the secondary writes only the literals over its

@@ -63,8 +63,12 @@ def test_roundtrip_edited(basis: bytes, edits: list[tuple[int, int, bytes]], bs:
     for pos, cut, ins in edits:
         p = pos % (len(new) + 1)
         new[p : p + cut] = ins
-    d = D.delta(D.signature(basis, bs), bytes(new))
+    sig = D.signature(basis, bs)
+    d = D.delta(sig, bytes(new))
     assert D.patch(basis, d) == bytes(new)
+    # the sender's own block hashes, computed beforehand, change nothing in the result
+    ours = D.block_hashes(bytes(new), bs, len(basis))
+    assert D.delta(sig, bytes(new), ours).encode() == d.encode()
 
 
 def _patched_in_place(basis: bytes, pieces: list[D.Delta]) -> bytes:
@@ -167,6 +171,30 @@ def test_blocks_changed_in_place_need_no_rolling_search(monkeypatch: pytest.Monk
     assert d.literal_bytes == len(touched) * bs
     # Two changed blocks in a row: the search finds what follows them; nothing else needs it.
     assert len(searches) <= sum(1 for b in touched if b + 1 in touched)
+
+
+def test_block_hashes_given_leave_only_unaligned_offsets_to_hash(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The primary hashes its blocks while the secondary computes the signature: a delta of
+    data changed in place then hashes nothing itself."""
+    rnd = random.Random(8)
+    bs = 1024
+    basis = rnd.randbytes(bs * 100)
+    new = bytearray(basis)
+    for b in rnd.sample(range(100), 10):
+        new[b * bs + 5] ^= 0x5A
+    sig = D.signature(basis, bs)
+    ours = D.block_hashes(bytes(new), bs)
+    hashed: list[int] = []
+    real = D.strong_hash
+    monkeypatch.setattr(D, "strong_hash", lambda data: hashed.append(len(data)) or real(data))
+    d = D.delta(sig, bytes(new), ours)
+    assert D.patch(basis, d) == bytes(new)
+    assert D.in_place(d)
+    # without ``ours`` it hashes every block (over 100); with it, at most a rolling search's
+    # candidates after two changed blocks in a row
+    assert len(hashed) <= 10
 
 
 def test_shifted_data_is_found_by_the_rolling_checksum() -> None:
