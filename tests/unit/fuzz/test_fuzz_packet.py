@@ -92,9 +92,13 @@ def test_authentic_packets_with_lying_fields_are_dropped_not_raised(
         len(hb.network.encode()),
     )
     if not honest:
-        assert isinstance(result, Drop)
         if nhist > MAX_HISTORY:
             assert result is Drop.MALFORMED
+        # Lengths that cut the same bytes into other well-formed fields make another,
+        # consistent packet, which the key vouches for (hypothesis found one: 2 history
+        # entries and names of 1, 1 and 4 bytes in what was 22 bytes of names); anything
+        # accepted is exactly what the bytes say.
+        assert isinstance(result, Drop) or encode(result, KEY) == _sign(body)
     elif state not in set(State):
         assert result is Drop.MALFORMED
     else:
