@@ -346,12 +346,8 @@ def block_hashes(data: Buffer, block_size: int, limit: int | None = None) -> byt
 
 
 def block_hashes_file(path: Path | str | bytes, block_size: int, limit: int | None = None) -> bytes:
-    with open(path, "rb") as f:
-        m = _map(f)
-        try:
-            return block_hashes(m, block_size, limit)
-        finally:
-            _close(m)
+    with _mapped(path) as m:
+        return block_hashes(m, block_size, limit)
 
 
 def _next_in_place(
@@ -582,22 +578,25 @@ def _map(f: BinaryIO) -> mmap.mmap | bytes:
     return mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
 
 
-def signature_file(path: Path | str | bytes, block_size: int | None = None) -> Signature:
+@contextlib.contextmanager
+def _mapped(path: Path | str | bytes) -> Iterator[mmap.mmap | bytes]:
+    """The file's bytes without reading them in (b"" when empty)."""
     with open(path, "rb") as f:
         m = _map(f)
         try:
-            return signature(m, block_size)
+            yield m
         finally:
             _close(m)
+
+
+def signature_file(path: Path | str | bytes, block_size: int | None = None) -> Signature:
+    with _mapped(path) as m:
+        return signature(m, block_size)
 
 
 def delta_file(sig: Signature, path: Path | str | bytes, ours: bytes | None = None) -> Delta:
-    with open(path, "rb") as f:
-        m = _map(f)
-        try:
-            return delta(sig, m, ours)
-        finally:
-            _close(m)
+    with _mapped(path) as m:
+        return delta(sig, m, ours)
 
 
 def patch_file(basis: Path | str, d: Delta, out: Path | str) -> None:
