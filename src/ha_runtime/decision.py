@@ -155,11 +155,11 @@ def _decide_state(i: Inputs) -> Decision:
             "peer quiet and no witness answers: this node may be the isolated one, so it"
             " releases the application before the peer's timeout lets the peer take over",
         )
-    if not peer.alive and i.witness_ok is False:
+    if not peer.alive and (i.witness_ok is False or i.isolated):
         return Decision(
             State.WAIT,
-            "peer and every witness unreachable: this node may be the isolated one,"
-            " so it does not run the application",
+            "peer and every witness unreachable, or reachable again only now: this node may"
+            " be the isolated one, so it does not run the application",
         )
     if i.blocked is not None:
         return Decision(State.WAIT, f"not eligible: {i.blocked}")

@@ -85,6 +85,9 @@ class ModuleBase(ABC):
         self.last_transition = time.time()
         self.witness_ok: bool | None = None if not module.witness else True
         self._witness_probe: WitnessProbe | None = None
+        # When a probe answered after one that did not: this node's own cut may just have
+        # healed, and the peers' silence during it says nothing about them yet.
+        self._witness_back_at: float | None = None
         self.checks: dict[str, CheckerStatus] = {c.name: CheckerStatus() for c in module.checkers}
         # Checkers holding this node out, with why (a mirror's `wait` ones, any farm one that
         # gave up); each leaves when it passes again.
@@ -217,7 +220,23 @@ class ModuleBase(ABC):
         """Every peer is quiet and no witness answered a probe sent since: this node may be
         the one cut off, so it must release what it serves before a peer takes it over."""
         probe = self._witness_probe
-        return bool(self.m.witness) and self._witness_fresh() and probe is not None and not probe.ok
+        if not self.m.witness or probe is None:
+            return False
+        if self._witness_fresh() and not probe.ok:
+            return True
+        # Reconnected: the witness answers again, the peers are still quiet. They may have
+        # taken over while we were cut off, and their heartbeats may not have arrived yet:
+        # still isolated until they are heard, or for one heartbeat timeout (then they are
+        # really gone). Found by the fault campaign: an isolated node whose witness came
+        # back first took over with its old data while its peer was primary.
+        quiet = self._quiet_since()
+        back = self._witness_back_at
+        return (
+            quiet is not None
+            and back is not None
+            and back > quiet
+            and self._clock() - back < self.m.heartbeat.timeout_ms / 1000
+        )
 
     async def _probe_witness(self) -> bool:
         started = self._clock()
@@ -225,6 +244,8 @@ class ModuleBase(ABC):
         latest = self._witness_probe
         # Two probes may overlap (periodic and isolation watch): the later-sent one counts.
         if latest is None or started >= latest.started:
+            if ok and latest is not None and not latest.ok:
+                self._witness_back_at = self._clock()
             self._witness_probe = WitnessProbe(started, ok)
             if ok != self.witness_ok:
                 log.info("%s: witness %s", self.m.name, "reachable" if ok else "unreachable")

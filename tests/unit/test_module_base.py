@@ -273,3 +273,33 @@ def test_only_a_probe_sent_after_the_peer_went_quiet_counts(tmp_path: Path) -> N
     no_witness = _mirror(tmp_path / "plain", clock)
     no_witness._witness_probe = WitnessProbe(started=clock.now, ok=False)
     assert not no_witness.isolated
+
+
+def test_a_node_whose_own_cut_heals_waits_for_the_peer_before_taking_over(
+    tmp_path: Path,
+) -> None:
+    """The fault campaign (seed 154): an isolated node stepped down, then its witness
+    answered again a moment before the peer's heartbeats did, and it took over with its old
+    data while the peer was primary. Until the peer is heard, or for one heartbeat timeout
+    with the witness back, it still counts as isolated and stays out."""
+    clock = Clock()
+    mgr = _mirror(tmp_path, clock)
+    mgr.m = dataclasses.replace(mgr.m, witness=("10.77.0.254",))
+    _heard(mgr.peers)
+    clock.now += 0.5
+    mgr._witness_probe = WitnessProbe(started=clock.now - 0.1, ok=False)
+    assert mgr.isolated
+    mgr.state = State.WAIT
+    clock.now += 8.0  # the cut lasts; the peer took over long ago
+    mgr._witness_back_at = clock.now  # as _probe_witness records an answer after none
+    mgr._witness_probe = WitnessProbe(started=clock.now, ok=True)
+    assert mgr.isolated
+    assert decide(mgr.inputs()).state is State.WAIT
+    _heard(mgr.peers)  # its heartbeats arrive: the ordinary rules decide from here
+    assert not mgr.isolated
+    clock.now += 0.5
+    _heard(mgr.peers)
+    mgr._witness_back_at = clock.now
+    mgr._witness_probe = WitnessProbe(started=clock.now, ok=True)
+    clock.now += 3.0  # heard nothing for a whole timeout with the witness up: really gone
+    assert not mgr.isolated
