@@ -460,7 +460,6 @@ class Applier:
         the other way."""
         if r.flags & DELTA_CONT:
             return r.path in self._in_place
-        self._abandon_delta(r.path)
         try:
             return os.fstat(self._file(r.path)).st_nlink == 1
         except OSError:
@@ -470,25 +469,22 @@ class Applier:
         """The literals written over the file itself; the last piece sets its length. A
         resync cut short leaves it part old, part new, as ranges written by an incremental
         resync do: the copy is not declared in sync before the resync's end."""
-        if r.flags & DELTA_CONT and self._in_place.get(r.path) != r.offset:
-            self._in_place.pop(r.path, None)
-            raise D.DeltaError("delta piece out of sequence")
-        if not r.flags & DELTA_CONT and r.offset:
+        # Open again below only if this piece applies and more follow.
+        expected = self._in_place.pop(r.path, None)
+        if not r.flags & DELTA_CONT:
+            self._abandon_delta(r.path)  # a new delta restarts the file
+            expected = 0
+        if r.offset != expected:
             raise D.DeltaError("delta piece out of sequence")
         fd = self._file(r.path)
         try:
             end = D.patch_in_place(fd, d, r.offset)
             if not r.flags & DELTA_MORE:
                 os.ftruncate(fd, end)
-        except BaseException:
-            self._in_place.pop(r.path, None)
-            raise
         finally:
             self._dirty_files.add(r.path)
         if r.flags & DELTA_MORE:
             self._in_place[r.path] = end
-        else:
-            self._in_place.pop(r.path, None)
 
     def _abandon_delta(self, path: bytes) -> None:
         fd = self._deltas.pop(path, None)

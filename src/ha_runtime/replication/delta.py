@@ -490,20 +490,26 @@ def split(d: Delta, max_bytes: int, max_output: int = 1 << 62) -> Iterator[Delta
         yield piece
 
 
+def _in_place_end(d: Delta, start: int = 0, size: int | None = None) -> int | None:
+    """Where ``d``'s output ends if it begins at ``start`` and every copy takes its bytes
+    from where they end up (within ``size`` bytes of basis, if given); else None."""
+    pos = start
+    for op in d.ops:
+        if op[0] == COPY and len(op) == 3:
+            if op[1] != pos or (size is not None and pos + op[2] > size):
+                return None
+            pos += op[2]
+        elif isinstance(op[1], bytes):
+            pos += len(op[1])
+    return pos
+
+
 def in_place(d: Delta) -> bool:
     """Whether every copy of ``d`` takes its bytes from where they end up. Then the receiver
     can patch its file where it lies (literals written over it, copies left alone), with no
     second copy of the file: data changed in place, appended or truncated gives such a delta;
     data shifted does not."""
-    pos = 0
-    for op in d.ops:
-        if op[0] == COPY and len(op) == 3:
-            if op[1] != pos:
-                return False
-            pos += op[2]
-        elif isinstance(op[1], bytes):
-            pos += len(op[1])
-    return True
+    return _in_place_end(d) is not None
 
 
 def patch_in_place(fd: int, d: Delta, start: int = 0) -> int:
@@ -511,16 +517,10 @@ def patch_in_place(fd: int, d: Delta, start: int = 0) -> int:
     piece's output begins at ``start``. Only the literals are written. Returns the offset
     after the piece. DeltaError (before any write) if a copy is not in place or reaches past
     the end of the file."""
-    size = os.fstat(fd).st_size
-    pos = start
-    for op in d.ops:
-        if op[0] == COPY and len(op) == 3:
-            if op[1] != pos or pos + op[2] > size:
-                raise DeltaError("delta copy not in place")
-            pos += op[2]
-        elif isinstance(op[1], bytes):
-            pos += len(op[1])
-    if pos - start != d.length:
+    end = _in_place_end(d, start, os.fstat(fd).st_size)
+    if end is None:
+        raise DeltaError("delta copy not in place")
+    if end - start != d.length:
         raise DeltaError("delta length mismatch")
     pos = start
     for op in d.ops:
