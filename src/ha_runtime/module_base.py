@@ -244,11 +244,11 @@ class ModuleBase(ABC):
         latest = self._witness_probe
         # Two probes may overlap (periodic and isolation watch): the later-sent one counts.
         if latest is None or started >= latest.started:
-            if ok and latest is not None and not latest.ok:
-                self._witness_back_at = self._clock()
             self._witness_probe = WitnessProbe(started, ok)
             if ok != self.witness_ok:
                 log.info("%s: witness %s", self.m.name, "reachable" if ok else "unreachable")
+                if ok:
+                    self._witness_back_at = self._clock()
                 self.witness_ok = ok
                 self.wake()
             elif not ok:

@@ -257,12 +257,18 @@ def test_an_isolated_primary_releases_well_inside_the_peers_timeout(
         trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
 
 
-def test_only_a_probe_sent_after_the_peer_went_quiet_counts(tmp_path: Path) -> None:
-    clock = Clock()
-    mgr = _mirror(tmp_path, clock)
+def _peer_quiet_with_witness(tmp: Path, clock: Clock) -> ModuleManager:
+    """A mirror with a witness whose peer was last heard half a second ago."""
+    mgr = _mirror(tmp, clock)
     mgr.m = dataclasses.replace(mgr.m, witness=("10.77.0.254",))
     _heard(mgr.peers)
     clock.now += 0.5
+    return mgr
+
+
+def test_only_a_probe_sent_after_the_peer_went_quiet_counts(tmp_path: Path) -> None:
+    clock = Clock()
+    mgr = _peer_quiet_with_witness(tmp_path, clock)
     # Witness unreachable before the silence began (the witness alone was down): no verdict.
     mgr._witness_probe = WitnessProbe(started=clock.now - 0.6, ok=False)
     assert not mgr.isolated
@@ -276,30 +282,41 @@ def test_only_a_probe_sent_after_the_peer_went_quiet_counts(tmp_path: Path) -> N
 
 
 def test_a_node_whose_own_cut_heals_waits_for_the_peer_before_taking_over(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The fault campaign (seed 154): an isolated node stepped down, then its witness
     answered again a moment before the peer's heartbeats did, and it took over with its old
     data while the peer was primary. Until the peer is heard, or for one heartbeat timeout
     with the witness back, it still counts as isolated and stays out."""
+    answers: list[bool] = []
+
+    async def witness(addresses: tuple[str, ...], timeout_s: float, attempts: int = 1) -> bool:
+        return answers.pop(0)
+
+    monkeypatch.setattr(checkers, "any_reachable", witness)
     clock = Clock()
-    mgr = _mirror(tmp_path, clock)
-    mgr.m = dataclasses.replace(mgr.m, witness=("10.77.0.254",))
-    _heard(mgr.peers)
-    clock.now += 0.5
-    mgr._witness_probe = WitnessProbe(started=clock.now - 0.1, ok=False)
+    mgr = _peer_quiet_with_witness(tmp_path, clock)
+
+    def probe(ok: bool) -> None:
+        answers.append(ok)
+        trio.run(mgr._probe_witness)
+
+    probe(False)  # cut off
     assert mgr.isolated
     mgr.state = State.WAIT
     clock.now += 8.0  # the cut lasts; the peer took over long ago
-    mgr._witness_back_at = clock.now  # as _probe_witness records an answer after none
-    mgr._witness_probe = WitnessProbe(started=clock.now, ok=True)
+    probe(True)  # the cut heals: the witness answers before the peer's heartbeats arrive
     assert mgr.isolated
     assert decide(mgr.inputs()).state is State.WAIT
     _heard(mgr.peers)  # its heartbeats arrive: the ordinary rules decide from here
     assert not mgr.isolated
+    # Cut off again, healed again, and the peer stays silent for a whole timeout with the
+    # witness up: it really is gone, and this node is not isolated any more.
     clock.now += 0.5
-    _heard(mgr.peers)
-    mgr._witness_back_at = clock.now
-    mgr._witness_probe = WitnessProbe(started=clock.now, ok=True)
-    clock.now += 3.0  # heard nothing for a whole timeout with the witness up: really gone
+    probe(False)
+    assert mgr.isolated
+    clock.now += 0.5
+    probe(True)
+    assert mgr.isolated
+    clock.now += 1.0  # the module's heartbeat timeout
     assert not mgr.isolated
