@@ -210,10 +210,20 @@ class ModuleBase(ABC):
         return last if self._clock() - last >= self._suspect_after_s else None
 
     def _witness_fresh(self) -> bool:
-        """A witness probe sent after the peers went quiet has finished (answered or not)."""
+        """A witness probe sent once the peers' silence became suspicious has finished
+        (answered or not). One sent earlier, even after their last heartbeat, may have left
+        just before the cut that silenced them (timeout >= 3 x interval, so a third of the
+        timeout without a heartbeat means the cut, if any, came before): it tells nothing.
+        Found by the fault campaign: the periodic probe answered a moment before the cut,
+        the watch took it as the verdict and the node released after the peer took over."""
         quiet = self._quiet_since()
         probe = self._witness_probe
-        return quiet is not None and probe is not None and probe.started > quiet
+        return (
+            quiet is not None
+            and probe is not None
+            # the same form as _quiet_since's test, so a probe sent by the watch always counts
+            and probe.started - quiet >= self._suspect_after_s
+        )
 
     @property
     def isolated(self) -> bool:

@@ -257,6 +257,47 @@ def test_an_isolated_primary_releases_well_inside_the_peers_timeout(
         trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
 
 
+def test_a_probe_answered_just_before_the_cut_does_not_hold_off_the_verdict(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fault campaign (seed 154, again): the periodic probe left after the peer's last
+    heartbeat but just before the cut, and the witness answered it. The watch took that as
+    the verdict, did not probe again, and the node released its buckets only at the next
+    periodic probe, after the peer had taken them over. A probe counts only once the
+    silence is suspicious, so the watch probes again and the node releases in time."""
+    cut_at: list[float] = []
+    sent: list[float] = []
+
+    async def witness(addresses: tuple[str, ...], timeout_s: float, attempts: int = 1) -> bool:
+        sent.append(trio.current_time())
+        if not cut_at or trio.current_time() < cut_at[0]:
+            return True
+        await trio.sleep(timeout_s)
+        return False
+
+    monkeypatch.setattr(checkers, "any_reachable", witness)
+
+    async def main() -> None:
+        mgr = _farm(tmp_path, trio.current_time)
+        mgr.m = dataclasses.replace(mgr.m, witness=("10.77.0.254",))
+        mgr.witness_ok = True  # as a module configured with a witness starts
+        _heard(mgr.peers)
+        heard = trio.current_time()
+        await trio.sleep(0.05)
+        await mgr._probe_witness()  # the periodic probe, answered
+        cut_at.append(trio.current_time() + 0.01)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(mgr._isolation_watch)
+            with trio.move_on_after(1.0):  # the peer's timeout
+                while not mgr.isolated:
+                    await trio.sleep(0.01)
+            assert mgr.isolated and len(sent) == 2
+            assert trio.current_time() - heard <= 0.6
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
 def _peer_quiet_with_witness(tmp: Path, clock: Clock) -> ModuleManager:
     """A mirror with a witness whose peer was last heard half a second ago."""
     mgr = _mirror(tmp, clock)
