@@ -379,7 +379,9 @@ class Applier:
         if r.seq:
             self.durable_seq = r.seq
 
-    def _replace_with(self, path: bytes, content: D.Delta | bytes, more: bool = False) -> None:
+    def _replace_with(
+        self, path: bytes, content: D.Delta | bytes | memoryview, more: bool = False
+    ) -> None:
         """Write the new content beside the file; with ``more`` keep it open for the next
         pieces, else fsync it and rename it over (atomic)."""
         self._retire(path)

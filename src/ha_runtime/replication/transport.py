@@ -115,13 +115,13 @@ def decode_control(f: Frame) -> tuple[dict[str, Any], bytes] | None:
     if _CTL.size + n > len(p):
         return None
     try:
-        obj = json.loads(p[_CTL.size : _CTL.size + n])
+        obj = json.loads(bytes(p[_CTL.size : _CTL.size + n]))
     # RecursionError: deeply nested JSON ("[[[[...") overflows the decoder's stack.
     except (ValueError, UnicodeDecodeError, RecursionError):
         return None
     if not isinstance(obj, dict):
         return None
-    return obj, p[_CTL.size + n :]
+    return obj, bytes(p[_CTL.size + n :])
 
 
 def _check_peer(s: trio.SSLStream[Any], peer: str) -> None:

@@ -140,6 +140,29 @@ def test_large_frames_in_small_chunks_and_several_per_chunk() -> None:
         assert dec.consumed == len(stream)
 
 
+def test_large_payloads_are_views_that_later_feeds_leave_alone() -> None:
+    """A large write is handed out as a read-only view of the receive buffer, not copied;
+    the decoder's next bytes go to a new buffer, so the view keeps its content, and a bad
+    frame right after it is refused without disturbing it."""
+    big = J.Record(1, J.Op.WRITE, b"f", offset=0, data=bytes(range(256)) * 1024)
+    small = J.Record(2, J.Op.WRITE, b"f", offset=5, data=b"x" * 10)
+    stream = J.record_frame(big, KEY) + J.record_frame(small, KEY)
+    bad = bytearray(J.record_frame(big, KEY))
+    bad[-1] ^= 1
+    for size in (16384, 1000, len(stream)):  # bytes parts, as the TLS layer gives them
+        dec = J.FrameDecoder(KEY)
+        frames = []
+        for i in range(0, len(stream), size):
+            frames += dec.feed(stream[i : i + size])
+        recs = [J.decode_record(f.payload) for f in frames]
+        assert recs == [big, small]
+        assert isinstance(recs[0].data, memoryview) and recs[0].data.readonly
+        assert isinstance(recs[1].data, bytes)  # a small one is copied: it pins nothing
+        frames = dec.feed(stream) + dec.feed(bytes(bad[:70000])) + dec.feed(bytes(bad[70000:]))
+        assert dec.failed == "bad_tag" and len(frames) == 2
+        assert recs[0].data == big.data and J.decode_record(frames[0].payload) == big
+
+
 def test_untagged_frames_are_read_only_where_accepted() -> None:
     """Version 3 (no tag) is for the TLS link once the secondary accepts it: refused by
     default, and by the dirty log's reader, so a file on disk never loses its check."""
