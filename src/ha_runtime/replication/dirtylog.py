@@ -392,6 +392,11 @@ AL_OVERFLOW_FACTOR = 16  # more unacknowledged entries than this x the bound: gi
 # leaves hot is then what was in use lately, not the last AL_EXTENTS entries ever used
 # (4 GiB of extents, or whole files and trees for names and truncates).
 AL_IDLE_S = 2.0
+# A sequential writer entering a new extent makes this many more ahead of it hot in the
+# same record batch: one fsync per 64 MiB streamed instead of one per 4 MiB (a 256 MiB
+# file written 1 MiB at a time paid 64 of them, half the replicated throughput). Ahead of
+# the end of file they cost nothing after a crash: a resync clips ranges to the size.
+AL_AHEAD = 15
 OVERFLOW_FLAG = 0xFFFFFFFE  # SETATTR(b"", flags=OVERFLOW_FLAG): recording stopped
 WHOLE, TAIL, META = -1, -2, -3  # entry kinds beside extent numbers >= 0
 PINNED = INF  # an operation is between note() and release(): never forgotten
@@ -476,6 +481,7 @@ class ActivityLog(_RecordLog[ActivityState]):
     def __init__(self, path: Path, extents: int = AL_EXTENTS, compact_bytes: int = 1 << 20) -> None:
         super().__init__(path, compact_bytes)
         self.extents = extents
+        self._ends: dict[bytes, int] = {}  # where each file's last write ended
 
     def _new_state(self) -> ActivityState:
         return ActivityState()
@@ -523,6 +529,9 @@ class ActivityLog(_RecordLog[ActivityState]):
                 pinned.append(h)
                 h.used = now
                 wait = max(wait, h.pos)
+            if self._sequential(rec) and new:
+                self._mark_ahead(rec, now)
+                wait = self._written  # one fsync for the op's entry and those ahead
             if new:
                 self._forget(acked)
                 if len(st.hot) > self.extents * AL_OVERFLOW_FACTOR:
@@ -530,6 +539,34 @@ class ActivityLog(_RecordLog[ActivityState]):
                     self._append(record_frame(Record(0, Op.SETATTR, b"", flags=OVERFLOW_FLAG)))
                     wait = self._written
             return wait if wait > self._synced else 0
+
+    def _sequential(self, rec: Record) -> bool:
+        """A write that starts where the file's previous one ended (and remember its end)."""
+        if rec.op is not Op.WRITE or not rec.data:
+            return False
+        ends = self._ends
+        follows = ends.get(rec.path) == rec.offset
+        if len(ends) >= 4096 and rec.path not in ends:
+            ends.clear()  # a bound: only streams in progress matter
+        ends[rec.path] = rec.offset + len(rec.data)
+        return follows
+
+    def _mark_ahead(self, rec: Record, now: float) -> None:
+        """Make the AL_AHEAD extents after ``rec``'s last one hot (not pinned: nobody uses
+        them yet). Best effort: a failed append only stops the look-ahead."""
+        hot = self.state.hot
+        last = (rec.offset + len(rec.data) - 1) // AL_EXTENT
+        for i in range(last + 1, last + 1 + AL_AHEAD):
+            key = (rec.path, i)
+            if key in hot:
+                continue
+            h = _Hot(0, used=now)
+            try:
+                self._append(record_frame(_al_record(key, h)))
+            except OSError:
+                return
+            h.pos = self._written
+            hot[key] = h
 
     def release(self, rec: Record, mark: int) -> None:
         """The operation is about to be performed and will travel as ``mark`` (or earlier)."""

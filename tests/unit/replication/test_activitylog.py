@@ -64,6 +64,29 @@ def test_only_a_new_entry_costs_a_record_and_an_fsync(tmp_path: Path) -> None:
     al.close()
 
 
+def test_a_sequential_writer_pays_one_fsync_per_64_mib_not_per_extent(tmp_path: Path) -> None:
+    """256 MiB written 1 MiB at a time paid 64 records and fsyncs (one per new 4 MiB
+    extent): half the replicated throughput. A write that continues the file's previous one
+    and enters a new extent makes the next AL_AHEAD hot in the same batch."""
+    al, _, _ = _logs(tmp_path)
+    waits = 0
+    for i in range(256):
+        rec = _w(b"big", i << 20, 1 << 20)
+        pos = al.note(rec, acked=0)
+        if pos:
+            waits += 1
+            al.sync(pos)
+        al.release(rec, i + 1)
+    assert waits == 5  # extents 0, then 1, 17, 33 and 49, each with 15 ahead
+    assert {k for k in al.state.hot if k[0] == b"big"} == {(b"big", i) for i in range(65)}
+    # Random 4 KiB rewrites in a 256 MiB file make only their own extents hot: a crash
+    # must not resync the whole file (the lab's crashing_in_sync test bounds the wire).
+    for n, off in enumerate((7, 200, 3, 150, 90, 91, 40)):
+        al.note(_w(b"db", off * AL_EXTENT + 4096 * n, 4096), acked=0)
+    assert {k[1] for k in al.state.hot if k[0] == b"db"} == {7, 200, 3, 150, 90, 91, 40}
+    al.close()
+
+
 def test_namespace_operations_record_whole_paths(tmp_path: Path) -> None:
     al, _, _ = _logs(tmp_path)
     for rec in (
