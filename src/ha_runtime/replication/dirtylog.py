@@ -392,10 +392,12 @@ AL_OVERFLOW_FACTOR = 16  # more unacknowledged entries than this x the bound: gi
 # leaves hot is then what was in use lately, not the last AL_EXTENTS entries ever used
 # (4 GiB of extents, or whole files and trees for names and truncates).
 AL_IDLE_S = 2.0
-# A sequential writer entering a new extent makes this many more ahead of it hot in the
-# same record batch: one fsync per 64 MiB streamed instead of one per 4 MiB (a 256 MiB
-# file written 1 MiB at a time paid 64 of them, half the replicated throughput). Ahead of
-# the end of file they cost nothing after a crash: a resync clips ranges to the size.
+# A stream (a run of contiguous writes of at least one extent) entering a new extent makes
+# as many more extents ahead hot as it has written, up to AL_AHEAD, with the same fsync: a
+# 256 MiB file written 1 MiB at a time paid 64 fsyncs, now 8. Ahead of the end of file they
+# cost nothing after a crash (a resync clips ranges to the size); inside it, never more than
+# the stream already wrote. Writes that merely touch (adjacent pages) are no stream: the
+# lab's crash test saw 60 MiB more resynced when any contiguous write looked ahead.
 AL_AHEAD = 15
 OVERFLOW_FLAG = 0xFFFFFFFE  # SETATTR(b"", flags=OVERFLOW_FLAG): recording stopped
 WHOLE, TAIL, META = -1, -2, -3  # entry kinds beside extent numbers >= 0
@@ -481,7 +483,7 @@ class ActivityLog(_RecordLog[ActivityState]):
     def __init__(self, path: Path, extents: int = AL_EXTENTS, compact_bytes: int = 1 << 20) -> None:
         super().__init__(path, compact_bytes)
         self.extents = extents
-        self._ends: dict[bytes, int] = {}  # where each file's last write ended
+        self._runs: dict[bytes, tuple[int, int]] = {}  # each file's run of contiguous writes
 
     def _new_state(self) -> ActivityState:
         return ActivityState()
@@ -529,8 +531,9 @@ class ActivityLog(_RecordLog[ActivityState]):
                 pinned.append(h)
                 h.used = now
                 wait = max(wait, h.pos)
-            if self._sequential(rec) and new:
-                self._mark_ahead(rec, now)
+            ahead = min(AL_AHEAD, self._run_length(rec) // AL_EXTENT)
+            if ahead and new:
+                self._mark_ahead(rec, ahead, now)
                 wait = self._written  # one fsync for the op's entry and those ahead
             if new:
                 self._forget(acked)
@@ -540,23 +543,26 @@ class ActivityLog(_RecordLog[ActivityState]):
                     wait = self._written
             return wait if wait > self._synced else 0
 
-    def _sequential(self, rec: Record) -> bool:
-        """A write that starts where the file's previous one ended (and remember its end)."""
+    def _run_length(self, rec: Record) -> int:
+        """Bytes written contiguously up to the end of ``rec`` (its file's current run)."""
         if rec.op is not Op.WRITE or not rec.data:
-            return False
-        ends = self._ends
-        follows = ends.get(rec.path) == rec.offset
-        if len(ends) >= 4096 and rec.path not in ends:
-            ends.clear()  # a bound: only streams in progress matter
-        ends[rec.path] = rec.offset + len(rec.data)
-        return follows
+            return 0
+        runs = self._runs
+        start, end = runs.get(rec.path, (-1, -1))
+        if end != rec.offset:
+            start = rec.offset
+            if len(runs) >= 4096 and rec.path not in runs:
+                runs.clear()  # a bound: only streams in progress matter
+        end = rec.offset + len(rec.data)
+        runs[rec.path] = (start, end)
+        return end - start
 
-    def _mark_ahead(self, rec: Record, now: float) -> None:
-        """Make the AL_AHEAD extents after ``rec``'s last one hot (not pinned: nobody uses
+    def _mark_ahead(self, rec: Record, ahead: int, now: float) -> None:
+        """Make ``ahead`` extents after ``rec``'s last one hot (not pinned: nobody uses
         them yet). Best effort: a failed append only stops the look-ahead."""
         hot = self.state.hot
         last = (rec.offset + len(rec.data) - 1) // AL_EXTENT
-        for i in range(last + 1, last + 1 + AL_AHEAD):
+        for i in range(last + 1, last + 1 + ahead):
             key = (rec.path, i)
             if key in hot:
                 continue
