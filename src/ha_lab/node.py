@@ -92,8 +92,8 @@ class Node:
             # byte a node wrote a second time (12 % of the machine's CPU in the 1 MiB
             # replication benchmark) and the lab fell into a mode twice as slow at random.
             # (mount -o loop keeps its auto-detach on unmount; direct I/O is set after.)
-            run(["mount", "-o", "loop", str(paths.disk_image), str(paths.disk)])
             disk_image = str(paths.disk_image)
+            run(["mount", "-o", "loop", disk_image, str(paths.disk)])
             listed = run(["losetup", "--noheadings", "--output", "NAME", "-j", disk_image])
             for dev in listed.stdout.split():
                 run(["losetup", "--direct-io=on", dev])

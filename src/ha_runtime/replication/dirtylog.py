@@ -512,7 +512,7 @@ class ActivityLog(_RecordLog[ActivityState]):
                         h = st.hot[key] = _Hot(0, offset=off)
                     h.offset = off
                     try:
-                        self._append(record_frame(_al_record(key, h)))
+                        self._record_entry(key, h)
                     except OSError:
                         # Not recorded: nothing may look recorded, and the operation must
                         # not happen (its caller gets the error, e.g. ENOSPC).
@@ -523,7 +523,6 @@ class ActivityLog(_RecordLog[ActivityState]):
                         for p in pinned:
                             p.pins -= 1
                         raise
-                    h.pos = self._written
                     new = True
                 else:
                     st.hot.move_to_end(key)
@@ -568,11 +567,15 @@ class ActivityLog(_RecordLog[ActivityState]):
                 continue
             h = _Hot(0, used=now)
             try:
-                self._append(record_frame(_al_record(key, h)))
+                self._record_entry(key, h)
             except OSError:
                 return
-            h.pos = self._written
             hot[key] = h
+
+    def _record_entry(self, key: Key, h: _Hot) -> None:
+        """Append the entry's record; it is durable once the log is synced to ``h.pos``."""
+        self._append(record_frame(_al_record(key, h)))
+        h.pos = self._written
 
     def release(self, rec: Record, mark: int) -> None:
         """The operation is about to be performed and will travel as ``mark`` (or earlier)."""
