@@ -13,6 +13,11 @@ in a local directory on the same disk (/var/tmp), `--runs` times each:
 - `sqlite_commits`: the demo application's workload (flightdata: journal_mode=DELETE,
   synchronous=FULL, one INSERT per transaction) for `--seconds`: commits/s.
 
+Each run also writes through the runtime's own FUSE file system mounted over a local
+directory with nothing replicated (`fuse_only`): the most any replication through the FUSE
+layer can reach. `*_ratio_fuse_only` is that ceiling against the local disk, and
+`*_ratio_to_fuse_only` what the replication itself keeps of it.
+
 Targets (issue 4): replicated >= 40 % of local for the first two.
 """
 
@@ -24,7 +29,8 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +39,7 @@ from benchmarks.report import Figure, emit, percentile
 from ha_lab.lab import Lab
 
 TARGET_RATIO = 0.40
+NODE_PYTHON = "/opt/hapair/venv/bin/python"  # the runtime's own (hapair_runtime_venv)
 
 NODE_SCRIPT = r"""
 import json, os, sqlite3, sys, time
@@ -98,6 +105,40 @@ WORKLOADS = ("4k_fdatasync", "1m_sequential", "sqlite_commits")
 # disks on one host disk, so a replicated fsync (both nodes' fdatasync at once) can never
 # beat this, whatever the replicator does. An extra anchor, beside the target's.
 BOTH_NODES = "local_both_nodes"
+# The runtime's PassthroughFS on the primary, over a local directory, with a sink that only
+# fsyncs locally (what a primary without a peer does): FUSE's own cost, without replication.
+FUSE_ONLY = "fuse_only"
+FUSE_SCRIPT = r"""
+import functools, os, sys, trio
+from pathlib import Path
+from ha_runtime.replication import fusefs
+backing, mnt = Path(sys.argv[1]), Path(sys.argv[2])
+
+class LocalOnly:
+    async def before(self, rec):
+        pass
+    def after(self, rec):
+        pass
+    async def barrier(self, path, datasync):
+        fd = os.open(os.path.join(bytes(backing), path) if path else bytes(backing), os.O_RDONLY)
+        try:
+            (os.fdatasync if datasync else os.fsync)(fd)
+        finally:
+            os.close(fd)
+
+async def main():
+    backing.mkdir(parents=True, exist_ok=True)
+    mnt.mkdir(parents=True, exist_ok=True)
+    serve = functools.partial(fusefs.serve, backing=backing, mountpoint=mnt,
+                              sink=LocalOnly(), fsname="hapair-bench")
+    async with trio.open_nursery() as n:
+        await n.start(serve)
+        print("mounted", flush=True)
+        await trio.to_thread.run_sync(sys.stdin.read)  # until the benchmark closes stdin
+        n.cancel_scope.cancel()
+
+trio.run(main)
+"""
 
 
 def _cpu_seconds(pids: Sequence[int]) -> float | None:
@@ -112,8 +153,13 @@ def _cpu_seconds(pids: Sequence[int]) -> float | None:
 
 
 def replica_pids(node: str, role: str, module: str) -> list[int]:
-    """Host PIDs of the node's `hactl replicate ROLE MODULE` children (its PID namespace only:
-    the host may run other copies, e.g. integration tests)."""
+    """Host PIDs of the node's `hactl replicate ROLE MODULE` children."""
+    return node_pids(node, "replicate", role, module)
+
+
+def node_pids(node: str, *words: str) -> list[int]:
+    """Host PIDs of the node's processes whose argv holds all ``words`` (its PID namespace
+    only: the host may run other copies, e.g. integration tests)."""
     init = Lab().node(node).init_pid()
     if init is None:
         return []
@@ -128,7 +174,7 @@ def replica_pids(node: str, role: str, module: str) -> list[int]:
                 continue
         except OSError:
             continue
-        if b"replicate" in argv and role.encode() in argv and module.encode() in argv:
+        if all(w.encode() in argv for w in words):
             found.append(int(entry.name))
     return found
 
@@ -140,6 +186,31 @@ def _node_run(
     return subprocess.Popen(Lab().exec_argv(node, argv), stdout=subprocess.PIPE, text=True)
 
 
+@contextmanager
+def fuse_only_mount(node: str, base: str) -> Iterator[tuple[str, list[int]]]:
+    """Mount the FUSE-only file system on ``node`` under ``base``; yield the directory to
+    write in and the PIDs of its process. Unmounted on the way out, whatever happened."""
+    backing, mnt = f"{base}/backing", f"{base}/mnt"
+    argv = [NODE_PYTHON, "-c", FUSE_SCRIPT, backing, mnt]
+    proc = subprocess.Popen(
+        Lab().exec_argv(node, argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        if proc.stdout.readline().strip() != "mounted":
+            raise RuntimeError(f"FUSE-only file system did not mount on {node} ({base})")
+        yield mnt, node_pids(node, "-c", backing, mnt)
+    finally:
+        proc.stdin.close()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        subprocess.run(Lab().exec_argv(node, ["umount", "-l", mnt]), check=False,
+                       stderr=subprocess.DEVNULL)  # fmt: skip
+
+
 def _result(proc: subprocess.Popen[str]) -> dict[str, Any]:
     out, _ = proc.communicate(timeout=1800)
     if proc.returncode != 0:
@@ -148,16 +219,29 @@ def _result(proc: subprocess.Popen[str]) -> dict[str, Any]:
 
 
 def measure(args: argparse.Namespace, primary: str, secondary: str) -> list[dict[str, Any]]:
-    """Rows: each workload, local then replicated, per run, with the CPU time the primary's
-    and the secondary's replication processes spent meanwhile; then the 4 KiB loop on both
-    nodes' local disks at once."""
-    pids = {
-        "primary": replica_pids(primary, "primary", args.module),
-        "secondary": replica_pids(secondary, "secondary", args.module),
-    }
+    """Rows: each workload on the local disk, through FUSE alone, then replicated, per run,
+    with the CPU time the primary's and the secondary's replication processes (and the
+    FUSE-only one) spent meanwhile; then the 4 KiB loop on both nodes' local disks at once."""
+    with fuse_only_mount(primary, f"{args.local}-fuse") as (fuse_dir, fuse_pids):
+        pids = {
+            "primary": replica_pids(primary, "primary", args.module),
+            "secondary": replica_pids(secondary, "secondary", args.module),
+            "fuse": fuse_pids,
+        }
+        return _measure_runs(args, primary, secondary, fuse_dir, pids)
+
+
+def _measure_runs(
+    args: argparse.Namespace,
+    primary: str,
+    secondary: str,
+    fuse_dir: str,
+    pids: dict[str, list[int]],
+) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
+    places = (("local", args.local), (FUSE_ONLY, fuse_dir), ("replicated", f"{args.dir}/.bench"))
     for run in range(args.runs):
-        for where, d in (("local", args.local), ("replicated", f"{args.dir}/.bench")):
+        for where, d in places:
             for workload in WORKLOADS:
                 before = {k: _cpu_seconds(v) for k, v in pids.items()}
                 row = _result(_node_run(primary, args, d, workload))
@@ -206,6 +290,11 @@ def figures_of(rows: list[dict[str, Any]], extra: dict[str, Any]) -> list[Figure
             ratio.target = f">= {TARGET_RATIO:.2f}"
             ratio.passed = ratio.median >= TARGET_RATIO
         figures += [local, repl, ratio]
+        fuse = pick(workload, FUSE_ONLY, key)
+        if fuse:
+            figures += _fuse_only_figures(
+                workload=workload, unit=unit, local=local, repl=repl, fuse=fuse, extra=extra
+            )
         if workload == "4k_fdatasync" and pick(workload, BOTH_NODES, key):
             both = Figure(
                 "replication",
@@ -234,26 +323,27 @@ def figures_of(rows: list[dict[str, Any]], extra: dict[str, Any]) -> list[Figure
     def count(r: dict[str, Any]) -> float:  # 4 KiB operations, or MiB written
         return float(len(r["lat"]) if "lat" in r else r["mib"])
 
+    cpu_of = (
+        ("primary", "replicated", "the primary's replication process(es)"),
+        ("secondary", "replicated", "the secondary's replication process(es)"),
+        ("fuse", FUSE_ONLY, "the FUSE-only file system's process"),
+    )
     for workload, unit in (("4k_fdatasync", "ms/op"), ("1m_sequential", "ms/MiB")):
-        for proc in ("primary", "secondary"):
+        for proc, where, what in cpu_of:
             key = f"cpu_{proc}_s"
             samples = [
                 float(r[key]) * 1000 / count(r)
                 for r in rows
-                if r["workload"] == workload and r["where"] == "replicated"
-                and r.get(key) is not None
-            ]  # fmt: skip
+                if r["workload"] == workload and r["where"] == where and r.get(key) is not None
+            ]
             if samples:
+                name = f"{workload}_cpu_{'fuse_only' if proc == 'fuse' else proc}"
                 figures.append(
                     Figure(
-                        "replication",
-                        f"{workload}_cpu_{proc}",
-                        unit,
-                        samples,
-                        extra={"what": f"CPU time of the {proc}'s replication process(es)"},
+                        "replication", name, unit, samples, extra={"what": f"CPU time of {what}"}
                     )
                 )
-    for where in ("local", "replicated", BOTH_NODES):
+    for where in ("local", FUSE_ONLY, "replicated", BOTH_NODES):
         lat = [
             x * 1000
             for r in rows
@@ -269,10 +359,49 @@ def figures_of(rows: list[dict[str, Any]], extra: dict[str, Any]) -> list[Figure
                 "ms",
                 [percentile(lat, 99)],
                 extra={"p50_ms": percentile(lat, 50), "ops": len(lat)},
-                anchor="4k_fdatasync_p99_local" if where == "replicated" else "",
+                anchor="4k_fdatasync_p99_local" if where in ("replicated", FUSE_ONLY) else "",
             )
         )
     return figures
+
+
+def _fuse_only_figures(
+    *,
+    workload: str,
+    unit: str,
+    local: Figure,
+    repl: Figure,
+    fuse: list[float],
+    extra: dict[str, Any],
+) -> list[Figure]:
+    """The FUSE-only figure and its two ratios: the ceiling FUSE alone leaves any replication
+    (against the local disk), and the share of it the replication keeps."""
+    fuse_only = Figure(
+        "replication",
+        f"{workload}_fuse_only",
+        unit,
+        fuse,
+        extra={
+            **extra,
+            "what": "the runtime's FUSE file system over a local directory, nothing replicated",
+        },
+        anchor=local.figure,
+    )
+    ceiling = Figure(
+        "replication",
+        f"{workload}_ratio_fuse_only",
+        "fuse_only/local",
+        [f / max(loc, 1e-9) for f, loc in zip(fuse, local.samples, strict=True)],
+        extra={"what": "ceiling of any replication through the FUSE layer"},
+    )
+    kept = Figure(
+        "replication",
+        f"{workload}_ratio_to_fuse_only",
+        "repl/fuse_only",
+        [r / max(f, 1e-9) for r, f in zip(repl.samples, fuse, strict=True)],
+        extra={"what": "what the replication keeps of the FUSE-only throughput"},
+    )
+    return [fuse_only, ceiling, kept]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -291,7 +420,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     finally:
         for node, gone in (
-            (primary, [f"{args.dir}/.bench", args.local]),
+            (primary, [f"{args.dir}/.bench", args.local, f"{args.local}-fuse"]),
             (secondary, [args.local]),
         ):
             subprocess.run(Lab().exec_argv(node, ["rm", "-rf", *gone]), check=False)

@@ -10,16 +10,19 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from benchmarks.replication import BOTH_NODES, figures_of
+from benchmarks.replication import BOTH_NODES, FUSE_ONLY, figures_of
 
 
-def rows(both: bool = True, cpu: bool = True) -> list[dict[str, Any]]:
+def rows(both: bool = True, cpu: bool = True, fuse: bool = True) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
+    places = (("local", 1.0), (FUSE_ONLY, 0.5), ("replicated", 0.25))
     for run in range(2):
-        for where, k in (("local", 1.0), ("replicated", 0.25)):
-            c = {"cpu_primary_s": 0.6 * k, "cpu_secondary_s": 0.3 * k} if cpu else {}
-            if where == "local" or not cpu:
-                c = {"cpu_primary_s": None, "cpu_secondary_s": None}
+        for where, k in places if fuse else (places[0], places[2]):
+            c: dict[str, float | None] = {"cpu_primary_s": None, "cpu_secondary_s": None}
+            if cpu and where == "replicated":
+                c = {"cpu_primary_s": 0.6 * k, "cpu_secondary_s": 0.3 * k, "cpu_fuse_s": 0.0}
+            if cpu and where == FUSE_ONLY:
+                c = {**c, "cpu_fuse_s": 0.1}
             out += [
                 {"run": run, "where": where, "workload": "4k_fdatasync", "ops": 1000 * k,
                  "lat": [0.001 / k] * int(3000 * k), **c},
@@ -68,3 +71,20 @@ def test_cpu_per_operation_and_per_mib_of_each_replication_process() -> None:
     assert f["1m_sequential_cpu_secondary"].samples == [pytest.approx(75 / 256)] * 2
     assert f["1m_sequential_cpu_primary"].unit == "ms/MiB"
     assert not any("cpu" in n for n in by_name(figures_of(rows(cpu=False), {"seconds": 3.0})))
+
+
+def test_fuse_only_gives_the_ceiling_and_the_share_replication_keeps() -> None:
+    f = by_name(figures_of(rows(), {"seconds": 3.0}))
+    assert f["1m_sequential_fuse_only"].anchor == "1m_sequential_local"
+    assert f["1m_sequential_fuse_only"].samples == [400.0, 400.0]
+    ceiling = f["1m_sequential_ratio_fuse_only"]
+    assert ceiling.unit == "fuse_only/local" and ceiling.median == pytest.approx(0.5)
+    kept = f["4k_fdatasync_ratio_to_fuse_only"]
+    assert kept.unit == "repl/fuse_only" and kept.median == pytest.approx(0.5)
+    assert not ceiling.target and ceiling.passed is None  # the target stays on repl/local
+    # 0.1 s of the FUSE-only process over 1,500 ops (4 KiB) and over 256 MiB
+    assert f["4k_fdatasync_cpu_fuse_only"].samples == [pytest.approx(100 / 1500)] * 2
+    assert f["1m_sequential_cpu_fuse_only"].samples == [pytest.approx(100 / 256)] * 2
+    assert f["4k_fdatasync_p99_fuse_only"].anchor == "4k_fdatasync_p99_local"
+    names = by_name(figures_of(rows(fuse=False), {"seconds": 3.0}))
+    assert not any("fuse" in n for n in names) and "1m_sequential_ratio" in names
