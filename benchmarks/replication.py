@@ -119,12 +119,8 @@ class LocalOnly:
         pass
     def after(self, rec):
         pass
-    async def barrier(self, path, datasync):
-        fd = os.open(os.path.join(bytes(backing), path) if path else bytes(backing), os.O_RDONLY)
-        try:
-            (os.fdatasync if datasync else os.fsync)(fd)
-        finally:
-            os.close(fd)
+    async def barrier(self, path, datasync):  # the primary's own local half of a barrier
+        fusefs.fsync_backing(os.fsencode(backing.resolve()), path, datasync)
 
 async def main():
     backing.mkdir(parents=True, exist_ok=True)
@@ -226,7 +222,7 @@ def measure(args: argparse.Namespace, primary: str, secondary: str) -> list[dict
         pids = {
             "primary": replica_pids(primary, "primary", args.module),
             "secondary": replica_pids(secondary, "secondary", args.module),
-            "fuse": fuse_pids,
+            FUSE_ONLY: fuse_pids,
         }
         return _measure_runs(args, primary, secondary, fuse_dir, pids)
 
@@ -326,7 +322,7 @@ def figures_of(rows: list[dict[str, Any]], extra: dict[str, Any]) -> list[Figure
     cpu_of = (
         ("primary", "replicated", "the primary's replication process(es)"),
         ("secondary", "replicated", "the secondary's replication process(es)"),
-        ("fuse", FUSE_ONLY, "the FUSE-only file system's process"),
+        (FUSE_ONLY, FUSE_ONLY, "the FUSE-only file system's process"),
     )
     for workload, unit in (("4k_fdatasync", "ms/op"), ("1m_sequential", "ms/MiB")):
         for proc, where, what in cpu_of:
@@ -337,10 +333,13 @@ def figures_of(rows: list[dict[str, Any]], extra: dict[str, Any]) -> list[Figure
                 if r["workload"] == workload and r["where"] == where and r.get(key) is not None
             ]
             if samples:
-                name = f"{workload}_cpu_{'fuse_only' if proc == 'fuse' else proc}"
                 figures.append(
                     Figure(
-                        "replication", name, unit, samples, extra={"what": f"CPU time of {what}"}
+                        "replication",
+                        f"{workload}_cpu_{proc}",
+                        unit,
+                        samples,
+                        extra={"what": f"CPU time of {what}"},
                     )
                 )
     for where in ("local", FUSE_ONLY, "replicated", BOTH_NODES):

@@ -20,9 +20,9 @@ def rows(both: bool = True, cpu: bool = True, fuse: bool = True) -> list[dict[st
         for where, k in places if fuse else (places[0], places[2]):
             c: dict[str, float | None] = {"cpu_primary_s": None, "cpu_secondary_s": None}
             if cpu and where == "replicated":
-                c = {"cpu_primary_s": 0.6 * k, "cpu_secondary_s": 0.3 * k, "cpu_fuse_s": 0.0}
+                c = {"cpu_primary_s": 0.6 * k, "cpu_secondary_s": 0.3 * k, "cpu_fuse_only_s": 0.0}
             if cpu and where == FUSE_ONLY:
-                c = {**c, "cpu_fuse_s": 0.1}
+                c = {**c, "cpu_fuse_only_s": 0.1}
             out += [
                 {"run": run, "where": where, "workload": "4k_fdatasync", "ops": 1000 * k,
                  "lat": [0.001 / k] * int(3000 * k), **c},

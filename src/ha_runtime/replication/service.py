@@ -256,15 +256,7 @@ class ReplicationService:
             await self._go_alone(str(e))
 
     def _fsync_local(self, path: bytes, datasync: bool) -> None:
-        p = os.fsencode(self.backing) + (b"/" + path if path else b"")
-        try:
-            fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-        except OSError:
-            return
-        try:
-            (os.fdatasync if datasync else os.fsync)(fd)
-        finally:
-            os.close(fd)
+        fusefs.fsync_backing(os.fsencode(self.backing), path, datasync)
 
     async def _go_alone(self, reason: str) -> None:
         if self._status.state == "alone":
