@@ -595,6 +595,7 @@ class ReplicationService:
                         addresses=addrs, port=self.settings.port, peer=self.peer, ctx=ctx,
                         key=self.key, handler=handler, task_status=task_status,
                         on_refused=lambda m: self._emit("link_refused", reason=m),
+                        on_rejected=self._rejected,
                     )
                 )  # fmt: skip
                 task_status.started()
