@@ -44,6 +44,7 @@ from ha_runtime.replication.journal import (
     SET_MTIME,
     SET_SIZE,
     SET_UID,
+    Op,
     Record,
     valid_path,
 )
@@ -62,6 +63,7 @@ _XATTR_FLAGS = os.XATTR_CREATE | os.XATTR_REPLACE
 # rename(2) errors that mean "the target is of another type" (or a non-empty directory).
 _RENAME_TYPE_ERRORS = frozenset({errno.EISDIR, errno.ENOTDIR, errno.ENOTEMPTY, errno.EEXIST})
 _RENAME_EXCHANGE = 2
+_ID_OPS = frozenset({Op.CREATE, Op.MKNOD, Op.MKDIR, Op.SYMLINK, Op.SETATTR})
 
 
 class RecordRefused(ValueError):
@@ -181,6 +183,8 @@ class Applier:
         RecordRefused (UnsafePath for a path that would leave the root) for a record that
         cannot be applied as it stands; nothing else."""
         handler = getattr(self, "_op_" + rec.op.name.lower())
+        if rec.op in _ID_OPS:
+            self._ids(rec)  # refused before anything is done
         with self._lock:
             try:
                 handler(rec)
