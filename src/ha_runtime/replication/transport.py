@@ -270,13 +270,13 @@ class _Listener:
 
     def __post_init__(self) -> None:
         self.handshakes = trio.Semaphore(self.max_handshakes)
+        self.busy = 0  # connections closed for the handshake limit
+        self._busy_logged = -math.inf
 
-    def refuse(self, msg: str, reason: str | None = None) -> None:
+    def refuse(self, msg: str) -> None:
         log.warning("replication: %s", msg)
         if self.on_refused:
             self.on_refused(msg)
-        if reason and self.on_rejected:
-            self.on_rejected(reason)
 
     async def accept(self, tcp: trio.SocketStream) -> trio.SSLStream[Any] | None:
         s = _tls(tcp, self.ctx, server_side=True)
@@ -301,10 +301,16 @@ class _Listener:
         try:
             self.handshakes.acquire_nowait()
         except trio.WouldBlock:
-            self.refuse(
-                f"too many handshakes in progress ({self.max_handshakes}): closed",
-                "handshake_busy",
-            )
+            # Counted each, logged at most once a second: a flood must not flood the log.
+            self.busy += 1
+            if self.on_rejected:
+                self.on_rejected("handshake_busy")
+            if time.monotonic() - self._busy_logged >= 1:
+                self._busy_logged = time.monotonic()
+                log.warning(
+                    "replication: %d handshakes in progress: connection closed (%d so far)",
+                    self.max_handshakes, self.busy,
+                )  # fmt: skip
             await tcp.aclose()
             return
         try:
