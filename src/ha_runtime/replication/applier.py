@@ -397,6 +397,8 @@ class Applier:
                     os.link(sname, dname, src_dir_fd=sfd, dst_dir_fd=dfd, follow_symlinks=False)
                 except FileExistsError:
                     src = os.stat(sname, dir_fd=sfd, follow_symlinks=False)
+                    if stat.S_ISDIR(src.st_mode):  # never linked: keep what is there
+                        raise OSError(errno.EPERM, "hard link to a directory", r.path) from None
 
                     def same(st: os.stat_result) -> bool:
                         return (st.st_dev, st.st_ino) == (src.st_dev, src.st_ino)

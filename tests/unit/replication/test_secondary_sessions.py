@@ -243,13 +243,15 @@ def test_an_unexpected_error_in_a_session_ends_that_link_only_and_is_counted(
             await _serve(
                 n, port, site["node2"], _session_handler(applier, rejected, control), refused
             )
-            for attempt in ("control", "record", "ok"):
+            for attempt in ("control", "record", "refused", "ok"):
                 link = T.PrimaryLink(await _connect(port, site["node1"]), timeout=5)
                 n.start_soon(link.run)
                 if attempt == "control":
                     link.submit_control({"op": "x"}, b"[" * 200_000)
                 elif attempt == "record":
                     link.submit(Record(0, Op.WRITE, b"missing/f", data=b"x"))
+                elif attempt == "refused":  # flags no setxattr takes
+                    link.submit(Record(0, Op.SETXATTR, b"", name=b"user.k", flags=1 << 31))
                 else:
                     link.submit(Record(0, Op.CREATE, b"f", mode=0o100600))
                     seq = link.submit(Record(0, Op.FSYNC, b"f"))
@@ -265,5 +267,5 @@ def test_an_unexpected_error_in_a_session_ends_that_link_only_and_is_counted(
     finally:
         applier.close()
     assert (tmp_path / "second/f").exists()
-    assert rejected == ["session_error", "apply_failed"], rejected
-    assert "secondary error" in lost[1]
+    assert rejected == ["session_error", "apply_failed", "apply_refused"], rejected
+    assert "secondary error" in lost[1] and "secondary error" in lost[2]
