@@ -400,12 +400,12 @@ class ReplicationService:
         a record it could not apply) counts; FALLBACK_FULL_AFTER of them in a row make the
         next resync full, loudly. A link lost otherwise (network) does not count."""
         assert self._dirty is not None
-        state = self._status.state
-        if state == "sync":
+        if self._progress is None:  # the resync completed (or none started)
             self._refused_incremental = 0
             return
+        # (Not the state: "sync" begins with the final barrier, before the peer applied it.)
         refused = (link.lost_reason or "").startswith("secondary error")
-        if state != "resyncing" or self._dirty.state.lost or not refused:
+        if self._dirty.state.lost or not refused:
             return
         self._refused_incremental += 1
         if self._refused_incremental < FALLBACK_FULL_AFTER:

@@ -65,6 +65,16 @@ def _same_generation(module: Any, *clusters: Any) -> None:
         GenerationStore(c.state_dir, module.name).save(GenRecord(g1))
 
 
+def _diverge(b2: Path, outside: Path) -> None:
+    """The peer's x holds a tree its dirty log knows nothing of (a symlink out of the copy
+    in it): removed with x, never followed."""
+    (b2 / "x/sub/deeper").mkdir(parents=True)
+    (b2 / "x/sub/deeper/f").write_bytes(b"deep")
+    outside.mkdir()
+    (outside / "keep").write_bytes(b"keep")
+    (b2 / "x/sub/out").symlink_to(outside)
+
+
 def _before(app: Path) -> None:
     (app / "x").mkdir()
     (app / "y").write_bytes(b"file y")
@@ -109,13 +119,7 @@ def test_type_changes_resync_incrementally_and_all_ids_replicate(tmp_path: Path)
             await _io(_h.write_sync, app / "after", b"a")
             await _until(lambda: prim.status().state == "alone")
             await _io(_change_types, app)
-            # The peer's x holds a tree its dirty log knows nothing of (a symlink out of
-            # the copy in it): removed with x, never followed.
-            (b2 / "x/sub/deeper").mkdir(parents=True)
-            (b2 / "x/sub/deeper/f").write_bytes(b"deep")
-            (tmp_path / "outside").mkdir()
-            (tmp_path / "outside/keep").write_bytes(b"keep")
-            (b2 / "x/sub/out").symlink_to(tmp_path / "outside")
+            _diverge(b2, tmp_path / "outside")
 
             seen = len(events)
             n.start_soon(ReplicationService(module, c2, st).run_secondary)
@@ -123,6 +127,10 @@ def test_type_changes_resync_incrementally_and_all_ids_replicate(tmp_path: Path)
             done = next(e for e in events[seen:] if e.kind == "resync_done")
             assert done.detail["kind"] == "incremental"
             assert [e.detail for e in events[seen:] if e.kind == "resync_full_needed"] == []
+            # at the first attempt: none refused (no fallback to a full resync either)
+            assert [e.detail for e in events[seen:] if e.kind == "resync_started"] == [
+                {"full": False}
+            ]
             rep = await prim.verify()
             assert rep.equal, rep.differences
             n.cancel_scope.cancel()
