@@ -24,7 +24,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ha_runtime.replication.applier import Applier, RecordRefused
-from ha_runtime.replication.journal import SET_GID, SET_MODE, SET_UID, Op, Record
+from ha_runtime.replication.journal import (
+    SET_GID,
+    SET_MODE,
+    SET_UID,
+    Op,
+    Record,
+    RecordError,
+    decode_record,
+)
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="root: owner ids")
 
@@ -302,12 +310,15 @@ def test_valid_operations_leave_the_same_tree_as_done_directly(
                     if not _valid_ids(rec):
                         with pytest.raises(RecordRefused):
                             a.apply(rec)
+                        with pytest.raises(RecordError):
+                            rec.encode()  # never sent as another id
                         continue
                     try:
                         model.do(rec)
                     except OSError:
                         continue  # the application's call failed: nothing to replicate
-                    a.apply(rec)  # a valid operation applies, whatever came before
+                    # through the wire's encoding; a valid operation applies, whatever came before
+                    a.apply(decode_record(rec.encode()))
             a.barrier()
         finally:
             model.close()
