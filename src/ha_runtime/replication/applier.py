@@ -74,6 +74,10 @@ class UnsafePath(RecordRefused):
     pass
 
 
+class DeltaRefused(RecordRefused, D.DeltaError):
+    """A malformed delta, or a piece out of sequence (still a ``DeltaError``)."""
+
+
 def renameat2(sfd: int, src: bytes, dfd: int, dst: bytes, flags: int) -> None:
     if _libc.renameat2(sfd, src, dfd, dst, ctypes.c_uint(flags)) != 0:
         e = ctypes.get_errno()
@@ -188,8 +192,13 @@ class Applier:
         with self._lock:
             try:
                 handler(rec)
-            except (OverflowError, RecursionError) as e:
-                # A value no system call takes (checked fields say which; this is the net).
+            except RecordRefused:
+                raise
+            except D.DeltaError as e:
+                raise DeltaRefused(f"{rec.op.name} {rec.path!r}: {e}") from e
+            except (ValueError, OverflowError, RecursionError) as e:
+                # A value no system call takes, a malformed or stray delta (checked fields
+                # say which; this is the net): one refusal type for all.
                 raise RecordRefused(f"{rec.op.name} {rec.path!r}: {e}") from e
             if rec.seq:
                 self.applied_seq = rec.seq

@@ -57,10 +57,16 @@ ids = st.sampled_from(GOOD_IDS)
 
 
 @st.composite
-def records(draw: st.DrawFn, bad_ids: bool) -> list[Record]:
-    """One operation as the records the primary would send for it."""
+def records(draw: st.DrawFn, bad_ids: bool, hostile: bool = False) -> list[Record]:
+    """One operation as the records the primary would send for it; ``hostile`` adds a full
+    resync's whole-file and delta records (garbage deltas included)."""
     p = draw(paths)
-    kind = draw(st.sampled_from(KINDS))
+    kind = draw(st.sampled_from(KINDS + (["replace", "delta"] if hostile else [])))
+    if kind == "replace":
+        return [Record(0, Op.REPLACE, p, data=draw(st.binary(max_size=64)))]
+    if kind == "delta":
+        flags = draw(st.integers(0, 7))
+        return [Record(0, Op.DELTA, p, flags=flags, data=draw(st.binary(max_size=64)))]
     uid = draw(st.sampled_from(GOOD_IDS + (BAD_IDS if bad_ids else [])))
     gid = draw(ids)
     if kind == "create":
@@ -153,7 +159,7 @@ HOSTILE = settings(max_examples=150, deadline=None, suppress_health_check=[Healt
 
 
 @HOSTILE
-@given(st.lists(records(bad_ids=True), min_size=1, max_size=40))
+@given(st.lists(records(bad_ids=True, hostile=True), min_size=1, max_size=40))
 def test_hostile_sequences_stay_inside_the_root_and_raise_only_refusals(
     ops: list[list[Record]],
 ) -> None:
