@@ -230,19 +230,15 @@ class Applier:
             return False
         if keep(st):
             return True
-        self._forget_under(path)
+        # A delta in progress for a name here is kept, as for a rename or an unlink: its
+        # next piece must not fail a full resync (the incremental pass repairs the name).
+        self._retire_under(path)
         if stat.S_ISDIR(st.st_mode):
             _rmtree_at(pfd, name)
         else:
             os.unlink(name, dir_fd=pfd)
         self._dirty_dirs.add(self._dirname(path))
         return False
-
-    def _forget_under(self, path: bytes) -> None:
-        """Whatever this applier holds open for ``path`` and below: the name is going."""
-        self._retire_under(path)
-        for p in [p for p in self._deltas if p == path or p.startswith(path + b"/")]:
-            self._abandon_delta(p)
 
     def _op_write(self, r: Record) -> None:
         fd = self._file(r.path)
@@ -320,7 +316,7 @@ class Applier:
     def _op_unlink(self, r: Record) -> None:
         # Whatever is there goes, a whole tree included: the primary removed this name (a
         # directory here is a copy that diverged; a resync's UNLINK says so outright).
-        self._forget_under(r.path)
+        self._retire_under(r.path)
         self._in_place.pop(r.path, None)
         self._dirty_files.discard(r.path)
         try:
@@ -336,7 +332,7 @@ class Applier:
         self._dirty_dirs.add(self._dirname(r.path))
 
     def _op_rmdir(self, r: Record) -> None:
-        self._forget_under(r.path)
+        self._retire_under(r.path)
         pfd, name = self._parent(r.path)
         try:
             # The primary's directory was empty: anything here (in it, or of another type)
@@ -347,8 +343,8 @@ class Applier:
         self._dirty_dirs.add(self._dirname(r.path))
 
     def _op_rename(self, r: Record) -> None:
-        self._forget_under(r.path)
-        self._forget_under(r.path2)
+        self._retire_under(r.path)
+        self._retire_under(r.path2)
         sfd, sname = self._parent(r.path)
         try:
             dfd, dname = self._parent(r.path2)
