@@ -9,6 +9,14 @@
   no-ops), so a resync or a reconnect may resend records safely.
 - **Durable on request**: a ``FSYNC`` record (barrier) fsyncs every file written and every
   directory changed since the previous barrier, then ``durable_seq`` advances.
+- **Authoritative**: the primary performed the operation, so whatever of another type holds
+  the name here (a directory where a file is created, a file where a directory is made...)
+  is removed first, a directory with its whole tree, through directory descriptors,
+  never following a symlink. Refusing it left the copy unrepairable by an incremental
+  resync, which repeated the same refusal on every reconnection.
+- **Refusals**: ``apply`` raises ``OSError`` (the file system refused: ENOSPC, EIO...) or
+  ``RecordRefused`` (a ``ValueError``: unsafe path, field out of range, delta out of
+  sequence), never anything else; the secondary drops the link and counts it.
 """
 
 from __future__ import annotations
@@ -20,6 +28,8 @@ import errno
 import mmap
 import os
 import stat
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from ha_runtime.replication import delta as D
@@ -34,6 +44,7 @@ from ha_runtime.replication.journal import (
     SET_MTIME,
     SET_SIZE,
     SET_UID,
+    Op,
     Record,
     valid_path,
 )
@@ -45,10 +56,26 @@ TMP_PREFIX = b".hapair-tmp."
 # each file: a live fsync touches one or a few files, a resync hundreds.
 SYNCFS_OVER = 8
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# Owner ids are unsigned 32-bit; (uid_t)-1 means "leave unchanged" (chown(2)), which the
+# journal carries as 0xFFFFFFFF and a Record as -1.
+ID_UNCHANGED = 0xFFFFFFFF
+_XATTR_FLAGS = os.XATTR_CREATE | os.XATTR_REPLACE
+# rename(2) errors that mean "the target is of another type" (or a non-empty directory).
+_RENAME_TYPE_ERRORS = frozenset({errno.EISDIR, errno.ENOTDIR, errno.ENOTEMPTY, errno.EEXIST})
+_RENAME_EXCHANGE = 2
+_ID_OPS = frozenset({Op.CREATE, Op.MKNOD, Op.MKDIR, Op.SYMLINK, Op.SETATTR})
 
 
-class UnsafePath(ValueError):
+class RecordRefused(ValueError):
+    """A record the applier will not apply (a field out of range, an unsafe path...)."""
+
+
+class UnsafePath(RecordRefused):
     pass
+
+
+class DeltaRefused(RecordRefused, D.DeltaError):
+    """A malformed delta, or a piece out of sequence (still a ``DeltaError``)."""
 
 
 def renameat2(sfd: int, src: bytes, dfd: int, dst: bytes, flags: int) -> None:
@@ -78,14 +105,19 @@ class Applier:
         self.durable_seq = 0
         self._deltas: dict[bytes, int] = {}  # path -> fd of its new file, pieces arriving
         self._in_place: dict[bytes, int] = {}  # path -> where its in-place delta's next piece goes
+        # Records and barriers never interleave, whichever session or thread runs them: a
+        # barrier clears exactly the dirty sets it synced (one of an old session, still in
+        # its thread, cleared what a new one had written: its FSYNC was acked unsynced).
+        self._lock = threading.RLock()
 
     def close(self) -> None:
-        for fd in list(self._files.values()) + self._pending + list(self._deltas.values()):
-            os.close(fd)
-        self._files.clear()
-        self._pending.clear()
-        self._deltas.clear()
-        os.close(self.root_fd)
+        with self._lock:
+            for fd in list(self._files.values()) + self._pending + list(self._deltas.values()):
+                os.close(fd)
+            self._files.clear()
+            self._pending.clear()
+            self._deltas.clear()
+            os.close(self.root_fd)
 
     # -- path resolution
     def _parent(self, path: bytes) -> tuple[int, bytes]:
@@ -152,11 +184,61 @@ class Applier:
     # -- applying
     def apply(self, rec: Record) -> None:
         """Apply one record. Raises OSError for real failures (ENOSPC, EIO...) and
-        UnsafePath for a path that would leave the root (never applied)."""
+        RecordRefused (UnsafePath for a path that would leave the root) for a record that
+        cannot be applied as it stands; nothing else."""
         handler = getattr(self, "_op_" + rec.op.name.lower())
-        handler(rec)
-        if rec.seq:
-            self.applied_seq = rec.seq
+        if rec.op in _ID_OPS:
+            self._ids(rec)  # refused before anything is done
+        with self._lock:
+            try:
+                handler(rec)
+            except RecordRefused:
+                raise
+            except D.DeltaError as e:
+                raise DeltaRefused(f"{rec.op.name} {rec.path!r}: {e}") from e
+            except (ValueError, OverflowError, RecursionError) as e:
+                # A value no system call takes, a malformed or stray delta (checked fields
+                # say which; this is the net): one refusal type for all.
+                raise RecordRefused(f"{rec.op.name} {rec.path!r}: {e}") from e
+            if rec.seq:
+                self.applied_seq = rec.seq
+
+    @staticmethod
+    def _ids(r: Record) -> tuple[int, int]:
+        """(uid, gid) for chown, -1 where unchanged; a value out of range refuses the record."""
+        out = []
+        for field, v in (("uid", r.uid), ("gid", r.gid)):
+            if v == ID_UNCHANGED:
+                out.append(-1)
+                continue
+            if v != -1 and not 0 <= v < ID_UNCHANGED:
+                raise RecordRefused(
+                    f"{r.op.name} {r.path!r}: {field} {v} out of range (0..{ID_UNCHANGED - 1}, "
+                    "or -1: unchanged)"
+                )
+            out.append(v)
+        return out[0], out[1]
+
+    def _make_room(
+        self, pfd: int, name: bytes, path: bytes, keep: Callable[[os.stat_result], bool]
+    ) -> bool:
+        """True if ``name`` holds something ``keep`` accepts; else remove whatever it holds
+        (a directory with its tree) and return False."""
+        try:
+            st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        if keep(st):
+            return True
+        # A delta in progress for a name here is kept, as for a rename or an unlink: its
+        # next piece must not fail a full resync (the incremental pass repairs the name).
+        self._retire_under(path)
+        if stat.S_ISDIR(st.st_mode):
+            _rmtree_at(pfd, name)
+        else:
+            os.unlink(name, dir_fd=pfd)
+        self._dirty_dirs.add(self._dirname(path))
+        return False
 
     def _op_write(self, r: Record) -> None:
         fd = self._file(r.path)
@@ -181,42 +263,49 @@ class Applier:
         self._dirty_files.add(r.path)
 
     def _owner(self, pfd: int, name: bytes, r: Record) -> None:
-        if r.uid >= 0 or r.gid >= 0:
-            os.chown(name, r.uid, r.gid, dir_fd=pfd, follow_symlinks=False)
+        uid, gid = self._ids(r)
+        if uid >= 0 or gid >= 0:
+            os.chown(name, uid, gid, dir_fd=pfd, follow_symlinks=False)
 
     def _op_create(self, r: Record) -> None:
+        uid, gid = self._ids(r)
         self._retire(r.path)
         self._in_place.pop(r.path, None)
+        pfd, name = self._parent(r.path)
+        try:
+            self._make_room(pfd, name, r.path, lambda st: stat.S_ISREG(st.st_mode))
+        finally:
+            self._done(pfd)
         fd = self._file(r.path, create_mode=r.mode & 0o7777)
         os.fchmod(fd, r.mode & 0o7777)
-        if r.uid >= 0 or r.gid >= 0:
-            os.fchown(fd, r.uid, r.gid)
+        if uid >= 0 or gid >= 0:
+            os.fchown(fd, uid, gid)
         self._dirty_files.add(r.path)
         self._dirty_dirs.add(self._dirname(r.path))
 
     def _op_mknod(self, r: Record) -> None:
+        self._ids(r)
+        kind = stat.S_IFMT(r.mode)
+        device = kind in (stat.S_IFCHR, stat.S_IFBLK)
+
+        def same(st: os.stat_result) -> bool:
+            return stat.S_IFMT(st.st_mode) == kind and (not device or st.st_rdev == r.rdev)
+
         pfd, name = self._parent(r.path)
         try:
-            try:
+            if not self._make_room(pfd, name, r.path, same):
                 os.mknod(name, r.mode, r.rdev, dir_fd=pfd)
-            except FileExistsError:
-                st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
-                if stat.S_IFMT(st.st_mode) != stat.S_IFMT(r.mode):
-                    raise
             self._owner(pfd, name, r)
         finally:
             self._done(pfd)
         self._dirty_dirs.add(self._dirname(r.path))
 
     def _op_mkdir(self, r: Record) -> None:
+        self._ids(r)
         pfd, name = self._parent(r.path)
         try:
-            try:
+            if not self._make_room(pfd, name, r.path, lambda st: stat.S_ISDIR(st.st_mode)):
                 os.mkdir(name, r.mode & 0o7777, dir_fd=pfd)
-            except FileExistsError:
-                st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
-                if not stat.S_ISDIR(st.st_mode):
-                    raise
             os.chmod(name, r.mode & 0o7777, dir_fd=pfd)
             self._owner(pfd, name, r)
         finally:
@@ -225,10 +314,9 @@ class Applier:
         self._dirty_dirs.add(r.path)
 
     def _op_unlink(self, r: Record) -> None:
-        if r.flags & 1:  # resync: remove whatever is there, a whole tree included
-            self._retire_under(r.path)
-        else:
-            self._retire(r.path)
+        # Whatever is there goes, a whole tree included: the primary removed this name (a
+        # directory here is a copy that diverged; a resync's UNLINK says so outright).
+        self._retire_under(r.path)
         self._in_place.pop(r.path, None)
         self._dirty_files.discard(r.path)
         try:
@@ -238,13 +326,7 @@ class Applier:
                 raise
             return  # its parent is gone already: so is it (a resync removing a tree)
         try:
-            os.unlink(name, dir_fd=pfd)
-        except FileNotFoundError:
-            pass
-        except IsADirectoryError:
-            if not r.flags & 1:
-                raise
-            _rmtree_at(pfd, name)
+            self._make_room(pfd, name, r.path, lambda st: False)
         finally:
             self._done(pfd)
         self._dirty_dirs.add(self._dirname(r.path))
@@ -253,9 +335,9 @@ class Applier:
         self._retire_under(r.path)
         pfd, name = self._parent(r.path)
         try:
-            os.rmdir(name, dir_fd=pfd)
-        except FileNotFoundError:
-            pass
+            # The primary's directory was empty: anything here (in it, or of another type)
+            # is a difference of this copy.
+            self._make_room(pfd, name, r.path, lambda st: False)
         finally:
             self._done(pfd)
         self._dirty_dirs.add(self._dirname(r.path))
@@ -267,28 +349,45 @@ class Applier:
         try:
             dfd, dname = self._parent(r.path2)
             try:
-                if r.flags:
-                    renameat2(sfd, sname, dfd, dname, r.flags)
-                else:
-                    os.rename(sname, dname, src_dir_fd=sfd, dst_dir_fd=dfd)
-            except FileNotFoundError:
-                # replay: already renamed if the target exists
-                os.stat(dname, dir_fd=dfd, follow_symlinks=False)
+                self._rename(r, sfd, sname, dfd, dname)
             finally:
                 self._done(dfd)
         finally:
             self._done(sfd)
         self._dirty_dirs.update((self._dirname(r.path), self._dirname(r.path2)))
 
+    def _rename(self, r: Record, sfd: int, sname: bytes, dfd: int, dname: bytes) -> None:
+        def once() -> None:
+            if r.flags:
+                renameat2(sfd, sname, dfd, dname, r.flags)
+            else:
+                os.rename(sname, dname, src_dir_fd=sfd, dst_dir_fd=dfd)
+
+        try:
+            once()
+        except FileNotFoundError:
+            # replay: already renamed if the target exists
+            os.stat(dname, dir_fd=dfd, follow_symlinks=False)
+        except OSError as e:
+            nested = r.path2.startswith(r.path + b"/") or r.path.startswith(r.path2 + b"/")
+            if e.errno not in _RENAME_TYPE_ERRORS or r.flags & _RENAME_EXCHANGE or nested:
+                raise
+            # The primary's target was absent or of a kind rename replaces: what is here
+            # differs (another type, a non-empty directory). The source must exist.
+            os.stat(sname, dir_fd=sfd, follow_symlinks=False)
+            self._make_room(dfd, dname, r.path2, lambda st: False)
+            once()
+
     def _op_symlink(self, r: Record) -> None:
+        self._ids(r)
+
+        def same(st: os.stat_result) -> bool:
+            return stat.S_ISLNK(st.st_mode) and os.readlink(name, dir_fd=pfd) == r.path2
+
         pfd, name = self._parent(r.path)
         try:
-            try:
+            if not self._make_room(pfd, name, r.path, same):
                 os.symlink(r.path2, name, dir_fd=pfd)
-            except FileExistsError:
-                if os.readlink(name, dir_fd=pfd) != r.path2:
-                    os.unlink(name, dir_fd=pfd)
-                    os.symlink(r.path2, name, dir_fd=pfd)
             self._owner(pfd, name, r)
         finally:
             self._done(pfd)
@@ -299,9 +398,20 @@ class Applier:
         try:
             dfd, dname = self._parent(r.path2)
             try:
-                os.link(sname, dname, src_dir_fd=sfd, dst_dir_fd=dfd, follow_symlinks=False)
-            except FileExistsError:
-                pass
+                try:
+                    os.link(sname, dname, src_dir_fd=sfd, dst_dir_fd=dfd, follow_symlinks=False)
+                except FileExistsError:
+                    src = os.stat(sname, dir_fd=sfd, follow_symlinks=False)
+                    if stat.S_ISDIR(src.st_mode):  # never linked: keep what is there
+                        raise OSError(errno.EPERM, "hard link to a directory", r.path) from None
+
+                    def same(st: os.stat_result) -> bool:
+                        return (st.st_dev, st.st_ino) == (src.st_dev, src.st_ino)
+
+                    # The primary's new name was free: anything else here goes (replay: the
+                    # same inode is already linked).
+                    if not self._make_room(dfd, dname, r.path2, same):
+                        os.link(sname, dname, src_dir_fd=sfd, dst_dir_fd=dfd, follow_symlinks=False)
             finally:
                 self._done(dfd)
         finally:
@@ -321,8 +431,9 @@ class Applier:
                 os.ftruncate(self._file(r.path), r.offset)
                 self._dirty_files.add(r.path)
             if r.flags & (SET_UID | SET_GID):
-                uid = r.uid if r.flags & SET_UID else -1
-                gid = r.gid if r.flags & SET_GID else -1
+                ruid, rgid = self._ids(r)
+                uid = ruid if r.flags & SET_UID else -1
+                gid = rgid if r.flags & SET_GID else -1
                 if fd_only:
                     os.fchown(pfd, uid, gid)
                 else:
@@ -355,6 +466,8 @@ class Applier:
         return fd, f"/proc/self/fd/{fd}"
 
     def _op_setxattr(self, r: Record) -> None:
+        if r.flags & ~_XATTR_FLAGS:
+            raise RecordRefused(f"SETXATTR {r.path!r}: flags {r.flags:#x} (XATTR_CREATE|REPLACE)")
         fd, target = self._xattr_target(r.path)
         try:
             os.setxattr(target, r.name, r.data, r.flags)
@@ -375,7 +488,7 @@ class Applier:
                 os.close(fd)
 
     def _op_fsync(self, r: Record) -> None:
-        self.barrier(datasync=bool(r.flags & FSYNC_DATA))
+        self._barrier(datasync=bool(r.flags & FSYNC_DATA))
         if r.seq:
             self.durable_seq = r.seq
 
@@ -390,6 +503,8 @@ class Applier:
             tmp = TMP_PREFIX + name[: 255 - len(TMP_PREFIX)]
             fd = self._deltas.pop(path, -1)
             if fd < 0:
+                # A regular file replaces whatever else holds the name (no basis then).
+                self._make_room(pfd, name, path, lambda st: stat.S_ISREG(st.st_mode))
                 flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
                 fd = os.open(tmp, flags, 0o600, dir_fd=pfd)
             try:
@@ -498,6 +613,10 @@ class Applier:
 
     # -- durability
     def barrier(self, datasync: bool = False) -> None:
+        with self._lock:
+            self._barrier(datasync)
+
+    def _barrier(self, datasync: bool) -> None:
         if len(self._dirty_files) + len(self._pending) > SYNCFS_OVER:
             self._barrier_syncfs()
             return
@@ -585,16 +704,55 @@ def _start_writeback(fd: int) -> None:
 
 
 def _rmtree_at(pfd: int, name: bytes) -> None:
-    """Remove directory ``name`` under ``pfd`` and everything in it, never following links."""
-    dfd = os.open(name, _DIR_FLAGS, dir_fd=pfd)
+    """Remove directory ``name`` under ``pfd`` and everything in it, never following a
+    symlink or crossing into another file system. No recursion (renames can nest a tree
+    deeper than any path, and than Python's stack) and two descriptors open at most: the
+    walk climbs back through "..", checked to be the directory it came from."""
+    fd = os.open(name, _DIR_FLAGS, dir_fd=pfd)
     try:
-        for n in os.listdir(dfd):
-            en = os.fsencode(n)
-            st = os.stat(en, dir_fd=dfd, follow_symlinks=False)
-            if stat.S_ISDIR(st.st_mode):
-                _rmtree_at(dfd, en)
-            else:
-                os.unlink(en, dir_fd=dfd)
+        st = os.fstat(fd)
+        dev = st.st_dev
+        # Each directory entered, top first: (its name in its parent, inode, subdirectories
+        # still to remove).
+        stack: list[tuple[bytes, int, list[bytes]]] = [(name, st.st_ino, _remove_files(fd))]
+        while True:
+            _, _, subs = stack[-1]
+            if subs:
+                sub = subs.pop()
+                nfd = os.open(sub, _DIR_FLAGS, dir_fd=fd)
+                nst = os.fstat(nfd)
+                if nst.st_dev != dev:
+                    os.close(nfd)
+                    raise OSError(errno.EXDEV, "a mount point inside a tree to remove", sub)
+                os.close(fd)
+                fd = nfd
+                stack.append((sub, nst.st_ino, _remove_files(fd)))
+                continue
+            done, _, _ = stack.pop()
+            if not stack:
+                break
+            parent = os.open(b"..", _DIR_FLAGS, dir_fd=fd)
+            pst = os.fstat(parent)
+            if (pst.st_dev, pst.st_ino) != (dev, stack[-1][1]):
+                os.close(parent)
+                raise OSError(errno.ESTALE, "a directory moved while its tree was removed", done)
+            os.close(fd)
+            fd = parent
+            os.rmdir(done, dir_fd=fd)
     finally:
-        os.close(dfd)
+        os.close(fd)
     os.rmdir(name, dir_fd=pfd)
+
+
+def _remove_files(dfd: int) -> list[bytes]:
+    """Unlink everything in the directory but its subdirectories; return their names."""
+    subs: list[bytes] = []
+    with os.scandir(dfd) as it:
+        entries = list(it)
+    for e in entries:
+        n = os.fsencode(e.name)
+        if e.is_dir(follow_symlinks=False):
+            subs.append(n)
+        else:
+            os.unlink(n, dir_fd=dfd)
+    return subs

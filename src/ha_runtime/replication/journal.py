@@ -112,7 +112,23 @@ NAMESPACE_OPS = frozenset(
 _TWO_PATH_OPS = frozenset({Op.RENAME, Op.SYMLINK, Op.LINK})
 _EMPTY_PATH_OK = frozenset({Op.SETATTR, Op.SETXATTR, Op.REMOVEXATTR, Op.FSYNC})
 
-_REC = struct.Struct("!QBIQQIiiQqqHHHI")
+# uid and gid are unsigned (all 32 bits of uid_t; they were signed, so an id >= 2**31 did
+# not pack). 0xFFFFFFFF, (uid_t)-1, is "unchanged" and reads as -1: the same bytes as the
+# signed encoding of -1, so either side may be older for every id below 2**31.
+_REC = struct.Struct("!QBIQQIIIQqqHHHI")
+ID_UNCHANGED = 0xFFFFFFFF
+
+
+def _wire_id(v: int, field: str) -> int:
+    if v == -1:
+        return ID_UNCHANGED
+    if not 0 <= v <= ID_UNCHANGED:
+        raise RecordError(f"{field} {v} out of range (0..{ID_UNCHANGED}, or -1: unchanged)")
+    return v
+
+
+def _record_id(v: int) -> int:
+    return -1 if v == ID_UNCHANGED else v
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,8 +164,8 @@ class Record:
                 self.offset,
                 self.length,
                 self.mode,
-                self.uid,
-                self.gid,
+                _wire_id(self.uid, "uid"),
+                _wire_id(self.gid, "gid"),
                 self.rdev,
                 self.atime_ns,
                 self.mtime_ns,
@@ -241,6 +257,7 @@ def decode_record(payload: bytes | memoryview) -> Record:
         raise RecordError("record_fields")
     if offset > (1 << 62) or length > (1 << 62):
         raise RecordError("record_range")
+    uid, gid = _record_id(uid), _record_id(gid)
     return Record(
         seq, o, path, path2, offset, length, mode, uid, gid, rdev, atime, mtime, flags, name, data
     )

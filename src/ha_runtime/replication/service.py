@@ -44,6 +44,9 @@ log = logging.getLogger("hapair.replication")
 QUICK_REFUSAL_S = 0.2
 # A session shorter than this counts as failed for the reconnection backoff.
 STABLE_SESSION_S = 10.0
+# Incremental resyncs the secondary refused in a row before the next one is full: a
+# difference the dirty log cannot repair must not leave the pair unprotected for good.
+FALLBACK_FULL_AFTER = 3
 
 # A barrier with at most this much written since the previous one fsyncs the local file in
 # the event loop (a short fdatasync); above it, in a thread.
@@ -141,6 +144,7 @@ class ReplicationService:
         self._paused: trio.Event | None = None
         self._barriers = 0  # barriers waiting for the peer
         self._written = 0  # bytes written since the last barrier
+        self._refused_incremental = 0  # incremental resyncs in a row the peer refused
 
     # -- events and status
     def _emit(self, kind: str, /, **detail: Any) -> None:
@@ -382,6 +386,7 @@ class ReplicationService:
                     link.fail(f"no acknowledgement within {link.timeout:g} s (resync)")
                 n.cancel_scope.cancel()
             lasted = trio.current_time() - t_session
+            self._count_refused_incremental(link)
             await self._go_alone(link.lost_reason or "link closed")
             self._link = None
             # A secondary that fails every session within moments (its disk full: a short
@@ -389,6 +394,31 @@ class ReplicationService:
             # tight loop: back off until a session lasts.
             attempt = 0 if lasted >= STABLE_SESSION_S else attempt + 1
             await trio.sleep(transport.backoff(attempt))
+
+    def _count_refused_incremental(self, link: PrimaryLink) -> None:
+        """After a session: an incremental resync the secondary refused (it sent an error:
+        a record it could not apply) counts; FALLBACK_FULL_AFTER of them in a row make the
+        next resync full, loudly. A link lost otherwise (network) does not count."""
+        assert self._dirty is not None
+        if self._progress is None:  # the resync completed (or none started)
+            self._refused_incremental = 0
+            return
+        # (Not the state: "sync" begins with the final barrier, before the peer applied it.)
+        refused = (link.lost_reason or "").startswith("secondary error")
+        if self._dirty.state.lost or not refused:
+            return
+        self._refused_incremental += 1
+        if self._refused_incremental < FALLBACK_FULL_AFTER:
+            return
+        self._refused_incremental = 0
+        _, quarantine = self._resync_request or (False, False)
+        self._resync_request = (True, quarantine)
+        log.warning(
+            "replication %s: %d incremental resyncs in a row refused by the peer (last: %s);"
+            " the next one is full",
+            self.module.name, FALLBACK_FULL_AFTER, link.lost_reason,
+        )  # fmt: skip
+        self._emit("resync_fallback_full", attempts=FALLBACK_FULL_AFTER, reason=link.lost_reason)
 
     async def _session(self, link: PrimaryLink) -> None:
         assert self._dirty is not None
@@ -595,6 +625,7 @@ class ReplicationService:
                         addresses=addrs, port=self.settings.port, peer=self.peer, ctx=ctx,
                         key=self.key, handler=handler, task_status=task_status,
                         on_refused=lambda m: self._emit("link_refused", reason=m),
+                        on_rejected=self._rejected,
                     )
                 )  # fmt: skip
                 task_status.started()

@@ -247,6 +247,105 @@ async def connect(
     raise LinkLost("; ".join(errors) or "no address")
 
 
+# TLS handshakes in progress at once on the secondary's listener; more connections are
+# closed at once (counted): a flood of half-open handshakes cannot exhaust the process.
+MAX_HANDSHAKES = 4
+_LINK_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError)
+
+
+@dataclass
+class _Listener:
+    """The secondary's side of ``serve``: handshakes, then one session at a time."""
+
+    peer: str
+    ctx: ssl.SSLContext
+    key: bytes
+    handler: Callable[[Conn], Awaitable[None]]
+    on_refused: Callable[[str], None] | None
+    on_rejected: Callable[[str], None] | None
+    handshake_timeout: float
+    max_handshakes: int
+    current: list[trio.CancelScope] = field(default_factory=list)
+    session: trio.Lock = field(default_factory=trio.Lock)  # held by the one session running
+
+    def __post_init__(self) -> None:
+        self.handshakes = trio.Semaphore(self.max_handshakes)
+        self.busy = 0  # connections closed for the handshake limit
+        self._busy_logged = -math.inf
+
+    def refuse(self, msg: str) -> None:
+        log.warning("replication: %s", msg)
+        if self.on_refused:
+            self.on_refused(msg)
+
+    async def accept(self, tcp: trio.SocketStream) -> trio.SSLStream[Any] | None:
+        s = _tls(tcp, self.ctx, server_side=True)
+        where = "?"
+        try:
+            host, port_ = tcp.socket.getpeername()[:2]
+            where = f"{host}:{port_}"
+            with trio.fail_after(self.handshake_timeout):
+                await s.do_handshake()
+            _check_peer(s, self.peer)
+        except (trio.BrokenResourceError, trio.TooSlowError, ssl.SSLError, OSError) as e:
+            self.refuse(f"{where}: TLS handshake refused: {e.__cause__ or e!r}")
+            await tcp.aclose()
+            return None
+        except PeerRefused as e:
+            self.refuse(f"{where}: peer refused: {e}")
+            await s.aclose()
+            return None
+        return s
+
+    async def one(self, tcp: trio.SocketStream) -> None:
+        try:
+            self.handshakes.acquire_nowait()
+        except trio.WouldBlock:
+            # Counted each, logged at most once a second: a flood must not flood the log.
+            self.busy += 1
+            if self.on_rejected:
+                self.on_rejected("handshake_busy")
+            if time.monotonic() - self._busy_logged >= 1:
+                self._busy_logged = time.monotonic()
+                log.warning(
+                    "replication: %d handshakes in progress: connection closed (%d so far)",
+                    self.max_handshakes, self.busy,
+                )  # fmt: skip
+            await tcp.aclose()
+            return
+        try:
+            s = await self.accept(tcp)
+        finally:
+            self.handshakes.release()
+        if s is not None:
+            await self.run(Conn(s, self.key, self.peer))
+
+    async def run(self, conn: Conn) -> None:
+        for cs in self.current:
+            cs.cancel()
+        with trio.CancelScope() as cs:
+            self.current.append(cs)
+            try:
+                # The previous session has returned, its worker threads too, before this one
+                # starts: the old one's barrier cleared the new one's dirty set.
+                async with self.session:
+                    await self.handler(conn)
+            except* _LINK_ERRORS as eg:
+                # The primary went away mid-send (crashed, reset): this session ends, the
+                # listener stays for the next one (it used to take the whole process down).
+                log.warning(
+                    "replication: connection from %s broken: %r", self.peer, eg.exceptions[0]
+                )
+            except* Exception as eg:
+                # Whatever else went wrong ends this link, never the service.
+                log.exception("replication: session with %s failed", self.peer, exc_info=eg)
+                if self.on_rejected:
+                    self.on_rejected("session_error")
+            finally:
+                self.current.remove(cs)
+                await conn.aclose()
+
+
 async def serve(
     *,
     addresses: Sequence[str],
@@ -256,57 +355,26 @@ async def serve(
     key: bytes,
     handler: Callable[[Conn], Awaitable[None]],
     on_refused: Callable[[str], None] | None = None,
+    on_rejected: Callable[[str], None] | None = None,
     task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
     handshake_timeout: float = 5.0,
+    max_handshakes: int = MAX_HANDSHAKES,
 ) -> None:
     """Listen on every address; authenticate the peer; run ``handler`` for one connection at
-    a time (a new authenticated connection replaces the previous one)."""
+    a time: a new authenticated connection cancels the previous session and starts once it
+    has returned (its worker threads included), so two sessions never share the applier.
+    At most ``max_handshakes`` handshakes run at once. ``on_refused`` gets a message for
+    each refused connection; ``on_rejected`` a reason (counter) for connections closed for
+    the handshake limit and sessions that ended on an unexpected error."""
     listeners: list[trio.SocketListener] = []
     for a in addresses:
         listeners += await trio.open_tcp_listeners(port, host=a)
-    current: list[trio.CancelScope] = []
-
-    async def one(tcp: trio.SocketStream) -> None:
-        s = _tls(tcp, ctx, server_side=True)
-        where = "?"
-        try:
-            host, port_ = tcp.socket.getpeername()[:2]
-            where = f"{host}:{port_}"
-            with trio.fail_after(handshake_timeout):
-                await s.do_handshake()
-            _check_peer(s, peer)
-        except (trio.BrokenResourceError, trio.TooSlowError, ssl.SSLError, OSError) as e:
-            msg = f"{where}: TLS handshake refused: {e.__cause__ or e!r}"
-            log.warning("replication: %s", msg)
-            if on_refused:
-                on_refused(msg)
-            await tcp.aclose()
-            return
-        except PeerRefused as e:
-            msg = f"{where}: peer refused: {e}"
-            log.warning("replication: %s", msg)
-            if on_refused:
-                on_refused(msg)
-            await s.aclose()
-            return
-        for cs in current:
-            cs.cancel()
-        with trio.CancelScope() as cs:
-            current.append(cs)
-            conn = Conn(s, key, peer)
-            try:
-                await handler(conn)
-            except* (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError) as eg:
-                # The primary went away mid-send (crashed, reset): this session ends, the
-                # listener stays for the next one (it used to take the whole process down).
-                log.warning("replication: connection from %s broken: %r", where, eg.exceptions[0])
-            finally:
-                current.remove(cs)
-                await conn.aclose()
-
+    lst = _Listener(
+        peer, ctx, key, handler, on_refused, on_rejected, handshake_timeout, max_handshakes
+    )
     async with trio.open_nursery() as nursery:
         task_status.started(listeners)
-        await trio.serve_listeners(one, listeners, handler_nursery=nursery)
+        await trio.serve_listeners(lst.one, listeners, handler_nursery=nursery)
 
 
 # --------------------------------------------------------------------------- primary side
@@ -636,8 +704,23 @@ class SecondarySession:
             nursery.start_soon(reader)
             try:
                 await self._loop(recv_ch)
+            except Exception as e:
+                if _only(e, _LINK_ERRORS):
+                    raise  # the connection broke: the listener logs it
+                # Anything else (a control handler's RecursionError, a checkpoint's EIO) is
+                # a link failure: counted, told to the primary, the session ends.
+                log.exception("replication: session with %s failed", self.conn.peer, exc_info=e)
+                self._reject("session_error")
+                await self._send_error(f"session failed: {e!r}")
             finally:
                 nursery.cancel_scope.cancel()
+
+    async def _send_error(self, msg: str) -> None:
+        """Best effort: the primary drops the link on it (it would on the close anyway)."""
+        with trio.move_on_after(1), contextlib.suppress(*_LINK_ERRORS, OSError):
+            await self.conn.send(
+                encode_frame(Kind.ERROR, json.dumps({"error": msg}).encode(), self.conn.key)
+            )
 
     def _reject(self, reason: str) -> None:
         log.warning("replication: dropping connection from %s: %s", self.conn.peer, reason)
@@ -777,7 +860,9 @@ class SecondarySession:
             else:
                 self.apply(rec)
         except (OSError, ValueError) as e:
+            # ValueError: the applier's refusal (RecordRefused, a delta out of sequence).
             log.warning("replication: cannot apply %s %r: %s", rec.op.name, rec.path, e)
+            self._reject("apply_failed" if isinstance(e, OSError) else "apply_refused")
             err = json.dumps({"error": f"{rec.op.name} {rec.path!r}: {e}"}).encode()
             await self.conn.send(encode_frame(Kind.ERROR, err, self.conn.key))
             return False
@@ -797,6 +882,14 @@ class SecondarySession:
         ):
             await self._ack()
         return True
+
+
+def _only(e: BaseException, types: tuple[type[BaseException], ...]) -> bool:
+    """``e`` is one of ``types``, or a group of nothing else."""
+    if isinstance(e, BaseExceptionGroup):
+        _, rest = e.split(types)
+        return rest is None
+    return isinstance(e, types)
 
 
 def _heavy(rec: Record) -> bool:
