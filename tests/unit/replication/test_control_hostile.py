@@ -1,0 +1,450 @@
+"""The secondary's control handlers against a copy its peer made hostile.
+
+The peer writes the secondary's backing directory: it can plant symlinked directories
+(``a -> /etc``), FIFOs, 10 000-level trees, names that are not UTF-8, and send control
+requests with any fields. Whatever it does, the real handler (``ReplicationService._control``
+with a real ``Applier``) reads and writes nothing outside the backing root, answers every
+request with a well-formed reply, and never raises.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ha_runtime.config import (
+    ClusterConfig,
+    HeartbeatSpec,
+    ModuleConfig,
+    NodeSpec,
+    RestartPolicy,
+    ScriptsSpec,
+    TlsSpec,
+)
+from ha_runtime.replication import beneath, resync
+from ha_runtime.replication import delta as D
+from ha_runtime.replication.applier import Applier
+from ha_runtime.replication.journal import DELTA_MORE, Op, Record
+from ha_runtime.replication.service import ReplicationService, ReplicationSettings
+
+SECRET = b"SECRET-outside-the-replica-4f1d"
+
+
+class Setup:
+    """A secondary's service and applier on a tmp dir, and a sentinel tree outside it."""
+
+    def __init__(self, tmp: Path) -> None:
+        nodes = (NodeSpec("node1", {"lan": "127.0.0.1"}), NodeSpec("node2", {"lan": "127.0.0.1"}))
+        cluster = ClusterConfig(
+            path=tmp / "c.yml", node="node2", nodes=nodes, heartbeat_port=7440,
+            site_key=tmp / "key", tls=TlsSpec(tmp / "ca", tmp / "crt", tmp / "k"),
+            api_socket=tmp / "s", metrics_address=None, state_dir=tmp / "state",
+            modules_dir=tmp,
+        )  # fmt: skip
+        module = ModuleConfig(
+            path=tmp / "m.yml", name="demo", type="mirror", nodes=("node1", "node2"),
+            default_primary="node1", failback="manual", vip=None, heartbeat=HeartbeatSpec(),
+            witness=(), scripts=ScriptsSpec(), checkers=(), restart_policy=RestartPolicy(),
+            replicated_dirs=(tmp / "app",),
+        )  # fmt: skip
+        settings = ReplicationSettings(backing_root=tmp / "replica", site_key=b"k" * 48)
+        self.events: list[Any] = []
+        self.svc = ReplicationService(module, cluster, settings, on_event=self.events.append)
+        self.svc.backing.mkdir(parents=True)
+        self.backing = self.svc.backing
+        self.applier = Applier(self.backing)
+        self.outside = tmp / "outside"
+        (self.outside / "target").mkdir(parents=True)
+        (self.outside / "secret").write_bytes(SECRET)
+        (self.outside / "target" / "secret").write_bytes(SECRET)
+        self.before = self.sentinel()
+
+    def sentinel(self) -> dict[str, tuple[int, int, bytes]]:
+        out = {".": (os.lstat(self.outside).st_mtime_ns, 0, b"")}
+        for dirpath, dirs, files in os.walk(self.outside):
+            for n in dirs + files:
+                p = Path(dirpath, n)
+                s = p.lstat()
+                data = p.read_bytes() if stat.S_ISREG(s.st_mode) else b""
+                out[str(p.relative_to(self.outside))] = (s.st_mtime_ns, s.st_mode, data)
+        return out
+
+    def control(self, obj: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
+        reply, body = trio.run(self.svc._control, self.applier, obj)
+        # Well-formed: a dict the transport can encode (JSON), bytes for the body.
+        assert isinstance(reply, dict) and isinstance(body, bytes)
+        json.dumps(reply)
+        assert SECRET not in json.dumps(reply).encode() and SECRET not in body
+        return reply, body
+
+    def check_outside(self) -> None:
+        assert self.sentinel() == self.before
+        # Nothing copied out of the sentinel into the quarantine either.
+        # (grep -r: no symlink followed, no recursion limit on a deep quarantine)
+        q = self.svc.quarantine_root
+        if q.exists():
+            found = subprocess.run(["grep", "-rlF", SECRET.decode(), str(q)],
+                                   capture_output=True, check=False)  # fmt: skip
+            assert found.returncode == 1, found.stdout
+
+    def close(self) -> None:
+        self.applier.close()
+
+
+@pytest.fixture
+def s(tmp_path: Path) -> Any:
+    setup = Setup(tmp_path)
+    yield setup
+    setup.close()
+
+
+def test_quarantine_never_reads_through_a_symlinked_directory(s: Setup) -> None:
+    (s.backing / "a").symlink_to(s.outside)
+    (s.backing / "b").symlink_to(s.outside / "target")
+    (s.backing / "real").mkdir()
+    (s.backing / "real" / "f").write_bytes(b"ours")
+    reply, _ = s.control({"op": "quarantine", "paths": ["a/secret", "b", "b/secret", "a/target",
+                                                         "real", "real/f"]})  # fmt: skip
+    dest = Path(reply["directory"])
+    s.check_outside()
+    # The symlink itself is kept (as a symlink), the real file is copied.
+    assert os.readlink(dest / "b") == str(s.outside / "target")
+    assert (dest / "real" / "f").read_bytes() == b"ours"
+    assert not (dest / "a").exists() or (dest / "a").is_symlink()
+
+
+def test_quarantine_never_writes_through_a_copied_symlink(s: Setup) -> None:
+    # "l" is copied first (as a symlink to the sentinel), then "l/secret": resolved in the
+    # quarantine through that symlink, the copy would land outside.
+    (s.backing / "l").symlink_to(s.outside / "target")
+    reply, _ = s.control({"op": "quarantine", "paths": ["l", "l/secret", "l/new"]})
+    s.check_outside()
+    assert not (s.outside / "target" / "new").exists()
+    assert os.listdir(reply["directory"]) == ["l"]
+    assert os.readlink(Path(reply["directory"], "l")) == str(s.outside / "target")
+
+
+def test_sig_and_digest_never_read_through_a_symlinked_directory(s: Setup) -> None:
+    (s.backing / "a").symlink_to(s.outside)
+    reply, body = s.control({"op": "sig", "path": "a/secret"})
+    assert "error" in reply and body == b""
+    reply, _ = s.control({"op": "digest", "paths": ["a/secret", "a/target/secret", "a"]})
+    assert set(reply["digests"]) <= {"a"}
+    assert reply["digests"].get("a", "l:").startswith("l:")
+    reply, _ = s.control({"op": "digest"})
+    assert list(reply["digests"]) == ["a"]
+    reply, _ = s.control({"op": "list", "paths": ["a/target", "a/secret", "a"]})
+    assert list(reply["tree"]) == ["a"]
+    s.check_outside()
+
+
+def test_sig_of_a_fifo_answers_at_once(s: Setup) -> None:
+    os.mkfifo(s.backing / "fifo")
+    reply, body = s.control({"op": "sig", "path": "fifo"})
+    assert "error" in reply and body == b""
+    reply, _ = s.control({"op": "digest", "paths": ["fifo"]})
+    assert reply["digests"]["fifo"].startswith("m:")
+
+
+def test_delta_over_a_fifo_does_not_block_the_applier(tmp_path: Path) -> None:
+    root = tmp_path / "r"
+    root.mkdir()
+    os.mkfifo(root / "f")
+    applier = Applier(root)
+    d = D.delta(D.signature(b""), b"new content")
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            applier.apply(Record(1, Op.DELTA, b"f", data=d.encode()))
+        except OSError as e:
+            failed.append(e)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(5)
+    blocked = t.is_alive()
+    if blocked:  # release the worker: a writer opens the FIFO
+        os.close(os.open(root / "f", os.O_WRONLY | os.O_NONBLOCK))
+        t.join(5)
+    applier.close()
+    assert not blocked, "a FIFO as the delta's basis blocked the applier"
+
+
+def test_temp_file_never_replaces_an_application_file(tmp_path: Path) -> None:
+    root = tmp_path / "r"
+    root.mkdir()
+    (root / "f").write_bytes(b"old")
+    (root / ".hapair-tmp.f").write_bytes(b"the application's own file")
+    applier = Applier(root)
+    applier.apply(Record(1, Op.REPLACE, b"f", data=b"new"))
+    d = D.delta(D.signature(b"new"), b"newer and longer")
+    applier.apply(Record(2, Op.DELTA, b"f", flags=DELTA_MORE, data=d.encode()))
+    assert (root / ".hapair-tmp.f").read_bytes() == b"the application's own file"
+    # A delta left half-way (the primary went away) leaves nothing in the tree.
+    assert sorted(resync.list_tree(root)) == [".hapair-tmp.f", "f"]
+    assert sorted(os.listdir(root)) == [".hapair-tmp.f", "f"]
+    applier.apply(Record(3, Op.DELTA, b"f", data=d.encode()))
+    applier.barrier()
+    applier.close()
+    assert (root / "f").read_bytes() == b"newer and longer"
+    assert sorted(os.listdir(root)) == [".hapair-tmp.f", "f"]
+
+
+def test_a_replace_after_a_delta_cut_short_is_the_whole_file(tmp_path: Path) -> None:
+    # A full resync cut short after a first delta piece; the next one sends the (now small)
+    # file whole: it must not land after the abandoned piece's output.
+    root = tmp_path / "r"
+    root.mkdir()
+    (root / "f").write_bytes(b"old")
+    applier = Applier(root)
+    d = D.delta(D.signature(b"old"), b"newer and longer")
+    applier.apply(Record(1, Op.DELTA, b"f", flags=DELTA_MORE, data=d.encode()))
+    applier.apply(Record(2, Op.CREATE, b"f", mode=0o100644))
+    applier.apply(Record(3, Op.REPLACE, b"f", data=b"final"))
+    applier.barrier()
+    applier.close()
+    assert (root / "f").read_bytes() == b"final"
+
+
+BAD_REQUESTS: list[dict[str, Any]] = [
+    {},
+    {"op": None},
+    {"op": ["hello"]},
+    {"op": "hello"},
+    {"op": "hello", "module": {"x": [1] * 1000}},
+    {"op": "in_sync"},
+    {"op": "in_sync", "generation": {"a": 1}},
+    {"op": "in_sync", "generation": "0" * 100_000},
+    {"op": "in_sync", "generation": "../../etc\n"},
+    {"op": "list", "paths": "abc"},
+    {"op": "list", "paths": [None, 1, {"a": 1}, "..", "/etc", "a/../..", "a\x00b", "x" * 5000]},
+    {"op": "list", "paths": ["\udcff\udcfe", "\ud800"]},
+    {"op": "digest", "paths": 7},
+    {"op": "digest", "paths": [["nested"], "..", "/", "", "\ud800", "a/" * 3000]},
+    {"op": "digest", "paths": ["x"] * 100_000},
+    {"op": "sig"},
+    {"op": "sig", "path": None},
+    {"op": "sig", "path": ["a"]},
+    {"op": "sig", "path": "/etc/passwd"},
+    {"op": "sig", "path": "../outside/secret"},
+    {"op": "sig", "path": "\ud800"},
+    {"op": "sig", "path": "a\x00"},
+    {"op": "quarantine"},
+    {"op": "quarantine", "paths": 5},
+    {"op": "quarantine", "paths": "abc"},
+    {"op": "quarantine", "paths": [None, "..", "/etc/passwd", "\ud800", "a\x00", 3]},
+    {"op": "nope"},
+]
+
+
+@pytest.mark.parametrize("obj", BAD_REQUESTS, ids=range(len(BAD_REQUESTS)))
+def test_hostile_requests_get_a_reply_never_an_exception(s: Setup, obj: dict[str, Any]) -> None:
+    (s.backing / "a").symlink_to(s.outside)
+    s.control(obj)
+    s.check_outside()
+    # An in_sync that was refused wrote no marker.
+    if obj.get("op") == "in_sync":
+        assert not s.svc.synced_path.exists()
+
+
+def _deep(root: Path, levels: int) -> None:
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(levels):
+            os.mkdir("d", dir_fd=fd)
+            nfd = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+        os.close(os.open("leaf", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd))
+    finally:
+        os.close(fd)
+
+
+def _rm_deep(p: Path) -> None:
+    """Remove trees holding chains of "d" directories: pytest's own clean-up recurses
+    (RecursionError on such a tree) and rm takes seconds; cut into short chains first."""
+    for dirpath, dirs, _ in os.walk(p):
+        if "d" in dirs:
+            _cut_chain(Path(dirpath))
+            dirs.clear()
+    subprocess.run(["rm", "-rf", "--", str(p)], check=True)
+
+
+def _cut_chain(top: Path) -> None:
+    top_fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+    fd = os.dup(top_fd)
+    level = 0
+    try:
+        while True:
+            try:
+                nfd = os.open("d", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            except (FileNotFoundError, NotADirectoryError):
+                break
+            level += 1
+            if level % 200 == 0:
+                os.rename("d", f"cut{level}", src_dir_fd=fd, dst_dir_fd=top_fd)
+            os.close(fd)
+            fd = nfd
+    finally:
+        os.close(fd)
+        os.close(top_fd)
+
+
+def test_a_10000_level_tree_is_answered(s: Setup, tmp_path: Path) -> None:
+    try:
+        _a_10000_level_tree_is_answered(s)
+    finally:
+        _rm_deep(tmp_path / "replica")
+
+
+def _a_10000_level_tree_is_answered(s: Setup) -> None:
+    _deep(s.backing, 10_000)
+    for obj in ({"op": "list"}, {"op": "digest"}, {"op": "quarantine", "paths": ["d"]},
+                {"op": "list", "paths": ["d"]}):  # fmt: skip
+        reply, _ = s.control(obj)
+        assert "error" not in reply, reply
+    reply, _ = s.control({"op": "list"})
+    # Only what a record can name (MAX_PATH) is listed: 2048 levels of "d/".
+    assert max(len(p) for p in reply["tree"]) <= 4096
+    assert len(reply["tree"]) == 2048
+    s.check_outside()
+
+
+@pytest.mark.parametrize("keep", [1, 2, 64])
+def test_walk_with_few_descriptors_sees_what_os_walk_sees(tmp_path: Path, keep: int) -> None:
+    root = tmp_path / "r"
+    for p in ("a/b/c/d", "a/b/x", "a/y/z", "e", "a/b/c/d/e/f"):
+        (root / p).mkdir(parents=True)
+        (root / p / "file").write_bytes(b"x")
+    (root / "a" / "link").symlink_to(tmp_path)
+    expected = set()
+    for dirpath, dirs, files in os.walk(root):
+        for n in dirs + files:
+            expected.add(os.fsencode(Path(dirpath, n).relative_to(root)))
+    before = len(os.listdir("/proc/self/fd"))
+    rfd = os.open(root, beneath.DIR_FLAGS)
+    try:
+        seen = set()
+        for rel, st_, dfd, name in beneath.walk(rfd, keep=keep):
+            seen.add(rel)
+            assert os.stat(name, dir_fd=dfd, follow_symlinks=False).st_ino == st_.st_ino
+            assert len(os.listdir("/proc/self/fd")) <= before + keep + 2
+        assert seen == expected
+        # A lookup going back up and down again reopens what it closed.
+        dp = beneath.DirPath(rfd, keep)
+        for rel in (b"a/b/c/d/e/f", b"a/y/z", b"a/b/c/d/e/f", b"a/b", b"", b"a/b/c"):
+            assert os.fstat(dp.fd(rel)).st_ino == os.stat(root / os.fsdecode(rel)).st_ino
+        with pytest.raises(NotADirectoryError):
+            dp.fd(b"a/link")
+        dp.close()
+    finally:
+        os.close(rfd)
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
+# --------------------------------------------------------------------------- hypothesis
+
+NAMES = st.sampled_from(
+    [b"a", b"b", b"d", b"\xff\xfe", b"caf\xc3\xa9", b" ", b"-n", b".hidden", b"x" * 255,
+     b"new\nline", b".hapair-tmp.a"]
+)  # fmt: skip
+KINDS = st.sampled_from(["file", "dir", "link_out", "link_out_dir", "link_in", "fifo", "deep"])
+TREE = st.lists(st.tuples(st.lists(NAMES, min_size=1, max_size=3), KINDS), max_size=12)
+IDS = st.sampled_from([0, 1, 65534, 2**31 - 1, 2**31, 2**32 - 2])
+
+
+def _build(s: Setup, tree: list[tuple[list[bytes], str]], uid: int) -> list[bytes]:
+    base = os.fsencode(s.backing)
+    made: list[bytes] = []
+    for parts, kind in tree:
+        rel = b"/".join(parts)
+        p = base + b"/" + rel
+        if not _real_dirs(base, parts[:-1]) or os.path.lexists(p):
+            continue  # only build inside real directories: never touch the sentinel
+        if kind == "file":
+            with open(p, "wb") as f:
+                f.write(b"data " + rel)
+        elif kind == "dir":
+            os.mkdir(p)
+        elif kind == "link_out":
+            os.symlink(os.fsencode(s.outside / "secret"), p)
+        elif kind == "link_out_dir":
+            os.symlink(os.fsencode(s.outside), p)
+        elif kind == "link_in":
+            os.symlink(b"../" * 3 + b"a", p)
+        elif kind == "fifo":
+            os.mkfifo(p)
+        else:
+            os.mkdir(p)
+            _deep(Path(os.fsdecode(p)), 40)
+        os.chown(p, uid, uid, follow_symlinks=False)
+        made.append(rel)
+    return made
+
+
+def _real_dirs(base: bytes, parts: list[bytes]) -> bool:
+    """Make the directories ``parts`` under base where missing; False if one of them is
+    something else (a symlink above all: the sentinel is never built into)."""
+    p = base
+    for c in parts:
+        p += b"/" + c
+        if not os.path.lexists(p):
+            os.mkdir(p)
+        elif os.path.islink(p) or not os.path.isdir(p):
+            return False
+    return True
+
+
+REQUEST = st.sampled_from(["sig", "digest", "digest_paths", "list", "list_paths", "quarantine",
+                           "in_sync", "hello"])  # fmt: skip
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="odd owners need root")
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(tree=TREE, uid=IDS, requests=st.lists(REQUEST, min_size=1, max_size=4),
+       extra=st.lists(NAMES, max_size=3))  # fmt: skip
+def test_every_handler_on_hostile_trees(
+    tmp_path_factory: pytest.TempPathFactory, tree: list[tuple[list[bytes], str]], uid: int,
+    requests: list[str], extra: list[bytes],
+) -> None:  # fmt: skip
+    s = Setup(tmp_path_factory.mktemp("h"))
+    try:
+        made = _build(s, tree, uid)
+        # Paths through every link: "link/secret", "link/target/secret" and friends.
+        paths = [os.fsdecode(p) for p in made]
+        paths += [os.fsdecode(p + b"/" + t) for p in made for t in (b"secret", b"target/secret")]
+        paths += [os.fsdecode(b"/".join(extra))] if extra else []
+        for r in requests:
+            if r == "sig":
+                for p in paths[:8]:
+                    s.control({"op": "sig", "path": p})
+            elif r == "digest":
+                s.control({"op": "digest"})
+            elif r == "digest_paths":
+                s.control({"op": "digest", "paths": paths})
+            elif r == "list":
+                reply, _ = s.control({"op": "list"})
+                assert set(reply["tree"]) >= {os.fsdecode(p) for p in made}
+            elif r == "list_paths":
+                s.control({"op": "list", "paths": paths})
+            elif r == "quarantine":
+                s.control({"op": "quarantine", "paths": paths})
+            elif r == "in_sync":
+                s.control({"op": "in_sync", "generation": "00000000000000ab"})
+            else:
+                reply, _ = s.control({"op": "hello", "module": "demo"})
+                assert reply["module"] == "demo"
+        s.check_outside()
+    finally:
+        s.close()
