@@ -217,6 +217,94 @@ def test_a_replace_after_a_delta_cut_short_is_the_whole_file(tmp_path: Path) -> 
     assert (root / "f").read_bytes() == b"final"
 
 
+@pytest.fixture(params=["openat2", "components"])
+def resolver(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both ways ``beneath`` resolves a path: openat2, and the component walk of kernels
+    without it."""
+    if request.param == "components":
+        monkeypatch.setattr(beneath, "_have_openat2", False)
+    return str(request.param)
+
+
+def test_open_dir_refuses_symlinks_and_dots_either_way(tmp_path: Path, resolver: str) -> None:
+    root = tmp_path / "r"
+    (root / "a" / "b").mkdir(parents=True)
+    (root / "a" / "l").symlink_to(root / "a" / "b")
+    (root / "a" / "f").write_bytes(b"")
+    deep = b"/".join([b"x" * 200] * 25)  # longer than PATH_MAX: openat2 cannot
+    os.makedirs(os.fsencode(root) + b"/" + deep[:3000])
+    rfd = os.open(root, beneath.DIR_FLAGS)
+    try:
+        if resolver == "openat2":  # this kernel has it: the one-syscall path is the one tested
+            fd2 = beneath._openat2_dir(rfd, b"a/b")
+            assert fd2 is not None
+            os.close(fd2)
+        fd = beneath.open_dir(rfd, b"a/b")
+        assert os.fstat(fd).st_ino == os.stat(root / "a" / "b").st_ino
+        os.close(fd)
+        for bad in (b"a/l", b"a/l/x", b"a/f"):
+            with pytest.raises(NotADirectoryError):
+                beneath.open_dir(rfd, bad)
+        for unsafe in (b"..", b"a/../..", b"/etc", b"a/./b", b"a//b", b"a\0b"):
+            with pytest.raises(beneath.UnsafePath):
+                beneath.open_dir(rfd, unsafe)
+        with pytest.raises(FileNotFoundError):
+            beneath.open_dir(rfd, b"a/missing")
+        pfd, name = beneath.open_parent(rfd, b"a/b/c")
+        assert name == b"c" and os.fstat(pfd).st_ino == os.stat(root / "a" / "b").st_ino
+        os.close(pfd)
+        # A path no record can name (over 4096 bytes) is refused; one just under it opens.
+        with pytest.raises(beneath.UnsafePath):
+            beneath.open_dir(rfd, deep)
+        fd = beneath.open_dir(rfd, deep[: deep.rfind(b"/", 0, 3000)])
+        os.close(fd)
+        # Exactly 4096 bytes: a record can name it, openat2 cannot (PATH_MAX counts the NUL).
+        longest = [bytes([0x61 + i]) * 240 for i in range(17)]
+        fd = os.dup(rfd)
+        for c in longest:
+            os.mkdir(c, dir_fd=fd)
+            nfd = os.open(c, beneath.DIR_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+        ino = os.fstat(fd).st_ino
+        os.close(fd)
+        rel = b"/".join(longest)
+        assert len(rel) == 4096
+        assert beneath._openat2_dir(rfd, rel) is None  # ENAMETOOLONG: the component walk
+        fd = beneath.open_dir(rfd, rel)
+        assert os.fstat(fd).st_ino == ino
+        os.close(fd)
+    finally:
+        os.close(rfd)
+
+
+def test_temp_files_on_a_backing_root_of_its_own(tmp_path: Path) -> None:
+    # A root that is a mount point has no staging directory on its file system: the name
+    # is taken in the file's own directory, exclusively, and nothing is left behind.
+    root = tmp_path / "r"
+    root.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(root)],
+                      check=False).returncode:  # fmt: skip
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        (root / "f").write_bytes(b"old")
+        (root / ".hapair-tmp.f").write_bytes(b"app")
+        applier = Applier(root)
+        assert applier._staging.dir_fd is None
+        d = D.delta(D.signature(b"old"), b"old and new")
+        applier.apply(Record(1, Op.DELTA, b"f", flags=DELTA_MORE, data=d.encode()))
+        assert sorted(os.listdir(root)) == [".hapair-tmp.f", "f"]
+        applier.apply(Record(2, Op.DELTA, b"f", data=d.encode()))
+        applier.apply(Record(3, Op.REPLACE, b"g", data=b"g"))
+        applier.barrier()
+        applier.close()
+        assert (root / "f").read_bytes() == b"old and new"
+        assert (root / ".hapair-tmp.f").read_bytes() == b"app"
+        assert sorted(os.listdir(root)) == [".hapair-tmp.f", "f", "g"]
+    finally:
+        subprocess.run(["umount", str(root)], check=True)
+
+
 BAD_REQUESTS: list[dict[str, Any]] = [
     {},
     {"op": None},
