@@ -125,6 +125,11 @@ def _copy_file(sfd: int, name: bytes, dfd: int, st: os.stat_result) -> None:
             os.fchown(out, st.st_uid, st.st_gid)
             os.fchmod(out, stat.S_IMODE(st.st_mode))
             os.utime(out, ns=(st.st_atime_ns, st.st_mtime_ns))
+        except BaseException:
+            # No part of a file in the quarantine: the operator would take it for the file.
+            with contextlib.suppress(OSError):
+                os.unlink(name, dir_fd=dfd)
+            raise
         finally:
             os.close(out)
     finally:

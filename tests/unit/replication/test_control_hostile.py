@@ -134,6 +134,25 @@ def test_quarantine_never_writes_through_a_copied_symlink(s: Setup) -> None:
     assert os.readlink(Path(reply["directory"], "l")) == str(s.outside / "target")
 
 
+def test_a_quarantine_that_cannot_save_everything_says_so(s: Setup) -> None:
+    # The primary must not overwrite what its peer could not put aside (here: disk full).
+    q = s.svc.quarantine_root
+    q.mkdir(parents=True)
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(q)],
+                      check=False).returncode:  # fmt: skip
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        (s.backing / "big").write_bytes(os.urandom(3 << 20))
+        (s.backing / "small").write_bytes(b"small")
+        reply, _ = s.control({"op": "quarantine", "paths": ["small", "big"]})
+        assert "error" in reply and "big" in reply["error"], reply
+        assert reply["copied"] == 1
+        assert Path(reply["directory"], "small").read_bytes() == b"small"
+        assert not Path(reply["directory"], "big").exists()  # no part of it
+    finally:
+        subprocess.run(["umount", str(q)], check=True)
+
+
 def test_sig_and_digest_never_read_through_a_symlinked_directory(s: Setup) -> None:
     (s.backing / "a").symlink_to(s.outside)
     reply, body = s.control({"op": "sig", "path": "a/secret"})
@@ -441,6 +460,43 @@ def test_walk_with_few_descriptors_sees_what_os_walk_sees(tmp_path: Path, keep: 
     assert len(os.listdir("/proc/self/fd")) == before
 
 
+def test_a_directory_swapped_for_a_symlink_during_the_requests(s: Setup) -> None:
+    """A peer's records keep replacing directory "a" (holding a file) by a symlink out of
+    the tree and back while the handlers walk and read it: whatever they see, they never
+    read, list or copy anything of the sentinel."""
+    a, old = s.backing / "a", s.backing / "a.real"
+    old.mkdir()
+    for i in range(20):
+        (old / f"f{i}").write_bytes(b"inside")
+    stop = threading.Event()
+    swaps = [0]
+
+    def swapper() -> None:
+        while not stop.is_set():
+            old.rename(a)
+            a.rename(old)
+            a.symlink_to(s.outside)
+            a.unlink()
+            swaps[0] += 1
+
+    t = threading.Thread(target=swapper)
+    t.start()
+    try:
+        for _ in range(30):
+            for obj in ({"op": "list"}, {"op": "digest"},
+                        {"op": "digest", "paths": ["a/f1", "a/secret", "a/target/secret"]},
+                        {"op": "sig", "path": "a/secret"}, {"op": "list", "paths": ["a"]},
+                        {"op": "quarantine", "paths": ["a", "a/secret", "a/f1"]}):  # fmt: skip
+                reply, _ = s.control(obj)
+                assert not any("secret" in k for k in reply.get("tree", {}))
+                assert not any("secret" in k for k in reply.get("digests", {}))
+    finally:
+        stop.set()
+        t.join()
+    assert swaps[0] > 0
+    s.check_outside()
+
+
 # --------------------------------------------------------------------------- hypothesis
 
 NAMES = st.sampled_from(
@@ -495,7 +551,29 @@ def _real_dirs(base: bytes, parts: list[bytes]) -> bool:
 
 
 REQUEST = st.sampled_from(["sig", "digest", "digest_paths", "list", "list_paths", "quarantine",
-                           "in_sync", "hello"])  # fmt: skip
+                           "in_sync", "hello", "retype"])  # fmt: skip
+
+
+def _retype(s: Setup, made: list[bytes]) -> None:
+    """Change the type of what was built (as a peer's records would): a directory becomes
+    a symlink out of the tree, a file a directory, anything else a file."""
+    base = os.fsencode(s.backing)
+    for rel in made:
+        p = base + b"/" + rel
+        try:
+            st_ = os.lstat(p)
+        except OSError:
+            continue  # under something retyped already
+        if stat.S_ISDIR(st_.st_mode):
+            os.rename(p, p + b".old")
+            os.symlink(os.fsencode(s.outside), p)
+        elif stat.S_ISREG(st_.st_mode):
+            os.unlink(p)
+            os.mkdir(p)
+        else:
+            os.unlink(p)
+            with open(p, "wb") as f:
+                f.write(b"retyped")
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="odd owners need root")
@@ -523,13 +601,16 @@ def test_every_handler_on_hostile_trees(
                 s.control({"op": "digest", "paths": paths})
             elif r == "list":
                 reply, _ = s.control({"op": "list"})
-                assert set(reply["tree"]) >= {os.fsdecode(p) for p in made}
+                if "retype" not in requests:
+                    assert set(reply["tree"]) >= {os.fsdecode(p) for p in made}
             elif r == "list_paths":
                 s.control({"op": "list", "paths": paths})
             elif r == "quarantine":
                 s.control({"op": "quarantine", "paths": paths})
             elif r == "in_sync":
                 s.control({"op": "in_sync", "generation": "00000000000000ab"})
+            elif r == "retype":
+                _retype(s, made)
             else:
                 reply, _ = s.control({"op": "hello", "module": "demo"})
                 assert reply["module"] == "demo"
