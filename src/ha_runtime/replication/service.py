@@ -732,7 +732,10 @@ _BRIEF = 120  # characters of a peer's value quoted in an error
 
 def _brief(v: Any) -> str:
     """A peer's value quoted in a log line or error reply, bounded."""
-    r = repr(v) if not isinstance(v, BaseException) else str(v)
+    try:
+        r = repr(v) if not isinstance(v, BaseException) else str(v)
+    except RecursionError:  # a list nested 10 000 deep
+        r = f"<deeply nested {type(v).__name__}>"
     return r if len(r) <= _BRIEF else r[:_BRIEF] + "..."
 
 

@@ -14,6 +14,7 @@ import os
 import stat
 import subprocess
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -324,7 +325,18 @@ def test_temp_files_on_a_backing_root_of_its_own(tmp_path: Path) -> None:
         subprocess.run(["umount", str(root)], check=True)
 
 
+def _nested(levels: int) -> list[Any]:
+    v: list[Any] = []
+    for _ in range(levels):
+        v = [v]
+    return v
+
+
 BAD_REQUESTS: list[dict[str, Any]] = [
+    {"op": _nested(10_000)},
+    {"op": "hello", "module": _nested(10_000)},
+    {"op": "list", "paths": _nested(10_000)},
+    {"op": "in_sync", "generation": _nested(10_000)},
     {},
     {"op": None},
     {"op": ["hello"]},
@@ -558,14 +570,14 @@ def _retype(s: Setup, made: list[bytes]) -> None:
     """Change the type of what was built (as a peer's records would): a directory becomes
     a symlink out of the tree, a file a directory, anything else a file."""
     base = os.fsencode(s.backing)
-    for rel in made:
+    for i, rel in enumerate(made):
         p = base + b"/" + rel
         try:
             st_ = os.lstat(p)
         except OSError:
             continue  # under something retyped already
         if stat.S_ISDIR(st_.st_mode):
-            os.rename(p, p + b".old")
+            os.rename(p, base + b"/old%d.%d" % (i, time.monotonic_ns()))
             os.symlink(os.fsencode(s.outside), p)
         elif stat.S_ISREG(st_.st_mode):
             os.unlink(p)
@@ -614,6 +626,40 @@ def test_every_handler_on_hostile_trees(
             else:
                 reply, _ = s.control({"op": "hello", "module": "demo"})
                 assert reply["module"] == "demo"
+        s.check_outside()
+    finally:
+        s.close()
+
+
+ODD = ["/", "..", ".", "a/../b", "\x00", "\udcff\udcfe", "\ud800", "a", "d/f", "a/secret"]
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False)
+    | st.text(max_size=30) | st.sampled_from(ODD),
+    lambda inner: st.lists(inner, max_size=4)
+    | st.dictionaries(st.text(max_size=5), inner, max_size=4),
+    max_leaves=20,
+)  # fmt: skip
+OPS = st.sampled_from(["hello", "in_sync", "list", "digest", "sig", "quarantine"]) | JSON
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    op=OPS,
+    fields=st.dictionaries(
+        st.sampled_from(["path", "paths", "module", "generation", "untagged"]), JSON
+    ),
+)
+def test_any_request_gets_a_well_formed_reply(
+    tmp_path_factory: pytest.TempPathFactory, op: Any, fields: dict[str, Any]
+) -> None:  # fmt: skip
+    s = Setup(tmp_path_factory.mktemp("r"))
+    try:
+        (s.backing / "a").symlink_to(s.outside)
+        (s.backing / "d").mkdir()
+        (s.backing / "d" / "f").write_bytes(b"inside")
+        reply, _ = s.control({"op": op, **fields})
+        if op not in ("hello", "list", "digest", "sig", "quarantine", "in_sync"):
+            assert "error" in reply
         s.check_outside()
     finally:
         s.close()
