@@ -81,8 +81,10 @@ class Applier:
         self._in_place: dict[bytes, int] = {}  # path -> where its in-place delta's next piece goes
 
     def close(self) -> None:
-        for fd in list(self._files.values()) + self._pending + list(self._deltas.values()):
+        for fd in list(self._files.values()) + self._pending:
             os.close(fd)
+        for fd in self._deltas.values():
+            self._staging.discard(fd)
         self._files.clear()
         self._pending.clear()
         self._deltas.clear()
@@ -477,7 +479,7 @@ class Applier:
     def _abandon_delta(self, path: bytes) -> None:
         fd = self._deltas.pop(path, None)
         if fd is not None:
-            os.close(fd)
+            self._staging.discard(fd)
 
     def _op_replace(self, r: Record) -> None:
         self._abandon_delta(r.path)  # a delta cut short: this is the whole file, not a piece

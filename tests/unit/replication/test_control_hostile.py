@@ -201,12 +201,15 @@ def test_delta_over_a_fifo_does_not_block_the_applier(tmp_path: Path) -> None:
     assert not blocked, "a FIFO as the delta's basis blocked the applier"
 
 
-def test_temp_file_never_replaces_an_application_file(tmp_path: Path) -> None:
+@pytest.mark.parametrize("tmpfile", [True, False], ids=["O_TMPFILE", "named"])
+def test_temp_file_never_replaces_an_application_file(tmp_path: Path, tmpfile: bool) -> None:
+    # named: a file system without O_TMPFILE (the name is taken in the staging directory)
     root = tmp_path / "r"
     root.mkdir()
     (root / "f").write_bytes(b"old")
     (root / ".hapair-tmp.f").write_bytes(b"the application's own file")
     applier = Applier(root)
+    applier._staging.tmpfile = tmpfile
     applier.apply(Record(1, Op.REPLACE, b"f", data=b"new"))
     d = D.delta(D.signature(b"new"), b"newer and longer")
     applier.apply(Record(2, Op.DELTA, b"f", flags=DELTA_MORE, data=d.encode()))
@@ -298,7 +301,8 @@ def test_open_dir_refuses_symlinks_and_dots_either_way(tmp_path: Path, resolver:
         os.close(rfd)
 
 
-def test_temp_files_on_a_backing_root_of_its_own(tmp_path: Path) -> None:
+@pytest.mark.parametrize("tmpfile", [True, False], ids=["O_TMPFILE", "named"])
+def test_temp_files_on_a_backing_root_of_its_own(tmp_path: Path, tmpfile: bool) -> None:
     # A root that is a mount point has no staging directory on its file system: the name
     # is taken in the file's own directory, exclusively, and nothing is left behind.
     root = tmp_path / "r"
@@ -311,9 +315,11 @@ def test_temp_files_on_a_backing_root_of_its_own(tmp_path: Path) -> None:
         (root / ".hapair-tmp.f").write_bytes(b"app")
         applier = Applier(root)
         assert applier._staging.dir_fd is None
+        applier._staging.tmpfile = tmpfile
         d = D.delta(D.signature(b"old"), b"old and new")
         applier.apply(Record(1, Op.DELTA, b"f", flags=DELTA_MORE, data=d.encode()))
-        assert sorted(os.listdir(root)) == [".hapair-tmp.f", "f"]
+        if tmpfile:  # (named: the file being built has its name in the tree meanwhile)
+            assert sorted(os.listdir(root)) == [".hapair-tmp.f", "f"]
         applier.apply(Record(2, Op.DELTA, b"f", data=d.encode()))
         applier.apply(Record(3, Op.REPLACE, b"g", data=b"g"))
         applier.barrier()
