@@ -9,12 +9,14 @@ request with a well-formed reply, and never raises.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import stat
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +104,20 @@ class Setup:
         self.applier.close()
 
 
+@contextlib.contextmanager
+def _tmpfs(at: Path, size: str) -> Iterator[None]:
+    """A small file system of its own at ``at`` for the test (lazily unmounted after,
+    even while something still holds it open)."""
+    at.mkdir(parents=True, exist_ok=True)
+    cmd = ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(at)]
+    if subprocess.run(cmd, check=False).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        yield
+    finally:
+        subprocess.run(["umount", "-l", str(at)], check=True)
+
+
 @pytest.fixture
 def s(tmp_path: Path) -> Any:
     setup = Setup(tmp_path)
@@ -137,12 +153,7 @@ def test_quarantine_never_writes_through_a_copied_symlink(s: Setup) -> None:
 
 def test_a_quarantine_that_cannot_save_everything_says_so(s: Setup) -> None:
     # The primary must not overwrite what its peer could not put aside (here: disk full).
-    q = s.svc.quarantine_root
-    q.mkdir(parents=True)
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(q)],
-                      check=False).returncode:  # fmt: skip
-        pytest.skip("cannot mount a tmpfs here")
-    try:
+    with _tmpfs(s.svc.quarantine_root, "1m"):
         (s.backing / "big").write_bytes(os.urandom(3 << 20))
         (s.backing / "small").write_bytes(b"small")
         reply, _ = s.control({"op": "quarantine", "paths": ["small", "big"]})
@@ -150,8 +161,6 @@ def test_a_quarantine_that_cannot_save_everything_says_so(s: Setup) -> None:
         assert reply["copied"] == 1
         assert Path(reply["directory"], "small").read_bytes() == b"small"
         assert not Path(reply["directory"], "big").exists()  # no part of it
-    finally:
-        subprocess.run(["umount", str(q)], check=True)
 
 
 def test_sig_and_digest_never_read_through_a_symlinked_directory(s: Setup) -> None:
@@ -306,11 +315,7 @@ def test_temp_files_on_a_backing_root_of_its_own(tmp_path: Path, tmpfile: bool) 
     # A root that is a mount point has no staging directory on its file system: the name
     # is taken in the file's own directory, exclusively, and nothing is left behind.
     root = tmp_path / "r"
-    root.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(root)],
-                      check=False).returncode:  # fmt: skip
-        pytest.skip("cannot mount a tmpfs here")
-    try:
+    with _tmpfs(root, "4m"):
         (root / "f").write_bytes(b"old")
         (root / ".hapair-tmp.f").write_bytes(b"app")
         applier = Applier(root)
@@ -327,8 +332,6 @@ def test_temp_files_on_a_backing_root_of_its_own(tmp_path: Path, tmpfile: bool) 
         assert (root / "f").read_bytes() == b"old and new"
         assert (root / ".hapair-tmp.f").read_bytes() == b"app"
         assert sorted(os.listdir(root)) == [".hapair-tmp.f", "f", "g"]
-    finally:
-        subprocess.run(["umount", str(root)], check=True)
 
 
 def _nested(levels: int) -> list[Any]:
@@ -652,7 +655,9 @@ OPS = st.sampled_from(["hello", "in_sync", "list", "digest", "sig", "quarantine"
 @given(
     op=OPS,
     fields=st.dictionaries(
-        st.sampled_from(["path", "paths", "module", "generation", "untagged"]), JSON
+        st.sampled_from(["path", "paths", "module", "generation", "untagged"]),
+        JSON | st.lists(st.sampled_from(ODD) | JSON, max_size=5),
+        min_size=1,
     ),
 )
 def test_any_request_gets_a_well_formed_reply(
