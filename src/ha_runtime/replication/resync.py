@@ -128,7 +128,7 @@ async def _send_ranges(
 ) -> None:
     """Queue WRITE records for the ranges (clipped to the current size), chunk by chunk."""
     try:
-        fd = os.open(_abs(root, rel), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = beneath.open_file(_abs(root, rel))  # O_NONBLOCK: a FIFO here never waits
     except OSError:
         return  # gone or not a file anymore: its own op is in the stream
     try:
@@ -387,8 +387,11 @@ async def _send_file(  # noqa: PLR0917
 
 
 def _read(path: bytes) -> bytes:
-    with open(path, "rb") as f:
-        return f.read(SMALL_FILE)
+    fd = beneath.open_file(path)  # never a FIFO's wait (OSError: not a file anymore)
+    try:
+        return os.read(fd, SMALL_FILE)
+    finally:
+        os.close(fd)
 
 
 # --------------------------------------------------------------------------- verify

@@ -210,6 +210,41 @@ def test_delta_over_a_fifo_does_not_block_the_applier(tmp_path: Path) -> None:
     assert not blocked, "a FIFO as the delta's basis blocked the applier"
 
 
+def _returns_within(seconds: float, fn: Any, release: Path) -> bool:
+    """Run ``fn`` in a thread; False if it is still blocked after ``seconds`` (it is then
+    released by a writer opening the FIFO ``release``)."""
+
+    def run() -> None:
+        with contextlib.suppress(OSError):
+            fn()
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(seconds)
+    if not t.is_alive():
+        return True
+    os.close(os.open(release, os.O_WRONLY | os.O_NONBLOCK))
+    t.join(5)
+    return False
+
+
+def test_the_primary_s_resync_readers_never_wait_on_a_fifo(tmp_path: Path) -> None:
+    # The application made a FIFO where a file was, between the listing and the read.
+    fifo = tmp_path / "f"
+    os.mkfifo(fifo)
+    blocked = []
+    if not _returns_within(5, lambda: resync._read(os.fsencode(fifo)), fifo):
+        blocked.append("_read")
+
+    async def send() -> None:
+        # (no link: a FIFO has nothing to send, nothing may be queued)
+        await resync._send_ranges(None, tmp_path, b"f", [(0, 100)], resync.Progress())  # type: ignore[arg-type]
+
+    if not _returns_within(5, lambda: trio.run(send), fifo):
+        blocked.append("_send_ranges")
+    assert not blocked, f"blocked on a FIFO: {blocked}"
+
+
 @pytest.mark.parametrize("tmpfile", [True, False], ids=["O_TMPFILE", "named"])
 def test_temp_file_never_replaces_an_application_file(tmp_path: Path, tmpfile: bool) -> None:
     # named: a file system without O_TMPFILE (the name is taken in the staging directory)
