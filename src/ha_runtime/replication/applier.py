@@ -32,7 +32,9 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+from ha_runtime.replication import beneath
 from ha_runtime.replication import delta as D
+from ha_runtime.replication.beneath import open_file, open_parent
 from ha_runtime.replication.journal import (
     DELTA_CONT,
     DELTA_IN_PLACE,
@@ -46,12 +48,11 @@ from ha_runtime.replication.journal import (
     SET_UID,
     Op,
     Record,
-    valid_path,
 )
+from ha_runtime.replication.staging import Staging
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 AT_FDCWD = -100
-TMP_PREFIX = b".hapair-tmp."
 # A barrier with more dirty files than this syncs the file system once (syncfs) instead of
 # each file: a live fsync touches one or a few files, a resync hundreds.
 SYNCFS_OVER = 8
@@ -70,8 +71,8 @@ class RecordRefused(ValueError):
     """A record the applier will not apply (a field out of range, an unsafe path...)."""
 
 
-class UnsafePath(RecordRefused):
-    pass
+class UnsafePath(RecordRefused, beneath.UnsafePath):
+    """A path that would leave the root (``beneath`` refused to resolve it)."""
 
 
 class DeltaRefused(RecordRefused, D.DeltaError):
@@ -96,6 +97,7 @@ class Applier:
         root.mkdir(parents=True, exist_ok=True)
         self.root = root
         self.root_fd = os.open(root, _DIR_FLAGS)
+        self._staging = Staging(root, self.root_fd)
         self.max_open = max_open
         self._files: dict[bytes, int] = {}  # path -> writable fd
         self._pending: list[int] = []  # fds to fsync at the next barrier, then close
@@ -112,32 +114,21 @@ class Applier:
 
     def close(self) -> None:
         with self._lock:
-            for fd in list(self._files.values()) + self._pending + list(self._deltas.values()):
+            for fd in list(self._files.values()) + self._pending:
                 os.close(fd)
+            for fd in self._deltas.values():
+                self._staging.discard(fd)
             self._files.clear()
             self._pending.clear()
             self._deltas.clear()
+            self._staging.close()
             os.close(self.root_fd)
 
     # -- path resolution
     def _parent(self, path: bytes) -> tuple[int, bytes]:
         """(fd of the parent directory, last component). The caller closes the fd unless it
         is ``root_fd``."""
-        if not valid_path(path):
-            raise UnsafePath(path)
-        parts = path.split(b"/")
-        fd = self.root_fd
-        try:
-            for comp in parts[:-1]:
-                nfd = os.open(comp, _DIR_FLAGS, dir_fd=fd)
-                if fd != self.root_fd:
-                    os.close(fd)
-                fd = nfd
-        except BaseException:
-            if fd != self.root_fd:
-                os.close(fd)
-            raise
-        return fd, parts[-1]
+        return open_parent(self.root_fd, path)
 
     def _done(self, fd: int) -> None:
         if fd != self.root_fd:
@@ -194,6 +185,8 @@ class Applier:
                 handler(rec)
             except RecordRefused:
                 raise
+            except beneath.UnsafePath as e:
+                raise UnsafePath(*e.args) from e
             except D.DeltaError as e:
                 raise DeltaRefused(f"{rec.op.name} {rec.path!r}: {e}") from e
             except (ValueError, OverflowError, RecursionError) as e:
@@ -500,13 +493,11 @@ class Applier:
         self._retire(path)
         pfd, name = self._parent(path)
         try:
-            tmp = TMP_PREFIX + name[: 255 - len(TMP_PREFIX)]
             fd = self._deltas.pop(path, -1)
             if fd < 0:
                 # A regular file replaces whatever else holds the name (no basis then).
                 self._make_room(pfd, name, path, lambda st: stat.S_ISREG(st.st_mode))
-                flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
-                fd = os.open(tmp, flags, 0o600, dir_fd=pfd)
+                fd = self._staging.create(pfd)  # anonymous: never an application's name
             try:
                 if isinstance(content, D.Delta):
                     self._patch_into(pfd, name, content, fd)
@@ -517,24 +508,24 @@ class Applier:
                     self._deltas[path] = fd
                     fd = -1
                     return
+                try:
+                    st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+                    os.fchmod(fd, st.st_mode & 0o7777)
+                    os.fchown(fd, st.st_uid, st.st_gid)
+                except FileNotFoundError:
+                    pass
                 os.fsync(fd)
+                self._staging.commit(fd, pfd, name)
             finally:
                 if fd >= 0:
                     os.close(fd)
-            try:
-                st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
-                os.chmod(tmp, st.st_mode & 0o7777, dir_fd=pfd)
-                os.chown(tmp, st.st_uid, st.st_gid, dir_fd=pfd)
-            except FileNotFoundError:
-                pass
-            os.rename(tmp, name, src_dir_fd=pfd, dst_dir_fd=pfd)
         finally:
             self._done(pfd)
         self._dirty_dirs.add(self._dirname(path))
 
     def _patch_into(self, pfd: int, name: bytes, d: D.Delta, out: int) -> None:
         try:
-            bfd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
+            bfd = open_file(name, pfd)  # a FIFO here must not block the worker
         except FileNotFoundError:
             bfd = -1
         try:
@@ -606,9 +597,10 @@ class Applier:
     def _abandon_delta(self, path: bytes) -> None:
         fd = self._deltas.pop(path, None)
         if fd is not None:
-            os.close(fd)
+            self._staging.discard(fd)
 
     def _op_replace(self, r: Record) -> None:
+        self._abandon_delta(r.path)  # a delta cut short: this is the whole file, not a piece
         self._replace_with(r.path, r.data)
 
     # -- durability

@@ -35,10 +35,11 @@ import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 import numpy.typing as npt
+
+from ha_runtime.replication.beneath import open_file
 
 STRONG_LEN = 16
 MIN_BLOCK = 2048
@@ -571,22 +572,37 @@ def _close(m: mmap.mmap | bytes) -> None:
             m.close()
 
 
-def _map(f: BinaryIO) -> mmap.mmap | bytes:
-    size = os.fstat(f.fileno()).st_size
+def _map(fd: int) -> mmap.mmap | bytes:
+    size = os.fstat(fd).st_size
     if size == 0:
         return b""
-    return mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+    return mmap.mmap(fd, 0, prot=mmap.PROT_READ)
+
+
+@contextlib.contextmanager
+def _mapped_fd(fd: int) -> Iterator[mmap.mmap | bytes]:
+    """The file's bytes without reading them in (b"" when empty)."""
+    m = _map(fd)
+    try:
+        yield m
+    finally:
+        _close(m)
 
 
 @contextlib.contextmanager
 def _mapped(path: Path | str | bytes) -> Iterator[mmap.mmap | bytes]:
-    """The file's bytes without reading them in (b"" when empty)."""
-    with open(path, "rb") as f:
-        m = _map(f)
-        try:
+    fd = open_file(path)
+    try:
+        with _mapped_fd(fd) as m:
             yield m
-        finally:
-            _close(m)
+    finally:
+        os.close(fd)
+
+
+def signature_fd(fd: int, block_size: int | None = None) -> Signature:
+    """The signature of an open regular file (the secondary opens it beneath its root)."""
+    with _mapped_fd(fd) as m:
+        return signature(m, block_size)
 
 
 def signature_file(path: Path | str | bytes, block_size: int | None = None) -> Signature:
@@ -602,11 +618,11 @@ def delta_file(sig: Signature, path: Path | str | bytes, ours: bytes | None = No
 def patch_file(basis: Path | str, d: Delta, out: Path | str) -> None:
     """Write the rebuilt file to ``out`` (fsync'd); ``basis`` may be missing (empty)."""
     try:
-        f: BinaryIO | None = open(basis, "rb")  # noqa: SIM115
+        fd = open_file(basis)
     except FileNotFoundError:
-        f = None
+        fd = -1
     try:
-        m = _map(f) if f else b""
+        m = _map(fd) if fd >= 0 else b""
         try:
             with open(out, "wb") as o:
                 for chunk in iter_patch(m, d):
@@ -616,5 +632,5 @@ def patch_file(basis: Path | str, d: Delta, out: Path | str) -> None:
         finally:
             _close(m)
     finally:
-        if f:
-            f.close()
+        if fd >= 0:
+            os.close(fd)

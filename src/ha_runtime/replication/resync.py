@@ -28,6 +28,7 @@ from typing import Any
 
 import trio
 
+from ha_runtime.replication import beneath
 from ha_runtime.replication import delta as D
 from ha_runtime.replication.dirtylog import DirtyState
 from ha_runtime.replication.journal import (
@@ -127,7 +128,7 @@ async def _send_ranges(
 ) -> None:
     """Queue WRITE records for the ranges (clipped to the current size), chunk by chunk."""
     try:
-        fd = os.open(_abs(root, rel), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = beneath.open_file(_abs(root, rel))  # O_NONBLOCK: a FIFO here never waits
     except OSError:
         return  # gone or not a file anymore: its own op is in the stream
     try:
@@ -239,38 +240,42 @@ async def _reconcile(  # noqa: PLR0917
 
 def list_tree(root: Path, scope: Iterable[bytes] | None = None) -> dict[str, list[int]]:
     """path -> [mode, size, mtime_ns] of everything under root (not root itself); with
-    ``scope``, of those paths and everything under them only (a path whose parent is not
-    a directory inside root, a symlink on the way included, is left out)."""
+    ``scope``, of those paths and everything under them only (a path that is not valid, or
+    whose parent is not a directory inside root, a symlink on the way included, is left
+    out). Never follows a symlink; paths longer than a record can name are left out."""
     out: dict[str, list[int]] = {}
-    base = os.fsencode(root)
-    tops: list[bytes] = [base]
-    if scope is not None:
-        tops = []
-        real = os.path.realpath(base)
-        for rel in scope:
-            p = os.path.join(base, rel)
-            if not rel or os.path.realpath(os.path.dirname(p)) != os.path.dirname(
-                os.path.join(real, rel)
-            ):
-                continue
-            try:
-                st = os.lstat(p)
-            except (FileNotFoundError, NotADirectoryError):
+    rfd = os.open(root, beneath.DIR_FLAGS)
+    try:
+        tops = [b""] if scope is None else []
+        for rel in scope or ():
+            st = _lstat_beneath(rfd, rel)
+            if st is None:
                 continue
             out[os.fsdecode(rel)] = [st.st_mode, st.st_size, st.st_mtime_ns]
             if stat.S_ISDIR(st.st_mode):
-                tops.append(p)
-    for top in tops:
-        for dirpath, dirs, files in os.walk(top):
-            for n in dirs + files:
-                p = os.path.join(dirpath, n)
-                try:
-                    st = os.lstat(p)
-                except FileNotFoundError:
-                    continue
-                rel = os.path.relpath(p, base)
+                tops.append(rel)
+        for top in tops:
+            for rel, st, _, _ in beneath.walk(rfd, top):
                 out[os.fsdecode(rel)] = [st.st_mode, st.st_size, st.st_mtime_ns]
+    finally:
+        os.close(rfd)
     return out
+
+
+def _lstat_beneath(rfd: int, rel: bytes) -> os.stat_result | None:
+    """lstat of ``rel`` beneath the root; None when invalid, missing or not reachable
+    without following a symlink."""
+    try:
+        pfd, name = beneath.open_parent(rfd, rel)
+    except (OSError, ValueError):
+        return None
+    try:
+        return os.stat(name, dir_fd=pfd, follow_symlinks=False)
+    except OSError:
+        return None
+    finally:
+        if pfd != rfd:
+            os.close(pfd)
 
 
 async def full(  # noqa: PLR0917
@@ -382,53 +387,79 @@ async def _send_file(  # noqa: PLR0917
 
 
 def _read(path: bytes) -> bytes:
-    with open(path, "rb") as f:
-        return f.read(SMALL_FILE)
+    fd = beneath.open_file(path)  # never a FIFO's wait (OSError: not a file anymore)
+    try:
+        return os.read(fd, SMALL_FILE)
+    finally:
+        os.close(fd)
 
 
 # --------------------------------------------------------------------------- verify
 
 
 def tree_digests(root: Path) -> dict[str, str]:
+    """Digest of everything under root (`_digest_at`), never following a symlink."""
     out: dict[str, str] = {}
-    base = os.fsencode(root)
-    for dirpath, dirs, files in os.walk(base):
-        for n in dirs + files:
-            p = os.path.join(dirpath, n)
-            rel = os.fsdecode(os.path.relpath(p, base))
-            if rel.startswith(".hapair-tmp."):
-                continue
-            digest = _digest(p)
+    rfd = os.open(root, beneath.DIR_FLAGS)
+    try:
+        for rel, st, dfd, name in beneath.walk(rfd):
+            digest = _digest_at(dfd, name, st)
             if digest is not None:
-                out[rel] = digest
+                out[os.fsdecode(rel)] = digest
+    finally:
+        os.close(rfd)
     return out
 
 
 def digests_of(root: Path, paths: list[str]) -> dict[str, str]:
-    """The digests of `tree_digests` for some relative paths only (missing ones left out)."""
-    base = os.fsencode(root)
+    """The digests of `tree_digests` for some relative paths only (missing, unreachable
+    and invalid ones left out)."""
     out: dict[str, str] = {}
-    for rel in paths:
-        digest = _digest(os.path.join(base, os.fsencode(rel)))
-        if digest is not None:
-            out[rel] = digest
+    rfd = os.open(root, beneath.DIR_FLAGS)
+    try:
+        for p in paths:
+            try:
+                rel = os.fsencode(p)
+                pfd, name = beneath.open_parent(rfd, rel)
+            except (OSError, ValueError):
+                continue  # not encodable, not valid, or not beneath root without a symlink
+            try:
+                st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+                digest = _digest_at(pfd, name, st)
+            except OSError:
+                continue
+            finally:
+                if pfd != rfd:
+                    os.close(pfd)
+            if digest is not None:
+                out[p] = digest
+    finally:
+        os.close(rfd)
     return out
 
 
-def _digest(p: bytes) -> str | None:
+def _digest_at(dfd: int, name: bytes, st: os.stat_result) -> str | None:
+    """``f:<sha256>`` of a regular file, ``l:<target>`` of a symlink, ``m:<type>`` else;
+    None when it vanished meanwhile, ``e:<errno>`` when it could not be read."""
     try:
-        st = os.lstat(p)
         if stat.S_ISREG(st.st_mode):
-            h = hashlib.sha256()
-            with open(p, "rb") as f:
-                while chunk := f.read(1 << 20):
+            fd = beneath.open_file(name, dfd)
+            try:
+                h = hashlib.sha256()
+                while chunk := os.read(fd, 1 << 20):
                     h.update(chunk)
+            finally:
+                os.close(fd)
             return "f:" + h.hexdigest()
         if stat.S_ISLNK(st.st_mode):
-            return "l:" + os.fsdecode(os.readlink(p))
+            return "l:" + os.fsdecode(os.readlink(name, dir_fd=dfd))
         return f"m:{stat.S_IFMT(st.st_mode):o}"
     except FileNotFoundError:
         return None
+    except OSError as e:
+        # Replaced by another type meanwhile (ELOOP, EINVAL): a difference verify reports
+        # and checks again, never a read of something else.
+        return f"e:{e.errno}"
 
 
 def compare(ours: dict[str, str], theirs: dict[str, str]) -> list[str]:

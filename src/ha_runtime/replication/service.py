@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import stat
+import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -22,8 +21,8 @@ import trio
 
 from ha_runtime.config import ClusterConfig, ModuleConfig
 from ha_runtime.generation import Generation, GenerationStore, Relation, atomic_write, compare
+from ha_runtime.replication import beneath, fusefs, quarantine, resync, transport
 from ha_runtime.replication import delta as D
-from ha_runtime.replication import fusefs, resync, transport
 from ha_runtime.replication.applier import Applier
 from ha_runtime.replication.dirtylog import (
     AL_EXTENTS,
@@ -637,32 +636,28 @@ class ReplicationService:
         self._emit("link_refused", reason=reason)
 
     async def _control(self, applier: Applier, obj: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
+        """Answer one control request of the primary. Whatever the request holds (missing
+        or wrong-typed fields, invalid paths), the answer is a reply, an error one if need
+        be, never an exception that would end the session or the service."""
         op = obj.get("op")
+        try:
+            return await self._control_op(applier, op, obj)
+        except Exception as e:
+            log.warning("replication: control %s refused: %s", _brief(op), _brief(e))
+            return {"error": f"control {_brief(op)}: {type(e).__name__}: {_brief(e)}"}, b""
+
+    async def _control_op(
+        self, applier: Applier, op: Any, obj: dict[str, Any]
+    ) -> tuple[dict[str, Any], bytes]:
         if op == "hello":
-            if obj.get("module") != self.module.name:
-                return {"error": f"module {obj.get('module')!r} is not {self.module.name!r}"}, b""
-            g = self.generations.load().generation
-            dirty = self.dirty_path.exists()
-            activity = None
-            if dirty:
-                plan = await trio.to_thread.run_sync(load_activity, self.al_path, self.dirty_path)
-                activity = plan_to_wire(*plan)
-            return {
-                "module": self.module.name,
-                "node": self.cluster.node,
-                "generation": {
-                    "current": f"{g.current:016x}",
-                    "history": [f"{h:016x}" for h in g.history],
-                },
-                "synced": self._read_synced(),
-                # A dirty log here means this node was primary since it was last in sync;
-                # what it may hold that the peer lacks: its activity and dirty logs.
-                "dirty": dirty,
-                "activity": activity,
-            }, b""
+            return await self._hello(obj), b""
+        if op not in ("in_sync", "list", "digest", "sig", "quarantine"):
+            return {"error": f"unknown control {_brief(op)}"}, b""
         await trio.to_thread.run_sync(applier.barrier)
         if op == "in_sync":
-            gen = str(obj.get("generation", ""))
+            gen = obj.get("generation")
+            if not isinstance(gen, str) or not _GENERATION.fullmatch(gen):
+                return {"error": f"in_sync: generation {_brief(gen)} is not hex"}, b""
             await trio.to_thread.run_sync(self._write_synced, gen)
             self.dirty_path.unlink(missing_ok=True)
             self.al_path.unlink(missing_ok=True)
@@ -673,55 +668,124 @@ class ReplicationService:
             return {"_durable": applier.durable_seq}, b""
         if op == "list":
             raw = obj.get("paths")
-            scope = None
-            if isinstance(raw, list):
-                scope = {p for p in (os.fsencode(str(x)) for x in raw) if valid_path(p)}
+            scope = None if raw is None else set(_rel_paths(raw))
             tree = await trio.to_thread.run_sync(resync.list_tree, self.backing, scope)
             return {"tree": tree}, b""
         if op == "digest":
-            paths = obj.get("paths")
-            if isinstance(paths, list):
-                wanted = [str(p) for p in paths if valid_path(os.fsencode(str(p)))]
-                digests = await trio.to_thread.run_sync(resync.digests_of, self.backing, wanted)
-                return {"digests": digests}, b""
-            return {
-                "digests": await trio.to_thread.run_sync(resync.tree_digests, self.backing)
-            }, b""
+            raw = obj.get("paths")
+            if raw is None:
+                return {
+                    "digests": await trio.to_thread.run_sync(resync.tree_digests, self.backing)
+                }, b""
+            wanted = [os.fsdecode(p) for p in _rel_paths(raw)]
+            digests = await trio.to_thread.run_sync(resync.digests_of, self.backing, wanted)
+            return {"digests": digests}, b""
         if op == "sig":
-            rel = os.fsencode(str(obj.get("path", "")))
-            if not valid_path(rel):
-                return {"error": "bad path"}, b""
-            p = os.fsencode(self.backing) + b"/" + rel
-            st = os.lstat(p)
-            if not stat.S_ISREG(st.st_mode):
-                return {"error": "not a file"}, b""
-            sig = await trio.to_thread.run_sync(D.signature_file, p)
+            rels = _rel_paths([obj.get("path")])
+            if not rels:
+                return {"error": f"sig: path {_brief(obj.get('path'))} is not a relative path"}, b""
+            sig = await trio.to_thread.run_sync(self._signature, rels[0])
             return {}, sig.encode()
-        if op == "quarantine":
-            paths = [str(p) for p in obj.get("paths", [])]
-            where = await trio.to_thread.run_sync(self._quarantine, paths)
-            self._emit("split_brain_quarantine", directory=str(where), files=len(paths))
-            return {"directory": str(where)}, b""
-        return {"error": f"unknown control {op!r}"}, b""
+        paths = _rel_paths(obj.get("paths"))
+        where, res = await trio.to_thread.run_sync(self._quarantine, paths)
+        self._emit("split_brain_quarantine", directory=str(where), files=res.copied)
+        reply: dict[str, Any] = {"directory": str(where), "copied": res.copied}
+        if res.errors:
+            # Something of the copy could not be saved: the primary must not overwrite it.
+            reply["error"] = f"quarantine incomplete ({len(res.errors)}): " + "; ".join(
+                res.errors[:5]
+            )
+        return reply, b""
 
-    def _quarantine(self, paths: list[str]) -> Path:
+    async def _hello(self, obj: dict[str, Any]) -> dict[str, Any]:
+        if obj.get("module") != self.module.name:
+            return {"error": f"module {_brief(obj.get('module'))} is not {self.module.name!r}"}
+        g = self.generations.load().generation
+        dirty = self.dirty_path.exists()
+        activity = None
+        if dirty:
+            plan = await trio.to_thread.run_sync(load_activity, self.al_path, self.dirty_path)
+            activity = plan_to_wire(*plan)
+        return {
+            "module": self.module.name,
+            "node": self.cluster.node,
+            "generation": {
+                "current": f"{g.current:016x}",
+                "history": [f"{h:016x}" for h in g.history],
+            },
+            "synced": self._read_synced(),
+            # A dirty log here means this node was primary since it was last in sync;
+            # what it may hold that the peer lacks: its activity and dirty logs.
+            "dirty": dirty,
+            "activity": activity,
+        }
+
+    def _signature(self, rel: bytes) -> D.Signature:
+        """The signature of regular file ``rel``, opened beneath the backing root."""
+        root = os.open(self.backing, beneath.DIR_FLAGS)
+        try:
+            pfd, name = beneath.open_parent(root, rel)
+            try:
+                fd = beneath.open_file(name, pfd)
+            finally:
+                if pfd != root:
+                    os.close(pfd)
+        finally:
+            os.close(root)
+        try:
+            return D.signature_fd(fd)
+        finally:
+            os.close(fd)
+
+    def _quarantine(self, paths: list[bytes]) -> tuple[Path, quarantine.Result]:
+        """Copy ``paths`` (resolved beneath the backing root, never through a symlink) into
+        a new quarantine directory, through directory descriptors on both sides."""
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
         dest = self.quarantine_root / stamp / self.backing.name
-        for p in paths:
-            rel = os.fsencode(p)
-            if not valid_path(rel):
-                continue
-            src = self.backing / p
-            if not os.path.lexists(src):
-                continue
-            target = dest / p
-            target.parent.mkdir(parents=True, exist_ok=True)
-            if src.is_dir() and not src.is_symlink():
-                shutil.copytree(src, target, symlinks=True, dirs_exist_ok=True)
-            else:
-                shutil.copy2(src, target, follow_symlinks=False)
+        dest.mkdir(parents=True, exist_ok=True)  # ours: the peer writes only in the backing
+        root_fd = os.open(self.backing, beneath.DIR_FLAGS)
+        try:
+            dest_fd = os.open(dest, beneath.DIR_FLAGS)
+            try:
+                res = quarantine.copy_paths(root_fd, dest_fd, paths)
+            finally:
+                os.close(dest_fd)
+        finally:
+            os.close(root_fd)
         os.sync()
-        return dest
+        return dest, res
+
+
+# A generation as the primary declares it: hex digits (the manager's 16).
+_GENERATION = re.compile(r"[0-9a-f]{1,64}")
+_BRIEF = 120  # characters of a peer's value quoted in an error
+
+
+def _brief(v: Any) -> str:
+    """A peer's value quoted in a log line or error reply, bounded."""
+    try:
+        r = repr(v) if not isinstance(v, BaseException) else str(v)
+    except RecursionError:  # a list nested 10 000 deep
+        r = f"<deeply nested {type(v).__name__}>"
+    return r if len(r) <= _BRIEF else r[:_BRIEF] + "..."
+
+
+def _rel_paths(raw: Any) -> list[bytes]:
+    """The valid relative paths of a request's list (JSON strings, non-UTF-8 bytes carried
+    as surrogate escapes); anything else in it is left out."""
+    if not isinstance(raw, list):
+        return []
+    out: list[bytes] = []
+    for p in raw:
+        if not isinstance(p, str):
+            continue
+        try:
+            rel = os.fsencode(p)
+        except UnicodeEncodeError:
+            continue  # a lone surrogate that no file name decodes to
+        if valid_path(rel):
+            out.append(rel)
+    return out
 
 
 def _parse_gen(raw: Any) -> Generation | None:
