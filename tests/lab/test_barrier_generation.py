@@ -1,0 +1,131 @@
+"""An fsync acknowledged after the replication link was lost survives a failover.
+
+The primary's `hb` link is cut (the replication link rides on it; heartbeats go on over
+the lan), a writer on the primary appends a numbered line to a file of the replicated
+directory and fsyncs it, over and over, logging every fsync that returned. The primary is
+crashed (power cut) right after the first fsync that returned without the peer (the first
+one started after the cut: its acknowledgement could not come over the cut link). The peer,
+which still hears the primary on the lan until the crash, must then not serve a copy that
+lacks an acknowledged line: it refuses to take over (WAIT), or every line is in its copy.
+
+Before the fix the fsync returned as soon as the link was declared lost and the primary
+crashed before its peer heard of the new data generation: the peer took over on "same
+generation" without the last acknowledged lines.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+
+from repl import APP_DIR, BACKING, entry, in_sync_pair, other, sh
+
+from ha_lab.lab import Lab
+
+NAME = "barrier-generation.log"
+# Runs on the primary: one line per fsync that returned, "seq started ended" (monotonic).
+WRITER = f"""
+import os, sys, time
+fd = os.open("{APP_DIR}/{NAME}", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+seq = 0
+while True:
+    seq += 1
+    os.write(fd, b"%d\\n" % seq)
+    t0 = time.monotonic()
+    os.fsync(fd)
+    print(seq, t0, time.monotonic(), flush=True)
+"""
+
+
+Ack = tuple[int, float, float]  # seq, fsync started, fsync returned
+
+
+class NodeWriter:
+    def __init__(self, lab: Lab, node: str) -> None:
+        self.acks: list[Ack] = []
+        self.cond = threading.Condition()
+        self.proc = subprocess.Popen(
+            lab.exec_argv(node, ["python3", "-c", WRITER]),
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        )  # fmt: skip
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            seq, t0, t1 = line.split()
+            with self.cond:
+                self.acks.append((int(seq), float(t0), float(t1)))
+                self.cond.notify_all()
+
+    def wait(self, pred: Callable[[Ack], bool], timeout: float) -> Ack | None:
+        """The first acknowledgement for which pred(ack) holds."""
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while True:
+                hit = next((a for a in self.acks if pred(a)), None)
+                left = deadline - time.monotonic()
+                if hit is not None or left <= 0:
+                    return hit
+                self.cond.wait(left)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=10)
+
+
+def _states_seen(node: str, seconds: float) -> list[str]:
+    seen: list[str] = []
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        state = entry(node).get("state")
+        if state and (not seen or seen[-1] != state):
+            seen.append(str(state))
+        time.sleep(0.2)
+    return seen
+
+
+def test_fsync_acknowledged_alone_is_not_lost_by_a_failover(mirror_site: Lab) -> None:
+    primary, peer = in_sync_pair()
+    assert peer == other(primary)
+    sh(mirror_site, primary, f"rm -f {APP_DIR}/{NAME}")
+    writer = NodeWriter(mirror_site, primary)
+    crashed = False
+    try:
+        assert writer.wait(lambda a: a[0] >= 50, 60), "the writer's fsyncs do not return"
+        cut = time.monotonic()
+        mirror_site.cut(primary, "hb")
+        alone = writer.wait(lambda a: a[1] >= cut, 60)
+        # Crash as soon as the first fsync acknowledged without the peer is seen.
+        mirror_site.crash(primary)
+        crashed = True
+        assert alone is not None, f"no fsync returned after the hb cut: {entry(primary)}"
+        crash_after_ack = time.monotonic() - alone[2]
+        acked = [a[0] for a in writer.acks]
+    finally:
+        writer.stop()
+        if not crashed:
+            mirror_site.restore(primary)
+    print(
+        f"fsync across the link loss took {alone[2] - alone[1]:.2f} s (seq {alone[0]});"
+        f" primary crashed {crash_after_ack:.3f} s after it returned"
+    )
+    seen = _states_seen(peer, 10.0)  # the heartbeat timeout (3 s) three times over
+    promoted = [s for s in seen if s in ("ALONE", "PRIM")]
+    if promoted:
+        # Serving: it must hold every acknowledged line.
+        text = sh(mirror_site, peer, f"cat {BACKING}/{NAME} 2>/dev/null || true")
+        have = {int(x) for x in text.split()}
+        missing = sorted(set(acked) - have)
+        assert not missing, (
+            f"{peer} took over ({seen}) without {len(missing)} acknowledged fsyncs "
+            f"(seq {missing[:10]}; the last before the crash: {alone[0]}): {entry(peer)}"
+        )
+    else:
+        assert seen and seen[-1] == "WAIT", seen
+        print(f"{peer} refused to take over: {entry(peer).get('reason')}")
+    mirror_site.boot(primary)
+    in_sync_pair(timeout=300)
