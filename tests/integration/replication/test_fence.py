@@ -96,3 +96,53 @@ def test_fsync_across_a_link_loss_returns_only_once_the_peer_is_fenced(tmp_path:
         for p in (app1, app2):
             if mounted(p):
                 subprocess.run(["umount", "-l", str(p)], check=False)
+
+
+def test_first_fsync_after_a_failover_is_not_held_by_the_fence(tmp_path: Path) -> None:
+    """Failover time is unchanged: node1's daemon dies, node2 takes over because its peer is
+    lost, and its first fsyncs on the new mount return at local speed (a peer silent for a
+    whole timeout when the generation was taken needs no wait)."""
+    hb, rp = _free_port(), _free_port(socket.SOCK_STREAM)
+    holders: dict[str, str] = {}
+    paths = [_site(tmp_path, n, hb, rp) for n in ("node1", "node2")]
+    for path in paths:
+        # A heartbeat timeout well above the time a takeover takes to mount: a fence wait
+        # after the takeover would show in the first fsync.
+        module = path.parent / "modules" / "flightdata.yml"
+        text = module.read_text()
+        module.write_text(text.replace("timeout_ms: 1000}", "timeout_ms: 3000}", 1))
+    sites = [load_site(p) for p in paths]
+    assert sites[0].modules[0].heartbeat.timeout_ms == 3000
+    d1 = NodeDaemon(sites[0], KEY, vip_ops=FakeVip("node1", holders), metrics=False)
+    d2 = NodeDaemon(sites[1], KEY, vip_ops=FakeVip("node2", holders), metrics=False)
+    m1, m2 = d1.managers["flightdata"], d2.managers["flightdata"]
+    app1, app2 = tmp_path / "node1" / "app", tmp_path / "node2" / "app"
+    took: list[float] = []
+
+    def fsyncs() -> None:
+        for i in range(3):
+            t0 = time.monotonic()
+            _write_sync(app2 / f"after-failover-{i}.txt", b"x\n")
+            took.append(time.monotonic() - t0)
+
+    async def main() -> None:
+        async with trio.open_nursery() as n:
+            n.start_soon(d2.run)
+            async with trio.open_nursery() as n1:
+                n1.start_soon(d1.run)
+                await _wait(lambda: m1.state is State.PRIM and m2.state is State.SECOND)
+                await _wait(lambda: m2.status()["sync"] == "in-sync")
+                n1.cancel_scope.cancel()  # node1's daemon is gone: no heartbeat any more
+            holders.clear()  # and its VIP with it, as with a crashed server
+            await _wait(lambda: m2.state is State.ALONE and mounted(app2), 30)
+            await trio.to_thread.run_sync(fsyncs)
+            print(f"first fsyncs after the failover: {[round(t, 3) for t in took]} s")
+            assert max(took) < 0.5, took
+            n.cancel_scope.cancel()
+
+    try:
+        trio.run(main)
+    finally:
+        for p in (app1, app2):
+            if mounted(p):
+                subprocess.run(["umount", "-l", str(p)], check=False)
