@@ -109,23 +109,24 @@ def test_fsync_acknowledged_alone_is_not_lost_by_a_failover(mirror_site: Lab) ->
         writer.stop()
         if not crashed:
             mirror_site.restore(primary)
-    print(
-        f"fsync across the link loss took {alone[2] - alone[1]:.2f} s (seq {alone[0]});"
-        f" primary crashed {crash_after_ack:.3f} s after it returned"
-    )
-    seen = _states_seen(peer, 10.0)  # the heartbeat timeout (3 s) three times over
-    promoted = [s for s in seen if s in ("ALONE", "PRIM")]
-    if promoted:
-        # Serving: it must hold every acknowledged line.
-        text = sh(mirror_site, peer, f"cat {BACKING}/{NAME} 2>/dev/null || true")
-        have = {int(x) for x in text.split()}
-        missing = sorted(set(acked) - have)
-        assert not missing, (
-            f"{peer} took over ({seen}) without {len(missing)} acknowledged fsyncs "
-            f"(seq {missing[:10]}; the last before the crash: {alone[0]}): {entry(peer)}"
+    try:
+        print(
+            f"fsync across the link loss took {alone[2] - alone[1]:.2f} s (seq {alone[0]});"
+            f" primary crashed {crash_after_ack:.3f} s after it returned"
         )
-    else:
-        assert seen and seen[-1] == "WAIT", seen
-        print(f"{peer} refused to take over: {entry(peer).get('reason')}")
-    mirror_site.boot(primary)
-    in_sync_pair(timeout=300)
+        seen = _states_seen(peer, 10.0)  # the heartbeat timeout (3 s) three times over
+        if [s for s in seen if s in ("ALONE", "PRIM")]:
+            # Serving: it must hold every acknowledged line.
+            text = sh(mirror_site, peer, f"cat {BACKING}/{NAME} 2>/dev/null || true")
+            missing = sorted(set(acked) - {int(x) for x in text.split()})
+            assert not missing, (
+                f"{peer} took over ({seen}) without {len(missing)} acknowledged fsyncs (seq"
+                f" {missing[:10]}; the first acknowledged without it: {alone[0]}): {entry(peer)}"
+            )
+        else:
+            assert seen and seen[-1] == "WAIT", seen
+            print(f"{peer} refused to take over: {entry(peer).get('reason')}")
+    finally:
+        # The crashed primary comes back with the newest copy; the pair settles.
+        mirror_site.boot(primary)
+        in_sync_pair(timeout=300)
