@@ -114,7 +114,7 @@ def test_fsync_acknowledged_alone_is_not_lost_by_a_failover(mirror_site: Lab) ->
             f"fsync across the link loss took {alone[2] - alone[1]:.2f} s (seq {alone[0]});"
             f" primary crashed {crash_after_ack:.3f} s after it returned"
         )
-        seen = _states_seen(peer, 10.0)  # the heartbeat timeout (3 s) three times over
+        seen = _states_seen(peer, 10.0)  # ten heartbeat timeouts of the lab site (1 s)
         if [s for s in seen if s in ("ALONE", "PRIM")]:
             # Serving: it must hold every acknowledged line.
             text = sh(mirror_site, peer, f"cat {BACKING}/{NAME} 2>/dev/null || true")
