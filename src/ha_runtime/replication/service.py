@@ -307,6 +307,7 @@ class ReplicationService:
 
     async def _go_alone(self, reason: str) -> None:
         if self._status.state == "alone":
+            self._request_fence()  # a round an in_sync declaration voided may have waiters
             return
         was = self._status.state
         self._status.state = "alone"
@@ -533,9 +534,11 @@ class ReplicationService:
         """Tell the secondary it is in sync at our current generation (in stream order)."""
         gen = self.generation or f"{self.generations.load().generation.current:016x}"
         await trio.to_thread.run_sync(self._write_synced, gen)
-        # From here the peer may adopt `gen`: losing the link again needs a new fence.
+        # From here the peer may adopt `gen`: losing the link again needs a new fence, and
+        # the answer to a round asked before no longer covers it (its waiters stay waiting).
         self._status.synced_generation = gen
         self._fence_needed = True
+        self._fence_token = None
         await link.request({"op": "in_sync", "generation": gen})
         # The peer has everything up to the final barrier: what waited for a fence is on it.
         self._release_fenced()
