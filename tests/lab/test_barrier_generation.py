@@ -1,12 +1,13 @@
 """An fsync acknowledged after the replication link was lost survives a failover.
 
 The network the primary's replication link rides on is cut (`hb`, or the lan if the link
-went there; the heartbeats go on over the other one), a writer on the primary appends a numbered line to a file of the replicated
-directory and fsyncs it, over and over, logging every fsync that returned. The primary is
-crashed (power cut) right after the first fsync that returned without the peer (the first
-one started after the cut: its acknowledgement could not come over the cut link). The peer,
-which still hears the primary on the lan until the crash, must then not serve a copy that
-lacks an acknowledged line: it refuses to take over (WAIT), or every line is in its copy.
+went there; the heartbeats go on over the other one). A writer on the primary appends a
+numbered line to a file of the replicated directory and fsyncs it, over and over, logging
+every fsync that returned. The primary is crashed (power cut) right after the first fsync
+that returned without the peer (the first one started after the cut: its acknowledgement
+could not come over the cut link). The peer, which still hears the primary until the crash,
+must then not serve a copy that lacks an acknowledged line: it refuses to take over (WAIT),
+or every line is in its copy.
 
 Before the fix the fsync returned as soon as the link was declared lost and the primary
 crashed before its peer heard of the new data generation: the peer took over on "same
