@@ -108,6 +108,8 @@ def _states_seen(node: str, seconds: float) -> list[str]:
 def test_fsync_acknowledged_alone_is_not_lost_by_a_failover(mirror_site: Lab) -> None:
     primary, peer = in_sync_pair()
     assert peer == other(primary)
+    # Both networks carry heartbeats, so cutting one leaves the other (no fault in force).
+    assert entry(peer).get("peer_networks") == ["hb", "lan"], entry(peer)
     sh(mirror_site, primary, f"rm -f {APP_DIR}/{NAME}")
     writer = NodeWriter(mirror_site, primary)
     crashed = False
