@@ -124,6 +124,9 @@ class ModuleManager(ModuleBase):
             self.replica.generation = _hex(self.record.generation)
         self._nursery: trio.Nursery | None = None
         self._recovering = False  # a dead primary replication child is being restarted
+        # When the current generation was taken (our clock): a peer that heard us since then
+        # heard it. Unknown at start: from now, which only makes a fence wait longer.
+        self._generation_since = clock()
 
     # ----------------------------------------------------------------- inputs
 
@@ -242,8 +245,14 @@ class ModuleManager(ModuleBase):
             rec = rec.with_generation(rec.generation.advance())
         if d.peer_outdated is not None:
             rec = replace(rec, peer_outdated=d.peer_outdated)
+        self._set_record(rec)
+
+    def _set_record(self, rec: GenRecord) -> None:
+        """Persist the record (fsync) before anything announces it, then pass it on."""
         if rec != self.record:
             self.store.save(rec)
+            if rec.generation != self.record.generation:
+                self._generation_since = self._clock()
             self.record = rec
             if self.replica is not None:
                 # The primary's children declare the peer in sync under this generation.
@@ -355,6 +364,12 @@ class ModuleManager(ModuleBase):
 
     def _on_replica_event(self, index: int, kind: str, detail: dict[str, Any]) -> None:
         """Events of the replication children: audit log, journal, and a fresh decision."""
+        if kind == "__fence__":
+            if self._nursery is not None:
+                self._nursery.start_soon(
+                    self._fence_peer, index, str(detail["token"]), detail.get("declared")
+                )
+            return
         if kind != "__state__":
             where = str(self.m.replicated_dirs[index])
             fields = {k: v for k, v in detail.items() if k not in ("node", "dir", "kind")}
@@ -370,6 +385,68 @@ class ModuleManager(ModuleBase):
                 self.m.name, "replication", node=self.node, dir=where, kind=kind, **fields
             )
         self.wake()
+
+    # ----------------------------------------------------------------- fencing the peer
+
+    async def _fence_peer(self, index: int, token: str, declared: str | None) -> None:
+        """A primary child is about to acknowledge an fsync the peer does not hold: answer
+        once the peer cannot take over on its old copy without it (docs/replication.md,
+        acknowledgement rule). Never answered while not primary: the child is being
+        stopped, and its waiting fsyncs fail with the mount."""
+        fence_start = self._clock()
+        while True:
+            await self.step()  # the child's new state (sent just before): PRIM -> ALONE
+            async with self._lock:
+                if not self._fence_holds_role():
+                    return
+                if self.state is State.ALONE and (
+                    declared == _hex(self.record.generation) or not self.record.peer_outdated
+                ):
+                    # ALONE, yet the peer may hold this generation (the child declared it in
+                    # sync): a new one the peer's copy never had, durable before announced.
+                    self._set_record(
+                        replace(
+                            self.record.with_generation(self.record.generation.advance()),
+                            peer_outdated=True,
+                        )
+                    )
+                    await self._send_now(self.m.name)
+                    self.events.append(
+                        self.m.name, "generation", node=self.node, reason="peer fenced off",
+                        generation=self.record.generation.short(),
+                    )  # fmt: skip
+                wait = self._fence_wait() if self.state is State.ALONE else 0.05
+                fenced = self.state is State.ALONE and wait <= 0
+            if fenced:
+                break
+            await trio.sleep(max(wait, 0.01))
+        assert self.replica is not None
+        log.info(
+            "%s: peer fenced off its old copy for %s after %.2f s (generation %s)",
+            self.m.name, self.m.replicated_dirs[index], self._clock() - fence_start,
+            self.record.generation.short(),
+        )  # fmt: skip
+        await self.replica.fenced(index, token)
+
+    def _fence_holds_role(self) -> bool:
+        return self.state.is_primary and self.replica is not None and self.replica.role == "primary"
+
+    def _fence_wait(self) -> float:
+        """Seconds until the peer can no longer take our previous generation for current.
+
+        Every heartbeat sent since `_generation_since` carries the current generation. A peer
+        that hears us at all hears it within the heartbeat timeout; one that does not has
+        timed us out by then, and its own promotion starts a generation of its own, which the
+        comparison shows as diverged (a split brain, quarantined, never silent). A peer
+        silent for a whole timeout already when we took the generation (a failover: it is
+        dead, or cut off and timing us out) needs no wait."""
+        hb = self.m.heartbeat
+        timeout = hb.timeout_ms / 1000
+        heard = self.peers.last_heard(self.m.name, self.peer_name)
+        if heard is None or heard <= self._generation_since - timeout:
+            return 0.0
+        # One interval more: a heartbeat read before the change may leave just after it.
+        return self._generation_since + timeout + hb.interval_ms / 1000 - self._clock()
 
     async def _promote(self, label: str, reason: str) -> list[str]:
         errors: list[str] = []

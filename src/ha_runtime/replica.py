@@ -226,6 +226,11 @@ class ReplicaSupervisor:
                 self.on_event(c.index, "__state__", {"state": c.status.get("state")})
         elif kind == "event":
             self.on_event(c.index, str(msg.get("kind")), dict(msg.get("detail") or {}))
+        elif kind == "fence" and isinstance(msg.get("token"), str):
+            declared = msg.get("declared")
+            if not isinstance(declared, str):
+                declared = None
+            self.on_event(c.index, "__fence__", {"token": msg["token"], "declared": declared})
         elif kind == "reply" and isinstance(msg.get("id"), int):
             c.replies[msg["id"]] = msg
             c.reply_ready.set()
@@ -239,6 +244,13 @@ class ReplicaSupervisor:
         for c in self.children.values():
             with contextlib.suppress(ReplicaError):
                 await c.send({"cmd": "generation", "value": gen})
+
+    async def fenced(self, index: int, token: str) -> None:
+        """Answer a primary child's fence request (a child restarted since ignores it)."""
+        c = self.children.get(index)
+        if c is not None and c.role == "primary":
+            with contextlib.suppress(ReplicaError):
+                await c.send({"cmd": "fenced", "token": token})
 
     async def _ask(self, c: DirChild, obj: dict[str, Any], timeout: float) -> dict[str, Any]:
         self._req += 1

@@ -6,11 +6,16 @@ talks to the daemon over its stdin/stdout, one JSON object per line:
 
 daemon -> child: ``{"cmd": "stop"}`` (primary: drain the peer, unmount, exit),
 ``{"cmd": "generation", "value": HEX}`` (primary: the manager's data generation),
-``{"cmd": "resync", "full": BOOL}``, ``{"cmd": "verify", "id": N}``.
+``{"cmd": "resync", "full": BOOL}``, ``{"cmd": "verify", "id": N}``,
+``{"cmd": "fenced", "token": T}`` (primary: the peer is fenced off its old copy).
 
 child -> daemon: ``{"type": "started"}`` (primary: the mount is up; secondary: listening),
 ``{"type": "status", "status": {...}}`` (twice a second), ``{"type": "event", "kind": ...,
-"detail": {...}}``, ``{"type": "reply", "id": N, "result": ...}`` or ``"error"``.
+"detail": {...}}``, ``{"type": "reply", "id": N, "result": ...}`` or ``"error"``,
+``{"type": "fence", "token": T, "declared": HEX|null}`` (primary: an fsync is to be
+acknowledged without the peer; answered by ``fenced`` once the daemon has fenced the peer
+off its old copy: docs/replication.md, acknowledgement rule). A fresh ``status`` always
+precedes ``fence``, so the daemon decides on the state that made the child ask.
 
 End of stdin (the daemon died) stops the child as ``stop`` does. Logs go to stderr (the
 journal of hapair.service).
@@ -148,8 +153,14 @@ async def run_child(  # noqa: PLR0915 - one place for the whole child protocol
     def on_event(ev: Event) -> None:
         out.send({"type": "event", "kind": ev.kind, "detail": ev.detail})
 
+    def fence(token: str, declared: str | None) -> None:
+        out.send({"type": "status", "status": svc.status().as_dict()})
+        out.send({"type": "fence", "token": token, "declared": declared})
+
     settings = settings_for(module, index)
-    svc = ReplicationService(module, cluster, settings, on_event=on_event, dir_index=index)
+    svc = ReplicationService(
+        module, cluster, settings, on_event=on_event, dir_index=index, fence=fence
+    )
     base = module.replication.backing_base(cluster.state_dir)
     for note in prepare_dirs(svc.app_dir, svc.backing, base, module.name, index):
         log.warning("%s: %s", module.name, note)
@@ -185,6 +196,8 @@ async def run_child(  # noqa: PLR0915 - one place for the whole child protocol
             stop.set()
         elif cmd == "generation":
             await svc.set_generation(str(req.get("value")))
+        elif cmd == "fenced":
+            svc.fenced(str(req.get("token")))
         elif cmd == "resync":
             svc.request_resync(full=bool(req.get("full")), quarantine=False)
             out.send({"type": "reply", "id": req.get("id"), "result": "resync requested"})

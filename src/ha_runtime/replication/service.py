@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -108,6 +109,8 @@ class ReplicationService:
         settings: ReplicationSettings | None = None,
         on_event: Callable[[Event], None] | None = None,
         dir_index: int = 0,
+        *,
+        fence: Callable[[str, str | None], None] | None = None,
     ) -> None:
         self.module = module
         self.cluster = cluster
@@ -144,6 +147,16 @@ class ReplicationService:
         self._barriers = 0  # barriers waiting for the peer
         self._written = 0  # bytes written since the last barrier
         self._refused_incremental = 0  # incremental resyncs in a row the peer refused
+        # Fencing (docs/replication.md, acknowledgement rule): an fsync that returns without
+        # the peer's acknowledgement waits until the daemon answers `fence(token, declared)`
+        # with `fenced(token)`: the module is in a data generation the peer's copy never
+        # held and the peer can no longer take over on its old copy unknowingly. Needed from
+        # the start (what the peer holds is unknown) and again once an `in_sync` declaration
+        # let the peer adopt our generation. None: no daemon to ask (tests, tools).
+        self.fence = fence
+        self._fence_needed = True
+        self._fence_token: str | None = None
+        self._fence_done = trio.Event()
 
     # -- events and status
     def _emit(self, kind: str, /, **detail: Any) -> None:
@@ -251,18 +264,53 @@ class ReplicationService:
             await local()
             assert self._dirty is not None
             await trio.to_thread.run_sync(self._dirty.sync)
+            await self._fenced()
 
     async def _wait_acked(self, link: PrimaryLink, seq: int) -> None:
         try:
             await link.wait_acked(seq)
         except LinkLost as e:
             await self._go_alone(str(e))
+            # Durable here, not acknowledged there: the peer must not be able to take over
+            # on a copy without it before the application hears "done".
+            await self._fenced()
+
+    # -- fencing the peer off its old copy (docs/replication.md, acknowledgement rule)
+    def _request_fence(self) -> None:
+        if self.fence is None or not self._fence_needed or self._fence_token is not None:
+            return
+        self._fence_token = secrets.token_hex(8)
+        self._emit("fence_requested", declared=self._status.synced_generation)
+        self.fence(self._fence_token, self._status.synced_generation)
+
+    async def _fenced(self) -> None:
+        """Return once an acknowledgement without the peer is safe to give (at once if the
+        peer was fenced off since it could last adopt our generation)."""
+        if self.fence is None or not self._fence_needed:
+            return
+        done = self._fence_done
+        self._request_fence()
+        await done.wait()
+
+    def fenced(self, token: str) -> None:
+        """The daemon's answer to our fence request: the peer is fenced off its old copy."""
+        if token != self._fence_token:
+            return  # the answer to a round an in_sync declaration already closed
+        self._fence_needed = False
+        self._release_fenced()
+        self._emit("fenced")
+
+    def _release_fenced(self) -> None:
+        self._fence_token = None
+        done, self._fence_done = self._fence_done, trio.Event()
+        done.set()
 
     def _fsync_local(self, path: bytes, datasync: bool) -> None:
         fusefs.fsync_backing(os.fsencode(self.backing), path, datasync)
 
     async def _go_alone(self, reason: str) -> None:
         if self._status.state == "alone":
+            self._request_fence()  # a round an in_sync declaration voided may have waiters
             return
         was = self._status.state
         self._status.state = "alone"
@@ -278,6 +326,7 @@ class ReplicationService:
         await trio.to_thread.run_sync(self._dirty.sync)
         if was == "sync":
             self._emit("peer_lost", reason=reason)
+        self._request_fence()  # start now: the daemon's wait runs while the barriers finish
 
     # -- primary
     async def run_primary(
@@ -514,8 +563,14 @@ class ReplicationService:
         """Tell the secondary it is in sync at our current generation (in stream order)."""
         gen = self.generation or f"{self.generations.load().generation.current:016x}"
         await trio.to_thread.run_sync(self._write_synced, gen)
-        await link.request({"op": "in_sync", "generation": gen})
+        # From here the peer may adopt `gen`: losing the link again needs a new fence, and
+        # the answer to a round asked before no longer covers it (its waiters stay waiting).
         self._status.synced_generation = gen
+        self._fence_needed = True
+        self._fence_token = None
+        await link.request({"op": "in_sync", "generation": gen})
+        # The peer has everything up to the final barrier: what waited for a fence is on it.
+        self._release_fenced()
 
     async def set_generation(self, gen: str) -> None:
         """Primary: the manager's generation changed; re-declare sync under the new label."""
