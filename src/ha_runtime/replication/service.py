@@ -171,32 +171,52 @@ class ReplicationService:
 
     # -- the Sink the FUSE layer calls (primary)
     async def before(self, rec: Record) -> None:
+        """Record what ``rec`` may change, durably, before the FUSE layer performs it: in the
+        activity log while in sync with a live link, in the dirty log otherwise (ALONE,
+        resyncing, or the link already lost while the state still says sync)."""
         while self._paused is not None:
             await self._paused.wait()
         link = self._link
-        if self._status.state != "sync" or link is None:
-            assert self._dirty is not None
-            pos = self._dirty.note(rec, lambda: self._size_of(rec))
-            self._noted.add(id(rec))
+        if (
+            self._status.state == "sync"
+            and link is not None
+            and not link.lost_reason
+            and await self._note_active(link, rec)
+        ):
+            return
+        await self._note_dirty(rec)
+
+    async def _note_active(self, link: PrimaryLink, rec: Record) -> bool:
+        """In sync: what the operation may change is hot in the activity log (durably)
+        before it is performed; only a new entry costs a record and an fsync. False when
+        the link was lost meanwhile: the record will not travel, the dirty log must hold it."""
+        al = self._al
+        assert al is not None
+        pos = al.note(rec, link.durable_seq)
+        try:
+            if pos:
+                await trio.to_thread.run_sync(al.sync, pos)
+            await link.room()
+        except trio.TooSlowError:
+            link.fail(f"no acknowledgement within {link.timeout:g} s (queue full)")
+        except LinkLost:
+            pass
+        finally:
+            # No checkpoint from here to after(): the record will be link.seq + 1.
+            al.release(rec, link.seq + 1)
+        return not link.lost_reason
+
+    async def _note_dirty(self, rec: Record) -> None:
+        assert self._dirty is not None
+        pos = self._dirty.note(rec, lambda: self._size_of(rec))
+        self._noted.add(id(rec))
+        try:
             if pos:
                 await trio.to_thread.run_sync(self._dirty.sync, pos)
-        elif link is not None and not link.lost_reason:
-            # In sync: what the operation may change is hot in the activity log (durably)
-            # before it is performed; only a new entry costs a record and an fsync.
-            al = self._al
-            assert al is not None
-            pos = al.note(rec, link.durable_seq)
-            try:
-                if pos:
-                    await trio.to_thread.run_sync(al.sync, pos)
-                await link.room()
-            except trio.TooSlowError:
-                link.fail(f"no acknowledgement within {link.timeout:g} s (queue full)")
-                await self._go_alone(link.lost_reason or "")
-                await self.before(rec)
-            finally:
-                # No checkpoint from here to after(): the record will be link.seq + 1.
-                al.release(rec, link.seq + 1)
+        except BaseException:
+            # Not performed (its caller gets the error): an id may be reused by a later record.
+            self._noted.discard(id(rec))
+            raise
 
     def _size_of(self, rec: Record) -> int | None:
         """The backing file's size before a write (lets the dirty log record appends ahead)."""
@@ -217,8 +237,12 @@ class ReplicationService:
             link.submit(rec)
             self._written += len(rec.data)
         elif not noted and self._dirty is not None:
-            # lost between before() and after(): record it now (synced by the next barrier)
-            self._dirty.note(rec)
+            # Lost between before() and after(): the operation is performed and will not
+            # travel. Durable before it returns to the application (its activity log entry
+            # is emptied by the next resync): an fsync in the loop, on this rare path only.
+            pos = self._dirty.note(rec, lambda: self._size_of(rec))
+            if pos:
+                self._dirty.sync(pos)
 
     async def barrier(self, path: bytes, datasync: bool) -> None:
         async def local() -> None:
