@@ -17,7 +17,9 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
+import logging
 import os
 import stat
 import time
@@ -42,7 +44,9 @@ from ha_runtime.replication.journal import (
     Op,
     Record,
 )
-from ha_runtime.replication.transport import PrimaryLink
+from ha_runtime.replication.transport import LinkLost, PrimaryLink
+
+log = logging.getLogger("hapair.replication")
 
 CHUNK = 1 << 20
 # Unacknowledged resync bytes at most (the link allows 64 MiB, for bursts of live writes).
@@ -57,6 +61,9 @@ DELTA_PIECE = 4 << 20  # well under the 16 MiB frame limit
 DELTA_PIECE_OUTPUT = 32 << 20  # a piece rebuilds at most this: applied well within a timeout
 REMOVE_ANY = 1  # UNLINK flag: remove whatever is there (file or tree)
 SMALL_FILE = 64 << 10
+# Passes over what the application changed while the resync worked on it (see ``settle``):
+# one that needs no delta ends it; past this many, the session is a link failure.
+SETTLE_ROUNDS = 8
 
 
 @dataclass
@@ -68,6 +75,9 @@ class Progress:
     started: float = field(default_factory=time.monotonic)
     pinged_seq: int = 0  # last record sent before the resync's latest keepalive
     queued_s: float | None = None  # when everything was queued (the rest: the final barrier)
+    # Paths that could not be read or listed here (not gone: an error other than "no such
+    # file"); reconciled again by the next round of ``settle``.
+    retry: set[bytes] = field(default_factory=set)
 
     @property
     def bytes_left(self) -> int:
@@ -125,17 +135,32 @@ async def _room(link: PrimaryLink, progress: Progress) -> None:
 async def _send_ranges(
     link: PrimaryLink, root: Path, rel: bytes, ranges: list[tuple[int, int]], progress: Progress
 ) -> None:
-    """Queue WRITE records for the ranges (clipped to the current size), chunk by chunk."""
+    """Queue WRITE records for the ranges (clipped to the current size), chunk by chunk.
+    Each chunk is read and queued only while ``rel`` still names the file opened: renamed,
+    removed or replaced meanwhile, the rest of the file is left to its new name (the
+    application's operation is in the stream, and ``settle`` reconciles where it went)."""
+    path = _abs(root, rel)
     try:
-        fd = os.open(_abs(root, rel), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as e:
+        if not _absent(e):
+            progress.retry.add(rel)
         return  # gone or not a file anymore: its own op is in the stream
     try:
+        st0 = os.fstat(fd)
+        if not stat.S_ISREG(st0.st_mode):
+            return
         for a, b in ranges:
             off = a
             while True:
                 await _room(link, progress)
                 # read + queue without a checkpoint in between (ordering with live writes)
+                try:
+                    now = os.stat(path, follow_symlinks=False)
+                except OSError:
+                    return
+                if (now.st_dev, now.st_ino) != (st0.st_dev, st0.st_ino):
+                    return
                 size = os.fstat(fd).st_size
                 end = min(b, size, off + CHUNK)
                 if off >= end:
@@ -151,6 +176,21 @@ async def _send_ranges(
         os.close(fd)
 
 
+def _absent(e: OSError) -> bool:
+    """The path names nothing here: it, or a directory on its way, is gone or replaced."""
+    return e.errno in (errno.ENOENT, errno.ENOTDIR)
+
+
+def _in_scope(p: bytes, scope: set[bytes]) -> bool:
+    """``p`` is one of ``scope`` or under one of them."""
+    while True:
+        if p in scope:
+            return True
+        if b"/" not in p:
+            return False
+        p = p.rpartition(b"/")[0]
+
+
 def _bytes_to_send(root: Path, state: DirtyState) -> int:
     """The dirty bytes within the files' sizes: the log records appends up to the next
     APPEND_EXTENT, which never travels (progress and ETA would count 4 MiB per new file)."""
@@ -163,6 +203,57 @@ def _bytes_to_send(root: Path, state: DirtyState) -> int:
     return total
 
 
+async def run(
+    link: PrimaryLink, root: Path, state: DirtyState, progress: Progress, *, full: bool,
+    changes: Callable[[], DirtyState], quarantine: bool = False,
+    on_progress: Callable[[Progress], None] | None = None,
+) -> None:  # fmt: skip
+    """A resync: the full checksum delta or the incremental pass over ``state``, then
+    ``settle`` over what the application changed meanwhile. ``changes()`` returns what was
+    noted since the previous call (the first: since ``state`` was taken)."""
+    if full:
+        await full_delta(link, root, progress, checksum=True, quarantine=quarantine,
+                         on_progress=on_progress)  # fmt: skip
+        raced = True
+    else:
+        raced = bool(state.scope)
+        await incremental(link, root, state, progress, on_progress)
+    await settle(link, root, progress, changes, raced=raced, on_progress=on_progress)
+
+
+async def settle(
+    link: PrimaryLink, root: Path, progress: Progress, changes: Callable[[], DirtyState], *,
+    raced: bool, on_progress: Callable[[Progress], None] | None = None,
+) -> None:  # fmt: skip
+    """Reconcile what the application changed while the resync worked on it.
+
+    A range sent by an incremental pass is read and queued at once, so the application's
+    later operations land after it: consistent. A delta is not (the file is read, the
+    pieces travel later), and a file renamed or linked meanwhile carries the peer's copy of
+    its old name, which the pass may not have reached. So after a pass that did a delta
+    (``raced``), or during which something was renamed, linked or could not be read, the
+    changes noted meanwhile are reconciled: renamed and linked names by a checksum delta
+    (never replayed: the peer applied them in stream order already), the rest as an
+    incremental pass does. Until a round needs no delta; a link failure (the session
+    starts again) past SETTLE_ROUNDS."""
+    for _ in range(SETTLE_ROUNDS):
+        live = changes()
+        redo = set(live.scope) | progress.retry
+        for src, dst in live.renames:
+            redo |= {src, dst}
+        progress.retry = set()
+        if not (raced or redo):
+            return
+        live.renames = []
+        live.scope = redo
+        raced = bool(redo)
+        await incremental(link, root, live, progress, on_progress)
+    raise LinkLost(
+        f"resync: the application kept renaming or the tree kept failing to read after "
+        f"{SETTLE_ROUNDS} rounds ({sorted(progress.retry)[:5]!r})"
+    )
+
+
 async def incremental(
     link: PrimaryLink, root: Path, state: DirtyState, progress: Progress,
     on_progress: Callable[[Progress], None] | None = None,
@@ -170,7 +261,8 @@ async def incremental(
     """Send exactly what ``state`` records. Paths in ``state.scope`` (a returning primary's
     names, in whatever state its copy left them) first get a checksum delta over their
     subtrees, then the recorded ranges and paths travel."""
-    progress.kind = "incremental"
+    if progress.kind != "full":
+        progress.kind = "incremental"
     if b"" in state.scope:  # the root is never replaced: its metadata is reconciled
         state.scope.discard(b"")
         state.touched.add(b"")
@@ -181,8 +273,13 @@ async def incremental(
         for src, dst in state.renames:
             state.scope |= {src, dst}
         state.renames = []
-        await full(link, root, progress, checksum=True, scope=state.scope,
-                   on_progress=on_progress)  # fmt: skip
+        await full_delta(link, root, progress, checksum=True, scope=state.scope,
+                         on_progress=on_progress)  # fmt: skip
+        # The delta made every file under the scope equal to ours as it read it: their
+        # ranges need not travel again (changes since are ``settle``'s).
+        for p in [p for p in state.ranges if _in_scope(p, state.scope)]:
+            del state.ranges[p]
+        state.touched = {p for p in state.touched if not _in_scope(p, state.scope)}
     progress.bytes_total = progress.bytes_done + _bytes_to_send(root, state)
     for src, dst in state.renames:
         link.submit(Record(0, Op.RENAME, src, path2=dst))
@@ -190,22 +287,36 @@ async def incremental(
     last = time.monotonic()
     for rel in paths:
         await _room(link, progress)
-        if rel == b"":
-            st0 = os.lstat(root)
-            for r in _meta_records(rel, st0):
-                link.submit(r)
-            continue
-        try:
-            st = os.lstat(_abs(root, rel))
-        except FileNotFoundError:
-            link.submit(Record(0, Op.UNLINK, rel, flags=REMOVE_ANY))
-            continue
-        await _reconcile(link, root, rel, st, state, progress)
+        await _reconcile_path(link, root, rel, state, progress)
         progress.files_done += 1
         if on_progress and time.monotonic() - last >= 1:
             last = time.monotonic()
             on_progress(progress)
     progress.queued_s = time.monotonic() - progress.started
+
+
+async def _reconcile_path(
+    link: PrimaryLink, root: Path, rel: bytes, state: DirtyState, progress: Progress
+) -> None:
+    """One recorded path. Any OSError means it changed meanwhile: gone here (or a directory
+    on its way replaced), the peer's goes too; anything else, ``settle`` reads it again."""
+    try:
+        st = os.lstat(_abs(root, rel))
+    except OSError as e:
+        if _absent(e) and rel:
+            link.submit(Record(0, Op.UNLINK, rel, flags=REMOVE_ANY))
+        else:
+            progress.retry.add(rel)
+        return
+    if rel == b"":
+        for r in _meta_records(rel, st):
+            link.submit(r)
+        return
+    try:
+        await _reconcile(link, root, rel, st, state, progress)
+    except OSError as e:
+        log.info("resync: %r changed meanwhile (%s): reconciled again", rel, e)
+        progress.retry.add(rel)
 
 
 async def _reconcile(  # noqa: PLR0917
@@ -273,7 +384,7 @@ def list_tree(root: Path, scope: Iterable[bytes] | None = None) -> dict[str, lis
     return out
 
 
-async def full(  # noqa: PLR0917
+async def full_delta(  # noqa: PLR0917
     link: PrimaryLink, root: Path, progress: Progress, checksum: bool = False,
     quarantine: bool = False, on_progress: Callable[[Progress], None] | None = None,
     scope: set[bytes] | None = None,
@@ -302,22 +413,34 @@ async def full(  # noqa: PLR0917
         rel = os.fsencode(p)
         try:
             st = os.lstat(_abs(root, rel))
-        except FileNotFoundError:
+        except OSError as e:
+            # Gone meanwhile: its operation is in the stream. Otherwise: read again later.
+            if not _absent(e):
+                progress.retry.add(rel)
             continue
         t = theirs.get(p)
         if t is not None and stat.S_IFMT(t[0]) != stat.S_IFMT(st.st_mode):
             link.submit(Record(0, Op.UNLINK, rel, flags=REMOVE_ANY))
             t = None
-        if stat.S_ISREG(st.st_mode):
-            await _send_file(link, root, rel, st, None if t is None else t[1], progress)
-            for r in _meta_records(rel, st):
-                link.submit(r)
-        else:
-            await _reconcile(link, root, rel, st, DirtyState(), progress)
+        try:
+            if stat.S_ISREG(st.st_mode):
+                await _send_file(link, root, rel, st, None if t is None else t[1], progress)
+                for r in _meta_records(rel, st):
+                    link.submit(r)
+            else:
+                await _reconcile(link, root, rel, st, DirtyState(), progress)
+        except OSError as e:
+            # Rotated, removed or replaced while its delta was made: ``settle`` reconciles
+            # it where it is now (its rename, if any, is among the changes noted).
+            log.info("resync: %r changed meanwhile (%s): reconciled again", rel, e)
+            progress.retry.add(rel)
         progress.files_done += 1
         if on_progress and time.monotonic() - last >= 1:
             last = time.monotonic()
             on_progress(progress)
+
+
+full = full_delta  # the name callers and tests know
 
 
 async def _send_file(  # noqa: PLR0917

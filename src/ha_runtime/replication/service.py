@@ -86,6 +86,8 @@ class ReplicationStatus:
     synced_generation: str | None = None
     rejected: dict[str, int] = field(default_factory=dict)
     last_error: str | None = None
+    # Sessions ended by an unexpected error (each a link failure, reconnected with backoff).
+    session_errors: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -404,6 +406,12 @@ class ReplicationService:
                 except trio.TooSlowError:
                     # a resync waited a whole timeout for room without any acknowledgement
                     link.fail(f"no acknowledgement within {link.timeout:g} s (resync)")
+                except Exception as e:
+                    # Never an exit of this child (it would unmount the application's
+                    # directory under it): a link failure, reconnected with backoff.
+                    log.exception("replication %s: session failed", self.module.name)
+                    self._status.session_errors += 1
+                    link.fail(f"session error: {type(e).__name__}: {e}")
                 n.cancel_scope.cancel()
             lasted = trio.current_time() - t_session
             await self._go_alone(link.lost_reason or "link closed")
@@ -428,7 +436,9 @@ class ReplicationService:
         self._emit("peer_connected", address=link.conn.peer)
         full, quarantine = self._resync_request or (False, False)
         self._resync_request = None
-        state = self._dirty.snapshot()
+        # From here on, what the application changes while the resync works is gathered
+        # too (resync.settle reconciles it): the snapshot and the watch start together.
+        state = self._dirty.snapshot(watch=True)
         why = self._resync_kind(hello)
         if why is not None:
             full = True
@@ -455,10 +465,12 @@ class ReplicationService:
             self._dirty.clear()
             self._dirty.mark_lost()
             await trio.to_thread.run_sync(self._dirty.sync)
-            await resync.full(link, self.backing, self._progress, checksum=True,
-                              quarantine=quarantine, on_progress=self._on_progress)  # fmt: skip
-            state = self._dirty.snapshot()
-        await resync.incremental(link, self.backing, state, self._progress, self._on_progress)
+        try:
+            await resync.run(link, self.backing, state, self._progress, full=full,
+                             changes=self._dirty.take_watch, quarantine=quarantine,
+                             on_progress=self._on_progress)  # fmt: skip
+        finally:
+            self._dirty.end_watch()
         # Everything the activity log held is in the dirty log or on the peer: start afresh
         # (the dirty log keeps covering what goes before the final barrier).
         assert self._al is not None

@@ -21,6 +21,8 @@ from ha_runtime.config import (
     ScriptsSpec,
     TlsSpec,
 )
+from ha_runtime.replication import delta as D
+from ha_runtime.replication import resync
 from ha_runtime.replication import transport as T
 from ha_runtime.replication.applier import Applier
 from ha_runtime.replication.dirtylog import ActivityLog, DirtyLog
@@ -186,3 +188,65 @@ def test_a_namespace_change_after_the_link_was_lost_is_recorded(
             assert _durable(svc._dirty)
 
     trio.run(main)
+
+
+def test_an_unexpected_error_in_a_session_is_a_link_failure_not_an_exit(
+    tmp_path: Path, site: dict[str, T.TlsFiles]
+) -> None:
+    """A session that fails on something unforeseen (here the peer's listing is malformed)
+    ends that link only: the primary reconnects with backoff, counts it, and the next
+    session brings the peer in sync. Before, the exception ended the primary's child and
+    unmounted the application's directory under it."""
+    port = _free_port()
+    second = tmp_path / "second"
+    applier = Applier(second)
+    lists = 0
+
+    async def barrier() -> int:
+        applier.barrier()
+        return applier.durable_seq
+
+    async def control(obj: dict[str, object], body: bytes) -> tuple[dict[str, object], bytes]:
+        nonlocal lists
+        applier.barrier()
+        if obj.get("op") == "list":
+            lists += 1
+            if lists == 1:
+                return {"tree": {"x": "not a [mode, size, mtime]"}}, b""
+            return {"tree": resync.list_tree(second)}, b""
+        if obj.get("op") == "sig":
+            return {}, D.signature_file(os.fsencode(second / str(obj["path"]))).encode()
+        return {}, b""
+
+    async def handler(conn: T.Conn) -> None:
+        await T.SecondarySession(conn, applier.apply, barrier, control).run()
+
+    svc = _service(tmp_path, site["node1"], port)
+    (svc.backing / "x").write_bytes(b"x" * 100_000)
+
+    async def main() -> None:
+        async with trio.open_nursery() as n:
+            await n.start(
+                lambda task_status: T.serve(
+                    addresses=["127.0.0.1"], port=port, peer="node1",
+                    ctx=T.server_context(site["node2"]), key=KEY, handler=handler,
+                    task_status=task_status,
+                )
+            )  # fmt: skip
+            svc._dirty = DirtyLog(svc.dirty_path)
+            svc._dirty.open()
+            svc._al = ActivityLog(svc.al_path)
+            svc._al.open()
+            n.start_soon(svc._connect_loop)
+            with trio.fail_after(20):
+                while svc.status().state != "sync":
+                    await trio.sleep(0.05)
+            n.cancel_scope.cancel()
+        svc._dirty.close()
+        svc._al.close()
+
+    trio.run(main)
+    applier.close()
+    assert lists >= 2
+    assert svc.status().session_errors == 1
+    assert (second / "x").read_bytes() == b"x" * 100_000

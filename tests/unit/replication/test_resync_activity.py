@@ -1,0 +1,201 @@
+"""Resync while the application keeps working: rotating, replacing, removing files and
+directories under it. Every OSError on a path means "changed meanwhile": the resync goes
+on, reconciles the path again, and the peer's copy ends equal to the primary's.
+
+The primary's side is the real resync code and a real DirtyLog; the peer is a real Applier
+applying the stream in order (the application's own operations join that stream at the
+moment they happen, as the FUSE layer's after() submits them)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from ha_runtime.replication import resync
+from ha_runtime.replication.applier import Applier
+from ha_runtime.replication.dirtylog import DirtyLog
+from ha_runtime.replication.journal import Op, Record
+
+_spec = importlib.util.spec_from_file_location(
+    "resync_tests", Path(__file__).parent / "test_resync.py"
+)
+assert _spec and _spec.loader
+_rt = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_rt)
+ApplyingLink, snapshot = _rt.ApplyingLink, _rt.snapshot
+
+
+class LiveLink(ApplyingLink):  # type: ignore[misc,valid-type]
+    """The applying link, with the application acting at a chosen moment of the resync:
+    ``on_room[n]`` runs before the n-th backpressure wait, ``on_sig[path]`` while the
+    peer computes that file's signature."""
+
+    lost_reason: str | None = None
+
+    def __init__(self, applier: Applier) -> None:
+        super().__init__(applier)
+        self.rooms = 0
+        self.on_room: dict[int, Callable[[], None]] = {}
+        self.on_sig: dict[str, Callable[[], None]] = {}
+
+    async def room(self) -> None:
+        self.rooms += 1
+        act = self.on_room.pop(self.rooms, None)
+        if act:
+            act()
+        await trio.lowlevel.checkpoint()
+
+    async def request(self, obj: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
+        try:
+            reply: tuple[dict[str, Any], bytes] = await super().request(obj)
+        except OSError as e:  # as the secondary's session answers a failed control
+            reply = {"error": str(e)}, b""
+        act = self.on_sig.pop(obj.get("path", ""), None) if obj["op"] == "sig" else None
+        if act:
+            act()  # the file changes between its signature and its delta
+        return reply
+
+
+class App:
+    """The application writing through the primary's mount: each operation is noted in the
+    dirty log (resyncing: before()), performed on the backing directory, then shipped in
+    stream order (after())."""
+
+    def __init__(self, root: Path, log: DirtyLog, link: LiveLink) -> None:
+        self.root, self.log, self.link = root, log, link
+
+    def _do(self, rec: Record, fn: Callable[[], object]) -> None:
+        self.log.sync(self.log.note(rec))
+        fn()
+        self.link.submit(rec)
+
+    def write(self, rel: str, data: bytes) -> None:
+        p = self.root / rel
+        if not p.exists():
+            self._do(Record(0, Op.CREATE, rel.encode(), mode=0o100644), lambda: p.touch(0o644))
+        self._do(Record(0, Op.WRITE, rel.encode(), offset=0, data=data),
+                 lambda: p.write_bytes(data))  # fmt: skip
+
+    def rename(self, src: str, dst: str) -> None:
+        self._do(Record(0, Op.RENAME, src.encode(), path2=dst.encode()),
+                 lambda: os.rename(self.root / src, self.root / dst))  # fmt: skip
+
+    def rmtree(self, rel: str) -> None:
+        top = self.root / rel
+        for dirpath, dirs, files in os.walk(top, topdown=False):
+            for n in files:
+                p = Path(dirpath, n)
+                self._do(Record(0, Op.UNLINK, os.fsencode(p.relative_to(self.root))), p.unlink)
+            for n in dirs:
+                p = Path(dirpath, n)
+                self._do(Record(0, Op.RMDIR, os.fsencode(p.relative_to(self.root))), p.rmdir)
+        self._do(Record(0, Op.RMDIR, rel.encode()), top.rmdir)
+
+    def mkdir(self, rel: str) -> None:
+        self._do(Record(0, Op.MKDIR, rel.encode(), mode=0o40755), (self.root / rel).mkdir)
+
+
+def _pair(tmp: Path) -> tuple[Path, Path, DirtyLog, Applier, LiveLink, App]:
+    prim, peer = tmp / "prim", tmp / "peer"
+    (prim / "d").mkdir(parents=True)
+    (prim / "logs").mkdir()
+    for i in range(3):
+        (prim / f"d/x{i}").write_bytes(os.urandom(100_000))
+    (prim / "logs/app.log").write_bytes(os.urandom(300_000))
+    (prim / "logs/app.log.1").write_bytes(os.urandom(300_000))
+    (prim / "a").write_bytes(os.urandom(200_000))
+    shutil.copytree(prim, peer, symlinks=True)
+    log = DirtyLog(tmp / "dirty")
+    log.open()
+    applier = Applier(peer)
+    link = LiveLink(applier)
+    return prim, peer, log, applier, link, App(prim, log, link)
+
+
+def _run(link: LiveLink, prim: Path, log: DirtyLog, full: bool) -> resync.Progress:
+    """What the primary's session does: the pass, then what changed meanwhile, settled."""
+    progress = resync.Progress()
+    state = log.snapshot(watch=True)
+
+    async def main() -> None:
+        await resync.run(link, prim, state, progress, full=full, changes=log.take_watch)  # type: ignore[arg-type]
+
+    trio.run(main)
+    return progress
+
+
+def test_incremental_survives_a_directory_replaced_by_a_file(tmp_path: Path) -> None:
+    prim, peer, log, applier, link, app = _pair(tmp_path)
+    for rel in ("a", "d/x0", "d/x1"):
+        log.note(Record(0, Op.WRITE, rel.encode(), offset=0, length=50_000))
+        data = os.urandom(50_000)
+        with open(prim / rel, "r+b") as f:
+            f.write(data)
+
+    def replace_dir() -> None:  # rm -rf d && echo > d, while the resync is at "a"
+        app.rmtree("d")
+        app.write("d", b"now a file")
+
+    link.on_room[2] = replace_dir
+    _run(link, prim, log, full=False)
+    applier.barrier()
+    applier.close()
+    assert not link.on_room, "the application never acted"
+    assert snapshot(peer) == snapshot(prim)
+
+
+def test_full_resync_survives_rotation_and_a_tree_recreated(tmp_path: Path) -> None:
+    prim, peer, log, applier, link, app = _pair(tmp_path)
+    # the peer's copy differs everywhere (a full resync: its state is unknown)
+    for p in peer.rglob("*"):
+        if p.is_file():
+            p.write_bytes(os.urandom(p.stat().st_size))
+
+    def rotate() -> None:  # logrotate: .1 -> .2 (a name the pass does not know), the log
+        # -> .1 (over a name the pass is at), a new log (a name it is done with)
+        app.rename("logs/app.log.1", "logs/app.log.2")
+        app.rename("logs/app.log", "logs/app.log.1")
+        app.write("logs/app.log", os.urandom(70_000))
+
+    def delete() -> None:  # rotated away while its delta is made
+        app._do(Record(0, Op.UNLINK, b"a"), (prim / "a").unlink)
+
+    def recreate() -> None:  # rm -rf d && mkdir d && new files
+        app.rmtree("d")
+        app.mkdir("d")
+        app.write("d/x0", os.urandom(90_000))
+        app.write("d/fresh", b"f" * 1000)
+
+    link.on_sig["logs/app.log.1"] = rotate
+    link.on_sig["a"] = delete
+    link.on_sig["d/x1"] = recreate
+    _run(link, prim, log, full=True)
+    applier.barrier()
+    applier.close()
+    assert not link.on_sig, "the application never acted"
+    assert snapshot(peer) == snapshot(prim)
+
+
+def test_full_resync_survives_a_file_replaced_by_a_directory_during_its_delta(
+    tmp_path: Path,
+) -> None:
+    prim, peer, log, applier, link, app = _pair(tmp_path)
+    (peer / "a").write_bytes(os.urandom(200_000))
+
+    def replace() -> None:
+        app._do(Record(0, Op.UNLINK, b"a"), (prim / "a").unlink)
+        app.mkdir("a")
+        app.write("a/inside", b"i" * 10)
+
+    link.on_sig["a"] = replace
+    _run(link, prim, log, full=True)
+    applier.barrier()
+    applier.close()
+    assert not link.on_sig
+    assert snapshot(peer) == snapshot(prim)
