@@ -248,10 +248,12 @@ async def settle(
         live.scope = redo
         raced = bool(redo)
         await incremental(link, root, live, progress, on_progress)
-    raise LinkLost(
+    reason = (
         f"resync: the application kept renaming or the tree kept failing to read after "
         f"{SETTLE_ROUNDS} rounds ({sorted(progress.retry)[:5]!r})"
     )
+    link.fail(reason)  # a link failure: the session starts over after a backoff
+    raise LinkLost(reason)
 
 
 async def incremental(

@@ -15,12 +15,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 
 from ha_runtime.replication import resync
 from ha_runtime.replication.applier import Applier
 from ha_runtime.replication.dirtylog import DirtyLog
 from ha_runtime.replication.journal import Op, Record
+from ha_runtime.replication.transport import LinkLost
 
 _spec = importlib.util.spec_from_file_location(
     "resync_tests", Path(__file__).parent / "test_resync.py"
@@ -43,6 +45,7 @@ class LiveLink(ApplyingLink):  # type: ignore[misc,valid-type]
         self.rooms = 0
         self.on_room: dict[int, Callable[[], None]] = {}
         self.on_sig: dict[str, Callable[[], None]] = {}
+        self.on_list: Callable[[], None] | None = None
 
     async def room(self) -> None:
         self.rooms += 1
@@ -51,7 +54,12 @@ class LiveLink(ApplyingLink):  # type: ignore[misc,valid-type]
             act()
         await trio.lowlevel.checkpoint()
 
+    def fail(self, reason: str) -> None:
+        self.lost_reason = self.lost_reason or reason
+
     async def request(self, obj: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
+        if obj["op"] == "list" and self.on_list:
+            self.on_list()
         try:
             reply: tuple[dict[str, Any], bytes] = await super().request(obj)
         except OSError as e:  # as the secondary's session answers a failed control
@@ -199,3 +207,21 @@ def test_full_resync_survives_a_file_replaced_by_a_directory_during_its_delta(
     applier.close()
     assert not link.on_sig
     assert snapshot(peer) == snapshot(prim)
+
+
+def test_a_resync_that_cannot_settle_is_a_link_failure_not_a_loop(tmp_path: Path) -> None:
+    """An application renaming on every round: the session gives up after SETTLE_ROUNDS
+    (a link failure: it starts over after a backoff), it does not spin forever."""
+    prim, _peer, log, applier, link, app = _pair(tmp_path)
+    flip = [0]
+
+    def rename_again() -> None:
+        src, dst = ("a", "b") if flip[0] % 2 == 0 else ("b", "a")
+        app.rename(src, dst)
+        flip[0] += 1
+
+    link.on_list = rename_again
+    with pytest.raises(LinkLost, match="kept renaming"):
+        _run(link, prim, log, full=True)
+    applier.close()
+    assert link.lost_reason and flip[0] == 1 + resync.SETTLE_ROUNDS
