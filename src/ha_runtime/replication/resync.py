@@ -341,10 +341,26 @@ async def _reconcile(  # noqa: PLR0917
         # touches the path), so the data records alone rebuild it, two records fewer.
         if rs is not None:
             await _send_ranges(link, root, rel, list(rs), progress)
+            _send_meta_now(link, root, rel, st)
+            return
     else:
         link.submit(Record(0, Op.MKNOD, rel, mode=m, rdev=st.st_rdev, uid=st.st_uid, gid=st.st_gid))
     for r in _meta_records(rel, st):
         link.submit(r)
+
+
+def _send_meta_now(link: PrimaryLink, root: Path, rel: bytes, was: os.stat_result) -> None:
+    """The metadata of ``rel`` as it is now, if it still names the file ``was`` describes:
+    the application may have changed it (chmod, a write's mtime) while its data travelled,
+    and a stale SETATTR queued after that change would undo it on the peer. Renamed or
+    replaced meanwhile: its operations are in the stream, nothing to send."""
+    try:
+        st = os.lstat(_abs(root, rel))
+    except OSError:
+        return
+    if (st.st_dev, st.st_ino) == (was.st_dev, was.st_ino):
+        for r in _meta_records(rel, st):
+            link.submit(r)
 
 
 # --------------------------------------------------------------------------- full
@@ -427,8 +443,7 @@ async def full_delta(  # noqa: PLR0917
         try:
             if stat.S_ISREG(st.st_mode):
                 await _send_file(link, root, rel, st, None if t is None else t[1], progress)
-                for r in _meta_records(rel, st):
-                    link.submit(r)
+                _send_meta_now(link, root, rel, st)
             else:
                 await _reconcile(link, root, rel, st, DirtyState(), progress)
         except OSError as e:
@@ -481,8 +496,8 @@ async def _send_file(  # noqa: PLR0917
     sig = D.Signature.decode(sig_bytes)
     known = ours[0] if ours and sig.block_size == bs else None
     d = await trio.to_thread.run_sync(D.delta_file, sig, path, known)
-    # Live writes may land between pieces (and on the old file): they are in the dirty log
-    # and the incremental pass after the full one sends them again.
+    # Live writes may land between pieces (and on the old file): they are among the changes
+    # noted meanwhile, and ``settle`` sends them again.
     # In place (data changed where it lay), the secondary writes only the literals over its
     # file: a piece costs it no more than its own size, and it rewrites no 1 GiB beside.
     in_place = D.in_place(d)
@@ -496,6 +511,13 @@ async def _send_file(  # noqa: PLR0917
         # rebuilds, so its keepalive answers stay within the timeout.
         if len(sent) >= 2:
             await link.wait_progress(lambda: link.stats().received_seq >= sent[-2])
+        if not _same_or_longer(path, st):
+            # Renamed, replaced or cut shorter since the peer signed it (at the same stream
+            # position as our stat): the rest of the delta would land on another file or
+            # copy past the end of the peer's. Read again by ``settle``, whole.
+            log.info("resync: %r changed during its delta: done again", rel)
+            progress.retry.add(rel)
+            return
         flags = (DELTA_CONT if i else 0) | (DELTA_MORE if i < len(pieces) - 1 else 0)
         flags |= DELTA_IN_PLACE if in_place else 0
         sent.append(
@@ -504,6 +526,15 @@ async def _send_file(  # noqa: PLR0917
         link.ping()  # answered once the piece is rebuilt: its receipt ack
         out += piece.length
         progress.bytes_done += piece.length
+
+
+def _same_or_longer(path: bytes, was: os.stat_result) -> bool:
+    """``path`` still names the file ``was`` describes, and it is no shorter."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return (st.st_dev, st.st_ino) == (was.st_dev, was.st_ino) and st.st_size >= was.st_size
 
 
 def _read(path: bytes) -> bytes:
