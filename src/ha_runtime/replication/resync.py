@@ -23,7 +23,7 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,7 @@ from typing import Any
 import trio
 
 from ha_runtime.replication import delta as D
-from ha_runtime.replication.dirtylog import DirtyState
+from ha_runtime.replication.dirtylog import INF, DirtyState, RangeSet
 from ha_runtime.replication.journal import (
     DELTA_CONT,
     DELTA_IN_PLACE,
@@ -78,6 +78,22 @@ class Progress:
     # Paths that could not be read or listed here (not gone: an error other than "no such
     # file"); reconciled again by the next round of ``settle``.
     retry: set[bytes] = field(default_factory=set)
+    # Paths the pass has yet to reconcile (``all_pending``: every path, a delta over the
+    # tree in progress). The application's operations on them are held back (``hold``):
+    # the peer may lack them yet (a WRITE to a file it does not have fails there, the link
+    # dropped and every reconnection repeated it).
+    pending: set[bytes] = field(default_factory=set)
+    all_pending: bool = False
+    # Directories above pending paths, with how many pending paths each holds (an rmdir or
+    # a rename of one is held back too).
+    above: dict[bytes, int] = field(default_factory=dict)
+    # Paths of operations held back that this pass will not reconcile: the next round will.
+    leftover: set[bytes] = field(default_factory=set)
+    # What the operations held back changed, by path: the path's reconciliation sends it.
+    held: dict[bytes, RangeSet] = field(default_factory=dict)
+    # Files whose ranges are on their way: a rename or link of one (or of a directory above)
+    # is held back too, or the rest of its ranges would go to the old name.
+    sending: set[bytes] = field(default_factory=set)
 
     @property
     def bytes_left(self) -> int:
@@ -103,6 +119,77 @@ class Progress:
             "files_done": self.files_done,
             "queued_s": None if self.queued_s is None else round(self.queued_s, 3),
         }
+
+
+def hold(progress: Progress, rec: Record) -> bool:
+    """True: do not ship the application's operation ``rec`` now (it is in the dirty log,
+    and among the changes ``settle`` gathers); a path of it, or a directory above one, is
+    still to be reconciled by this pass, which then reads it as it is. Its paths are held
+    until reconciled, and those the pass will not reach are left to the next round."""
+    moves = rec.op in (Op.RENAME, Op.LINK)
+    names = (rec.path, rec.path2) if moves else (rec.path,)
+    moving = moves and any(_in_scope(f, set(names)) for f in progress.sending)
+    if not (
+        progress.all_pending
+        or moving
+        or any(_in_scope(p, progress.pending) or p in progress.above for p in names)
+    ):
+        return False
+    for p in names:
+        if not progress.all_pending:
+            _pend(progress, p)
+        progress.leftover.add(p)
+    if moves or rec.op in _TYPE_OPS:
+        # The peer's copy of the names moved is unknown now, or what is there may be of
+        # another type than ours (a directory replaced by a file): listed and compared by
+        # a checksum delta, whole subtrees, next round (a reconciliation by name assumes
+        # the peer holds the same kind of thing).
+        progress.retry |= set(names)
+    rs = progress.held.setdefault(rec.path, RangeSet())
+    if rec.op in (Op.WRITE, Op.FALLOCATE):
+        rs.add(rec.offset, rec.offset + (rec.length if rec.op == Op.FALLOCATE else len(rec.data)))
+    elif rec.op == Op.TRUNCATE:
+        rs.add(rec.offset, INF)
+    return True
+
+
+_TYPE_OPS = frozenset({Op.CREATE, Op.MKNOD, Op.MKDIR, Op.SYMLINK, Op.UNLINK, Op.RMDIR})
+
+
+def _ancestors(p: bytes) -> Iterator[bytes]:
+    while b"/" in p:
+        p = p.rpartition(b"/")[0]
+        yield p
+
+
+def _pend(progress: Progress, p: bytes) -> None:
+    if p not in progress.pending:
+        progress.pending.add(p)
+        for a in _ancestors(p):
+            progress.above[a] = progress.above.get(a, 0) + 1
+
+
+def _pend_all(progress: Progress, paths: Iterable[bytes]) -> None:
+    progress.pending, progress.above = set(), {}
+    for p in paths:
+        _pend(progress, p)
+
+
+def _reconciled(progress: Progress, rel: bytes) -> None:
+    """``rel`` is read as it is now: what was held back for it is included."""
+    progress.leftover.discard(rel)
+    _unpend(progress, rel)
+
+
+def _unpend(progress: Progress, rel: bytes) -> None:
+    if rel in progress.pending:
+        progress.pending.discard(rel)
+        for a in _ancestors(rel):
+            n = progress.above.get(a, 0) - 1
+            if n > 0:
+                progress.above[a] = n
+            else:
+                progress.above.pop(a, None)
 
 
 def _abs(root: Path, rel: bytes) -> bytes:
@@ -146,6 +233,7 @@ async def _send_ranges(
         if not _absent(e):
             progress.retry.add(rel)
         return  # gone or not a file anymore: its own op is in the stream
+    progress.sending.add(rel)
     try:
         st0 = os.fstat(fd)
         if not stat.S_ISREG(st0.st_mode):
@@ -173,6 +261,7 @@ async def _send_ranges(
                 off += len(data)
                 await trio.lowlevel.checkpoint()
     finally:
+        progress.sending.discard(rel)
         os.close(fd)
 
 
@@ -209,66 +298,91 @@ async def run(
     on_progress: Callable[[Progress], None] | None = None,
 ) -> None:  # fmt: skip
     """A resync: the full checksum delta or the incremental pass over ``state``, then
-    ``settle`` over what the application changed meanwhile. ``changes()`` returns what was
-    noted since the previous call (the first: since ``state`` was taken)."""
-    if full:
-        await full_delta(link, root, progress, checksum=True, quarantine=quarantine,
-                         on_progress=on_progress)  # fmt: skip
-        raced = True
-    else:
-        raced = bool(state.scope)
-        await incremental(link, root, state, progress, on_progress)
-    await settle(link, root, progress, changes, raced=raced, on_progress=on_progress)
+    ``settle`` over what the application changed that the pass held back. ``changes()``
+    returns what was noted since the previous call (the first: since ``state`` was
+    taken)."""
+    try:
+        if full:
+            progress.all_pending = True
+            try:
+                await full_delta(link, root, progress, checksum=True, quarantine=quarantine,
+                                 on_progress=on_progress)  # fmt: skip
+            finally:
+                progress.all_pending = False
+        else:
+            await incremental(link, root, state, progress, on_progress)
+        await settle(link, root, progress, changes, on_progress=on_progress)
+    finally:
+        _pend_all(progress, ())
+        progress.all_pending = False
+        progress.held = {}
 
 
 async def settle(
     link: PrimaryLink, root: Path, progress: Progress, changes: Callable[[], DirtyState], *,
-    raced: bool, on_progress: Callable[[Progress], None] | None = None,
+    on_progress: Callable[[Progress], None] | None = None,
 ) -> None:  # fmt: skip
-    """Reconcile what the application changed while the resync worked on it.
+    """Reconcile what the application changed while the pass could not ship it.
 
-    A range sent by an incremental pass is read and queued at once, so the application's
-    later operations land after it: consistent. A delta is not (the file is read, the
-    pieces travel later), and a file renamed or linked meanwhile carries the peer's copy of
-    its old name, which the pass may not have reached. So after a pass that did a delta
-    (``raced``), or during which something was renamed, linked or could not be read, the
-    changes noted meanwhile are reconciled: renamed and linked names by a checksum delta
-    (never replayed: the peer applied them in stream order already), the rest as an
-    incremental pass does. Until a round needs no delta; a link failure (the session
-    starts again) past SETTLE_ROUNDS."""
+    The application's operations on paths the pass had yet to reconcile were held back
+    (``hold``): the peer might lack them, and a delta is not atomic (the file is read, the
+    pieces travel later). Those the pass reconciled afterwards were read as they were then;
+    the others (``leftover``), and paths that could not be read (``retry``), are reconciled
+    here from the changes noted meanwhile: renamed and linked names by a checksum delta
+    (never replayed: the peer's copy of the source may not be ours), the rest as an
+    incremental pass does. Operations shipped live followed the peer's copy in order, and
+    need nothing more. Until a round leaves nothing behind; past SETTLE_ROUNDS, a link
+    failure (the session starts over)."""
     for _ in range(SETTLE_ROUNDS):
         live = changes()
-        redo = set(live.scope) | progress.retry
-        for src, dst in live.renames:
-            redo |= {src, dst}
+        retry, held = progress.retry, progress.leftover | progress.retry
         progress.retry = set()
-        if not (raced or redo):
+        progress.leftover = set()
+        if not held:
             return
-        live.renames = []
-        live.scope = redo
-        raced = bool(redo)
-        await incremental(link, root, live, progress, on_progress)
+        moved = {p for p in live.scope if p in held}
+        for src, dst in live.renames:
+            if src in held or dst in held:
+                moved |= {src, dst}
+        # read again whole: moved names, what could not be read or whose delta was left
+        work = DirtyState(scope=moved | retry | _unnoted(held, live))
+        work.touched = {p for p in live.touched | held if p in held}
+        work.ranges = {p: r for p, r in live.ranges.items() if p in held}
+        await incremental(link, root, work, progress, on_progress)
     reason = (
         f"resync: the application kept renaming or the tree kept failing to read after "
-        f"{SETTLE_ROUNDS} rounds ({sorted(progress.retry)[:5]!r})"
+        f"{SETTLE_ROUNDS} rounds ({sorted(progress.retry | progress.leftover)[:5]!r})"
     )
     link.fail(reason)  # a link failure: the session starts over after a backoff
     raise LinkLost(reason)
 
 
+def _unnoted(held: set[bytes], live: DirtyState) -> set[bytes]:
+    """Held paths with no change noted for them (a path that could not be read, or whose
+    delta was abandoned): a checksum delta reads them again whole."""
+    return {p for p in held if p not in live.touched and p not in live.ranges}
+
+
 async def incremental(
     link: PrimaryLink, root: Path, state: DirtyState, progress: Progress,
     on_progress: Callable[[Progress], None] | None = None,
-) -> None:  # fmt: skip
+) -> bool:  # fmt: skip
     """Send exactly what ``state`` records. Paths in ``state.scope`` (a returning primary's
     names, in whatever state its copy left them) first get a checksum delta over their
-    subtrees, then the recorded ranges and paths travel."""
+    subtrees, then the recorded ranges and paths travel. True if a delta was made (what
+    changed meanwhile must be settled)."""
     if progress.kind != "full":
         progress.kind = "incremental"
+    _pend_all(progress, state.touched | set(state.ranges) | state.scope)
+    if state.renames and not state.scope:
+        await _replay_renames(link, state)
     if b"" in state.scope:  # the root is never replaced: its metadata is reconciled
         state.scope.discard(b"")
         state.touched.add(b"")
-    if state.scope:
+    for p in state.scope:  # renames not replayed: their names are read whole
+        _pend(progress, p)
+    delta = bool(state.scope)
+    if delta:
         # The peer's copy may differ from the one our renames were recorded against (names
         # in scope): replaying one there could fail or misplace; both names are reconciled
         # whole instead.
@@ -277,14 +391,15 @@ async def incremental(
         state.renames = []
         await full_delta(link, root, progress, checksum=True, scope=state.scope,
                          on_progress=on_progress)  # fmt: skip
+        for p in list(state.scope):
+            _unpend(progress, p)
+        # (what was held meanwhile is left over: the next round)
         # The delta made every file under the scope equal to ours as it read it: their
         # ranges need not travel again (changes since are ``settle``'s).
         for p in [p for p in state.ranges if _in_scope(p, state.scope)]:
             del state.ranges[p]
         state.touched = {p for p in state.touched if not _in_scope(p, state.scope)}
     progress.bytes_total = progress.bytes_done + _bytes_to_send(root, state)
-    for src, dst in state.renames:
-        link.submit(Record(0, Op.RENAME, src, path2=dst))
     paths = sorted(state.touched | set(state.ranges), key=lambda p: (p.count(b"/"), p))
     last = time.monotonic()
     for rel in paths:
@@ -295,6 +410,50 @@ async def incremental(
             last = time.monotonic()
             on_progress(progress)
     progress.queued_s = time.monotonic() - progress.started
+    return delta
+
+
+async def _replay_renames(link: PrimaryLink, state: DirtyState) -> None:
+    """Replay the recorded renames the peer's copy can take, so moved files need not travel;
+    put the names of the others in scope (a checksum delta). A rename of a name created
+    while the peer was away (logrotate: the new log, rotated again), into a directory it
+    lacks, or over a name of the other kind, failed on the peer, the link dropped, and every
+    reconnection repeated it. The peer lists the names involved; the renames are played on
+    that listing, in order, to know which ones hold."""
+    names: set[bytes] = set()
+    for src, dst in state.renames:
+        names |= {src, dst, dst.rpartition(b"/")[0]}
+    names.discard(b"")
+    reply, _ = await link.request({"op": "list", "paths": sorted(os.fsdecode(p) for p in names)})
+    peer: dict[bytes, int] = {}
+    for k, v in (reply.get("tree") or {}).items():
+        if isinstance(k, str) and isinstance(v, list) and v and isinstance(v[0], int):
+            peer[os.fsencode(k)] = v[0]
+    for src, dst in state.renames:
+        if _renames(peer, src, dst):
+            link.submit(Record(0, Op.RENAME, src, path2=dst))
+            moved = {k[len(src) :]: m for k, m in peer.items() if _in_scope(k, {src})}
+            for k in [k for k in peer if _in_scope(k, {src}) or _in_scope(k, {dst})]:
+                del peer[k]
+            peer.update({dst + rest: m for rest, m in moved.items()})
+        else:
+            state.scope |= {src, dst}
+    state.renames = []
+
+
+def _renames(peer: dict[bytes, int], src: bytes, dst: bytes) -> bool:
+    """Whether ``rename(src, dst)`` succeeds on a copy whose names and modes are ``peer``."""
+    if src not in peer or src == dst or _in_scope(dst, {src}):
+        return False
+    parent = dst.rpartition(b"/")[0]
+    if parent and not stat.S_ISDIR(peer.get(parent, 0)):
+        return False
+    if dst in peer:
+        if stat.S_ISDIR(peer[src]) != stat.S_ISDIR(peer[dst]):
+            return False
+        if stat.S_ISDIR(peer[dst]) and any(_in_scope(k, {dst}) and k != dst for k in peer):
+            return False  # a directory onto a non-empty one
+    return True
 
 
 async def _reconcile_path(
@@ -302,6 +461,13 @@ async def _reconcile_path(
 ) -> None:
     """One recorded path. Any OSError means it changed meanwhile: gone here (or a directory
     on its way replaced), the peer's goes too; anything else, ``settle`` reads it again."""
+    _reconciled(progress, rel)  # what happens to it from now on follows in the stream
+    held = progress.held.pop(rel, None)
+    if held is not None:  # what the application did to it meanwhile is read now too
+        state.touched.add(rel)
+        mine = state.ranges.setdefault(rel, RangeSet())
+        for a, b in held:
+            mine.add(a, b)
     try:
         st = os.lstat(_abs(root, rel))
     except OSError as e:

@@ -187,6 +187,16 @@ class ReplicationService:
         ):
             return
         await self._note_dirty(rec)
+        if self._status.state == "resyncing" and link is not None and not link.lost_reason:
+            # Shipped too (unless the resync holds it back): room on the link as in sync.
+            # Without it an application fsyncing as fast as answered queued hundreds of MiB,
+            # a keepalive's answer came later than the timeout, and the resync started over.
+            try:
+                await link.room()
+            except trio.TooSlowError:
+                link.fail(f"no acknowledgement within {link.timeout:g} s (queue full)")
+            except LinkLost:
+                pass  # recorded in the dirty log: nothing to ship
 
     async def _note_active(self, link: PrimaryLink, rec: Record) -> bool:
         """In sync: what the operation may change is hot in the activity log (durably)
@@ -236,6 +246,9 @@ class ReplicationService:
             and not link.lost_reason
             and self._status.state in ("sync", "resyncing")
         ):
+            progress = self._progress if self._status.state == "resyncing" else None
+            if progress is not None and resync.hold(progress, rec):
+                return  # in the dirty log; the resync reconciles its path later
             link.submit(rec)
             self._written += len(rec.data)
         elif not noted and self._dirty is not None:

@@ -81,11 +81,14 @@ class App:
 
     def __init__(self, root: Path, log: DirtyLog, link: LiveLink) -> None:
         self.root, self.log, self.link = root, log, link
+        self.progress: resync.Progress | None = None  # the resync in progress
 
     def _do(self, rec: Record, fn: Callable[[], object]) -> None:
         self.log.sync(self.log.note(rec))
         fn()
-        self.link.submit(rec)
+        # as the service's after(): held back while the resync has yet to reconcile it
+        if self.progress is None or not resync.hold(self.progress, rec):
+            self.link.submit(rec)
 
     def write(self, rel: str, data: bytes) -> None:
         p = self.root / rel
@@ -130,9 +133,9 @@ def _pair(tmp: Path) -> tuple[Path, Path, DirtyLog, Applier, LiveLink, App]:
     return prim, peer, log, applier, link, App(prim, log, link)
 
 
-def _run(link: LiveLink, prim: Path, log: DirtyLog, full: bool) -> resync.Progress:
+def _run(link: LiveLink, prim: Path, log: DirtyLog, full: bool, app: App) -> resync.Progress:
     """What the primary's session does: the pass, then what changed meanwhile, settled."""
-    progress = resync.Progress()
+    progress = app.progress = resync.Progress()
     state = log.snapshot(watch=True)
 
     async def main() -> None:
@@ -155,7 +158,7 @@ def test_incremental_survives_a_directory_replaced_by_a_file(tmp_path: Path) -> 
         app.write("d", b"now a file")
 
     link.on_room[2] = replace_dir
-    _run(link, prim, log, full=False)
+    _run(link, prim, log, full=False, app=app)
     applier.barrier()
     applier.close()
     assert not link.on_room, "the application never acted"
@@ -187,7 +190,7 @@ def test_full_resync_survives_rotation_and_a_tree_recreated(tmp_path: Path) -> N
     link.on_sig["logs/app.log.1"] = rotate
     link.on_sig["a"] = delete
     link.on_sig["d/x1"] = recreate
-    _run(link, prim, log, full=True)
+    _run(link, prim, log, full=True, app=app)
     applier.barrier()
     applier.close()
     assert not link.on_sig, "the application never acted"
@@ -206,7 +209,7 @@ def test_full_resync_survives_a_file_replaced_by_a_directory_during_its_delta(
         app.write("a/inside", b"i" * 10)
 
     link.on_sig["a"] = replace
-    _run(link, prim, log, full=True)
+    _run(link, prim, log, full=True, app=app)
     applier.barrier()
     applier.close()
     assert not link.on_sig
@@ -226,7 +229,7 @@ def test_a_resync_that_cannot_settle_is_a_link_failure_not_a_loop(tmp_path: Path
 
     link.on_list = rename_again
     with pytest.raises(LinkLost, match="kept renaming"):
-        _run(link, prim, log, full=True)
+        _run(link, prim, log, full=True, app=app)
     applier.close()
     assert link.lost_reason and flip[0] == 1 + resync.SETTLE_ROUNDS
 
@@ -320,7 +323,7 @@ def test_any_activity_during_a_resync_leaves_the_copies_equal(
             link.on_sig[rel] = lambda: _random_action(app, rnd)
         link.on_list = lambda: _random_action(app, rnd) if rnd.random() < 0.5 else None
         try:
-            _run(link, prim, log, full=full)
+            _run(link, prim, log, full=full, app=app)
         except LinkLost:
             # gave up after SETTLE_ROUNDS (renamed on every round): the session starts over,
             # the dirty log still holds everything; not a divergence, but say so if common
