@@ -200,7 +200,14 @@ def test_full_resync_while_the_application_rotates_and_replaces(mirror_site: Lab
         proc = in_node(mirror_site, primary, "hactl", "resync", MODULE, "--full", "--wait",
                        timeout=600)  # fmt: skip
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-        time.sleep(2)
+        # `--wait` may see PRIM before the link drops for the new resync: wait for its end
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and not any(
+            e.get("kind") == "resync_done" for e in _replication_events(mirror_site, primary, asked)
+        ):
+            time.sleep(1)
+        in_sync_pair(timeout=600)
+        time.sleep(2)  # in sync, the writer still at it
     finally:
         churn = _stop_churn(mirror_site, primary)
     mine = _replication_events(mirror_site, primary, asked)
