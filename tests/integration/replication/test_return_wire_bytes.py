@@ -6,7 +6,9 @@ before, the survivor sent about 80 MiB (the hot extents whole, then its own rang
 clean stop (drained: no logs) and the same change the other way. Counted as the bytes the
 new primary's link sent (frames, before TLS) from its HELLO to in sync. Last, the old
 primary rewrites 32 MiB of the existing file in place before it crashes (hot extents of a
-file it did not create) and the survivor changes 16 MiB.
+file it did not create) and the survivor changes 16 MiB. Last, the survivor goes ALONE,
+rewrites 16 MiB and crashes; the other node takes over on its own (split brain), rewrites
+16 MiB elsewhere, and the first returns: a full checksum delta, 32 MiB differ.
 
 Needs root and /dev/fuse (both available here and in CI)."""
 
@@ -130,22 +132,53 @@ def test_a_returning_node_costs_the_changed_bytes_only(tmp_path: Path) -> None: 
             await until(lambda: in_step(p1b))
             n.cancel_scope.cancel()
 
-        GenerationStore(c2.state_dir, module.name).save(GenRecord(g3.advance()))
+        g4 = g3.advance()
+        GenerationStore(c2.state_dir, module.name).save(GenRecord(g4))
         p2b = ReplicationService(module, c2, st, on_event=events.append)
         async with trio.open_nursery() as n:
             await n.start(p2b.run_primary)
             await io(_change, app / "big", 5)
-            await n.start(ReplicationService(module, c1, st).run_secondary)
+            sec_scope = trio.CancelScope()
+
+            async def run_sec(task_status: trio.TaskStatus[None]) -> None:
+                with sec_scope:
+                    await ReplicationService(module, c1, st).run_secondary(task_status=task_status)
+
+            await n.start(run_sec)
             await until(lambda: synced(p2b))
             assert p2b._link is not None
             figures["crash_in_sync_rewrite"] = p2b._link.conn.bytes_sent
             rep = await p2b.verify()
             assert rep.equal, rep.differences
+            # the peer goes; node2, ALONE (a new generation), rewrites 16 MiB, then crashes
+            sec_scope.cancel()
+            GenerationStore(c2.state_dir, module.name).save(GenRecord(g4.advance()))
+            await io(_change, app / "big", 6, (0, 4, 8, 12))
+            await until(lambda: p2b.status().state == "alone")
             n.cancel_scope.cancel()
+        full_before = sum(e.kind == "resync_full_needed" for e in events)
+
+        # node1 takes over on its own (split brain: its generation moves apart) and rewrites
+        # 16 MiB elsewhere; node2 returns: a full checksum delta (with quarantine), 32 MiB
+        # differ between the copies
+        GenerationStore(c1.state_dir, module.name).save(GenRecord(g4.advance()))
+        p1c = ReplicationService(module, c1, st, on_event=events.append)
+        async with trio.open_nursery() as n:
+            await n.start(p1c.run_primary)
+            await io(_change, app / "big", 7, (2, 6, 10, 14))
+            await n.start(ReplicationService(module, c2, st).run_secondary)
+            await until(lambda: synced(p1c), 120)
+            assert p1c._link is not None
+            figures["crash_while_alone"] = p1c._link.conn.bytes_sent
+            rep = await p1c.verify()
+            assert rep.equal, rep.differences
+            n.cancel_scope.cancel()
+        assert sum(e.kind == "resync_full_needed" for e in events) == full_before + 1
 
     trio.run(main)
     print(figures)
     full = [e for e in events if e.kind == "resync_full_needed"]
-    assert not full, full
+    assert len(full) == 1, full  # the split brain only
     for path, sent in figures.items():
-        assert sent <= 1.1 * CHANGED, (path, figures)
+        changed = 2 * CHANGED if path == "crash_while_alone" else CHANGED
+        assert sent <= 1.1 * changed, (path, figures)
