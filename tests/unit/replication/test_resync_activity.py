@@ -336,3 +336,36 @@ def test_any_activity_during_a_resync_leaves_the_copies_equal(
         # (times are not compared: the application's own operations set the peer's times
         # when they are applied there, as on a live link)
         assert _content(peer) == _content(prim)
+
+
+def test_renames_recorded_while_the_peer_was_away_replay_only_where_they_hold(
+    tmp_path: Path,
+) -> None:
+    """logrotate while the peer was away: the log it never had is renamed, a new one made,
+    and a file moved into a directory made meanwhile. Replaying those renames failed on the
+    peer (no such file), the link dropped, and every reconnection repeated it."""
+    prim, peer, log, applier, link, app = _pair(tmp_path)
+    app.progress = None
+
+    def alone(rec: Record, fn: Callable[[], object]) -> None:  # noted, not shipped
+        log.sync(log.note(rec))
+        fn()
+
+    lg = prim / "logs"
+    alone(Record(0, Op.CREATE, b"logs/new.log"), lambda: (lg / "new.log").write_bytes(b""))
+    alone(Record(0, Op.WRITE, b"logs/new.log", offset=0, length=5000),
+          lambda: (lg / "new.log").write_bytes(b"n" * 5000))  # fmt: skip
+    alone(Record(0, Op.RENAME, b"logs/new.log", path2=b"logs/new.log.1"),
+          lambda: os.rename(lg / "new.log", lg / "new.log.1"))  # fmt: skip
+    alone(Record(0, Op.RENAME, b"logs/app.log", path2=b"logs/app.log.1"),
+          lambda: os.rename(lg / "app.log", lg / "app.log.1"))  # fmt: skip
+    alone(Record(0, Op.MKDIR, b"arch"), (prim / "arch").mkdir)
+    alone(Record(0, Op.RENAME, b"logs/app.log.1", path2=b"arch/app.log.1"),
+          lambda: os.rename(lg / "app.log.1", prim / "arch/app.log.1"))  # fmt: skip
+    _run(link, prim, log, full=False, app=app)
+    applier.barrier()
+    applier.close()
+    assert snapshot(peer) == snapshot(prim)
+    # the one rename that holds on the peer's copy traveled as a rename, not its data
+    assert any(r.op == Op.RENAME and r.path == b"logs/app.log" for r in link.records)
+    assert not any(r.path == b"logs/new.log.1" and r.op == Op.RENAME for r in link.records)
