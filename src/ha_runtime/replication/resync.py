@@ -328,11 +328,13 @@ async def settle(
     (``hold``): the peer might lack them, and a delta is not atomic (the file is read, the
     pieces travel later). Those the pass reconciled afterwards were read as they were then;
     the others (``leftover``), and paths that could not be read (``retry``), are reconciled
-    here from the changes noted meanwhile: renamed and linked names by a checksum delta
-    (never replayed: the peer's copy of the source may not be ours), the rest as an
-    incremental pass does. Operations shipped live followed the peer's copy in order, and
-    need nothing more. Until a round leaves nothing behind; past SETTLE_ROUNDS, a link
-    failure (the session starts over)."""
+    here from the changes noted meanwhile: names renamed, linked or changed in type are
+    sent again whole (``_resend``: whatever the peer holds there goes; no delta, whose
+    listing and signatures would keep them held back long enough for a busy application
+    to touch them again, round after round), the rest as an incremental pass does.
+    Operations shipped live followed the peer's copy in order, and need nothing more. Until
+    a round leaves nothing behind; past SETTLE_ROUNDS, a link failure (the session starts
+    over)."""
     for _ in range(SETTLE_ROUNDS):
         live = changes()
         retry, held = progress.retry, progress.leftover | progress.retry
@@ -344,11 +346,16 @@ async def settle(
         for src, dst in live.renames:
             if src in held or dst in held:
                 moved |= {src, dst}
-        # read again whole: moved names, what could not be read or whose delta was left
-        work = DirtyState(scope=moved | retry | _unnoted(held, live))
-        work.touched = {p for p in live.touched | held if p in held}
-        work.ranges = {p: r for p, r in live.ranges.items() if p in held}
-        await incremental(link, root, work, progress, on_progress)
+        # sent again whole: moved names, what could not be read or whose delta was left
+        whole = moved | retry | _unnoted(held, live)
+        whole = {p for p in whole if not any(_in_scope(a, whole) for a in _ancestors(p))}
+        work = DirtyState(touched={p for p in held if not _in_scope(p, whole)})
+        work.ranges = {p: r for p, r in live.ranges.items() if p in work.touched}
+        _pend_all(progress, work.touched | whole)
+        await _reconcile_paths(link, root, work, progress, on_progress)
+        for rel in sorted(whole, key=lambda p: (p.count(b"/"), p)):
+            await _room(link, progress)
+            await _resend(link, root, rel, progress)
     reason = (
         f"resync: the application kept renaming or the tree kept failing to read after "
         f"{SETTLE_ROUNDS} rounds ({sorted(progress.retry | progress.leftover)[:5]!r})"
@@ -399,6 +406,15 @@ async def incremental(
         for p in [p for p in state.ranges if _in_scope(p, state.scope)]:
             del state.ranges[p]
         state.touched = {p for p in state.touched if not _in_scope(p, state.scope)}
+    await _reconcile_paths(link, root, state, progress, on_progress)
+    progress.queued_s = time.monotonic() - progress.started
+    return delta
+
+
+async def _reconcile_paths(
+    link: PrimaryLink, root: Path, state: DirtyState, progress: Progress,
+    on_progress: Callable[[Progress], None] | None,
+) -> None:  # fmt: skip
     progress.bytes_total = progress.bytes_done + _bytes_to_send(root, state)
     paths = sorted(state.touched | set(state.ranges), key=lambda p: (p.count(b"/"), p))
     last = time.monotonic()
@@ -409,8 +425,60 @@ async def incremental(
         if on_progress and time.monotonic() - last >= 1:
             last = time.monotonic()
             on_progress(progress)
-    progress.queued_s = time.monotonic() - progress.started
-    return delta
+
+
+async def _resend(link: PrimaryLink, root: Path, top: bytes, progress: Progress) -> None:
+    """Make the peer's ``top`` ours from scratch: whatever it holds there is removed, then
+    ours travels whole (a directory with everything under it). Each name is read and its
+    first records queued at once; what the application does to a name after that follows
+    in the stream, and to a name not reached yet is held back until it is (and read then)."""
+    todo = [top]
+    while todo:
+        rel = todo.pop()
+        _reconciled(progress, rel)
+        progress.held.pop(rel, None)
+        path = _abs(root, rel)
+        try:
+            st = os.lstat(path)
+        except OSError as e:
+            if _absent(e):
+                link.submit(Record(0, Op.UNLINK, rel, flags=REMOVE_ANY))
+            else:
+                progress.retry.add(rel)
+            continue
+        m = st.st_mode
+        try:
+            if stat.S_ISDIR(m):
+                kids = sorted(os.listdir(path), reverse=True)
+            elif stat.S_ISLNK(m):
+                target = os.readlink(path)
+        except OSError:
+            progress.retry.add(rel)
+            continue
+        link.submit(Record(0, Op.UNLINK, rel, flags=REMOVE_ANY))
+        if stat.S_ISDIR(m):
+            link.submit(Record(0, Op.MKDIR, rel, mode=m, uid=st.st_uid, gid=st.st_gid))
+            for r in _meta_records(rel, st):
+                link.submit(r)
+            for k in kids:
+                _pend(progress, rel + b"/" + k)
+                todo.append(rel + b"/" + k)
+        elif stat.S_ISLNK(m):
+            link.submit(Record(0, Op.SYMLINK, rel, path2=target, uid=st.st_uid, gid=st.st_gid))
+            for r in _meta_records(rel, st):
+                link.submit(r)
+        elif stat.S_ISREG(m):
+            link.submit(Record(0, Op.CREATE, rel, mode=m, uid=st.st_uid, gid=st.st_gid))
+            await _send_ranges(link, root, rel, [(0, INF)], progress)
+            _send_meta_now(link, root, rel, st)
+        else:
+            link.submit(
+                Record(0, Op.MKNOD, rel, mode=m, rdev=st.st_rdev, uid=st.st_uid, gid=st.st_gid)
+            )
+            for r in _meta_records(rel, st):
+                link.submit(r)
+        progress.files_done += 1
+        await _room(link, progress)
 
 
 async def _replay_renames(link: PrimaryLink, state: DirtyState) -> None:
