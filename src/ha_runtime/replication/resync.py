@@ -396,6 +396,12 @@ async def incremental(
         for src, dst in state.renames:
             state.scope |= {src, dst}
         state.renames = []
+        # Directories above the scope that changed here (made while the peer was away)
+        # first: the delta's CREATE of a file in one the peer lacks failed there.
+        ups = {a for p in state.scope for a in _ancestors(p)} & state.touched
+        for a in sorted(ups, key=lambda p: (p.count(b"/"), p)):
+            await _reconcile_path(link, root, a, state, progress)
+            state.touched.discard(a)
         await full_delta(link, root, progress, checksum=True, scope=state.scope,
                          on_progress=on_progress)  # fmt: skip
         for p in list(state.scope):

@@ -371,3 +371,30 @@ def test_renames_recorded_while_the_peer_was_away_replay_only_where_they_hold(
     # the one rename that holds on the peer's copy traveled as a rename, not its data
     assert any(r.op == Op.RENAME and r.path == b"logs/app.log" for r in link.records)
     assert not any(r.path == b"logs/new.log.1" and r.op == Op.RENAME for r in link.records)
+
+
+def test_a_rename_in_a_directory_made_while_the_peer_was_away(tmp_path: Path) -> None:
+    """An atomic save (write x.tmp, rename over x) in a directory made while the peer was
+    away: the rename does not hold on the peer (a checksum delta of both names instead),
+    whose CREATE failed there when it came before the directory (lab: CREATE
+    churn/save0: no such file or directory, the resync started over forever)."""
+    prim, peer, log, applier, link, app = _pair(tmp_path)
+    app.progress = None
+
+    def alone(rec: Record, fn: Callable[[], object]) -> None:
+        log.sync(log.note(rec))
+        fn()
+
+    alone(Record(0, Op.MKDIR, b"new"), (prim / "new").mkdir)
+    alone(Record(0, Op.CREATE, b"new/x.tmp"), (prim / "new/x.tmp").touch)
+    alone(Record(0, Op.WRITE, b"new/x.tmp", offset=0, length=3000),
+          lambda: (prim / "new/x.tmp").write_bytes(b"s" * 3000))  # fmt: skip
+    alone(Record(0, Op.RENAME, b"new/x.tmp", path2=b"new/x"),
+          lambda: os.rename(prim / "new/x.tmp", prim / "new/x"))  # fmt: skip
+    _run(link, prim, log, full=False, app=app)
+    applier.barrier()
+    applier.close()
+    assert snapshot(peer) == snapshot(prim)
+    # the directory reaches the peer before anything in it (the secondary refuses the rest)
+    order = [(r.op, r.path) for r in link.records if r.path in (b"new", b"new/x")]
+    assert order[0] == (Op.MKDIR, b"new"), order
