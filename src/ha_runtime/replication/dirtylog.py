@@ -308,6 +308,10 @@ class _RecordLog(Generic[S]):
 class DirtyLog(_RecordLog[DirtyState]):
     """The durable dirty log of one replicated directory."""
 
+    # What was noted since the resync began (``snapshot(watch=True)``), in memory only.
+    _watch = DirtyState()
+    _watching = False
+
     def _new_state(self) -> DirtyState:
         return DirtyState()
 
@@ -317,6 +321,8 @@ class DirtyLog(_RecordLog[DirtyState]):
         ``eof``: gives the file's size before a WRITE/FALLOCATE, when known (see
         APPEND_EXTENT); asked only when the write is not already covered."""
         with self._lock:
+            if self._watching:
+                _watch_note(self._watch, rec)
             if self.state.covered(rec):
                 # Covered by a record maybe still on its way to disk (another operation's
                 # fsync in progress): wait for it too, never perform the op before.
@@ -345,11 +351,40 @@ class DirtyLog(_RecordLog[DirtyState]):
                 self.state.scope.add(path)
                 self._append(record_frame(Record(0, Op.UNLINK, path, flags=SCOPE_FLAG)))
 
-    def snapshot(self) -> DirtyState:
+    def snapshot(self, watch: bool = False) -> DirtyState:
         """A copy of the current state: the work list of a resync. Entries stay in the log
-        until ``clear()`` after the peer acknowledged the resync durably."""
+        until ``clear()`` after the peer acknowledged the resync durably. ``watch``: from
+        this moment on, also gather every change noted (``take_watch``)."""
         with self._lock:
+            if watch:
+                self._watch, self._watching = DirtyState(), True
             return _copy_state(self.state)
+
+    def take_watch(self) -> DirtyState:
+        """What was noted since ``snapshot(watch=True)`` or the previous call, recorded before
+        or not: the changes the application made while a resync worked."""
+        with self._lock:
+            taken, self._watch = self._watch, DirtyState()
+            return taken
+
+    def end_watch(self) -> None:
+        with self._lock:
+            self._watch, self._watching = DirtyState(), False
+
+
+def _watch_note(w: DirtyState, rec: Record) -> None:
+    """Gather a change noted while a resync works, exactly (no look-ahead, covered or not).
+    A rename or link puts both names in scope: the peer applied it in stream order, and its
+    copy of the source may not be ours yet (``resync.settle``)."""
+    if rec.op in (Op.WRITE, Op.FALLOCATE):
+        w.apply(Record(0, rec.op, rec.path, offset=rec.offset, length=_span(rec)))
+    elif rec.op == Op.TRUNCATE:
+        w.apply(Record(0, Op.TRUNCATE, rec.path, offset=rec.offset))
+    elif rec.op in (Op.RENAME, Op.LINK):
+        w.scope |= {rec.path, rec.path2}
+        w.touched |= {rec.path, rec.path2}
+    elif rec.op in NAMESPACE_OPS:
+        w.apply(Record(0, rec.op, rec.path))
 
 
 def _copy_state(st: DirtyState) -> DirtyState:
@@ -746,9 +781,12 @@ def plan_from_wire(raw: object, valid: Callable[[bytes], bool]) -> tuple[DirtySt
 
 
 def merge_peer(state: DirtyState, peer: DirtyState) -> None:
-    """Add a returning primary's plan to ours (``resync.incremental`` reconciles)."""
-    for p, rs in peer.ranges.items():
-        for a, b in rs:
-            state.ranges.setdefault(p, RangeSet()).add(a, b)
-    state.touched |= peer.touched | set(peer.ranges)
-    state.scope |= peer.scope
+    """Add a returning primary's plan to ours (``resync.incremental`` reconciles).
+
+    Its extents and tails say where its copy may differ from ours, not that it does: most
+    of what it wrote there reached us before it went (a 64 MiB file written and fsync'd just
+    before a crash is hot all over, and identical here). Sent as ranges, all of it traveled
+    again (80 MiB for 16 MiB changed since). Those files get a checksum delta instead
+    (``scope``): only the blocks that differ travel, our own ranges in them included."""
+    state.scope |= set(peer.ranges) | peer.scope
+    state.touched |= peer.touched - set(peer.ranges)

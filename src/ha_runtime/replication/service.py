@@ -89,6 +89,8 @@ class ReplicationStatus:
     synced_generation: str | None = None
     rejected: dict[str, int] = field(default_factory=dict)
     last_error: str | None = None
+    # Sessions ended by an unexpected error (each a link failure, reconnected with backoff).
+    session_errors: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -187,32 +189,62 @@ class ReplicationService:
 
     # -- the Sink the FUSE layer calls (primary)
     async def before(self, rec: Record) -> None:
+        """Record what ``rec`` may change, durably, before the FUSE layer performs it: in the
+        activity log while in sync with a live link, in the dirty log otherwise (ALONE,
+        resyncing, or the link already lost while the state still says sync)."""
         while self._paused is not None:
             await self._paused.wait()
         link = self._link
-        if self._status.state != "sync" or link is None:
-            assert self._dirty is not None
-            pos = self._dirty.note(rec, lambda: self._size_of(rec))
-            self._noted.add(id(rec))
-            if pos:
-                await trio.to_thread.run_sync(self._dirty.sync, pos)
-        elif link is not None and not link.lost_reason:
-            # In sync: what the operation may change is hot in the activity log (durably)
-            # before it is performed; only a new entry costs a record and an fsync.
-            al = self._al
-            assert al is not None
-            pos = al.note(rec, link.durable_seq)
+        if (
+            self._status.state == "sync"
+            and link is not None
+            and not link.lost_reason
+            and await self._note_active(link, rec)
+        ):
+            return
+        await self._note_dirty(rec)
+        if self._status.state == "resyncing" and link is not None and not link.lost_reason:
+            # Shipped too (unless the resync holds it back): room on the link as in sync.
+            # Without it an application fsyncing as fast as answered queued hundreds of MiB,
+            # a keepalive's answer came later than the timeout, and the resync started over.
             try:
-                if pos:
-                    await trio.to_thread.run_sync(al.sync, pos)
                 await link.room()
             except trio.TooSlowError:
                 link.fail(f"no acknowledgement within {link.timeout:g} s (queue full)")
-                await self._go_alone(link.lost_reason or "")
-                await self.before(rec)
-            finally:
-                # No checkpoint from here to after(): the record will be link.seq + 1.
-                al.release(rec, link.seq + 1)
+            except LinkLost:
+                pass  # recorded in the dirty log: nothing to ship
+
+    async def _note_active(self, link: PrimaryLink, rec: Record) -> bool:
+        """In sync: what the operation may change is hot in the activity log (durably)
+        before it is performed; only a new entry costs a record and an fsync. False when
+        the link was lost meanwhile: the record will not travel, the dirty log must hold it."""
+        al = self._al
+        assert al is not None
+        pos = al.note(rec, link.durable_seq)
+        try:
+            if pos:
+                await trio.to_thread.run_sync(al.sync, pos)
+            await link.room()
+        except trio.TooSlowError:
+            link.fail(f"no acknowledgement within {link.timeout:g} s (queue full)")
+        except LinkLost:
+            pass
+        finally:
+            # No checkpoint from here to after(): the record will be link.seq + 1.
+            al.release(rec, link.seq + 1)
+        return not link.lost_reason
+
+    async def _note_dirty(self, rec: Record) -> None:
+        assert self._dirty is not None
+        pos = self._dirty.note(rec, lambda: self._size_of(rec))
+        self._noted.add(id(rec))
+        try:
+            if pos:
+                await trio.to_thread.run_sync(self._dirty.sync, pos)
+        except BaseException:
+            # Not performed (its caller gets the error): an id may be reused by a later record.
+            self._noted.discard(id(rec))
+            raise
 
     def _size_of(self, rec: Record) -> int | None:
         """The backing file's size before a write (lets the dirty log record appends ahead)."""
@@ -230,11 +262,18 @@ class ReplicationService:
             and not link.lost_reason
             and self._status.state in ("sync", "resyncing")
         ):
+            progress = self._progress if self._status.state == "resyncing" else None
+            if progress is not None and resync.hold(progress, rec):
+                return  # in the dirty log; the resync reconciles its path later
             link.submit(rec)
             self._written += len(rec.data)
         elif not noted and self._dirty is not None:
-            # lost between before() and after(): record it now (synced by the next barrier)
-            self._dirty.note(rec)
+            # Lost between before() and after(): the operation is performed and will not
+            # travel. Durable before it returns to the application (its activity log entry
+            # is emptied by the next resync): an fsync in the loop, on this rare path only.
+            pos = self._dirty.note(rec, lambda: self._size_of(rec))
+            if pos:
+                self._dirty.sync(pos)
 
     async def barrier(self, path: bytes, datasync: bool) -> None:
         async def local() -> None:
@@ -432,6 +471,12 @@ class ReplicationService:
                 except trio.TooSlowError:
                     # a resync waited a whole timeout for room without any acknowledgement
                     link.fail(f"no acknowledgement within {link.timeout:g} s (resync)")
+                except Exception as e:
+                    # Never an exit of this child (it would unmount the application's
+                    # directory under it): a link failure, reconnected with backoff.
+                    log.exception("replication %s: session failed", self.module.name)
+                    self._status.session_errors += 1
+                    link.fail(f"session error: {type(e).__name__}: {e}")
                 n.cancel_scope.cancel()
             lasted = trio.current_time() - t_session
             self._count_refused_incremental(link)
@@ -482,7 +527,9 @@ class ReplicationService:
         self._emit("peer_connected", address=link.conn.peer)
         full, quarantine = self._resync_request or (False, False)
         self._resync_request = None
-        state = self._dirty.snapshot()
+        # From here on, what the application changes while the resync works is gathered
+        # too (resync.settle reconciles it): the snapshot and the watch start together.
+        state = self._dirty.snapshot(watch=True)
         why = self._resync_kind(hello)
         if why is not None:
             full = True
@@ -509,10 +556,12 @@ class ReplicationService:
             self._dirty.clear()
             self._dirty.mark_lost()
             await trio.to_thread.run_sync(self._dirty.sync)
-            await resync.full(link, self.backing, self._progress, checksum=True,
-                              quarantine=quarantine, on_progress=self._on_progress)  # fmt: skip
-            state = self._dirty.snapshot()
-        await resync.incremental(link, self.backing, state, self._progress, self._on_progress)
+        try:
+            await resync.run(link, self.backing, state, self._progress, full=full,
+                             changes=self._dirty.take_watch, quarantine=quarantine,
+                             on_progress=self._on_progress)  # fmt: skip
+        finally:
+            self._dirty.end_watch()
         # Everything the activity log held is in the dirty log or on the peer: start afresh
         # (the dirty log keeps covering what goes before the final barrier).
         assert self._al is not None

@@ -22,6 +22,7 @@ from ha_runtime.config import (
     ScriptsSpec,
     TlsSpec,
 )
+from ha_runtime.generation import Generation, GenerationStore, GenRecord
 from ha_runtime.replication.service import Event, ReplicationService, ReplicationSettings
 
 _spec = importlib.util.spec_from_file_location(
@@ -89,6 +90,11 @@ def test_mount_replicate_lose_peer_resync(tmp_path: Path) -> None:  # noqa: PLR0
     app = tmp_path / "app"
     b1 = tmp_path / "node1/replica/demo/0"
     b2 = tmp_path / "node2/replica/demo/0"
+    # Both copies at one data generation (the manager's part): the first sync is a full
+    # one (never identical before), the return after the peer was lost an incremental one.
+    g1 = Generation().advance()
+    for c in (c1, c2):
+        GenerationStore(c.state_dir, module.name).save(GenRecord(g1))
 
     async def until(cond: Any, timeout: float = 15) -> None:
         with trio.fail_after(timeout):

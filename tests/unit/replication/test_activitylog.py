@@ -354,10 +354,11 @@ def test_merge_adds_the_peer_plan_to_ours(tmp_path: Path) -> None:
     )  # fmt: skip
     assert peer is not None
     merge_peer(ours, peer)
-    assert list(ours.ranges[b"a"]) == [(0, 10), (100, 200)]
-    assert list(ours.ranges[b"b"]) == [(0, INF)]
-    assert {b"a", b"b", b"m"} <= ours.touched  # sizes reconciled: its file may be longer
-    assert b"s" in ours.scope
+    # its extents say where its copy may differ, not that it does: a checksum delta of
+    # those files (scope), which covers our own ranges in them too
+    assert {b"a", b"b", b"s"} <= ours.scope
+    assert list(ours.ranges[b"a"]) == [(0, 10)] and b"b" not in ours.ranges
+    assert b"m" in ours.touched  # metadata only: reconciled as a path
 
 
 def test_trim_drops_what_was_acknowledged_and_idle_from_the_file(tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ from ha_runtime.replication.dirtylog import (
     plan_to_wire,
 )
 from ha_runtime.replication.journal import DELTA_IN_PLACE, Op, Record, valid_path
-from ha_runtime.replication.transport import LinkStats, PrimaryLink
+from ha_runtime.replication.transport import LinkLost, LinkStats, PrimaryLink
 
 
 class ApplyingLink:
@@ -316,10 +316,11 @@ def test_returning_primary_gets_only_its_hot_set_and_our_changes(tmp_path: Path)
     sent: dict[bytes, int] = {}
     for r in link.records:
         sent[r.path] = sent.get(r.path, 0) + len(r.data)
-    # big: its hot 4 MiB extent and our own 4 KiB range, not its 20 MiB
-    assert sent[b"big"] == AL_EXTENT + 4096, sent
+    # big: a checksum delta, so the blocks its 5000 bytes and our own 4 KiB changed (a few
+    # 4 KiB blocks), not its hot 4 MiB extent (sent whole before) nor its 20 MiB
+    assert sent[b"big"] < 5000 + 4096 + 4 * 4096, sent
     assert sent[b"d/f3"] == 300_000  # it unlinked d/f3, we still have it: it travels whole
-    assert sent[b"d/f1"] == 300_000  # its extent 0, clipped to our size (it extended it)
+    assert sent[b"d/f1"] < 4096, sent  # it extended it: the delta copies, and cuts its tail
     assert b"d/f0" not in {r.path for r in link.records if r.data}  # renamed here: gone
     assert sum(sent.values()) < 2 * AL_EXTENT, sent
 
@@ -343,3 +344,29 @@ def test_full_resync_scoped_to_paths_leaves_the_rest_alone(tmp_path: Path) -> No
     assert (peer / "s/in").read_bytes() == b"p" * 100
     assert not (peer / "s/extra").exists()
     assert (peer / "keep/x").read_bytes() == b"different, out of scope"
+
+
+class RefusingQuarantineLink(ApplyingLink):
+    """The peer cannot put its diverging files aside (its quarantine disk is full)."""
+
+    async def request(self, obj: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
+        if obj["op"] == "quarantine":
+            return {"error": "big: No space left on device", "copied": 0}, b""
+        return await super().request(obj)
+
+
+def test_a_split_brain_resync_stops_when_the_peer_could_not_quarantine(tmp_path: Path) -> None:
+    # Never overwrite what the yielding side could not keep aside: the diverging files are
+    # the only copy of what it wrote during the split.
+    prim, peer = tmp_path / "prim", tmp_path / "peer"
+    prim.mkdir()
+    peer.mkdir()
+    (prim / "big").write_bytes(b"primary's")
+    (peer / "big").write_bytes(b"written by the peer during the split")
+    applier = Applier(peer)
+    link = RefusingQuarantineLink(applier)
+    with pytest.raises(LinkLost, match="quarantine"):
+        trio.run(lambda: resync.full(link, prim, resync.Progress(), checksum=True,  # type: ignore[arg-type]
+                                     quarantine=True))  # fmt: skip
+    applier.close()
+    assert (peer / "big").read_bytes() == b"written by the peer during the split"
