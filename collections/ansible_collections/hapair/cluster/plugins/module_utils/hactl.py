@@ -66,7 +66,8 @@ def parse_status(text):
         if node is None and item.get("node"):
             node = item["node"]
         modules[str(item["name"])] = entry
-    return {"node": node, "modules": modules}
+    version = data.get("version") if isinstance(data, dict) else None
+    return {"node": node, "modules": modules, "version": version}
 
 
 def needs_action(action, state, entry=None):
