@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 import tomllib
 from pathlib import Path
 
-from ha_runtime.cli import format_status, with_versions
+from ha_runtime.cli import JournalFormatter, format_status, journal_priority, with_versions
 from ha_runtime.version import runtime_version
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -44,3 +45,11 @@ def test_ha_status_carries_the_version() -> None:
     text = json.dumps({"node": "node1", "version": "1.2.3", "modules": []})
     assert hactl.parse_status(text)["version"] == "1.2.3"
     assert hactl.parse_status(json.dumps([]))["version"] is None
+
+
+def test_journal_lines_carry_their_syslog_priority() -> None:
+    formatter = JournalFormatter("%(levelname)s %(name)s: %(message)s")
+    record = logging.LogRecord("hapair", logging.WARNING, __file__, 1, "a\nb", None, None)
+    assert formatter.format(record) == "<4>WARNING hapair: a\n<4>b"
+    levels = [logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR, logging.CRITICAL]
+    assert [journal_priority(lv) for lv in levels] == [7, 6, 4, 3, 2]
