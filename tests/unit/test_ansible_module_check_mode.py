@@ -43,3 +43,19 @@ def test_a_real_run_without_hapair_still_fails() -> None:
     args = {"module": "flightdata", "action": "start", "hactl": "/nonexistent/hactl"}
     result = run_module(args, check_mode=False)
     assert result.get("failed") is True, result
+
+
+def test_ha_status_allow_down_without_hapair_reports_down() -> None:
+    status = MODULE.with_name("ha_status.py")
+    payload = {"ANSIBLE_MODULE_ARGS": {"hactl": "/nonexistent/hactl", "allow_down": True}}
+    proc = subprocess.run(
+        [sys.executable, str(status)],
+        input=json.dumps(payload),
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "collections")},
+        check=False,
+    )
+    result = json.loads(proc.stdout)
+    assert not result.get("failed"), result
+    assert result["running"] is False and "not installed" in result["msg"]

@@ -149,7 +149,6 @@ elapsed:
   sample: 0.84
 """
 
-import os
 import time
 
 from ansible.module_utils.basic import AnsibleModule
@@ -166,9 +165,6 @@ from ansible_collections.hapair.cluster.plugins.module_utils.hactl import (
 
 
 def _entry(module, hactl, name):
-    if module.check_mode and not os.access(hactl, os.X_OK):
-        # run_command would fail the task itself on a missing executable.
-        raise HactlError("%s is not installed yet" % hactl)
     status = run_status(module, hactl, name)
     entry = status["modules"].get(name)
     if entry is None and module.check_mode:
