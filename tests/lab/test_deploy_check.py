@@ -50,7 +50,8 @@ def _check_service(lab: Lab, node: str) -> None:
     assert exposure <= 5.0, proc.stdout
     pid = in_node(lab, node, "systemctl", "show", "-p", "MainPID", "--value", "hapair").stdout
     oom = in_node(lab, node, "cat", f"/proc/{pid.strip()}/oom_score_adj").stdout.strip()
-    nice = in_node(lab, node, "ps", "-o", "ni=", "-p", pid.strip()).stdout.strip()
+    stat = in_node(lab, node, "cat", f"/proc/{pid.strip()}/stat").stdout
+    nice = stat.rsplit(")", 1)[1].split()[16]  # field 19 of proc(5), after "pid (comm)"
     assert (oom, nice) == ("-900", "-10"), (oom, nice)
     version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
     assert in_node(lab, node, "hactl", "--version").stdout.strip() == f"hactl {version}"
