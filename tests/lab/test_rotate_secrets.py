@@ -11,6 +11,7 @@ rejected, and a second run of the same rotation changes nothing.
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -52,7 +53,9 @@ def _verify(lab: Lab) -> dict[str, Any]:
     return result
 
 
-def test_rotation_replaces_ca_and_certificates_without_loss(mirror_site: Lab) -> None:
+def test_rotation_replaces_ca_and_certificates_without_loss(
+    mirror_site: Lab, tmp_path: Path
+) -> None:
     lab = mirror_site
     rotation = time.strftime("lab-%Y%m%dT%H%M%S")
     old_ca = {n: _sha256(lab, n, "/etc/hapair/tls/ca.crt") for n in NODES}
@@ -75,11 +78,18 @@ def test_rotation_replaces_ca_and_certificates_without_loss(mirror_site: Lab) ->
         assert ca == new_ca, f"{node} does not hold the new CA only"
         assert _sha256(lab, node, "/etc/hapair/tls/ca.crt") != old_ca[node]
         assert _sha256(lab, node, "/etc/hapair/site.key") == old_key[node]
-        chk = in_node(
-            lab, node, "openssl", "verify", "-CAfile", "/etc/hapair/tls/ca.crt",
-            "/etc/hapair/tls/node.crt",
+        cert = tmp_path / f"{node}.crt"
+        cert.write_text(in_node(lab, node, "cat", "/etc/hapair/tls/node.crt").stdout)
+        chk = subprocess.run(
+            ["openssl", "verify", "-CAfile", str(rot / "ca.crt"), str(cert)],
+            capture_output=True, text=True, check=False,
         )  # fmt: skip
         assert chk.returncode == 0, f"{node}: {chk.stdout}{chk.stderr}"
+        old_ok = subprocess.run(
+            ["openssl", "verify", "-CAfile", str(rot / "retired/ca.crt"), str(cert)],
+            capture_output=True, check=False,
+        )  # fmt: skip
+        assert old_ok.returncode != 0, f"{node}'s certificate is still signed by the old CA"
     states = wait_for_states("flightdata", {"node1": "PRIM", "node2": "SECOND"}, timeout=60)
     assert states == {"node1": "PRIM", "node2": "SECOND"}, states
 
