@@ -19,6 +19,7 @@ from ha_runtime.config import (
     load_cluster,
     load_site,
 )
+from ha_runtime.version import runtime_version
 
 EXIT_OK, EXIT_REFUSED, EXIT_UNREACHABLE = 0, 1, 2
 
@@ -35,6 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="hactl", description="hapair: control the HA modules of this node"
     )
+    p.add_argument("--version", action="version", version=f"hactl {runtime_version()}")
     p.add_argument(
         "--config", type=Path, default=DEFAULT_CLUSTER_FILE, help="node file (default %(default)s)"
     )
@@ -155,12 +157,40 @@ def _load_for_daemon(path: Path) -> tuple[Any, bytes] | list[str]:
     return site, key
 
 
+class JournalFormatter(logging.Formatter):
+    """Prefixes every line with its syslog priority (<4> warning, <3> error...).
+
+    journald reads the prefix of each stderr line (SyslogLevelPrefix=, on by default), so
+    `journalctl -p warning -u hapair` shows the warnings; without it everything is info.
+    """
+
+    def format(self, record: logging.LogRecord) -> str:
+        prefix = f"<{journal_priority(record.levelno)}>"
+        return "\n".join(prefix + line for line in super().format(record).splitlines())
+
+
+def journal_priority(levelno: int) -> int:
+    """syslog priority of a logging level: 2 crit, 3 err, 4 warning, 6 info, 7 debug."""
+    for floor, priority in (
+        (logging.CRITICAL, 2),
+        (logging.ERROR, 3),
+        (logging.WARNING, 4),
+        (logging.INFO, 6),
+    ):
+        if levelno >= floor:
+            return priority
+    return 7
+
+
 def _setup_logging() -> None:
     # Under systemd the journal adds time and unit; a timestamp of our own is noise there.
     fmt = "%(levelname)s %(name)s: %(message)s"
-    if not os.environ.get("JOURNAL_STREAM"):
-        fmt = "%(asctime)s " + fmt
-    logging.basicConfig(level=logging.INFO, format=fmt, stream=sys.stderr)
+    handler = logging.StreamHandler(sys.stderr)
+    if os.environ.get("JOURNAL_STREAM"):
+        handler.setFormatter(JournalFormatter(fmt))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s " + fmt))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
 
 
 # --------------------------------------------------------------------------- client side
@@ -200,12 +230,21 @@ def cmd_status(args: argparse.Namespace) -> int:
         return EXIT_UNREACHABLE
     if "__refused__" in resp:
         return EXIT_REFUSED
-    result = resp["result"]
+    result = with_versions(resp["result"])
     if args.json:
         print(json.dumps(result, indent=2))
         return EXIT_OK
     print(format_status(result))
     return EXIT_OK
+
+
+def with_versions(result: dict[str, Any]) -> dict[str, Any]:
+    """The status with `version`: the running daemon's when it tells, else the installed one.
+
+    `installed_version` is this hactl's; after an upgrade without a restart they differ.
+    """
+    installed = runtime_version()
+    return {**result, "version": result.get("version", installed), "installed_version": installed}
 
 
 def format_status(result: dict[str, Any]) -> str:
@@ -227,7 +266,8 @@ def format_status(result: dict[str, Any]) -> str:
             )
         )
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(cols) - 1)]
-    lines = [f"node {result['node']}  (* = VIP held here)"]
+    version = f"  hapair {result['version']}" if result.get("version") else ""
+    lines = [f"node {result['node']}{version}  (* = VIP held here)"]
     for r in rows:
         lines.append(
             "  ".join(str(v).ljust(w) for v, w in zip(r, widths, strict=False)) + "  " + str(r[-1])

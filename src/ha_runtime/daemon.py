@@ -17,6 +17,7 @@ from ha_runtime.manager import CommandRefused, ModuleManager, VipOps
 from ha_runtime.metrics import Metrics
 from ha_runtime.packet import Drop
 from ha_runtime.states import State
+from ha_runtime.version import runtime_version
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +172,7 @@ class NodeDaemon:
             entries += [f.status() for f in self.farms.values()]
         return {
             "node": self.cluster.node,
+            "version": runtime_version(),
             "modules": entries,
             "heartbeat_drops": dict(self.heartbeat.drops),
         }

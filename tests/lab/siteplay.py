@@ -72,13 +72,21 @@ def run_playbook(
     inventory: Path | None = None,
     extravars: dict[str, Any] | None = None,
     timeout: int = 1800,
+    *,
+    envvars: dict[str, str] | None = None,
+    cmdline: str | None = None,
 ) -> PlaybookResult:
-    """Run a playbook of the repository against an inventory (default: the lab's)."""
+    """Run a playbook of the repository against an inventory (default: the lab's).
+
+    envvars adds to the controller's environment (HOME=... is another controller account);
+    cmdline adds ansible-playbook options (--check --diff, --tags ...).
+    """
     env = {
         "ANSIBLE_CONFIG": str(ROOT / "ansible.cfg"),
         "ANSIBLE_FORCE_COLOR": "0",
         # ansible-playbook of the same virtualenv as these tests.
         "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
+        **(envvars or {}),
     }
     with tempfile.TemporaryDirectory(prefix="hapair-runner.") as private:
         runner = ansible_runner.run(
@@ -89,6 +97,7 @@ def run_playbook(
             extravars=extravars or {},
             envvars=env,
             quiet=True,
+            cmdline=cmdline,
             timeout=timeout,
         )
         events = list(runner.events)

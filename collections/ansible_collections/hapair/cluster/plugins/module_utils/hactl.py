@@ -9,6 +9,7 @@ without a node.
 from __future__ import annotations
 
 import json
+import os
 
 # Every state a module can be in on one node (see DESIGN.md, "States").
 STATES = ("STOP", "WAIT", "ALONE", "PRIM", "SECOND", "UP")
@@ -66,7 +67,8 @@ def parse_status(text):
         if node is None and item.get("node"):
             node = item["node"]
         modules[str(item["name"])] = entry
-    return {"node": node, "modules": modules}
+    version = data.get("version") if isinstance(data, dict) else None
+    return {"node": node, "modules": modules, "version": version}
 
 
 def needs_action(action, state, entry=None):
@@ -104,6 +106,9 @@ def state_matches(entry, wanted, sync=None):
 
 def run_status(module, hactl, name=None):
     """Run ``hactl status [NAME] --json`` on the node; returns :func:`parse_status`'s result."""
+    if not os.access(hactl, os.X_OK):
+        # run_command would fail the task itself; callers decide (allow_down, check mode).
+        raise HactlError("%s is not installed (or not executable) on this node" % hactl)
     cmd = [hactl, "status", "--json"]
     if name:
         cmd.insert(2, name)

@@ -72,7 +72,10 @@ options:
 attributes:
   check_mode:
     support: full
-    details: Reports whether the action would run; does not wait for a state the action would reach.
+    details:
+      - Reports whether the action would run; does not wait for a state the action would reach.
+      - When hapair does not answer yet or does not know the module (a dry run of a first
+        deployment), reports C(changed) for an action instead of failing.
   diff_mode:
     support: none
 notes:
@@ -164,6 +167,8 @@ from ansible_collections.hapair.cluster.plugins.module_utils.hactl import (
 def _entry(module, hactl, name):
     status = run_status(module, hactl, name)
     entry = status["modules"].get(name)
+    if entry is None and module.check_mode:
+        raise HactlError("no module %r on this node yet" % name)
     if entry is None:
         module.fail_json(msg="no module %r on this node (known: %s)" % (name, ", ".join(sorted(status["modules"])) or "none"))
     return entry
@@ -190,6 +195,14 @@ def main():
     result = dict(changed=False, elapsed=0.0)
     try:
         before = _entry(module, hactl, name)
+    except (HactlError, OSError) as exc:
+        # A dry run of a first deployment: hapair is not installed or running yet, or does
+        # not know the module yet. Report what a real run would do instead of failing.
+        if module.check_mode and action:
+            result.update(changed=True)
+            module.exit_json(msg="check mode: hapair cannot tell yet (%s); a real run would %s %s" % (exc, action, name), **result)
+        module.fail_json(msg=str(exc), **result)
+    try:
         result["before"] = before
         start = time.monotonic()
         if action and needs_action(action, before["state"], before):

@@ -78,6 +78,12 @@ node:
   returned: when running
   type: str
   sample: node1
+version:
+  description:
+    - Version of the hapair runtime the node's daemon runs (C(hactl status --json)).
+  returned: when running
+  type: str
+  sample: 1.0.0
 modules:
   description:
     - Every module (or the one asked for) by name, with every field C(hactl status --json)
@@ -101,7 +107,7 @@ ansible_facts:
   type: dict
   contains:
     hapair_status:
-      description: Same content as RV(running), RV(node) and RV(modules).
+      description: Same content as RV(running), RV(node), RV(version) and RV(modules).
       returned: always
       type: dict
 """
@@ -133,7 +139,7 @@ def main():
         if name not in modules:
             module.fail_json(msg="no module %r on this node (known: %s)" % (name, ", ".join(sorted(modules)) or "none"))
         modules = {name: modules[name]}
-    result = dict(running=True, node=status["node"], modules=modules)
+    result = dict(running=True, node=status["node"], version=status.get("version"), modules=modules)
     module.exit_json(changed=False, ansible_facts=dict(hapair_status=result), **result)
 
 
