@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from repl import APP_DIR, BACKING, entry, events, in_sync_pair, other, sh
+from repl import APP_DIR, BACKING, REPL_PORT, entry, in_sync_pair, other, sh
 
 from ha_lab.lab import Lab
 
@@ -81,17 +81,14 @@ class NodeWriter:
 
 
 def _replication_network(lab: Lab, primary: str) -> str:
-    """The network the primary's replication link rides on (its last `peer_connected`)."""
-    connected = [
-        e for e in events(lab, primary)
-        if e.get("event") == "replication" and e.get("kind") == "peer_connected"
-    ]  # fmt: skip
-    assert connected, "no replication link seen on the primary"
-    address = str(connected[-1].get("address"))
+    """The network the primary's replication link rides on (its established connection)."""
+    out = sh(lab, primary, f"ss -Htn state established '( dport = :{REPL_PORT} )'")
+    peers = [line.split()[-1].rsplit(":", 1)[0] for line in out.splitlines() if line.strip()]
+    assert len(peers) == 1, f"not one replication connection on {primary}: {out!r}"
     for name, prefix in NETWORKS.items():
-        if address.startswith(prefix):
+        if peers[0].startswith(prefix):
             return name
-    raise AssertionError(f"replication link to {address}: on no known network")
+    raise AssertionError(f"replication link to {peers[0]}: on no known network")
 
 
 def _states_seen(node: str, seconds: float) -> list[str]:
