@@ -97,6 +97,7 @@ class NodeDaemon:
         return self.managers[module].announce()
 
     async def run(self) -> None:
+        self.metrics.set_build(self.cluster.node)
         if self._serve_metrics and self.cluster.metrics_address:
             self.metrics.serve(self.cluster.metrics_address)
         for name, mgr in self.managers.items():
@@ -147,6 +148,10 @@ class NodeDaemon:
             for name, farm in self.farms.items():
                 alive = any(p.alive for p in farm.peer_views())
                 self.metrics.peer_alive.labels(name).set(1 if alive else 0)
+            try:
+                self.metrics.observe(self)
+            except Exception:  # metrics must never take the daemon down
+                log.exception("metrics: snapshot failed")
             await trio.sleep(1)
 
     async def _watchdog(self) -> None:

@@ -22,6 +22,7 @@ import trio
 
 from ha_runtime.config import ClusterConfig, ModuleConfig
 from ha_runtime.generation import Generation, GenerationStore, Relation, atomic_write, compare
+from ha_runtime.metrics import LatencyHistogram
 from ha_runtime.replication import delta as D
 from ha_runtime.replication import fusefs, resync, transport
 from ha_runtime.replication.applier import Applier
@@ -86,6 +87,7 @@ class ReplicationStatus:
     synced_generation: str | None = None
     rejected: dict[str, int] = field(default_factory=dict)
     last_error: str | None = None
+    ack_latency: dict[str, Any] | None = None  # primary: barrier ack times (metrics)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -141,6 +143,7 @@ class ReplicationService:
         self._paused: trio.Event | None = None
         self._barriers = 0  # barriers waiting for the peer
         self._written = 0  # bytes written since the last barrier
+        self._ack_latency = LatencyHistogram()
 
     # -- events and status
     def _emit(self, kind: str, /, **detail: Any) -> None:
@@ -161,6 +164,7 @@ class ReplicationService:
             s.dirty_bytes = self._dirty.state.dirty_bytes()
             s.dirty_paths = len(self._dirty.state.ranges) + len(self._dirty.state.touched)
         s.resync = self._progress.as_dict() if self._progress else None
+        s.ack_latency = self._ack_latency.as_dict() if self._ack_latency.count else None
         return s
 
     def request_resync(self, full: bool = False, quarantine: bool = False) -> None:
@@ -226,6 +230,7 @@ class ReplicationService:
 
         link = self._link
         if self._status.state == "sync" and link is not None and not link.lost_reason:
+            sent = time.monotonic()
             seq = link.submit(Record(0, Op.FSYNC, path, flags=int(datasync)))
             self._barriers += 1
             try:
@@ -237,11 +242,11 @@ class ReplicationService:
                     # would stall every operation and the link's keepalives: in a thread.
                     await link.flush()
                     self._fsync_local(path, datasync)
-                    await self._wait_acked(link, seq)
+                    await self._wait_acked(link, seq, sent)
                 else:
                     async with trio.open_nursery() as n:
                         n.start_soon(local)
-                        await self._wait_acked(link, seq)
+                        await self._wait_acked(link, seq, sent)
             finally:
                 self._barriers -= 1
         else:
@@ -249,9 +254,10 @@ class ReplicationService:
             assert self._dirty is not None
             await trio.to_thread.run_sync(self._dirty.sync)
 
-    async def _wait_acked(self, link: PrimaryLink, seq: int) -> None:
+    async def _wait_acked(self, link: PrimaryLink, seq: int, sent: float) -> None:
         try:
             await link.wait_acked(seq)
+            self._ack_latency.observe(time.monotonic() - sent)
         except LinkLost as e:
             await self._go_alone(str(e))
 
