@@ -192,7 +192,8 @@ def node_families(daemon: NodeDaemon) -> Iterator[Metric]:
     for name, mgr in daemon.managers.items():
         if mgr.replica is None:
             continue
-        replication[name] = mgr.replica.status(None)
+        # The manager's own summary (a secondary is in sync at the primary's generation).
+        replication[name] = mgr.status()["replication"]
         raw[name] = {i: dict(ch.status) for i, ch in mgr.replica.children.items()}
     yield from replication_families(replication, raw)
     yield from cert_families({"ca": c.tls.ca, "node": c.tls.cert}, time.time())
