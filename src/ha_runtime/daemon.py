@@ -10,6 +10,7 @@ import trio
 
 from ha_runtime import api, sdnotify
 from ha_runtime.config import ModuleConfig, SiteConfig
+from ha_runtime.console.server import ConsoleServer
 from ha_runtime.events import EventLog, RefusalLog
 from ha_runtime.farm_manager import FarmModuleManager
 from ha_runtime.heartbeat import HeartbeatService, LocalAnnounce, ModuleStream
@@ -86,6 +87,7 @@ class NodeDaemon:
             for m in farm_modules
         }
         self.ready = trio.Event()
+        self.console: ConsoleServer | None = None  # when cluster.yml configures one
 
     def _on_heartbeat_drop(self, reason: Drop) -> None:
         self.metrics.on_drop(reason)
@@ -110,6 +112,9 @@ class NodeDaemon:
             nursery.start_soon(self.heartbeat.run)
             await self.heartbeat.ready.wait()
             await nursery.start(api.serve, self.cluster.api_socket, self.handle)
+            if self.cluster.console is not None:
+                self.console = ConsoleServer(self, self.cluster.console)
+                await nursery.start(self.console.serve)
             async with trio.open_nursery() as modules:
                 for mgr in self.managers.values():
                     modules.start_soon(mgr.run)
