@@ -143,7 +143,8 @@ def _form(body: bytes) -> dict[str, str]:
 SECURITY_HEADERS = {
     "X-Frame-Options": "DENY",
     "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
+    # not no-referrer: with it Chromium sends "Origin: null" on form posts (refused here)
+    "Referrer-Policy": "same-origin",
     "Cache-Control": "no-store",
     "Strict-Transport-Security": "max-age=31536000",
     "Cross-Origin-Opener-Policy": "same-origin",

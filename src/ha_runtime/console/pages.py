@@ -36,6 +36,7 @@ button.danger{background:#b3261e;color:#fff;border:1px solid #7a1a14}
 .login{max-width:340px;margin:60px auto}
 .login input{width:100%;box-sizing:border-box;margin:2px 0 10px;padding:4px}
 code{background:#eef;padding:0 3px}
+#events td:first-child{white-space:nowrap}
 """
 
 CSS_HASH = base64.b64encode(hashlib.sha256(CSS.encode()).digest()).decode()
@@ -170,7 +171,7 @@ def _node_row(node: str, m: Mapping[str, Any] | None, fallback: Mapping[str, Any
     """One node's line for a module; `fallback` is what the other node's heartbeats say."""
     if m is None:
         return (
-            f"<tr><td>{_e(node)}</td><td>{_state(fallback.get('state'))}</td>"
+            f"<tr><td class=node>{_e(node)}</td><td>{_state(fallback.get('state'))}</td>"
             f"<td>{'yes' if fallback.get('state') in PRIMARY else 'no'}</td>"
             f"<td>{_e(fallback.get('generation'))}</td>"
             '<td class="muted" colspan=3>from heartbeats (console of this node not reachable)'
@@ -182,7 +183,7 @@ def _node_row(node: str, m: Mapping[str, Any] | None, fallback: Mapping[str, Any
     )
     note = m.get("blocked") or m.get("yielding") or m.get("reason")
     return (
-        f"<tr><td>{_e(node)}</td><td>{_state(m.get('state'))}</td>"
+        f"<tr><td class=node>{_e(node)}</td><td>{_state(m.get('state'))}</td>"
         f"<td>{'yes' if m.get('vip_held') else 'no'}</td>"
         f"<td>{_e(m.get('generation'))}</td><td>{_e(m.get('data'))}</td>"
         f"<td>{_e(checkers) or '-'}</td><td>{_e(note)}</td></tr>"
