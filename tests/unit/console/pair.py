@@ -8,6 +8,7 @@ from __future__ import annotations
 import http.client
 import socket
 import ssl
+import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ import trio
 from ha_runtime.config import load_site
 from ha_runtime.console.auth import make_hash
 from ha_runtime.daemon import NodeDaemon
+from ha_runtime.replica_child import mounted
 from ha_runtime.states import State
 
 from .pki import make_cert
@@ -130,6 +132,7 @@ def run_pair(tmp: Path, scenario: Callable[[Pair], None], *, replicated: bool = 
     """Start both daemons (console on each), wait for PRIM/SECOND, run `scenario` in a
     thread, stop everything. Returns the pair (for its events)."""
     hb = free_port(socket.SOCK_DGRAM)
+    repl = free_port() if replicated else 0
     urls = {
         "node1": f"127.0.0.1:{free_port()}",
         "node2": f"127.0.0.2:{free_port(host='127.0.0.2')}",
@@ -138,7 +141,7 @@ def run_pair(tmp: Path, scenario: Callable[[Pair], None], *, replicated: bool = 
     daemons = []
     for node, peer in (("node1", "node2"), ("node2", "node1")):
         cfg = pair_site(
-            tmp, node, hb, replicated=replicated,
+            tmp, node, hb, replicated=repl,
             console=console_yaml(urls[node], peer, urls[peer]),
         )  # fmt: skip
         daemons.append(
@@ -151,11 +154,24 @@ def run_pair(tmp: Path, scenario: Callable[[Pair], None], *, replicated: bool = 
             n.start_soon(pair.d1.run)
             n.start_soon(pair.d2.run)
             m1, m2 = pair.d1.managers["flightdata"], pair.d2.managers["flightdata"]
-            await wait(lambda: m1.state is State.PRIM and m2.state is State.SECOND, 20)
+            await wait(
+                lambda: (
+                    m1.state is State.PRIM
+                    and m2.state is State.SECOND
+                    and m2.status()["sync"] == "in-sync"
+                ),
+                30,
+            )
             await wait(lambda: holders.get("flightdata") == "node1")
             await wait(lambda: all(d.console and d.console.port for d in (pair.d1, pair.d2)))
             await trio.to_thread.run_sync(scenario, pair)
             n.cancel_scope.cancel()
 
-    trio.run(main)
+    try:
+        trio.run(main)
+    finally:
+        for node in ("node1", "node2"):
+            app = tmp / node / "app"
+            if replicated and mounted(app):
+                subprocess.run(["umount", "-l", str(app)], check=False)
     return pair

@@ -29,11 +29,10 @@ class FakeVip:
         return self.holders.get(m.name) == self.node
 
 
-def pair_site(
-    tmp: Path, node: str, port: int, *, replicated: bool = False, console: str = ""
-) -> Path:
+def pair_site(tmp: Path, node: str, port: int, *, replicated: int = 0, console: str = "") -> Path:
     """cluster.yml of `node` (and its module file); `console` is the YAML of the optional
-    console section, indented as a top-level key."""
+    console section, indented as a top-level key; `replicated`: the replication port of a
+    replicated directory (0: none)."""
     pki = tmp / "pki"
     if not (pki / "ca.crt").exists():
         ca = make_ca(pki)
@@ -66,7 +65,10 @@ modules_dir: {base}/modules
     )
     extra = ""
     if replicated:
-        extra = f"replicated_dirs: [{base}/app]\nreplication: {{port: 7441, networks: [lan]}}\n"
+        extra = (
+            f"replicated_dirs: [{base}/app]\n"
+            f"replication: {{port: {replicated}, timeout_ms: 1000, networks: [lan]}}\n"
+        )
     (base / "modules" / "flightdata.yml").write_text(
         f"""
 name: flightdata

@@ -126,7 +126,7 @@ class _Families:
 
 
 def test_replication_metrics_from_supervisor_status(tmp_path: Path) -> None:
-    site = load_site(pair_site(tmp_path, "node1", 7000, replicated=True))
+    site = load_site(pair_site(tmp_path, "node1", 7000, replicated=7441))
     module = next(m for m in site.modules if m.name == "flightdata")
     sup = ReplicaSupervisor(site.cluster, module, lambda *_: None)
     hist = LatencyHistogram()
