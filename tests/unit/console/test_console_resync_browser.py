@@ -7,11 +7,13 @@ Screenshot: tests/artifacts/console/06-resync-progress.png."""
 from __future__ import annotations
 
 import os
+import re
 import time
 from pathlib import Path
 
 import pytest
 from playwright.sync_api import Page, expect
+from prometheus_client import generate_latest
 
 from .browser import chromium, shot
 from .pair import PASSWORDS, Pair, run_pair
@@ -64,10 +66,22 @@ def test_browser_shows_resync_progress(tmp_path: Path) -> None:
             shot(page, "06-resync-progress")
             seen["in_sync"] = _until(page, "): in sync</h3>", 120, absent="resync:")
             shot(page, "07-after-resync")
+        # In sync, an fsync waits for node2's acknowledgement: the exporter's histogram has it.
+        with (tmp_path / "node1" / "app" / "sync.txt").open("wb") as f:
+            f.write(b"acked\n")
+            os.fsync(f.fileno())
+        time.sleep(1.5)  # the child reports twice a second, the daemon snapshots every second
+        text = generate_latest(p.d1.metrics.registry).decode()
+        count = re.search(r"^hapair_replication_ack_latency_seconds_count\{.*\} (\S+)$", text, re.M)
+        seen["acks"] = count.group(1) if count else "absent"
+        inf = re.search(r"^hapair_resync_running\{.*\} (\S+)$", text, re.M)
+        seen["running"] = inf.group(1) if inf else "absent"
 
     run_pair(tmp_path, scenario, replicated=True)
     assert "<progress" in seen["progress"] and "ETA" in seen["progress"], seen["progress"]
     assert "resyncing" in seen["progress"]
+    assert seen["acks"] != "absent" and float(seen["acks"]) >= 1, seen
+    assert seen["running"] == "0.0", seen
 
 
 def _until(page: Page, text: str, timeout: float, absent: str | None = None) -> str:
