@@ -181,6 +181,7 @@ class NodeDaemon:
             entries += [f.status() for f in self.farms.values()]
         return {
             "node": self.cluster.node,
+            "networks": list(self.cluster.networks),  # heartbeat networks (advice: which down)
             "modules": entries,
             "heartbeat_drops": dict(self.heartbeat.drops),
         }

@@ -14,6 +14,8 @@ from collections.abc import Iterable, Mapping
 from html import escape
 from typing import Any
 
+from ha_runtime.advice import module_advice
+
 CSS = """
 body{font:14px/1.4 system-ui,sans-serif;margin:0;background:#f4f5f7;color:#111}
 header{background:#1d2733;color:#fff;padding:8px 16px;display:flex;gap:16px;align-items:center}
@@ -290,6 +292,7 @@ def pair_page(
             f"{_e(', '.join(m.get('peer_networks') or []) or 'none')}</p>"
             + "".join(_replication(rep, where) for rep, where in reps)
             + qhtml
+            + _advice({**m, "networks": local.get("networks")})
             + (_actions(m, node, csrf) if role == "operator" else "")
             + "</section>"
         )
@@ -315,6 +318,17 @@ def pair_page(
         f" every {refresh_s} s.</p>"
     )
     return page(f"hapair {node}", body, refresh_s=refresh_s, header=_header(node, user, role, csrf))
+
+
+def _advice(m: Mapping[str, Any]) -> str:
+    items = module_advice(dict(m))
+    if not items:
+        return ""
+    return (
+        '<div class="msg warn advice"><b>Attention</b><ul>'
+        + "".join(f"<li>{_e(a.what)}<br>next: <code>{_e(a.next)}</code></li>" for a in items)
+        + "</ul></div>"
+    )
 
 
 def _event_detail(e: Mapping[str, Any]) -> str:

@@ -80,6 +80,7 @@ def test_browser_shows_resync_progress(tmp_path: Path) -> None:
     run_pair(tmp_path, scenario, replicated=True)
     assert "<progress" in seen["progress"] and "ETA" in seen["progress"], seen["progress"]
     assert "resyncing" in seen["progress"]
+    assert "resync of flightdata to node2 running" in seen["progress"]  # the advice box
     assert seen["acks"] != "absent" and float(seen["acks"]) >= 1, seen
     assert seen["running"] == "0.0", seen
 
