@@ -99,7 +99,7 @@ def parse_head(head: bytes) -> Request:
     if len(parts) != 3 or parts[2] not in ("HTTP/1.1", "HTTP/1.0"):
         raise HttpError(HTTPStatus.BAD_REQUEST, "malformed request line")
     method, target, _ = parts
-    if method not in ("GET", "POST", "HEAD"):
+    if method not in ("GET", "POST"):
         raise HttpError(HTTPStatus.METHOD_NOT_ALLOWED, f"method {method[:16]!r} not allowed")
     if not _TARGET.match(target) or len(target) > 2048:
         raise HttpError(HTTPStatus.BAD_REQUEST, "malformed request target")
@@ -116,7 +116,7 @@ def parse_head(head: bytes) -> Request:
         headers[key] = value.strip(" \t")
     url = urlsplit(target)
     query = {k: v[0] for k, v in parse_qs(url.query, max_num_fields=16).items()}
-    return Request("GET" if method == "HEAD" else method, url.path, query, headers)
+    return Request(method, url.path, query, headers)
 
 
 def _content_length(req: Request) -> int:
@@ -159,7 +159,7 @@ class Response:
     headers: dict[str, str] = field(default_factory=dict)
     cookies: list[str] = field(default_factory=list)
 
-    def encode(self, head_only: bool = False) -> bytes:
+    def encode(self) -> bytes:
         lines = [f"HTTP/1.1 {self.status.value} {self.status.phrase}"]
         hdrs = {
             **SECURITY_HEADERS,
@@ -171,7 +171,7 @@ class Response:
         lines += [f"{k}: {v}" for k, v in hdrs.items()]
         lines += [f"Set-Cookie: {c}" for c in self.cookies]
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-        return head if head_only else head + self.body
+        return head + self.body
 
 
 def redirect(location: str) -> Response:

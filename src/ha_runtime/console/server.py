@@ -19,7 +19,8 @@ import json
 import logging
 import ssl
 import time
-from collections.abc import Mapping
+from collections import deque
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
@@ -32,7 +33,7 @@ from ha_runtime.config import ConsoleSpec, TlsSpec
 from ha_runtime.console import pages
 from ha_runtime.console.auth import Authenticator, Role, Session, User, csrf_ok
 from ha_runtime.console.http import HttpError, Request, Response, read_request, redirect, send
-from ha_runtime.events import NODE_WIDE, RefusalLog
+from ha_runtime.events import NODE_WIDE, EventLog
 
 if TYPE_CHECKING:
     from ha_runtime.daemon import NodeDaemon
@@ -107,7 +108,7 @@ class ConsoleServer:
             User(u.name, _role(u.role), u.password_hash, u.certificate) for u in spec.users
         )
         self.auth = Authenticator(users, spec.session_timeout_s)
-        self.refusals = RefusalLog(daemon.events, "console_refused")
+        self.refusals = RefusalBudget(daemon.events)
         self._tls = daemon.cluster.tls
         self._limiter = trio.CapacityLimiter(MAX_CONNECTIONS)
         self._failures: dict[str, list[float]] = {}
@@ -142,7 +143,7 @@ class ConsoleServer:
             self._limiter.acquire_nowait()
         except trio.WouldBlock:
             await tcp.aclose()
-            self._count("too many connections")
+            self._count("busy")
             return
         try:
             stream = trio.SSLStream(tcp, self._ctx, server_side=True, https_compatible=True)
@@ -150,7 +151,7 @@ class ConsoleServer:
                 with trio.fail_after(HANDSHAKE_TIMEOUT_S):
                     await stream.do_handshake()
             except (trio.BrokenResourceError, trio.TooSlowError, ssl.SSLError):
-                self._count("tls handshake failed")
+                self._count("tls")
                 await tcp.aclose()
                 return
             der = stream.getpeercert(binary_form=True)
@@ -164,7 +165,7 @@ class ConsoleServer:
                 with trio.move_on_after(2):
                     await stream.aclose()
         finally:
-            self._limiter.release_on_behalf_of(trio.lowlevel.current_task())
+            self._limiter.release()
             await tcp.aclose()
 
     async def _exchange(self, stream: trio.SSLStream[trio.SocketStream], client: Client) -> None:
@@ -194,8 +195,8 @@ class ConsoleServer:
         reason: str,
         page: bytes | None = None,
     ) -> Response:
-        self._count(reason)
-        self.refusals(f"{reason}: {client.who(session)}")
+        self._count(str(status.value))  # a fixed set of labels, whatever the input
+        self.refusals(f"{reason}: {client.who(session)}", status.value, client.remote)
         log.warning("console: refused %s: %s", client.who(session), reason)
         body = page or pages.message_page(
             self.node, f"{status.value} {status.phrase}", reason, False
@@ -320,7 +321,9 @@ class ConsoleServer:
         host = req.headers.get("host", "")
         parts = urlsplit(origin)
         if parts.scheme != "https" or parts.netloc != host:
-            raise Refused(HTTPStatus.FORBIDDEN, f"{req.path}: cross-origin request from {origin!r}")
+            raise Refused(
+                HTTPStatus.FORBIDDEN, f"{req.path}: cross-origin request from {origin[:80]!r}"
+            )
 
     # ----------------------------------------------------------------- actions
 
@@ -431,6 +434,35 @@ class ConsoleServer:
         if not isinstance(data, dict):
             raise TypeError("answered something that is not a status")
         return data
+
+
+class RefusalBudget:
+    """Refused requests in the events log, at most ``per_minute`` a minute whatever they
+    are (a flood of distinct bad requests must not fill the disk); those left out are
+    counted in the next one logged."""
+
+    def __init__(
+        self, events: EventLog, per_minute: int = 30, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.events = events
+        self.per_minute = per_minute
+        self.clock = clock
+        self._logged: deque[float] = deque()
+        self.suppressed = 0
+
+    def __call__(self, reason: str, status: int, remote: str) -> None:
+        now = self.clock()
+        while self._logged and now - self._logged[0] >= 60:
+            self._logged.popleft()
+        if len(self._logged) >= self.per_minute:
+            self.suppressed += 1
+            return
+        self._logged.append(now)
+        self.events.append(
+            NODE_WIDE, "console_refused", reason=reason[:300], status=status, remote=remote,
+            not_logged_before=self.suppressed,
+        )  # fmt: skip
+        self.suppressed = 0
 
 
 def _role(text: str) -> Role:

@@ -199,3 +199,27 @@ def test_client_certificate_login_and_peer_status(tmp_path: Path) -> None:
     p = run_pair(tmp_path, scenario)
     logins = [e for e in p.events() if e.get("event") == "console_login"]
     assert [(e["user"], e["via"]) for e in logins] == [("alice", "certificate")]
+
+
+def test_refusal_flood_bounded_in_log_and_metrics(tmp_path: Path) -> None:
+    """Many distinct bad requests: the events log and the metric labels stay bounded."""
+
+    def scenario(p: Pair) -> None:
+        for i in range(FLOOD):
+            assert p.request("POST", f"/nowhere-{i}", form={"a": "b"}).status == 401
+
+    p = run_pair(tmp_path, scenario)
+    refused = [e for e in p.events() if e.get("event") == "console_refused"]
+    assert 1 <= len(refused) <= MAX_REFUSAL_EVENTS, len(refused)
+    outcomes = {
+        s.labels["outcome"]
+        for fam in p.d1.metrics.registry.collect()
+        if fam.name == "hapair_console_requests"
+        for s in fam.samples
+    }
+    assert outcomes and outcomes <= {"ok", "400", "401", "403", "404", "408", "411", "413",
+                                     "415", "429", "431", "tls", "busy"}, outcomes  # fmt: skip
+
+
+FLOOD = 150
+MAX_REFUSAL_EVENTS = 40
