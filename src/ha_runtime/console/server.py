@@ -111,6 +111,7 @@ class ConsoleServer:
         self.refusals = RefusalBudget(daemon.events)
         self._tls = daemon.cluster.tls
         self._limiter = trio.CapacityLimiter(MAX_CONNECTIONS)
+        self._hashing = trio.CapacityLimiter(2)
         self._failures: dict[str, list[float]] = {}
         self.port: int | None = None
 
@@ -296,7 +297,11 @@ class ConsoleServer:
             )
         name = req.form.get("user", "")[:32]
         password = req.form.get("password", "")[:256]
-        user = await trio.to_thread.run_sync(self.auth.check_password, name, password)
+        # scrypt takes 32 MiB and ~0.1 s: two at a time, so a login flood cannot exhaust
+        # the node's memory (the daemon's thread pool would run 40 at once).
+        user = await trio.to_thread.run_sync(
+            self.auth.check_password, name, password, limiter=self._hashing
+        )
         if user is None:
             recent.append(now)
             if len(self._failures) > 1024:  # bounded: forget the oldest remotes
