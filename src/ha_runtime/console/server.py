@@ -175,6 +175,12 @@ class ConsoleServer:
             resp = await self.handle(req, client)
         except HttpError as exc:
             resp = self._refuse(client, None, exc.status, exc.reason)
+            resp.headers.setdefault("Content-Security-Policy", pages.CSP)
+            await send(stream, resp)
+            # A client still sending a refused body would get a reset instead of the
+            # answer if we closed now: read and drop what it sends, within bounds.
+            await _drain(stream)
+            return
         except trio.TooSlowError:
             resp = self._refuse(client, None, HTTPStatus.REQUEST_TIMEOUT, "request too slow")
         except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -439,6 +445,23 @@ class ConsoleServer:
         if not isinstance(data, dict):
             raise TypeError("answered something that is not a status")
         return data
+
+
+DRAIN_BYTES = 1 << 20
+DRAIN_S = 2.0
+
+
+async def _drain(stream: trio.SSLStream[trio.SocketStream]) -> None:
+    seen = 0
+    with (
+        contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError),
+        trio.move_on_after(DRAIN_S),
+    ):
+        while seen < DRAIN_BYTES:
+            chunk = await stream.receive_some(65536)
+            if not chunk:
+                return
+            seen += len(chunk)
 
 
 class RefusalBudget:
