@@ -70,9 +70,16 @@ def test_browser_shows_resync_progress(tmp_path: Path) -> None:
         with (tmp_path / "node1" / "app" / "sync.txt").open("wb") as f:
             f.write(b"acked\n")
             os.fsync(f.fileno())
-        time.sleep(1.5)  # the child reports twice a second, the daemon snapshots every second
-        text = generate_latest(p.d1.metrics.registry).decode()
-        count = re.search(r"^hapair_replication_ack_latency_seconds_count\{.*\} (\S+)$", text, re.M)
+        # The child reports twice a second, the daemon snapshots every second.
+        deadline = time.monotonic() + 15
+        while True:
+            text = generate_latest(p.d1.metrics.registry).decode()
+            count = re.search(
+                r"^hapair_replication_ack_latency_seconds_count\{.*\} (\S+)$", text, re.M
+            )
+            if count or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
         seen["acks"] = count.group(1) if count else "absent"
         inf = re.search(r"^hapair_resync_running\{.*\} (\S+)$", text, re.M)
         seen["running"] = inf.group(1) if inf else "absent"

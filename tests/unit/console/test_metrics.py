@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,20 @@ def value(samples: Samples, name: str, **labels: str) -> float:
     return samples[(name, frozenset(labels.items()))]
 
 
+CHECKER = frozenset({("module", "flightdata"), ("checker", "alive")})
+LAN = frozenset({("module", "flightdata"), ("network", "lan")})
+
+
+async def scraped(d: NodeDaemon, pred: Callable[[Samples], bool], timeout: float = 15) -> Samples:
+    """Scrape until `pred` holds (the last scrape once `timeout` passed)."""
+    deadline = trio.current_time() + timeout
+    while True:
+        s = scrape(d.metrics.registry)
+        if pred(s) or trio.current_time() > deadline:
+            return s
+        await trio.sleep(0.1)
+
+
 def test_daemon_metrics_scraped(tmp_path: Path) -> None:
     holders: dict[str, str] = {}
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
@@ -75,12 +90,15 @@ def test_daemon_metrics_scraped(tmp_path: Path) -> None:
             async with trio.open_nursery() as n2:
                 n2.start_soon(d2.run)
                 await wait(lambda: m1.state is State.PRIM and m2.state is State.SECOND)
-                await trio.sleep(1.2)  # the daemon's once-a-second snapshot
-                seen["pair"] = scrape(d1.metrics.registry)
+                # The daemon snapshots once a second; the checker's first probe may be later.
+                seen["pair"] = await scraped(
+                    d1, lambda s: s.get(("hapair_checker_ok", CHECKER)) == 1
+                )
                 n2.cancel_scope.cancel()
             await wait(lambda: not m1.peer_view().alive)
-            await trio.sleep(1.2)
-            seen["alone"] = scrape(d1.metrics.registry)
+            seen["alone"] = await scraped(
+                d1, lambda s: s.get(("hapair_heartbeat_network_up", LAN)) == 0
+            )
             outer.cancel_scope.cancel()
 
     trio.run(main)
