@@ -128,10 +128,25 @@ def message_page(node: str, title: str, text: str, ok: bool, *, user: str | None
     return page(f"hapair {node}: {title}", body, header=_header(node, user, role, csrf))
 
 
-def confirm_page(node: str, module: str, action: str, *, user: str, role: str, csrf: str) -> bytes:
+def confirm_page(
+    node: str,
+    module: str,
+    action: str,
+    *,
+    user: str,
+    role: str,
+    csrf: str,
+    precheck: str | None = None,
+) -> bytes:
+    """`precheck`: why the daemon would refuse the action now (None: it would not)."""
+    check = (
+        f'<p class="msg bad" id=precheck>Pre-check: this would be refused now: {_e(precheck)}</p>'
+        if precheck
+        else '<p class="msg ok" id=precheck>Pre-check: nothing stands in the way now.</p>'
+    )
     body = (
         f"<section><h2>Confirm: {_e(ACTIONS[action])} {_e(module)}</h2>"
-        f"<p>{_e(describe_action(action, module, node))}</p>"
+        f"<p>{_e(describe_action(action, module, node))}</p>{check}"
         f"<p>Asked by <b>{_e(user)}</b> on <b>{_e(node)}</b>; it is written to the events log."
         "</p>"
         '<form method=post action="/confirm">'

@@ -33,6 +33,7 @@ from ha_runtime.config import ConsoleSpec, TlsSpec
 from ha_runtime.console import pages
 from ha_runtime.console.auth import Authenticator, Role, Session, User, csrf_ok
 from ha_runtime.console.http import HttpError, Request, Response, read_request, redirect, send
+from ha_runtime.decision import swap_refusal
 from ha_runtime.events import NODE_WIDE, EventLog
 
 if TYPE_CHECKING:
@@ -264,7 +265,7 @@ class ConsoleServer:
                     HTTPStatus.OK,
                     pages.confirm_page(
                         self.node, module, action, user=session.user, role=session.role,
-                        csrf=session.csrf,
+                        csrf=session.csrf, precheck=self._precheck(module, action),
                     ),
                 )  # fmt: skip
             return await self._run_action(module, action, session, client)
@@ -354,6 +355,20 @@ class ConsoleServer:
         if action not in allowed:
             raise Refused(HTTPStatus.BAD_REQUEST, f"action {action[:20]!r} not allowed on {module}")
         return module, action
+
+    def _precheck(self, module: str, action: str) -> str | None:
+        """The daemon's own refusal, evaluated without acting (the confirmation page says
+        it before anyone confirms; the action itself checks again)."""
+        mgr = self.daemon.managers.get(module)
+        if mgr is None:
+            return None
+        if action == "swap":
+            return swap_refusal(mgr.inputs())
+        if action == "resync" and mgr.replica is None:
+            return f"{module} has no replicated_dirs: nothing to resync"
+        if action == "resync" and not mgr.state.is_primary:
+            return f"resync runs on the primary; this node is {mgr.state.name}"
+        return None
 
     def _module_type(self, module: str) -> str | None:
         if module in self.daemon.managers:

@@ -36,6 +36,7 @@ def test_login_pair_page_and_switchover(tmp_path: Path) -> None:
         form = {"csrf": csrf, "module": "flightdata", "action": "swap"}
         confirm = p.request("POST", "/action", cookie=cookie, form=form)
         assert confirm.status == 200 and "Planned switchover of flightdata" in confirm.body
+        assert "Pre-check: nothing stands in the way now." in confirm.body
         assert p.holders == {"flightdata": "node1"}  # nothing done before the confirmation
         done = p.request("POST", "/confirm", cookie=cookie, form=form)
         assert done.status == 200 and "switched over to node2" in done.body, done.body
@@ -49,6 +50,8 @@ def test_login_pair_page_and_switchover(tmp_path: Path) -> None:
         assert "<span class=vip-holder>node2</span>" in page2
         # Refused by the daemon's own pre-check: resync runs on the primary (now node2).
         form = {"csrf": csrf, "module": "flightdata", "action": "resync"}
+        ask = p.request("POST", "/action", cookie=cookie, form=form).body
+        assert "would be refused now: flightdata has no replicated_dirs" in ask
         refused = p.request("POST", "/confirm", cookie=cookie, form=form)
         assert refused.status == 409
         assert "flightdata has no replicated_dirs" in refused.body
