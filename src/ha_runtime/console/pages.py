@@ -261,31 +261,47 @@ def _actions(module: Mapping[str, Any], node: str, csrf: str) -> str:
     return f"<div class=actions>Actions (on {_e(node)}): {''.join(forms)}</div>"
 
 
+def _fallbacks(m: Mapping[str, Any], others: list[str]) -> dict[str, dict[str, Any]]:
+    """What this node's heartbeats say of each other node (mirror: one peer; farm:
+    "node2=UP,node3=LOST")."""
+    if m.get("type") == "farm":
+        states = dict(
+            part.split("=", 1) for part in str(m.get("peer_state") or "").split(",") if "=" in part
+        )
+        return {n: {"state": states.get(n)} for n in others}
+    return {
+        n: {"state": m.get("peer_state"), "generation": m.get("peer_generation")} for n in others
+    }
+
+
 def pair_page(
     *,
     node: str,
     local: Mapping[str, Any],
-    peer: Mapping[str, Any] | None,
-    peer_error: str | None,
+    peers: Mapping[str, Mapping[str, Any]],
+    peer_errors: Iterable[str],
     events: Iterable[Mapping[str, Any]],
     user: str,
     role: str,
     csrf: str,
     refresh_s: int = 5,
 ) -> bytes:
-    peer_mods = {m.get("module"): m for m in (peer or {}).get("modules", [])}
+    """`peers`: the status each other node's console gave (node -> status)."""
+    peer_mods = {
+        (n, pm.get("module")): pm for n, st in peers.items() for pm in st.get("modules", [])
+    }
     sections = []
     for m in local.get("modules", []):
         name = m.get("module")
-        pm = peer_mods.get(name)
-        peer_node = str(m.get("peer"))
-        holder = node if m.get("vip_held") else peer_node if (
-            (pm or {}).get("vip_held") or m.get("peer_state") in PRIMARY
-        ) else "nobody"  # fmt: skip
-        fallback = {"state": m.get("peer_state"), "generation": m.get("peer_generation")}
-        reps = [(m.get("replication"), node)]
-        if pm is not None:
-            reps.append((pm.get("replication"), peer_node))
+        others = [n for n in str(m.get("peer") or "").split(",") if n]
+        fallback = _fallbacks(m, others)
+        rows = [(node, m, m.get("state"))] + [
+            (n, peer_mods.get((n, name)), (peer_mods.get((n, name)) or fallback[n]).get("state"))
+            for n in others
+        ]
+        holders = [n for n, pm, st in rows if (pm or {}).get("vip_held") or st in PRIMARY]
+        holder = ", ".join(dict.fromkeys(holders)) or "nobody"
+        reps = [(pm.get("replication"), n) for n, pm, _ in rows if pm is not None]
         quarantine = [q for rep, _ in reps if rep for q in rep.get("quarantine") or []]
         qhtml = (
             '<p class="msg bad">Split-brain quarantine (review, merge, then remove): '
@@ -294,17 +310,19 @@ def pair_page(
             if quarantine
             else '<p class="muted">Quarantine: empty</p>'
         )
+        networks = m.get("peer_networks")
+        if isinstance(networks, dict):  # farm: per member
+            networks = [f"{n}: {'/'.join(v) or 'none'}" for n, v in sorted(networks.items())]
         sections.append(
             f'<section id="module-{_e(name)}"><h2>{_e(name)} ({_e(m.get("type"))})'
             f" VIP {_e(m.get('vip') or 'none')} on <span class=vip-holder>{_e(holder)}</span>"
             f"{', sync: ' + _e(m.get('sync')) if m.get('sync') else ''}</h2>"
             "<table><tr><th>node</th><th>state</th><th>VIP</th><th>generation</th>"
             "<th>data</th><th>checkers</th><th>why</th></tr>"
-            + _node_row(node, m, fallback)
-            + _node_row(peer_node, pm, fallback)
+            + "".join(_node_row(n, pm, fallback.get(n, {})) for n, pm, _ in rows)
             + "</table>"
-            + f'<p class="muted">Heartbeat networks up: '
-            f"{_e(', '.join(m.get('peer_networks') or []) or 'none')}</p>"
+            + f'<p class="muted">Heartbeat networks up: {_e(", ".join(networks or []) or "none")}'
+            "</p>"
             + "".join(_replication(rep, where) for rep, where in reps)
             + qhtml
             + _advice({**m, "networks": local.get("networks")})
@@ -313,10 +331,8 @@ def pair_page(
         )
     if not sections:
         sections.append("<section>No module is managed on this node.</section>")
-    peer_note = (
-        f'<p class="msg warn">Peer console not reachable: {_e(peer_error)}</p>'
-        if peer_error
-        else ""
+    peer_note = "".join(
+        f'<p class="msg warn">Peer console not reachable: {_e(err)}</p>' for err in peer_errors
     )
     ev_rows = "".join(
         f"<tr><td>{_e(e.get('time'))}</td><td>{_e(e.get('module'))}</td>"

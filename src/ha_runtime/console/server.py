@@ -411,28 +411,35 @@ class ConsoleServer:
 
     async def _pair_page(self, session: Session) -> bytes:
         local = await self._status()
-        peer, error = await self._peer_status()
+        peers, errors = await self._peer_statuses()
         return pages.pair_page(
             node=self.node,
             local=local,
-            peer=peer,
-            peer_error=error,
+            peers=peers,
+            peer_errors=errors,
             events=self.daemon.events.read(None, EVENTS_SHOWN),
             user=session.user,
             role=session.role,
             csrf=session.csrf,
         )
 
-    async def _peer_status(self) -> tuple[dict[str, Any] | None, str | None]:
-        if not self.spec.peers:
-            return None, None
-        name, address = next(iter(sorted(self.spec.peers.items())))
-        try:
-            with trio.fail_after(PEER_TIMEOUT_S):
-                return await self._fetch_peer(name, address), None
-        except (OSError, ssl.SSLError, trio.TooSlowError, trio.BrokenResourceError,
-                ValueError, TypeError) as exc:  # fmt: skip
-            return None, f"{name} at {address}: {exc or type(exc).__name__}"
+    async def _peer_statuses(self) -> tuple[dict[str, dict[str, Any]], list[str]]:
+        """Every other node's own status, asked of its console at once (2 s at most)."""
+        peers: dict[str, dict[str, Any]] = {}
+        errors: list[str] = []
+
+        async def one(name: str, address: str) -> None:
+            try:
+                with trio.fail_after(PEER_TIMEOUT_S):
+                    peers[name] = await self._fetch_peer(name, address)
+            except (OSError, ssl.SSLError, trio.TooSlowError, trio.BrokenResourceError,
+                    ValueError, TypeError) as exc:  # fmt: skip
+                errors.append(f"{name} at {address}: {exc or type(exc).__name__}")
+
+        async with trio.open_nursery() as n:
+            for name, address in sorted(self.spec.peers.items()):
+                n.start_soon(one, name, address)
+        return peers, sorted(errors)
 
     async def _fetch_peer(self, name: str, address: str) -> dict[str, Any]:
         host, _, port = address.rpartition(":")
