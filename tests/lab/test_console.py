@@ -61,6 +61,17 @@ def _until(page: Page, text: str, timeout: float, absent: str | None = None) -> 
         time.sleep(0.3)
 
 
+def _until_holder(page: Page, node: str, timeout: float) -> None:
+    """Reload until the page names `node` as the VIP holder (page.content() re-serialises
+    the DOM, quoting attributes: look at the element, not at the served text)."""
+    deadline = time.monotonic() + timeout
+    holder = page.locator(f"#module-{MODULE} .vip-holder")
+    while holder.inner_text() != node:
+        assert time.monotonic() < deadline, f"VIP holder on the page: {holder.inner_text()}"
+        time.sleep(0.3)
+        page.reload()
+
+
 def _holds_vip(lab: Lab, node: str) -> bool:
     out = in_node(lab, node, "ip", "-4", "-o", "addr", "show", "dev", "lan0").stdout
     return f" {VIP}/" in out
@@ -83,7 +94,7 @@ def test_console_switchover_and_resync_in_browser(mirror_site: Lab) -> None:
 
         # Switchover from node1's page: the VIP moves, on the page and on the interfaces.
         _act(page, "swap", "switched over to node2")
-        _until(page, "<span class=vip-holder>node2</span>", 30)
+        _until_holder(page, "node2", 30)
         assert _holds_vip(lab, "node2") and not _holds_vip(lab, "node1")
         expect(page.locator("#events")).to_contain_text("console_action")
         expect(page.locator("#events")).to_contain_text("user=ops")
@@ -109,7 +120,7 @@ def test_console_switchover_and_resync_in_browser(mirror_site: Lab) -> None:
 
         # Back as found: switched over from node2's page.
         _act(page2, "swap", "switched over to node1")
-        _until(page2, "<span class=vip-holder>node1</span>", 30)
+        _until_holder(page2, "node1", 30)
     in_sync_pair()
     events = in_node(lab, "node1", "hactl", "events", MODULE).stdout
     assert "console_action" in events and "ops" in events
