@@ -95,7 +95,11 @@ def test_console_switchover_and_resync_in_browser(mirror_site: Lab) -> None:
         # Switchover from node1's page: the VIP moves, on the page and on the interfaces.
         _act(page, "swap", "switched over to node2")
         _until_holder(page, "node2", 30)
-        assert _holds_vip(lab, "node2") and not _holds_vip(lab, "node1")
+        # The new primary claims the role first, then adds the VIP: give it a moment.
+        deadline = time.monotonic() + 15
+        while not (_holds_vip(lab, "node2") and not _holds_vip(lab, "node1")):
+            assert time.monotonic() < deadline, "the VIP is not (only) on node2's lan0"
+            time.sleep(0.3)
         expect(page.locator("#events")).to_contain_text("console_action")
         expect(page.locator("#events")).to_contain_text("user=ops")
         _browser.shot(page, "lab-02-after-switchover")
