@@ -11,6 +11,7 @@ Screenshots: tests/artifacts/console/lab-*.png (gitignored)."""
 from __future__ import annotations
 
 import importlib.util
+import subprocess
 import time
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from playwright.sync_api import Page, expect
 from repl import APP_DIR, MODULE, in_sync_pair, wait_state
 
 from ha_lab.lab import Lab
+from ha_lab.topology import node_ns
 
 _spec = importlib.util.spec_from_file_location(
     "console_browser", Path(__file__).parents[1] / "unit/console/browser.py"
@@ -72,8 +74,12 @@ def _until_holder(page: Page, node: str, timeout: float) -> None:
         page.reload()
 
 
-def _holds_vip(lab: Lab, node: str) -> bool:
-    out = in_node(lab, node, "ip", "-4", "-o", "addr", "show", "dev", "lan0").stdout
+def _holds_vip(node: str) -> bool:
+    # From the host, in the node's network namespace (as test_replication_faults does).
+    out = subprocess.run(
+        ["ip", "-n", node_ns(node), "-4", "-o", "addr", "show", "dev", "lan0"],
+        capture_output=True, text=True, check=False, timeout=10,
+    ).stdout  # fmt: skip
     return f" {VIP}/" in out
 
 
@@ -97,7 +103,7 @@ def test_console_switchover_and_resync_in_browser(mirror_site: Lab) -> None:
         _until_holder(page, "node2", 30)
         # The new primary claims the role first, then adds the VIP: give it a moment.
         deadline = time.monotonic() + 15
-        while not (_holds_vip(lab, "node2") and not _holds_vip(lab, "node1")):
+        while not (_holds_vip("node2") and not _holds_vip("node1")):
             assert time.monotonic() < deadline, "the VIP is not (only) on node2's lan0"
             time.sleep(0.3)
         expect(page.locator("#events")).to_contain_text("console_action")
