@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ha_runtime import api
+from ha_runtime.advice import format_advice
 from ha_runtime.config import (
     DEFAULT_API_SOCKET,
     DEFAULT_CLUSTER_FILE,
@@ -278,6 +279,7 @@ def format_status(result: dict[str, Any]) -> str:
     repl = [format_replication(m) for m in result["modules"]]
     if any(repl):
         lines += ["", "replication:", *[r for r in repl if r]]
+    lines += format_advice(result)  # what each abnormal state means, what to type next
     return "\n".join(lines)
 
 

@@ -85,6 +85,24 @@ class TlsSpec:
 
 
 @dataclass(frozen=True)
+class ConsoleUserSpec:
+    name: str
+    role: str  # viewer | operator
+    password_hash: str | None
+    certificate: bool
+
+
+@dataclass(frozen=True)
+class ConsoleSpec:
+    """The web console (ha_runtime.console, docs/console.md)."""
+
+    address: str  # "host:port" on the management network
+    peers: dict[str, str]  # other node -> its console "host:port"
+    users: tuple[ConsoleUserSpec, ...]
+    session_timeout_s: float = 3600.0
+
+
+@dataclass(frozen=True)
 class ClusterConfig:
     path: Path
     node: str
@@ -96,6 +114,7 @@ class ClusterConfig:
     metrics_address: str | None  # "host:port", None disables the exporter
     state_dir: Path
     modules_dir: Path
+    console: ConsoleSpec | None = None  # None: no web console on this node
 
     @property
     def networks(self) -> tuple[str, ...]:
@@ -350,6 +369,7 @@ CLUSTER_FIELDS = frozenset(
         "metrics_address",
         "state_dir",
         "modules_dir",
+        "console",
     }
 )
 
@@ -370,6 +390,7 @@ def parse_cluster(data: Any, path: Path) -> tuple[ClusterConfig | None, list[str
     metrics = _parse_metrics(v, d.get("metrics_address", DEFAULT_METRICS_ADDRESS))
     state_dir = v.abspath(d.get("state_dir", str(DEFAULT_STATE_DIR)), "state_dir")
     modules_dir = v.abspath(d.get("modules_dir", str(DEFAULT_MODULES_DIR)), "modules_dir")
+    console = _parse_console(v, d.get("console"), node, nodes)
     if v.errors:
         return None, v.errors
     assert node and port and site_key and tls and api_socket and state_dir and modules_dir
@@ -384,6 +405,7 @@ def parse_cluster(data: Any, path: Path) -> tuple[ClusterConfig | None, list[str
         metrics_address=metrics,
         state_dir=state_dir,
         modules_dir=modules_dir,
+        console=console,
     )
     return cfg, []
 
@@ -472,6 +494,72 @@ def _host_cidr(raw: Any) -> ipaddress.IPv4Interface | None:
     if net.prefixlen >= 31 or iface.ip in (net.network_address, net.broadcast_address):
         return None
     return iface
+
+
+def _host_port(v: _V, value: Any, where: str) -> str | None:
+    host, _, port = value.rpartition(":") if isinstance(value, str) else ("", "", "")
+    if not (_is_ipv4(host) and port.isdigit() and 1 <= int(port) <= 65535):
+        v.err(where, f"expected HOST:PORT like 10.79.0.11:8443, got {_show(value)}")
+        return None
+    return str(value)
+
+
+def _parse_console(
+    v: _V, value: Any, node: str | None, nodes: list[NodeSpec]
+) -> ConsoleSpec | None:
+    from ha_runtime.console.auth import ROLES, BadHash, parse_hash  # noqa: PLC0415
+
+    if value is None:
+        return None
+    d = v.mapping(value, "console", frozenset({"address", "peers", "users", "session_timeout_s"}))
+    if d is None:
+        return None
+    address = _host_port(v, v.required(d, "address", "console"), "console.address")
+    peers: dict[str, str] = {}
+    raw_peers = d.get("peers", {})
+    if not isinstance(raw_peers, dict):
+        v.err(
+            "console.peers", f"expected a mapping of node name to HOST:PORT, got {_show(raw_peers)}"
+        )
+    else:
+        others = {n.name for n in nodes} - {node}
+        for name, addr in raw_peers.items():
+            if name not in others:
+                v.err(
+                    f"console.peers.{name}", f"expected another node ({', '.join(sorted(others))})"
+                )
+            elif (hp := _host_port(v, addr, f"console.peers.{name}")) is not None:
+                peers[str(name)] = hp
+    users: list[ConsoleUserSpec] = []
+    raw_users = v.required(d, "users", "console")
+    if raw_users is not None and (not isinstance(raw_users, list) or not raw_users):
+        v.err("console.users", f"expected a non-empty list of users, got {_show(raw_users)}")
+    for i, item in enumerate(raw_users if isinstance(raw_users, list) else []):
+        w = f"console.users[{i}]"
+        u = v.mapping(item, w, frozenset({"name", "role", "password_hash", "certificate"}))
+        if u is None:
+            continue
+        name = v.string(v.required(u, "name", w), f"{w}.name", NAME_RE, "a user name like ops")
+        role = v.choice(v.required(u, "role", w), f"{w}.role", ROLES)
+        pw = u.get("password_hash")
+        if pw is not None:
+            try:
+                parse_hash(str(pw))
+            except BadHash as exc:
+                v.err(f"{w}.password_hash", str(exc))  # never the hash itself
+        cert = u.get("certificate", False)
+        if not isinstance(cert, bool):
+            v.err(f"{w}.certificate", f"expected true or false, got {_show(cert)}")
+        elif pw is None and not cert:
+            v.err(w, "expected password_hash, certificate: true, or both (no way to log in)")
+        if name is not None and name in {x.name for x in users}:
+            v.err(f"{w}.name", f"duplicate user {name!r}")
+        elif name is not None and role is not None:
+            users.append(ConsoleUserSpec(name, role, None if pw is None else str(pw), cert is True))
+    timeout = v.number(d.get("session_timeout_s", 3600), "console.session_timeout_s", 60, 86400)
+    if address is None or timeout is None:
+        return None
+    return ConsoleSpec(address, peers, tuple(users), timeout)
 
 
 def _parse_metrics(v: _V, value: Any) -> str | None:

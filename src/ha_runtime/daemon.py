@@ -10,6 +10,7 @@ import trio
 
 from ha_runtime import api, sdnotify
 from ha_runtime.config import ModuleConfig, SiteConfig
+from ha_runtime.console.server import ConsoleServer
 from ha_runtime.events import EventLog, RefusalLog
 from ha_runtime.farm_manager import FarmModuleManager
 from ha_runtime.heartbeat import HeartbeatService, LocalAnnounce, ModuleStream
@@ -87,6 +88,7 @@ class NodeDaemon:
             for m in farm_modules
         }
         self.ready = trio.Event()
+        self.console: ConsoleServer | None = None  # when cluster.yml configures one
 
     def _on_heartbeat_drop(self, reason: Drop) -> None:
         self.metrics.on_drop(reason)
@@ -98,6 +100,7 @@ class NodeDaemon:
         return self.managers[module].announce()
 
     async def run(self) -> None:
+        self.metrics.set_build(self.cluster.node)
         if self._serve_metrics and self.cluster.metrics_address:
             self.metrics.serve(self.cluster.metrics_address)
         for name, mgr in self.managers.items():
@@ -110,6 +113,9 @@ class NodeDaemon:
             nursery.start_soon(self.heartbeat.run)
             await self.heartbeat.ready.wait()
             await nursery.start(api.serve, self.cluster.api_socket, self.handle)
+            if self.cluster.console is not None:
+                self.console = ConsoleServer(self, self.cluster.console)
+                await nursery.start(self.console.serve)
             async with trio.open_nursery() as modules:
                 for mgr in self.managers.values():
                     modules.start_soon(mgr.run)
@@ -148,6 +154,10 @@ class NodeDaemon:
             for name, farm in self.farms.items():
                 alive = any(p.alive for p in farm.peer_views())
                 self.metrics.peer_alive.labels(name).set(1 if alive else 0)
+            try:
+                self.metrics.observe(self)
+            except Exception:  # metrics must never take the daemon down
+                log.exception("metrics: snapshot failed")
             await trio.sleep(1)
 
     async def _watchdog(self) -> None:
@@ -173,6 +183,7 @@ class NodeDaemon:
         return {
             "node": self.cluster.node,
             "version": runtime_version(),
+            "networks": list(self.cluster.networks),  # heartbeat networks (advice: which down)
             "modules": entries,
             "heartbeat_drops": dict(self.heartbeat.drops),
         }

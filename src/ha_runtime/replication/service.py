@@ -22,6 +22,7 @@ import trio
 
 from ha_runtime.config import ClusterConfig, ModuleConfig
 from ha_runtime.generation import Generation, GenerationStore, Relation, atomic_write, compare
+from ha_runtime.metrics import LatencyHistogram
 from ha_runtime.replication import beneath, fusefs, quarantine, resync, transport
 from ha_runtime.replication import delta as D
 from ha_runtime.replication.applier import Applier
@@ -91,6 +92,7 @@ class ReplicationStatus:
     last_error: str | None = None
     # Sessions ended by an unexpected error (each a link failure, reconnected with backoff).
     session_errors: int = 0
+    ack_latency: dict[str, Any] | None = None  # primary: barrier ack times (metrics)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -159,6 +161,7 @@ class ReplicationService:
         self._fence_needed = True
         self._fence_token: str | None = None
         self._fence_done = trio.Event()
+        self._ack_latency = LatencyHistogram()
 
     # -- events and status
     def _emit(self, kind: str, /, **detail: Any) -> None:
@@ -179,6 +182,7 @@ class ReplicationService:
             s.dirty_bytes = self._dirty.state.dirty_bytes()
             s.dirty_paths = len(self._dirty.state.ranges) + len(self._dirty.state.touched)
         s.resync = self._progress.as_dict() if self._progress else None
+        s.ack_latency = self._ack_latency.as_dict() if self._ack_latency.count else None
         return s
 
     def request_resync(self, full: bool = False, quarantine: bool = False) -> None:
@@ -281,6 +285,7 @@ class ReplicationService:
 
         link = self._link
         if self._status.state == "sync" and link is not None and not link.lost_reason:
+            sent = time.monotonic()
             seq = link.submit(Record(0, Op.FSYNC, path, flags=int(datasync)))
             self._barriers += 1
             try:
@@ -292,11 +297,11 @@ class ReplicationService:
                     # would stall every operation and the link's keepalives: in a thread.
                     await link.flush()
                     self._fsync_local(path, datasync)
-                    await self._wait_acked(link, seq)
+                    await self._wait_acked(link, seq, sent)
                 else:
                     async with trio.open_nursery() as n:
                         n.start_soon(local)
-                        await self._wait_acked(link, seq)
+                        await self._wait_acked(link, seq, sent)
             finally:
                 self._barriers -= 1
         else:
@@ -305,9 +310,10 @@ class ReplicationService:
             await trio.to_thread.run_sync(self._dirty.sync)
             await self._fenced()
 
-    async def _wait_acked(self, link: PrimaryLink, seq: int) -> None:
+    async def _wait_acked(self, link: PrimaryLink, seq: int, sent: float) -> None:
         try:
             await link.wait_acked(seq)
+            self._ack_latency.observe(time.monotonic() - sent)
         except LinkLost as e:
             await self._go_alone(str(e))
             # Durable here, not acknowledged there: the peer must not be able to take over
