@@ -61,6 +61,7 @@ class NodeDaemon:
             streams=streams,
             announce=self._announce,
             on_drop=self._on_heartbeat_drop,
+            state_dir=c.state_dir,
         )
         self.managers: dict[str, ModuleManager] = {
             m.name: ModuleManager(

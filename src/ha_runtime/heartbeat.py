@@ -6,6 +6,8 @@ module while at least one network delivered a valid heartbeat within the module'
 timeout: losing the dedicated link alone is not a failure, losing every network is.
 Anything a network hands us that is not a fresh, authentic heartbeat from a known node
 for a known module is dropped and counted by reason; the receive loop never raises.
+This node's incarnation and what it accepted last from each peer stream are kept in
+state_dir (heartbeat_state), so neither a restart nor a clock set back reopens old packets.
 """
 
 from __future__ import annotations
@@ -15,11 +17,13 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import trio
 
 from ha_runtime.decision import PeerStatus, PeerView
 from ha_runtime.generation import Generation
+from ha_runtime.heartbeat_state import SAVE_INTERVAL_S, load_marks, next_incarnation, save_marks
 from ha_runtime.packet import Drop, Heartbeat, ReplayGuard, decode, encode
 from ha_runtime.states import Flag, State
 
@@ -127,7 +131,9 @@ class HeartbeatService:
         streams: dict[str, ModuleStream],
         announce: Callable[[str], LocalAnnounce],
         on_drop: Callable[[Drop], None] | None = None,
+        state_dir: Path,
         clock: Callable[[], float] = time.monotonic,
+        wall_clock_ns: Callable[[], int] = time.time_ns,
     ) -> None:
         self.node = node
         self._key = key
@@ -137,9 +143,12 @@ class HeartbeatService:
         self.streams = streams
         self._announce = announce
         self._on_drop = on_drop
-        self.incarnation = time.time_ns()  # grows across reboots: old packets stay old
+        self._state_dir = state_dir
+        self._wall_clock_ns = wall_clock_ns
+        self.incarnation = 0  # set by run(), durably, before the first heartbeat
         self._seq = 0
-        self._guard = ReplayGuard()
+        self._guard = ReplayGuard(load_marks(state_dir))
+        self._save_now = trio.Event()
         self.table = PeerTable(streams, clock)
         self.drops: Counter[str] = Counter()
         self.received: Counter[str] = Counter()  # network -> valid heartbeats
@@ -148,6 +157,7 @@ class HeartbeatService:
         self.ready = trio.Event()
 
     async def run(self) -> None:
+        self.incarnation = next_incarnation(self._state_dir, self._wall_clock_ns())
         for net, addr in sorted(self._bind.items()):
             sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
             sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEADDR, 1)
@@ -160,9 +170,12 @@ class HeartbeatService:
                     nursery.start_soon(self._receive_loop, net, sock)
                 for stream in self.streams.values():
                     nursery.start_soon(self._send_loop, stream)
+                nursery.start_soon(self._save_loop)
         finally:
             for sock in self._socks.values():
                 sock.close()
+            if self._guard.dirty:
+                self._save_marks(self._guard.snapshot())
 
     def bound_port(self, network: str) -> int:
         port: int = self._socks[network].getsockname()[1]
@@ -197,6 +210,8 @@ class HeartbeatService:
             return self._drop(Drop.UNKNOWN_MODULE)
         if not self._guard.accept(hb):
             return self._drop(Drop.REPLAYED)
+        if self._guard.urgent:  # a peer restarted: remember its new incarnation now
+            self._save_now.set()
         self.received[network] += 1
         self.table.record(hb)
         return hb
@@ -206,6 +221,22 @@ class HeartbeatService:
         if self._on_drop is not None:
             self._on_drop(reason)
         return reason
+
+    async def _save_loop(self) -> None:
+        # Off the event loop: an fsync on a busy disk must not delay heartbeats.
+        while True:
+            with trio.move_on_after(SAVE_INTERVAL_S):
+                await self._save_now.wait()
+            self._save_now = trio.Event()
+            if self._guard.dirty:
+                await trio.to_thread.run_sync(self._save_marks, self._guard.snapshot())
+
+    def _save_marks(self, marks: dict[tuple[str, str, str], tuple[int, int]]) -> None:
+        try:
+            save_marks(self._state_dir, marks)
+        except OSError as exc:  # a full disk must not stop the heartbeats: retried next time
+            log.warning("heartbeat: cannot save replay marks in %s: %s", self._state_dir, exc)
+            self._guard.dirty = True
 
     # ----------------------------------------------------------------- send
 

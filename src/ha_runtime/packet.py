@@ -108,13 +108,16 @@ def decode(data: bytes, key: bytes) -> Heartbeat | Drop:
 class ReplayGuard:
     """Accept each (sender, module, network) stream's packets only in increasing order.
 
-    A sender's incarnation is taken at daemon start and only grows, so a reboot resets the
-    sequence without reopening old packets. Per network, because the same sequence number
-    legitimately arrives once on each network.
+    A sender's incarnation grows with each of its starts (heartbeat_state), so a restart
+    resets the sequence without reopening old packets. Per network, because the same
+    sequence number legitimately arrives once on each network. The marks are given back
+    to be saved, so a restart of the receiver does not reopen them either.
     """
 
-    def __init__(self) -> None:
-        self._last: dict[tuple[str, str, str], tuple[int, int]] = {}
+    def __init__(self, marks: dict[tuple[str, str, str], tuple[int, int]] | None = None) -> None:
+        self._last: dict[tuple[str, str, str], tuple[int, int]] = dict(marks or {})
+        self.dirty = False  # a mark moved since the last snapshot
+        self.urgent = False  # a sender's new incarnation was accepted since then
 
     def accept(self, hb: Heartbeat) -> bool:
         key = (hb.node, hb.module, hb.network)
@@ -122,5 +125,13 @@ class ReplayGuard:
         last = self._last.get(key)
         if last is not None and mark <= last:
             return False
+        if last is None or last[0] != hb.incarnation:
+            self.urgent = True
         self._last[key] = mark
+        self.dirty = True
         return True
+
+    def snapshot(self) -> dict[tuple[str, str, str], tuple[int, int]]:
+        """The marks to save; clears dirty and urgent."""
+        self.dirty = self.urgent = False
+        return dict(self._last)
