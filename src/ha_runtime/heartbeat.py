@@ -8,6 +8,8 @@ Anything a network hands us that is not a fresh, authentic heartbeat from a know
 for a known module is dropped and counted by reason; the receive loop never raises.
 This node's incarnation and what it accepted last from each peer stream are kept in
 state_dir (heartbeat_state), so neither a restart nor a clock set back reopens old packets.
+Packets to and from a peer are signed with the key of the pair when the deploy gave one
+(heartbeat_keys), so a third node cannot sign in another's name.
 """
 
 from __future__ import annotations
@@ -23,8 +25,14 @@ import trio
 
 from ha_runtime.decision import PeerStatus, PeerView
 from ha_runtime.generation import Generation
-from ha_runtime.heartbeat_state import SAVE_INTERVAL_S, load_marks, next_incarnation, save_marks
-from ha_runtime.packet import Drop, Heartbeat, ReplayGuard, decode, encode
+from ha_runtime.heartbeat_state import (
+    SAVE_INTERVAL_S,
+    ReplayState,
+    load_marks,
+    next_incarnation,
+    save_marks,
+)
+from ha_runtime.packet import Drop, Heartbeat, ReplayGuard, decode, encode, peek_sender
 from ha_runtime.states import Flag, State
 
 log = logging.getLogger(__name__)
@@ -134,9 +142,11 @@ class HeartbeatService:
         state_dir: Path,
         clock: Callable[[], float] = time.monotonic,
         wall_clock_ns: Callable[[], int] = time.time_ns,
+        pair_keys: dict[str, bytes] | None = None,  # peer -> key of the pair (heartbeat_keys)
     ) -> None:
         self.node = node
-        self._key = key
+        self._key = key  # the site key: peers without a pair key, and the rollout
+        self._pair_keys = dict(pair_keys or {})
         self._port = port
         self._bind = bind
         self._peers = peers
@@ -147,7 +157,11 @@ class HeartbeatService:
         self._wall_clock_ns = wall_clock_ns
         self.incarnation = 0  # set by run(), durably, before the first heartbeat
         self._seq = 0
-        self._guard = ReplayGuard(load_marks(state_dir))
+        saved = load_marks(state_dir)
+        self._guard = ReplayGuard(saved.marks)
+        # Peers that signed with their pair key: their site-key packets are refused, and
+        # they get ours with the pair key only.
+        self._pair_keyed = saved.pair_keyed
         self._save_now = trio.Event()
         self.table = PeerTable(streams, clock)
         self.drops: Counter[str] = Counter()
@@ -175,7 +189,7 @@ class HeartbeatService:
             for sock in self._socks.values():
                 sock.close()
             if self._guard.dirty:
-                self._save_marks(self._guard.snapshot())
+                self._save_marks(self._replay_state())
 
     def bound_port(self, network: str) -> int:
         port: int = self._socks[network].getsockname()[1]
@@ -196,8 +210,21 @@ class HeartbeatService:
                 log.exception("heartbeat: unexpected error handling a datagram on %s", network)
                 self._drop(Drop.ERROR)
 
-    def handle_datagram(self, network: str, data: bytes) -> Heartbeat | Drop:
+    def _authenticate(self, data: bytes) -> tuple[Heartbeat | Drop, bool]:
+        """Decode with the claimed sender's pair key, else the site key; (result, pair-keyed)."""
+        sender = peek_sender(data)
+        pair = self._pair_keys.get(sender) if sender is not None else None
+        if pair is not None:
+            result = decode(data, pair)
+            if result is not Drop.FORGED:  # authentic, or refused whatever the key
+                return result, isinstance(result, Heartbeat)
         result = decode(data, self._key)
+        if pair is not None and sender in self._pair_keyed and isinstance(result, Heartbeat):
+            return Drop.SITE_KEY, False  # any node holds the site key: not proof of sender
+        return result, False
+
+    def handle_datagram(self, network: str, data: bytes) -> Heartbeat | Drop:
+        result, pair_keyed = self._authenticate(data)
         if isinstance(result, Drop):
             return self._drop(result)
         hb = result
@@ -208,6 +235,11 @@ class HeartbeatService:
         stream = self.streams.get(hb.module)
         if stream is None or hb.node not in stream.peers:
             return self._drop(Drop.UNKNOWN_MODULE)
+        if pair_keyed and hb.node not in self._pair_keyed:
+            # From now on only the pair key proves this sender. Marks set by site-key
+            # packets are dropped: a forger could have pushed them far ahead.
+            self._pair_keyed.add(hb.node)
+            self._guard.forget(hb.node)
         if not self._guard.accept(hb):
             return self._drop(Drop.REPLAYED)
         if self._guard.urgent:  # a peer restarted: remember its new incarnation now
@@ -229,11 +261,14 @@ class HeartbeatService:
                 await self._save_now.wait()
             self._save_now = trio.Event()
             if self._guard.dirty:
-                await trio.to_thread.run_sync(self._save_marks, self._guard.snapshot())
+                await trio.to_thread.run_sync(self._save_marks, self._replay_state())
 
-    def _save_marks(self, marks: dict[tuple[str, str, str], tuple[int, int]]) -> None:
+    def _replay_state(self) -> ReplayState:
+        return ReplayState(self._guard.snapshot(), set(self._pair_keyed))
+
+    def _save_marks(self, state: ReplayState) -> None:
         try:
-            save_marks(self._state_dir, marks)
+            save_marks(self._state_dir, state)
         except OSError as exc:  # a full disk must not stop the heartbeats: retried next time
             log.warning("heartbeat: cannot save replay marks in %s: %s", self._state_dir, exc)
             self._guard.dirty = True
@@ -251,26 +286,34 @@ class HeartbeatService:
         a = self._announce(module)
         self._seq += 1
         for net, sock in self._socks.items():
-            packet = encode(
-                Heartbeat(
-                    node=self.node,
-                    module=module,
-                    network=net,
-                    state=a.state,
-                    flags=a.flags,
-                    incarnation=self.incarnation,
-                    seq=self._seq,
-                    generation=a.generation.current,
-                    history=a.generation.history,
-                ),
-                self._key,
+            hb = Heartbeat(
+                node=self.node,
+                module=module,
+                network=net,
+                state=a.state,
+                flags=a.flags,
+                incarnation=self.incarnation,
+                seq=self._seq,
+                generation=a.generation.current,
+                history=a.generation.history,
             )
             for peer in stream.peers:
                 addr = self._peers.get(peer, {}).get(net)
                 if addr is None:
                     continue
-                try:
-                    await sock.sendto(packet, (addr, self._port))
-                except OSError as exc:  # a cut link: the other networks carry on
-                    self.send_errors[net] += 1
-                    log.debug("heartbeat send to %s on %s: %s", peer, net, exc)
+                for key in self._send_keys(peer):
+                    try:
+                        await sock.sendto(encode(hb, key), (addr, self._port))
+                    except OSError as exc:  # a cut link: the other networks carry on
+                        self.send_errors[net] += 1
+                        log.debug("heartbeat send to %s on %s: %s", peer, net, exc)
+
+    def _send_keys(self, peer: str) -> tuple[bytes, ...]:
+        pair = self._pair_keys.get(peer)
+        if pair is None:
+            return (self._key,)
+        if peer in self._pair_keyed:
+            return (pair,)
+        # The peer may not have the pair key yet (rolling deploy): the site-key copy keeps
+        # this node alive to it until it answers with the pair key.
+        return (pair, self._key)

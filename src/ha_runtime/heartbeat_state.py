@@ -8,13 +8,15 @@
 - `heartbeat.peers.json`: the highest (incarnation, seq) accepted per stream, so a restart
   of this node does not reopen the packets it had already refused. A new incarnation of a
   peer is saved at once; sequence numbers at most every SAVE_INTERVAL_S, so after a crash
-  only the packets of the last few seconds could be replayed, once.
+  only the packets of the last few seconds could be replayed, once. Also which peers have
+  sent with their pair key (heartbeat_keys): their site-key packets stay refused.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -53,30 +55,38 @@ def next_incarnation(state_dir: Path, wall_clock_ns: int) -> int:
     return value
 
 
-def load_marks(state_dir: Path) -> dict[StreamKey, Mark]:
-    """The saved replay marks; empty (and said so) when the file is missing or damaged."""
+@dataclass
+class ReplayState:
+    marks: dict[StreamKey, Mark] = field(default_factory=dict)
+    pair_keyed: set[str] = field(default_factory=set)  # peers seen signing with a pair key
+
+
+def load_marks(state_dir: Path) -> ReplayState:
+    """What was saved; empty (and said so) when the file is missing or damaged."""
     path = state_dir / PEERS_FILE
     try:
         raw: Any = json.loads(path.read_text())
     except FileNotFoundError:
-        return {}
+        return ReplayState()
     except (OSError, ValueError) as exc:
         log.warning("%s: unreadable (%s); starting without replay memory", path, exc)
-        return {}
-    marks: dict[StreamKey, Mark] = {}
+        return ReplayState()
+    state = ReplayState()
     try:
         for item in raw["streams"]:
             key = (str(item["node"]), str(item["module"]), str(item["network"]))
-            marks[key] = (int(item["incarnation"]), int(item["seq"]))
-    except (KeyError, TypeError, ValueError) as exc:
+            state.marks[key] = (int(item["incarnation"]), int(item["seq"]))
+        state.pair_keyed = {str(n) for n in raw.get("pair_keyed", [])}
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
         log.warning("%s: malformed (%s); starting without replay memory", path, exc)
-        return {}
-    return marks
+        return ReplayState()
+    return state
 
 
-def save_marks(state_dir: Path, marks: dict[StreamKey, Mark]) -> None:
+def save_marks(state_dir: Path, state: ReplayState) -> None:
     streams = [
         {"node": n, "module": m, "network": w, "incarnation": inc, "seq": seq}
-        for (n, m, w), (inc, seq) in sorted(marks.items())
+        for (n, m, w), (inc, seq) in sorted(state.marks.items())
     ]
-    atomic_write(state_dir / PEERS_FILE, (json.dumps({"streams": streams}) + "\n").encode())
+    data = {"streams": streams, "pair_keyed": sorted(state.pair_keyed)}
+    atomic_write(state_dir / PEERS_FILE, (json.dumps(data) + "\n").encode())

@@ -34,6 +34,8 @@ class Drop(enum.StrEnum):
     OVERSIZED = "oversized"
     MALFORMED = "malformed"
     FORGED = "forged"
+    # Authentic with the site key, but its sender has a pair key with us and has used it.
+    SITE_KEY = "site_key"
     REPLAYED = "replayed"
     WRONG_NETWORK = "wrong_network"
     UNKNOWN_NODE = "unknown_node"
@@ -105,6 +107,18 @@ def decode(data: bytes, key: bytes) -> Heartbeat | Drop:
     return Heartbeat(node, module, network, st, fl, inc, seq, gen, tuple(history))
 
 
+def peek_sender(data: bytes) -> str | None:
+    """The node name a datagram claims, to choose the key to check it with (not trusted)."""
+    if not MIN_PACKET <= len(data) <= MAX_PACKET:
+        return None
+    nhist, ln = data[7], data[32]
+    start = HEADER.size + 8 * nhist
+    try:
+        return data[start : start + ln].decode()
+    except ValueError:
+        return None
+
+
 class ReplayGuard:
     """Accept each (sender, module, network) stream's packets only in increasing order.
 
@@ -116,7 +130,7 @@ class ReplayGuard:
 
     def __init__(self, marks: dict[tuple[str, str, str], tuple[int, int]] | None = None) -> None:
         self._last: dict[tuple[str, str, str], tuple[int, int]] = dict(marks or {})
-        self.dirty = False  # a mark moved since the last snapshot
+        self.dirty = False  # a mark (or a pair_keyed sender) changed since the last snapshot
         self.urgent = False  # a sender's new incarnation was accepted since then
 
     def accept(self, hb: Heartbeat) -> bool:
@@ -130,6 +144,11 @@ class ReplayGuard:
         self._last[key] = mark
         self.dirty = True
         return True
+
+    def forget(self, node: str) -> None:
+        """Drop a sender's marks: they were set by packets that anyone could have signed."""
+        for key in [k for k in self._last if k[0] == node]:
+            del self._last[key]
 
     def snapshot(self) -> dict[tuple[str, str, str], tuple[int, int]]:
         """The marks to save; clears dirty and urgent."""
