@@ -111,7 +111,8 @@ def peek_sender(data: bytes) -> str | None:
     """The node name a datagram claims, to choose the key to check it with (not trusted)."""
     if not MIN_PACKET <= len(data) <= MAX_PACKET:
         return None
-    nhist, ln = data[7], data[32]
+    # The same unpacking as decode(): a change of the header breaks both, loudly.
+    _m, _v, _f, _s, nhist, _i, _q, _g, ln, _lm, _lw, _ = HEADER.unpack_from(data)
     start = HEADER.size + 8 * nhist
     try:
         return data[start : start + ln].decode()

@@ -14,12 +14,14 @@ from pathlib import Path
 
 import pytest
 import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ha_runtime.decision import PeerStatus
 from ha_runtime.generation import Generation
 from ha_runtime.heartbeat import HeartbeatService, LocalAnnounce, ModuleStream
 from ha_runtime.heartbeat_keys import pair_key_path, read_pair_keys
-from ha_runtime.packet import Heartbeat, encode
+from ha_runtime.packet import Heartbeat, encode, peek_sender
 from ha_runtime.security import InsecureFile
 from ha_runtime.states import Flag, State
 
@@ -167,3 +169,42 @@ def test_pair_key_files(tmp_path: Path) -> None:
     with pytest.raises(InsecureFile, match="too short"):
         read_pair_keys(site_key, ["node2"])
     assert os.geteuid() == p2.stat().st_uid
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["node1", "node3", "x", ""]),
+            st.sampled_from([SITE, K12, K13, K23, b"other" * 8]),
+            st.integers(0, 2**64 - 1),
+            st.binary(max_size=80),
+        ),
+        max_size=20,
+    )
+)
+def test_receiver_with_pair_keys_counts_everything_once(
+    items: list[tuple[str, bytes, int, bytes]],
+) -> None:
+    rx = _service("node2", 0, Path("/nonexistent/hapair-fuzz"), KEYS["node2"])  # never run
+    for node, key, seq, junk in items:
+        hb = Heartbeat(node or "y", MODULE, "lan", State.PRIM, Flag.NONE, 1, seq, 0)
+        data = encode(hb, key)
+        for datagram in (data, data[: len(junk)] + junk, junk):
+            assert peek_sender(datagram) is None or isinstance(peek_sender(datagram), str)
+            before = sum(rx.drops.values()) + sum(rx.received.values())
+            ratcheted = set(rx._pair_keyed)
+            result = rx.handle_datagram("lan", datagram)
+            assert sum(rx.drops.values()) + sum(rx.received.values()) == before + 1
+            if isinstance(result, Heartbeat):  # signed with the key of its own pair, or
+                # with the site key by a peer that has not yet used its pair key
+                assert result.node in {"node1", "node3"}
+                own = KEYS["node2"][result.node]
+                assert key == own or (key == SITE and result.node not in ratcheted)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(min_size=1, max_size=40), st.lists(st.integers(0, 2**64 - 1), max_size=8))
+def test_peek_sender_reads_the_node_name(node: str, history: list[int]) -> None:
+    hb = Heartbeat(node, MODULE, "lan", State.PRIM, Flag.NONE, 1, 2, 3, tuple(history))
+    assert peek_sender(encode(hb, SITE)) == node
