@@ -208,3 +208,42 @@ def test_receiver_with_pair_keys_counts_everything_once(
 def test_peek_sender_reads_the_node_name(node: str, history: list[int]) -> None:
     hb = Heartbeat(node, MODULE, "lan", State.PRIM, Flag.NONE, 1, 2, 3, tuple(history))
     assert peek_sender(encode(hb, SITE)) == node
+
+
+def _node_files(tmp: Path) -> Path:
+    """A node file whose secrets are all in place and root-only; returns cluster.yml."""
+    (tmp / "modules").mkdir()
+    for name in ("site.key", "ca.crt", "node.crt", "node.key"):
+        (tmp / name).write_bytes(SITE + b"\n")
+        (tmp / name).chmod(0o600)
+    (tmp / "cluster.yml").write_text(
+        f"""
+node: node1
+nodes:
+  - {{name: node1, addresses: {{lan: 127.0.0.1}}}}
+  - {{name: node2, addresses: {{lan: 127.0.0.2}}}}
+  - {{name: node3, addresses: {{lan: 127.0.0.3}}}}
+site_key: {tmp}/site.key
+tls: {{ca: {tmp}/ca.crt, cert: {tmp}/node.crt, key: {tmp}/node.key}}
+state_dir: {tmp}/state
+modules_dir: {tmp}/modules
+"""
+    )
+    return tmp / "cluster.yml"
+
+
+def test_daemon_start_reads_the_pair_keys_and_refuses_an_exposed_one(tmp_path: Path) -> None:
+    from ha_runtime.cli import _load_for_daemon  # noqa: PLC0415 - the daemon's own loader
+
+    cluster = _node_files(tmp_path)
+    key_dir = tmp_path / "heartbeat"
+    key_dir.mkdir(mode=0o700)
+    (key_dir / "node2.key").write_bytes(K12 + b"\n")
+    (key_dir / "node2.key").chmod(0o600)
+    loaded = _load_for_daemon(cluster)
+    assert not isinstance(loaded, list), loaded
+    assert loaded[1] == SITE and loaded[2] == {"node2": K12}  # node3: the site key
+    (key_dir / "node2.key").chmod(0o640)
+    refused = _load_for_daemon(cluster)
+    assert isinstance(refused, list) and len(refused) == 1
+    assert "heartbeat key of node2" in refused[0] and "chmod 0600" in refused[0], refused
