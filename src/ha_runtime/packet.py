@@ -131,7 +131,7 @@ class ReplayGuard:
 
     def __init__(self, marks: dict[tuple[str, str, str], tuple[int, int]] | None = None) -> None:
         self._last: dict[tuple[str, str, str], tuple[int, int]] = dict(marks or {})
-        self.dirty = False  # a mark (or a pair_keyed sender) changed since the last snapshot
+        self.dirty = False  # a mark changed since the last snapshot
         self.urgent = False  # a sender's new incarnation was accepted since then
 
     def accept(self, hb: Heartbeat) -> bool:
