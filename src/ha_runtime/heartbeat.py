@@ -159,9 +159,12 @@ class HeartbeatService:
         self._seq = 0
         saved = load_marks(state_dir)
         self._guard = ReplayGuard(saved.marks)
-        # Peers that signed with their pair key: their site-key packets are refused, and
-        # they get ours with the pair key only.
+        # Peers that signed with their pair key: their site-key packets are refused.
         self._pair_keyed = saved.pair_keyed
+        # Peers known to read the pair key: they get ours with it only. A peer seen sending
+        # with the site key only (rolled back to a runtime or a deploy without pair keys)
+        # gets both forms again, so it keeps hearing this node.
+        self._reads_pair = set(saved.pair_keyed)
         self._save_now = trio.Event()
         self.table = PeerTable(streams, clock)
         self.drops: Counter[str] = Counter()
@@ -220,6 +223,7 @@ class HeartbeatService:
                 return result, isinstance(result, Heartbeat)
         result = decode(data, self._key)
         if pair is not None and sender in self._pair_keyed and isinstance(result, Heartbeat):
+            self._reads_pair.discard(result.node)  # sending costs nothing: both forms again
             return Drop.SITE_KEY, False  # any node holds the site key: not proof of sender
         return result, False
 
@@ -240,6 +244,8 @@ class HeartbeatService:
             # packets are dropped: a forger could have pushed them far ahead.
             self._pair_keyed.add(hb.node)
             self._guard.forget(hb.node)
+        if pair_keyed:
+            self._reads_pair.add(hb.node)
         if not self._guard.accept(hb):
             return self._drop(Drop.REPLAYED)
         if self._guard.urgent:  # a peer restarted: remember its new incarnation now
@@ -312,7 +318,7 @@ class HeartbeatService:
         pair = self._pair_keys.get(peer)
         if pair is None:
             return (self._key,)
-        if peer in self._pair_keyed:
+        if peer in self._reads_pair:
             return (pair,)
         # The peer may not have the pair key yet (rolling deploy): the site-key copy keeps
         # this node alive to it until it answers with the pair key.

@@ -153,6 +153,38 @@ def test_rollout_a_node_without_pair_keys_and_one_with_see_each_other(tmp_path: 
     trio.run(main)
 
 
+def test_rollback_a_node_without_pair_keys_still_hears_its_peer(tmp_path: Path) -> None:
+    # node1 is rolled back to a deploy without pair keys: node2 cannot tell it from a
+    # forger and refuses its site-key packets (until the rollback reaches node2 as well:
+    # docs/configuration.md), but it sends both forms again so node1 keeps hearing it.
+    port = _free_port()
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            n1 = _service("node1", port, tmp_path, KEYS["node1"])
+            n2 = _service("node2", port, tmp_path, KEYS["node2"])
+            n1_scope = trio.CancelScope()
+
+            async def run_n1() -> None:
+                with n1_scope:
+                    await n1.run()
+
+            nursery.start_soon(run_n1)
+            nursery.start_soon(n2.run)
+            await _until(lambda: _alive(n2, "node1") and _alive(n1, "node2"), "pair alive")
+            await trio.sleep(0.2)  # both confirmed: pair-keyed packets only
+            n1_scope.cancel()
+            old = _service("node1", port, tmp_path, None)
+            nursery.start_soon(old.run)
+            await _until(lambda: old.received["lan"] > 0, "the rolled-back node1 hears node2")
+            await trio.sleep(0.7)  # past the timeout
+            assert _alive(old, "node2")
+            assert n2.drops["site_key"] > 0 and not _alive(n2, "node1")
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
 def test_pair_key_files(tmp_path: Path) -> None:
     site_key = tmp_path / "site.key"
     assert read_pair_keys(site_key, ["node2", "node3"]) == {}  # none deployed: site key
