@@ -223,7 +223,8 @@ class HeartbeatService:
                 return result, isinstance(result, Heartbeat)
         result = decode(data, self._key)
         if pair is not None and sender in self._pair_keyed and isinstance(result, Heartbeat):
-            self._reads_pair.discard(result.node)  # sending costs nothing: both forms again
+            if self._guard.newer(result):  # not the copy of a pair-keyed packet we took:
+                self._reads_pair.discard(result.node)  # it may read only the site key now
             return Drop.SITE_KEY, False  # any node holds the site key: not proof of sender
         return result, False
 

@@ -146,6 +146,11 @@ class ReplayGuard:
         self.dirty = True
         return True
 
+    def newer(self, hb: Heartbeat) -> bool:
+        """Whether accept() would take it (without taking it)."""
+        last = self._last.get((hb.node, hb.module, hb.network))
+        return last is None or (hb.incarnation, hb.seq) > last
+
     def forget(self, node: str) -> None:
         """Drop a sender's marks: they were set by packets that anyone could have signed."""
         for key in [k for k in self._last if k[0] == node]:

@@ -106,6 +106,26 @@ def test_third_node_cannot_forge_node1_to_node2(tmp_path: Path) -> None:
     trio.run(main)
 
 
+def test_once_both_use_their_pair_key_no_site_key_copies_are_sent(tmp_path: Path) -> None:
+    # Seen in the lab: each site-key copy made the receiver send copies again, forever.
+    port = _free_port()
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            n1 = _service("node1", port, tmp_path, KEYS["node1"])
+            n2 = _service("node2", port, tmp_path, KEYS["node2"])
+            nursery.start_soon(n1.run)
+            nursery.start_soon(n2.run)
+            await _until(lambda: _alive(n2, "node1") and _alive(n1, "node2"), "pair alive")
+            await trio.sleep(0.3)  # both have heard the other's pair key by now
+            before = (n1.drops["site_key"], n2.drops["site_key"])
+            await trio.sleep(0.5)  # ten more intervals
+            assert (n1.drops["site_key"], n2.drops["site_key"]) == before
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
 def test_refusal_of_the_site_key_survives_a_restart(tmp_path: Path) -> None:
     port = _free_port()
 
