@@ -9,7 +9,7 @@ replication as an application's would. Each stressor must end successfully; then
 after the suite (the stressors remove their own files) and once after its directory is
 removed.
 
-stress-ng runs on the lab host, in node1's tree seen through /proc/<node init>/root: the
+stress-ng runs on the lab host, in the primary's tree seen through /proc/<its init>/root: the
 node image does not carry it, and the mount it reaches is the node's own (asserted).
 pjdfstest, fsx and fsstress are not packaged by Debian 12, and fetched code may not be
 built by the project, hence stress-ng.
