@@ -12,7 +12,7 @@ export PY_COLORS := 0
 
 APT_PACKAGES := debootstrap systemd-container nftables iproute2 openssh-client rsync \
 	libfuse3-dev fuse3 pkg-config gcc python3-dev e2fsprogs util-linux curl iputils-ping psmisc \
-	prometheus chromium
+	prometheus chromium stress-ng
 SETUP_STAMP := $(VENV)/.setup-stamp
 
 .PHONY: setup demo test lint unit integration molecule fuzz bench chaos chaos-short lab-up lab-down clean

@@ -129,8 +129,8 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         for line in loaded:
             log.error("%s", line)
         return EXIT_REFUSED
-    site, key = loaded
-    daemon = NodeDaemon(site, key)
+    site, key, pair_keys = loaded
+    daemon = NodeDaemon(site, key, pair_keys=pair_keys)
     trio.run(daemon.run)
     return EXIT_OK
 
@@ -142,8 +142,9 @@ def cmd_release(args: argparse.Namespace) -> int:
     return release(args.config)
 
 
-def _load_for_daemon(path: Path) -> tuple[Any, bytes] | list[str]:
-    """The site and its key, or the lines explaining why the daemon must not start."""
+def _load_for_daemon(path: Path) -> tuple[Any, bytes, dict[str, bytes]] | list[str]:
+    """The site, its key and the heartbeat pair keys, or why the daemon must not start."""
+    from ha_runtime.heartbeat_keys import read_pair_keys  # noqa: PLC0415
     from ha_runtime.security import InsecureFile, check_secrets, read_site_key  # noqa: PLC0415
 
     try:
@@ -153,9 +154,11 @@ def _load_for_daemon(path: Path) -> tuple[Any, bytes] | list[str]:
     try:
         check_secrets(site.cluster)
         key = read_site_key(site.cluster.site_key)
+        peers = [n.name for n in site.cluster.nodes if n.name != site.cluster.node]
+        pair_keys = read_pair_keys(site.cluster.site_key, peers)
     except InsecureFile as exc:
         return [f"hapair: {exc}"]
-    return site, key
+    return site, key, pair_keys
 
 
 class JournalFormatter(logging.Formatter):

@@ -29,7 +29,13 @@ REPLICATION_COMMANDS = ("verify", "resync")
 
 class NodeDaemon:
     def __init__(
-        self, site: SiteConfig, key: bytes, *, vip_ops: VipOps | None = None, metrics: bool = True
+        self,
+        site: SiteConfig,
+        key: bytes,
+        *,
+        vip_ops: VipOps | None = None,
+        metrics: bool = True,
+        pair_keys: dict[str, bytes] | None = None,  # heartbeat key per peer (heartbeat_keys)
     ) -> None:
         c = site.cluster
         self.cluster = c
@@ -63,6 +69,8 @@ class NodeDaemon:
             streams=streams,
             announce=self._announce,
             on_drop=self._on_heartbeat_drop,
+            state_dir=c.state_dir,
+            pair_keys=pair_keys,
         )
         self.managers: dict[str, ModuleManager] = {
             m.name: ModuleManager(

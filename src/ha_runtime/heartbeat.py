@@ -6,6 +6,10 @@ module while at least one network delivered a valid heartbeat within the module'
 timeout: losing the dedicated link alone is not a failure, losing every network is.
 Anything a network hands us that is not a fresh, authentic heartbeat from a known node
 for a known module is dropped and counted by reason; the receive loop never raises.
+This node's incarnation and what it accepted last from each peer stream are kept in
+state_dir (heartbeat_state), so neither a restart nor a clock set back reopens old packets.
+Packets to and from a peer are signed with the key of the pair when the deploy gave one
+(heartbeat_keys), so a third node cannot sign in another's name.
 """
 
 from __future__ import annotations
@@ -15,12 +19,20 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import trio
 
 from ha_runtime.decision import PeerStatus, PeerView
 from ha_runtime.generation import Generation
-from ha_runtime.packet import Drop, Heartbeat, ReplayGuard, decode, encode
+from ha_runtime.heartbeat_state import (
+    SAVE_INTERVAL_S,
+    ReplayState,
+    load_marks,
+    next_incarnation,
+    save_marks,
+)
+from ha_runtime.packet import Drop, Heartbeat, ReplayGuard, decode, encode, peek_sender
 from ha_runtime.states import Flag, State
 
 log = logging.getLogger(__name__)
@@ -127,19 +139,33 @@ class HeartbeatService:
         streams: dict[str, ModuleStream],
         announce: Callable[[str], LocalAnnounce],
         on_drop: Callable[[Drop], None] | None = None,
+        state_dir: Path,
         clock: Callable[[], float] = time.monotonic,
+        wall_clock_ns: Callable[[], int] = time.time_ns,
+        pair_keys: dict[str, bytes] | None = None,  # peer -> key of the pair (heartbeat_keys)
     ) -> None:
         self.node = node
-        self._key = key
+        self._key = key  # the site key: peers without a pair key, and the rollout
+        self._pair_keys = dict(pair_keys or {})
         self._port = port
         self._bind = bind
         self._peers = peers
         self.streams = streams
         self._announce = announce
         self._on_drop = on_drop
-        self.incarnation = time.time_ns()  # grows across reboots: old packets stay old
+        self._state_dir = state_dir
+        self._wall_clock_ns = wall_clock_ns
+        self.incarnation = 0  # set by run(), durably, before the first heartbeat
         self._seq = 0
-        self._guard = ReplayGuard()
+        saved = load_marks(state_dir)
+        self._guard = ReplayGuard(saved.marks)
+        # Peers that signed with their pair key: their site-key packets are refused.
+        self._pair_keyed = saved.pair_keyed
+        # Peers known to read the pair key: they get ours with it only. A peer seen sending
+        # with the site key only (rolled back to a runtime or a deploy without pair keys)
+        # gets both forms again, so it keeps hearing this node.
+        self._reads_pair = set(saved.pair_keyed)
+        self._save_now = trio.Event()
         self.table = PeerTable(streams, clock)
         self.drops: Counter[str] = Counter()
         self.received: Counter[str] = Counter()  # network -> valid heartbeats
@@ -148,6 +174,7 @@ class HeartbeatService:
         self.ready = trio.Event()
 
     async def run(self) -> None:
+        self.incarnation = next_incarnation(self._state_dir, self._wall_clock_ns())
         for net, addr in sorted(self._bind.items()):
             sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
             sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEADDR, 1)
@@ -160,9 +187,12 @@ class HeartbeatService:
                     nursery.start_soon(self._receive_loop, net, sock)
                 for stream in self.streams.values():
                     nursery.start_soon(self._send_loop, stream)
+                nursery.start_soon(self._save_loop)
         finally:
             for sock in self._socks.values():
                 sock.close()
+            if self._guard.dirty:
+                self._save_marks(self._replay_state())
 
     def bound_port(self, network: str) -> int:
         port: int = self._socks[network].getsockname()[1]
@@ -183,8 +213,23 @@ class HeartbeatService:
                 log.exception("heartbeat: unexpected error handling a datagram on %s", network)
                 self._drop(Drop.ERROR)
 
-    def handle_datagram(self, network: str, data: bytes) -> Heartbeat | Drop:
+    def _authenticate(self, data: bytes) -> tuple[Heartbeat | Drop, bool]:
+        """Decode with the claimed sender's pair key, else the site key; (result, pair-keyed)."""
+        sender = peek_sender(data)
+        pair = self._pair_keys.get(sender) if sender is not None else None
+        if pair is not None:
+            result = decode(data, pair)
+            if result is not Drop.FORGED:  # authentic, or refused whatever the key
+                return result, isinstance(result, Heartbeat)
         result = decode(data, self._key)
+        if pair is not None and sender in self._pair_keyed and isinstance(result, Heartbeat):
+            if self._guard.newer(result):  # not the copy of a pair-keyed packet we took:
+                self._reads_pair.discard(result.node)  # it may read only the site key now
+            return Drop.SITE_KEY, False  # any node holds the site key: not proof of sender
+        return result, False
+
+    def handle_datagram(self, network: str, data: bytes) -> Heartbeat | Drop:
+        result, pair_keyed = self._authenticate(data)
         if isinstance(result, Drop):
             return self._drop(result)
         hb = result
@@ -195,8 +240,17 @@ class HeartbeatService:
         stream = self.streams.get(hb.module)
         if stream is None or hb.node not in stream.peers:
             return self._drop(Drop.UNKNOWN_MODULE)
+        if pair_keyed and hb.node not in self._pair_keyed:
+            # From now on only the pair key proves this sender. Marks set by site-key
+            # packets are dropped: a forger could have pushed them far ahead.
+            self._pair_keyed.add(hb.node)
+            self._guard.forget(hb.node)
+        if pair_keyed:
+            self._reads_pair.add(hb.node)
         if not self._guard.accept(hb):
             return self._drop(Drop.REPLAYED)
+        if self._guard.urgent:  # a peer restarted: remember its new incarnation now
+            self._save_now.set()
         self.received[network] += 1
         self.table.record(hb)
         return hb
@@ -206,6 +260,25 @@ class HeartbeatService:
         if self._on_drop is not None:
             self._on_drop(reason)
         return reason
+
+    async def _save_loop(self) -> None:
+        # Off the event loop: an fsync on a busy disk must not delay heartbeats.
+        while True:
+            with trio.move_on_after(SAVE_INTERVAL_S):
+                await self._save_now.wait()
+            self._save_now = trio.Event()
+            if self._guard.dirty:
+                await trio.to_thread.run_sync(self._save_marks, self._replay_state())
+
+    def _replay_state(self) -> ReplayState:
+        return ReplayState(self._guard.snapshot(), set(self._pair_keyed))
+
+    def _save_marks(self, state: ReplayState) -> None:
+        try:
+            save_marks(self._state_dir, state)
+        except OSError as exc:  # a full disk must not stop the heartbeats: retried next time
+            log.warning("heartbeat: cannot save replay marks in %s: %s", self._state_dir, exc)
+            self._guard.dirty = True
 
     # ----------------------------------------------------------------- send
 
@@ -220,26 +293,34 @@ class HeartbeatService:
         a = self._announce(module)
         self._seq += 1
         for net, sock in self._socks.items():
-            packet = encode(
-                Heartbeat(
-                    node=self.node,
-                    module=module,
-                    network=net,
-                    state=a.state,
-                    flags=a.flags,
-                    incarnation=self.incarnation,
-                    seq=self._seq,
-                    generation=a.generation.current,
-                    history=a.generation.history,
-                ),
-                self._key,
+            hb = Heartbeat(
+                node=self.node,
+                module=module,
+                network=net,
+                state=a.state,
+                flags=a.flags,
+                incarnation=self.incarnation,
+                seq=self._seq,
+                generation=a.generation.current,
+                history=a.generation.history,
             )
             for peer in stream.peers:
                 addr = self._peers.get(peer, {}).get(net)
                 if addr is None:
                     continue
-                try:
-                    await sock.sendto(packet, (addr, self._port))
-                except OSError as exc:  # a cut link: the other networks carry on
-                    self.send_errors[net] += 1
-                    log.debug("heartbeat send to %s on %s: %s", peer, net, exc)
+                for key in self._send_keys(peer):
+                    try:
+                        await sock.sendto(encode(hb, key), (addr, self._port))
+                    except OSError as exc:  # a cut link: the other networks carry on
+                        self.send_errors[net] += 1
+                        log.debug("heartbeat send to %s on %s: %s", peer, net, exc)
+
+    def _send_keys(self, peer: str) -> tuple[bytes, ...]:
+        pair = self._pair_keys.get(peer)
+        if pair is None:
+            return (self._key,)
+        if peer in self._reads_pair:
+            return (pair,)
+        # The peer may not have the pair key yet (rolling deploy): the site-key copy keeps
+        # this node alive to it until it answers with the pair key.
+        return (pair, self._key)

@@ -34,6 +34,8 @@ class Drop(enum.StrEnum):
     OVERSIZED = "oversized"
     MALFORMED = "malformed"
     FORGED = "forged"
+    # Authentic with the site key, but its sender has a pair key with us and has used it.
+    SITE_KEY = "site_key"
     REPLAYED = "replayed"
     WRONG_NETWORK = "wrong_network"
     UNKNOWN_NODE = "unknown_node"
@@ -105,16 +107,32 @@ def decode(data: bytes, key: bytes) -> Heartbeat | Drop:
     return Heartbeat(node, module, network, st, fl, inc, seq, gen, tuple(history))
 
 
+def peek_sender(data: bytes) -> str | None:
+    """The node name a datagram claims, to choose the key to check it with (not trusted)."""
+    if not MIN_PACKET <= len(data) <= MAX_PACKET:
+        return None
+    # The same unpacking as decode(): a change of the header breaks both, loudly.
+    _m, _v, _f, _s, nhist, _i, _q, _g, ln, _lm, _lw, _ = HEADER.unpack_from(data)
+    start = HEADER.size + 8 * nhist
+    try:
+        return data[start : start + ln].decode()
+    except ValueError:
+        return None
+
+
 class ReplayGuard:
     """Accept each (sender, module, network) stream's packets only in increasing order.
 
-    A sender's incarnation is taken at daemon start and only grows, so a reboot resets the
-    sequence without reopening old packets. Per network, because the same sequence number
-    legitimately arrives once on each network.
+    A sender's incarnation grows with each of its starts (heartbeat_state), so a restart
+    resets the sequence without reopening old packets. Per network, because the same
+    sequence number legitimately arrives once on each network. The marks are given back
+    to be saved, so a restart of the receiver does not reopen them either.
     """
 
-    def __init__(self) -> None:
-        self._last: dict[tuple[str, str, str], tuple[int, int]] = {}
+    def __init__(self, marks: dict[tuple[str, str, str], tuple[int, int]] | None = None) -> None:
+        self._last: dict[tuple[str, str, str], tuple[int, int]] = dict(marks or {})
+        self.dirty = False  # a mark changed since the last snapshot
+        self.urgent = False  # a sender's new incarnation was accepted since then
 
     def accept(self, hb: Heartbeat) -> bool:
         key = (hb.node, hb.module, hb.network)
@@ -122,5 +140,23 @@ class ReplayGuard:
         last = self._last.get(key)
         if last is not None and mark <= last:
             return False
+        if last is None or last[0] != hb.incarnation:
+            self.urgent = True
         self._last[key] = mark
+        self.dirty = True
         return True
+
+    def newer(self, hb: Heartbeat) -> bool:
+        """Whether accept() would take it (without taking it)."""
+        last = self._last.get((hb.node, hb.module, hb.network))
+        return last is None or (hb.incarnation, hb.seq) > last
+
+    def forget(self, node: str) -> None:
+        """Drop a sender's marks: they were set by packets that anyone could have signed."""
+        for key in [k for k in self._last if k[0] == node]:
+            del self._last[key]
+
+    def snapshot(self) -> dict[tuple[str, str, str], tuple[int, int]]:
+        """The marks to save; clears dirty and urgent."""
+        self.dirty = self.urgent = False
+        return dict(self._last)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import sys
+from pathlib import Path
 
 import atheris
 
@@ -18,8 +19,10 @@ with atheris.instrument_imports(include=["ha_runtime"]):
     from ha_runtime.states import Flag, State
 
 KEY = b"k" * 48
+# run() is never called, so state_dir is never written; loading a missing one is empty.
 SVC = HeartbeatService(
     node="node1", key=KEY, port=0, bind={}, peers={"node2": {"lan": "127.0.0.2"}},
+    state_dir=Path("/nonexistent/hapair-fuzz"),
     streams={"m": ModuleStream("m", ("node2",), 0.1, 1.0)},
     announce=lambda m: LocalAnnounce(State.SECOND, Flag.NONE, Generation(5)),
 )  # fmt: skip

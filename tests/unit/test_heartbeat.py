@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 from dataclasses import replace
+from pathlib import Path
 
 import trio
 from hypothesis import given, settings
@@ -61,9 +62,17 @@ def test_replay_guard_orders_per_network() -> None:
 
 
 def _service(
-    node: str, addr: str, peer: str, peer_addr: str, port: int, *, timeout_s: float = 0.6
+    node: str,
+    addr: str,
+    peer: str,
+    peer_addr: str,
+    port: int,
+    *,
+    state_dir: Path,
+    timeout_s: float = 0.6,
 ) -> HeartbeatService:
     return HeartbeatService(
+        state_dir=state_dir / node,
         node=node,
         key=KEY,
         port=port,
@@ -80,11 +89,11 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def test_live_receiver_counts_and_ignores_forged_and_replayed() -> None:
+def test_live_receiver_counts_and_ignores_forged_and_replayed(tmp_path: Path) -> None:
     port = _free_port()
 
     async def main() -> None:
-        rx = _service("node1", "127.0.0.1", "node2", "127.0.0.2", port)
+        rx = _service("node1", "127.0.0.1", "node2", "127.0.0.2", port, state_dir=tmp_path)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(rx.run)
             await rx.ready.wait()
@@ -124,12 +133,16 @@ def test_live_receiver_counts_and_ignores_forged_and_replayed() -> None:
     trio.run(main)
 
 
-def test_two_live_services_see_each_other_then_lose() -> None:
+def test_two_live_services_see_each_other_then_lose(tmp_path: Path) -> None:
     port = _free_port()
 
     async def main() -> None:
-        a = _service("node1", "127.0.0.1", "node2", "127.0.0.2", port, timeout_s=0.3)
-        b = _service("node2", "127.0.0.2", "node1", "127.0.0.1", port, timeout_s=0.3)
+        a = _service(
+            "node1", "127.0.0.1", "node2", "127.0.0.2", port, state_dir=tmp_path, timeout_s=0.3
+        )
+        b = _service(
+            "node2", "127.0.0.2", "node1", "127.0.0.1", port, state_dir=tmp_path, timeout_s=0.3
+        )
         async with trio.open_nursery() as nursery:
             nursery.start_soon(a.run)
             async with trio.open_nursery() as inner:

@@ -11,6 +11,7 @@ import hashlib
 import hmac
 import struct
 from dataclasses import replace
+from pathlib import Path
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -113,8 +114,13 @@ def test_authentic_random_bodies_never_raise(body: bytes) -> None:
         assert encode(result, KEY) == _sign(b"HAPH\x01" + body[5:])
 
 
+# Only run() writes state_dir (never called here); loading from a missing one is empty.
+NO_STATE = Path("/nonexistent/hapair-fuzz")
+
+
 def _service(drops: list[Drop]) -> HeartbeatService:
     return HeartbeatService(
+        state_dir=NO_STATE,
         node="node1",
         key=KEY,
         port=0,
