@@ -70,6 +70,22 @@ def fsync_backing(backing: bytes, path: bytes, datasync: bool) -> None:
         os.close(fd)
 
 
+def _attributes(ino: int, st: os.stat_result) -> pyfuse3.EntryAttributes:
+    a = pyfuse3.EntryAttributes()
+    a.st_ino = ino
+    a.generation = 0
+    a.entry_timeout = 0
+    a.attr_timeout = 0
+    for f in ("st_mode", "st_nlink", "st_uid", "st_gid", "st_rdev", "st_size"):
+        setattr(a, f, getattr(st, f))
+    a.st_blksize = st.st_blksize
+    a.st_blocks = st.st_blocks
+    a.st_atime_ns = st.st_atime_ns
+    a.st_mtime_ns = st.st_mtime_ns
+    a.st_ctime_ns = st.st_ctime_ns
+    return a
+
+
 def _fuse_error(e: OSError) -> pyfuse3.FUSEError:
     return pyfuse3.FUSEError(e.errno or errno.EIO)
 
@@ -88,6 +104,11 @@ class PassthroughFS(pyfuse3.Operations):
         # Inodes known to have no security.capability: answered without a system call. Only
         # this file system changes the backing directory, and its setxattr forgets the inode.
         self._no_caps: set[int] = set()
+        # Open files whose last name was removed (unlinked, or renamed over): the application
+        # keeps using them through their descriptors (temp files, SQLite's among them). They
+        # have no path any more, and their old name may soon hold another file, so they are
+        # served through the descriptor and never replicated: no copy can see them.
+        self._orphans: set[int] = set()
 
     # -- paths
     def _rel(self, inode: int) -> bytes:
@@ -110,19 +131,53 @@ class PassthroughFS(pyfuse3.Operations):
             raise _fuse_error(e) from None
         ino = pyfuse3.ROOT_INODE if rel == b"" else st.st_ino
         self._paths[ino] = rel
-        a = pyfuse3.EntryAttributes()
-        a.st_ino = ino
-        a.generation = 0
-        a.entry_timeout = 0
-        a.attr_timeout = 0
-        for f in ("st_mode", "st_nlink", "st_uid", "st_gid", "st_rdev", "st_size"):
-            setattr(a, f, getattr(st, f))
-        a.st_blksize = st.st_blksize
-        a.st_blocks = st.st_blocks
-        a.st_atime_ns = st.st_atime_ns
-        a.st_mtime_ns = st.st_mtime_ns
-        a.st_ctime_ns = st.st_ctime_ns
-        return a
+        return _attributes(ino, st)
+
+    # -- open files without a name
+    def _fd_of(self, inode: int) -> int | None:
+        for h in self._handles.values():
+            if h.inode == inode:
+                return h.fd
+        return None
+
+    def _orphan_if_open(self, inode: int | None) -> None:
+        """After a name was removed: an open file it was the last name of is an orphan."""
+        fd = None if inode is None else self._fd_of(inode)
+        if inode is not None and fd is not None and os.fstat(fd).st_nlink == 0:
+            self._orphans.add(inode)
+
+    def _orphan_attr(self, inode: int) -> pyfuse3.EntryAttributes:
+        fd = self._fd_of(inode)
+        if fd is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return _attributes(inode, os.fstat(fd))
+
+    def _ino_at(self, rel: bytes) -> int | None:
+        try:
+            return os.lstat(self._abs(rel)).st_ino
+        except OSError:
+            return None
+
+    def _orphan_setattr(self, inode: int, attr: Any, fields: Any) -> pyfuse3.EntryAttributes:
+        fd = self._fd_of(inode)
+        if fd is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        try:
+            if fields.update_size:
+                os.ftruncate(fd, attr.st_size)
+            if fields.update_mode:
+                os.fchmod(fd, stat.S_IMODE(attr.st_mode))
+            if fields.update_uid or fields.update_gid:
+                uid = attr.st_uid if fields.update_uid else -1
+                os.fchown(fd, uid, attr.st_gid if fields.update_gid else -1)
+            if fields.update_atime or fields.update_mtime:
+                st = os.fstat(fd)
+                a = attr.st_atime_ns if fields.update_atime else st.st_atime_ns
+                m = attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns
+                os.utime(fd, ns=(a, m))
+        except OSError as e:
+            raise _fuse_error(e) from None
+        return self._orphan_attr(inode)
 
     def _entry(self, rel: bytes) -> pyfuse3.EntryAttributes:
         a = self._attr(rel)
@@ -162,9 +217,13 @@ class PassthroughFS(pyfuse3.Operations):
                     self._paths.pop(ino, None)
 
     async def getattr(self, inode: int, ctx: Any = None) -> Any:
+        if inode in self._orphans:
+            return self._orphan_attr(inode)
         return self._attr(self._rel(inode))
 
     async def setattr(self, inode: int, attr: Any, fields: Any, fh: int | None, ctx: Any) -> Any:
+        if inode in self._orphans:
+            return self._orphan_setattr(inode, attr, fields)
         rel = self._rel(inode)
         p = self._abs(rel)
         flags = 0
@@ -278,7 +337,9 @@ class PassthroughFS(pyfuse3.Operations):
 
     async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
         rel = self._child(parent_inode, name)
+        ino = self._ino_at(rel)
         await self._mutate(Record(0, Op.UNLINK, rel), os.unlink, self._abs(rel))
+        self._orphan_if_open(ino)
 
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any) -> Any:
         rel = self._child(parent_inode, name)
@@ -328,7 +389,10 @@ class PassthroughFS(pyfuse3.Operations):
             def do() -> None:
                 os.rename(self._abs(src), self._abs(dst))
 
+        replaced = self._ino_at(dst)
         await self._mutate(Record(0, Op.RENAME, src, path2=dst, flags=flags), do)
+        if replaced != self._ino_at(dst):
+            self._orphan_if_open(replaced)
         for ino, rel in list(self._paths.items()):
             if rel == src or rel.startswith(src + b"/"):
                 self._paths[ino] = dst + rel[len(src) :]
@@ -413,6 +477,11 @@ class PassthroughFS(pyfuse3.Operations):
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         h = self._handles[fh]
+        if h.inode in self._orphans:
+            try:
+                return os.pwrite(h.fd, buf, off)
+            except OSError as e:
+                raise _fuse_error(e) from None
         rel = self._rel(h.inode)
         n = await self._mutate(
             Record(0, Op.WRITE, rel, offset=off, data=bytes(buf)), os.pwrite, h.fd, buf, off
@@ -427,15 +496,23 @@ class PassthroughFS(pyfuse3.Operations):
 
     async def fsync(self, fh: int, datasync: bool) -> None:
         h = self._handles[fh]
+        if h.inode in self._orphans:
+            sync = os.fdatasync if datasync else os.fsync
+            await trio.to_thread.run_sync(sync, h.fd)
+            return
         await self.sink.barrier(self._rel(h.inode), datasync)
 
     async def release(self, fh: int) -> None:
         h = self._handles.pop(fh)
+        orphan = h.inode in self._orphans
         try:
-            if h.sync and h.written:
+            if h.sync and h.written and not orphan:
                 await self.sink.barrier(self._paths.get(h.inode, b""), True)
         finally:
             os.close(h.fd)
+            if orphan and self._fd_of(h.inode) is None:
+                # Gone with its last descriptor: the inode number may name a new file next.
+                self._orphans.discard(h.inode)
 
 
 async def serve(
