@@ -5,26 +5,18 @@ Needs root and /dev/fuse (both available here and in CI)."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
+from fusepair import configs, free_port, in_step, write_sync
 
 from ha_runtime.generation import Generation, GenerationStore, GenRecord
 from ha_runtime.replication.dirtylog import AL_EXTENT, ActivityLog
 from ha_runtime.replication.journal import Op, Record
 from ha_runtime.replication.service import Event, ReplicationService, ReplicationSettings
-
-_spec = importlib.util.spec_from_file_location(
-    "fuse_replication", Path(__file__).parent / "test_fuse_replication.py"
-)
-assert _spec and _spec.loader
-_fr = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_fr)
-configs, free_port, write_sync, in_step = _fr.configs, _fr.free_port, _fr.write_sync, _fr.in_step
 
 pytestmark = [
     pytest.mark.fuse,

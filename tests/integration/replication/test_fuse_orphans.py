@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import trio
-from test_fuse_replication import configs, free_port, in_step
+from fusepair import configs, free_port, in_step
 
 from ha_runtime.generation import Generation, GenerationStore, GenRecord
 from ha_runtime.replication.service import ReplicationService, ReplicationSettings

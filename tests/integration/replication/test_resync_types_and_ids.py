@@ -5,7 +5,6 @@ full one, loudly."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 from pathlib import Path
@@ -13,16 +12,10 @@ from typing import Any
 
 import pytest
 import trio
+from fusepair import configs, free_port, in_step, write_sync
 
 from ha_runtime.generation import Generation, GenerationStore, GenRecord
 from ha_runtime.replication.service import Event, ReplicationService, ReplicationSettings
-
-_spec = importlib.util.spec_from_file_location(
-    "fuse_replication_helpers", Path(__file__).parent / "test_fuse_replication.py"
-)
-assert _spec and _spec.loader
-_h = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_h)
 
 pytestmark = [
     pytest.mark.fuse,
@@ -84,11 +77,9 @@ def _before(app: Path) -> None:
 
 
 def test_type_changes_resync_incrementally_and_all_ids_replicate(tmp_path: Path) -> None:
-    module, c1, c2 = _h.configs(tmp_path)
+    module, c1, c2 = configs(tmp_path)
     _same_generation(module, c1, c2)
-    st = ReplicationSettings(
-        port=_h.free_port(), timeout_s=1.0, networks=("lan",), site_key=b"k" * 48
-    )
+    st = ReplicationSettings(port=free_port(), timeout_s=1.0, networks=("lan",), site_key=b"k" * 48)
     events: list[Event] = []
     prim = ReplicationService(module, c1, st, on_event=events.append)
     app = tmp_path / "app"
@@ -104,19 +95,19 @@ def test_type_changes_resync_incrementally_and_all_ids_replicate(tmp_path: Path)
 
             n.start_soon(run_sec)
             await n.start(prim.run_primary)
-            await _until(lambda: prim.status().state == "sync" and _h.in_step(prim))
+            await _until(lambda: prim.status().state == "sync" and in_step(prim))
             # in sync: an id above 2**31 is replicated with the operation
-            await _io(_h.write_sync, app / "big", b"b")
+            await _io(write_sync, app / "big", b"b")
             await _io(os.chown, app / "big", BIG_UID, BIG_UID + 1)
-            await _io(_h.write_sync, app / "big", b"B")
+            await _io(write_sync, app / "big", b"B")
             assert (b2 / "big").stat().st_uid == BIG_UID
             assert (b2 / "big").stat().st_gid == BIG_UID + 1
             await _io(_before, app)
-            await _io(_h.write_sync, app / "sync", b"s")
+            await _io(write_sync, app / "sync", b"s")
             assert (b2 / "x").is_dir()
 
             sec_scope.cancel()
-            await _io(_h.write_sync, app / "after", b"a")
+            await _io(write_sync, app / "after", b"a")
             await _until(lambda: prim.status().state == "alone")
             await _io(_change_types, app)
             _diverge(b2, tmp_path / "outside")
@@ -155,11 +146,9 @@ def test_incremental_resyncs_the_peer_keeps_refusing_fall_back_to_a_full_one(
     """The secondary's copy of a file is immutable (a difference the dirty log knows
     nothing of): every incremental resync is refused on it. After three in a row the next
     is full (event resync_fallback_full); once the file is writable again it completes."""
-    module, c1, c2 = _h.configs(tmp_path)
+    module, c1, c2 = configs(tmp_path)
     _same_generation(module, c1, c2)
-    st = ReplicationSettings(
-        port=_h.free_port(), timeout_s=1.0, networks=("lan",), site_key=b"k" * 48
-    )
+    st = ReplicationSettings(port=free_port(), timeout_s=1.0, networks=("lan",), site_key=b"k" * 48)
     events: list[Event] = []
     prim = ReplicationService(module, c1, st, on_event=events.append)
     app = tmp_path / "app"
@@ -175,12 +164,12 @@ def test_incremental_resyncs_the_peer_keeps_refusing_fall_back_to_a_full_one(
 
             n.start_soon(run_sec)
             await n.start(prim.run_primary)
-            await _until(lambda: prim.status().state == "sync" and _h.in_step(prim))
-            await _io(_h.write_sync, app / "f", b"v1" * 1000)
+            await _until(lambda: prim.status().state == "sync" and in_step(prim))
+            await _io(write_sync, app / "f", b"v1" * 1000)
             sec_scope.cancel()
-            await _io(_h.write_sync, app / "g", b"g")
+            await _io(write_sync, app / "g", b"g")
             await _until(lambda: prim.status().state == "alone")
-            await _io(_h.write_sync, app / "f", b"v2" * 1000)
+            await _io(write_sync, app / "f", b"v2" * 1000)
             _chattr("+i", b2 / "f")
             seen = len(events)
             try:

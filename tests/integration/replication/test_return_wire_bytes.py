@@ -14,7 +14,6 @@ Needs root and /dev/fuse (both available here and in CI)."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import random
 from pathlib import Path
@@ -22,17 +21,10 @@ from typing import Any
 
 import pytest
 import trio
+from fusepair import configs, free_port, in_step, write_sync
 
 from ha_runtime.generation import Generation, GenerationStore, GenRecord
 from ha_runtime.replication.service import Event, ReplicationService, ReplicationSettings
-
-_spec = importlib.util.spec_from_file_location(
-    "fuse_replication", Path(__file__).parent / "test_fuse_replication.py"
-)
-assert _spec and _spec.loader
-_fr = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_fr)
-configs, free_port, write_sync, in_step = _fr.configs, _fr.free_port, _fr.write_sync, _fr.in_step
 
 pytestmark = [
     pytest.mark.fuse,

@@ -8,7 +8,6 @@ Needs root and /dev/fuse (both available here and in CI).
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import threading
 from pathlib import Path
@@ -16,15 +15,9 @@ from typing import Any
 
 import pytest
 import trio
+from fusepair import configs, free_port, write_sync
 
 from ha_runtime.replication.service import ReplicationService, ReplicationSettings
-
-_spec = importlib.util.spec_from_file_location(
-    "fuse_replication", Path(__file__).with_name("test_fuse_replication.py")
-)
-assert _spec and _spec.loader
-_fuse = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_fuse)
 
 pytestmark = [
     pytest.mark.fuse,
@@ -33,10 +26,8 @@ pytestmark = [
 
 
 def test_verify_while_writing_then_a_real_difference(tmp_path: Path) -> None:
-    module, c1, c2 = _fuse.configs(tmp_path)
-    st = ReplicationSettings(
-        port=_fuse.free_port(), timeout_s=2.0, networks=("lan",), site_key=b"k" * 48
-    )
+    module, c1, c2 = configs(tmp_path)
+    st = ReplicationSettings(port=free_port(), timeout_s=2.0, networks=("lan",), site_key=b"k" * 48)
     prim = ReplicationService(module, c1, st)
     app = tmp_path / "app"
     b2 = tmp_path / "node2/replica/demo/0"
@@ -63,7 +54,7 @@ def test_verify_while_writing_then_a_real_difference(tmp_path: Path) -> None:
             with trio.fail_after(15):
                 while prim.status().state != "sync":
                     await trio.sleep(0.05)
-            await trio.to_thread.run_sync(_fuse.write_sync, app / "still", b"s" * 300_000)
+            await trio.to_thread.run_sync(write_sync, app / "still", b"s" * 300_000)
             thread = threading.Thread(target=writer)
             thread.start()
             try:
@@ -95,10 +86,8 @@ def test_verify_while_writing_then_a_real_difference(tmp_path: Path) -> None:
 
 def test_a_digest_longer_than_the_link_timeout_keeps_the_link(tmp_path: Path) -> None:
     """The secondary answers keepalives while it digests (or signs) a large tree."""
-    module, c1, c2 = _fuse.configs(tmp_path)
-    st = ReplicationSettings(
-        port=_fuse.free_port(), timeout_s=0.3, networks=("lan",), site_key=b"k" * 48
-    )
+    module, c1, c2 = configs(tmp_path)
+    st = ReplicationSettings(port=free_port(), timeout_s=0.3, networks=("lan",), site_key=b"k" * 48)
     events: list[Any] = []
     prim = ReplicationService(module, c1, st, on_event=events.append)
 
