@@ -41,6 +41,7 @@ CONTROLLER_TASKS = (
     "Create the secrets directory on the controller",
     "Write the site secrets given in the inventory",
     "Reuse the certificate and key the node already has",  # node -> controller copy
+    "Reuse the heartbeat pair keys the node already has",  # node -> controller copy
     "Write the certificate extensions of each node",
     "Keep the controller's secret files readable",
 )
