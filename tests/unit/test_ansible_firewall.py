@@ -10,12 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[2]
 ROLE = ROOT / "collections/ansible_collections/hapair/cluster/roles/runtime"
-
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="nft -c needs root")
 
 SITE: dict[str, object] = {
     "hapair_runtime_group": "hapair_nodes",
@@ -86,5 +82,6 @@ def test_rendered_ruleset_is_valid_and_exact(tmp_path: Path) -> None:
     # The file loads on its own again and again: it replaces the table, never appends.
     assert rules.index("delete table inet hapair") < rules.index("table inet hapair {")
     nft = shutil.which("nft") or "/usr/sbin/nft"
-    check = subprocess.run([nft, "-c", "-f", str(tmp_path / "hapair.nft")], capture_output=True)
+    path = str(tmp_path / "hapair.nft")
+    check = subprocess.run([nft, "-c", "-f", path], capture_output=True, check=False)
     assert check.returncode == 0, check.stderr
