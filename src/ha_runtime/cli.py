@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from ha_runtime.config import (
     load_cluster,
     load_site,
 )
+from ha_runtime.journal_log import stderr_handler
 from ha_runtime.version import runtime_version
 
 EXIT_OK, EXIT_REFUSED, EXIT_UNREACHABLE = 0, 1, 2
@@ -161,40 +161,10 @@ def _load_for_daemon(path: Path) -> tuple[Any, bytes, dict[str, bytes]] | list[s
     return site, key, pair_keys
 
 
-class JournalFormatter(logging.Formatter):
-    """Prefixes every line with its syslog priority (<4> warning, <3> error...).
-
-    journald reads the prefix of each stderr line (SyslogLevelPrefix=, on by default), so
-    `journalctl -p warning -u hapair` shows the warnings; without it everything is info.
-    """
-
-    def format(self, record: logging.LogRecord) -> str:
-        prefix = f"<{journal_priority(record.levelno)}>"
-        return "\n".join(prefix + line for line in super().format(record).splitlines())
-
-
-def journal_priority(levelno: int) -> int:
-    """syslog priority of a logging level: 2 crit, 3 err, 4 warning, 6 info, 7 debug."""
-    for floor, priority in (
-        (logging.CRITICAL, 2),
-        (logging.ERROR, 3),
-        (logging.WARNING, 4),
-        (logging.INFO, 6),
-    ):
-        if levelno >= floor:
-            return priority
-    return 7
-
-
 def _setup_logging() -> None:
     # Under systemd the journal adds time and unit; a timestamp of our own is noise there.
     fmt = "%(levelname)s %(name)s: %(message)s"
-    handler = logging.StreamHandler(sys.stderr)
-    if os.environ.get("JOURNAL_STREAM"):
-        handler.setFormatter(JournalFormatter(fmt))
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s " + fmt))
-    logging.basicConfig(level=logging.INFO, handlers=[handler])
+    logging.basicConfig(level=logging.INFO, handlers=[stderr_handler(fmt, "%(asctime)s " + fmt)])
 
 
 # --------------------------------------------------------------------------- client side

@@ -22,6 +22,10 @@ from ha_runtime.version import runtime_version
 
 log = logging.getLogger(__name__)
 
+# READY=1 waits for every module's first decision, at most this long: a module stuck in a
+# slow prestart must not keep the unit "activating" until systemd's start timeout kills it.
+SETTLE_TIMEOUT_S = 60.0
+
 COMMANDS = ("start", "stop", "restart", "prim", "second", "swap")
 FARM_COMMANDS = ("drain", "undrain")
 REPLICATION_COMMANDS = ("verify", "resync")
@@ -95,7 +99,8 @@ class NodeDaemon:
             )
             for m in farm_modules
         }
-        self.ready = trio.Event()
+        self.ready = trio.Event()  # API and heartbeats up
+        self.settle_timeout_s = SETTLE_TIMEOUT_S
         self.console: ConsoleServer | None = None  # when cluster.yml configures one
 
     def _on_heartbeat_drop(self, reason: Drop) -> None:
@@ -133,12 +138,7 @@ class NodeDaemon:
                 nursery.start_soon(self._watchdog)
                 nursery.start_soon(self._peer_gauges)
                 self.ready.set()
-                sdnotify.notify("READY=1\nSTATUS=heartbeats up, modules managed")
-                log.info(
-                    "hapair daemon ready on %s: %s",
-                    self.cluster.node,
-                    ", ".join([*self.managers, *self.farms]),
-                )
+                nursery.start_soon(self._notify_ready)
             # Modules cancelled by a signal: hand every role over cleanly, tell the peer.
             sdnotify.notify("STOPPING=1")
             with trio.CancelScope(shield=True):
@@ -147,6 +147,31 @@ class NodeDaemon:
                 for farm in self.farms.values():
                     await farm.shutdown()
             nursery.cancel_scope.cancel()
+
+    def _unsettled(self) -> list[str]:
+        modules = [*self.managers.items(), *self.farms.items()]
+        return [f"{name} ({m.state.name})" for name, m in modules if not m.settled]
+
+    async def _notify_ready(self) -> None:
+        """READY=1 once every module made its first decision or the settle timeout passed."""
+        deadline = trio.current_time() + self.settle_timeout_s
+        said = ""
+        while (waiting := self._unsettled()) and trio.current_time() < deadline:
+            status = "STATUS=waiting for the first decision of " + ", ".join(waiting)
+            if status != said:  # systemctl status shows why the unit is still activating
+                sdnotify.notify(status)
+                said = status
+            await trio.sleep(0.05)
+        states = ", ".join(
+            f"{name} {m.state.name}" for name, m in [*self.managers.items(), *self.farms.items()]
+        )
+        if waiting:
+            status = f"modules not settled after {self.settle_timeout_s:g}s: " + ", ".join(waiting)
+            log.warning("hapair daemon ready on %s, %s", self.cluster.node, status)
+        else:
+            status = f"modules settled: {states or 'none'}"
+            log.info("hapair daemon ready on %s, %s", self.cluster.node, status)
+        sdnotify.notify(f"READY=1\nSTATUS={status}")
 
     async def _watch_signals(self, modules: trio.CancelScope, _all: trio.CancelScope) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:

@@ -158,6 +158,8 @@ class FarmModuleManager(ModuleBase):
             self._start_monitors(nursery)
             while True:
                 await self.step(nursery)
+                # Settled: stopped by the operator, or the first membership was applied.
+                self.settled = self.settled or self.admin_stopped or self._sent is not None
                 await self._wait_for_news()
 
     async def step(self, nursery: trio.Nursery) -> None:

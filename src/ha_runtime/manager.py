@@ -207,6 +207,7 @@ class ModuleManager(ModuleBase):
             self._start_monitors(nursery)
             while True:
                 await self.step()
+                self.settled = True  # any state after the first decision, WAIT included
                 await self._wait_for_news()
 
     async def step(self) -> Decision:

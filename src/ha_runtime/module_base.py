@@ -81,6 +81,8 @@ class ModuleBase(ABC):
         self.admin_file = cluster.state_dir / f"{module.name}.stopped"
         self.admin_stopped = self.admin_file.exists()
         self.state = State.STOP
+        # Set once the module made its first decision: what the daemon's READY=1 waits for.
+        self.settled = False
         self.reason = "daemon started"
         self.last_transition = time.time()
         self.witness_ok: bool | None = None if not module.witness else True

@@ -40,6 +40,7 @@ from typing import Any
 import trio
 
 from ha_runtime.config import ClusterConfig, ModuleConfig
+from ha_runtime.journal_log import stderr_handler
 
 log = logging.getLogger("hapair.replicate")
 
@@ -258,13 +259,15 @@ def keep_freed_memory() -> None:
     mallopt(M_TRIM_THRESHOLD, 64 << 20)  # keep up to a full send queue of freed memory
 
 
+def setup_logging(role: str, module: str, index: int) -> None:
+    # stderr is inherited from the daemon: under systemd it is the unit's journal stream.
+    fmt = f"%(levelname)s replicate[{module}/{index} {role}] %(name)s: %(message)s"
+    logging.basicConfig(level=logging.INFO, handlers=[stderr_handler(fmt)])
+
+
 def main(role: str, cluster: ClusterConfig, module: ModuleConfig, index: int) -> int:
     keep_freed_memory()
-    logging.basicConfig(
-        level=logging.INFO,
-        format=f"%(levelname)s replicate[{module.name}/{index} {role}] %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    setup_logging(role, module.name, index)
     with contextlib.suppress(KeyboardInterrupt):
         return trio.run(run_child, role, cluster, module, index)
     return 1

@@ -9,7 +9,8 @@ import sys
 import tomllib
 from pathlib import Path
 
-from ha_runtime.cli import JournalFormatter, format_status, journal_priority, with_versions
+from ha_runtime.cli import format_status, with_versions
+from ha_runtime.journal_log import JournalFormatter, journal_priority
 from ha_runtime.version import runtime_version
 
 ROOT = Path(__file__).resolve().parents[2]

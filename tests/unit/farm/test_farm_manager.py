@@ -201,6 +201,22 @@ def test_first_report_waits_one_timeout_then_serves_alone(tmp_path: Path) -> Non
     _run(main)
 
 
+def test_settled_once_the_first_membership_is_applied(tmp_path: Path) -> None:
+    """What the daemon's READY=1 waits for: not the WAIT before the first report."""
+
+    async def main() -> None:
+        mgr, _table = _manager(tmp_path)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(mgr.run)
+            await trio.sleep(0.5)
+            assert mgr.state is State.WAIT and not mgr.settled
+            await trio.sleep(1.0)
+            assert mgr.state is State.UP and mgr.settled
+            nursery.cancel_scope.cancel()
+
+    _run(main)
+
+
 def test_peer_heard_reports_at_once_and_counts_only_when_up(tmp_path: Path) -> None:
     async def main() -> None:
         mgr, table = _manager(tmp_path)

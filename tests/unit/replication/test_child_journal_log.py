@@ -1,0 +1,42 @@
+"""The replication child's log lines carry the journald <N> priority prefix, like the daemon's:
+its stderr is the unit's journal stream, so `journalctl -p warning -u hapair` shows them."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+CHILD = """
+import logging
+from ha_runtime.replica_child import setup_logging
+setup_logging("primary", "flightdata", 0)
+log = logging.getLogger("hapair.replicate")
+log.info("resync started")
+log.warning("peer slow")
+log.error("peer lost")
+"""
+
+
+def _stderr(journal: bool) -> list[str]:
+    env = {k: v for k, v in os.environ.items() if k != "JOURNAL_STREAM"}
+    if journal:
+        env["JOURNAL_STREAM"] = "8:12345"  # what systemd sets when stderr is the journal
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD], env=env, capture_output=True, text=True, check=True
+    )
+    return out.stderr.splitlines()
+
+
+@pytest.mark.parametrize("journal", [True, False])
+def test_child_log_priorities(journal: bool) -> None:
+    lines = _stderr(journal)
+    assert len(lines) == 3, lines
+    assert all("replicate[flightdata/0 primary]" in line for line in lines), lines
+    if journal:
+        assert [line[:3] for line in lines] == ["<6>", "<4>", "<3>"], lines
+        assert lines[1].startswith("<4>WARNING replicate[flightdata/0 primary]"), lines
+    else:
+        assert not any(line.startswith("<") for line in lines), lines
