@@ -14,8 +14,17 @@ from ha_lab.observe import wait_for_states
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     # Everything under tests/lab needs the lab: mark it so `-m lab` selects it.
-    for item in items:
+    here = os.path.dirname(__file__)
+    lab_items = [i for i in items if str(i.path).startswith(here + os.sep)]
+    for item in lab_items:
         item.add_marker(pytest.mark.lab)
+    # test_lab.py takes the lab down at its end, and `mirror_site` deploys once per session:
+    # run it before every test that uses the deployed site, whatever their names sort as.
+    first = [i for i in lab_items if i.path.name == "test_lab.py"]
+    if first:
+        rest = [i for i in items if i not in first]
+        at = next((n for n, i in enumerate(rest) if i in lab_items), len(rest))
+        items[:] = rest[:at] + first + rest[at:]
 
 
 @pytest.fixture(scope="session")
