@@ -131,7 +131,8 @@ def test_second_controller_refuses_or_reuses_site_secrets(
     other = tmp_path / "other/.local/share/hapair/sites/lab"
     other.mkdir(parents=True)
     for path in SITE_DIR.iterdir():
-        (other / path.name).write_bytes(path.read_bytes())
+        if path.is_file():  # (a rotation's working directories are not secrets)
+            (other / path.name).write_bytes(path.read_bytes())
     (other / "site.key").write_text(secrets.token_urlsafe(48) + "\n")
     differs = _deploy_as(tmp_path / "other")
     assert differs.status == "failed", differs.stdout[-2000:]

@@ -59,7 +59,6 @@ STRESSORS = (
     "filename",
     "flock",
     "fpunch",
-    "fsize",
     "fstat",
     "getdent",
     "hdd",
@@ -83,6 +82,11 @@ STRESSORS = (
 )
 # What is left out, and why: none of these exercises what a replicated directory holds.
 EXCLUDED = {
+    # RLIMIT_FSIZE is the writer's limit: the kernel applies it to write() before the
+    # request reaches FUSE, but not to fallocate(), which FUSE forwards to the server (our
+    # process, not the writer): the stressor's "fallocate past the limit gets EFBIG" check
+    # fails on any FUSE file system. Its writes were checked (no other failure).
+    "fsize": "RLIMIT_FSIZE is not applied to fallocate on FUSE (a kernel FUSE limit)",
     "bind-mount": "mounts, does not touch files",
     "binderfs": "mounts Android binderfs",
     "chattr": "ext2/4 inode-flag ioctls (FS_IOC_SETFLAGS), not forwarded by FUSE",
