@@ -211,9 +211,7 @@ class PassthroughFS(pyfuse3.Operations):
             else:
                 self._lookups.pop(ino, None)
                 self._no_caps.discard(ino)
-                if ino != pyfuse3.ROOT_INODE and not any(
-                    h.inode == ino for h in self._handles.values()
-                ):
+                if ino != pyfuse3.ROOT_INODE and self._fd_of(ino) is None:
                     self._paths.pop(ino, None)
 
     async def getattr(self, inode: int, ctx: Any = None) -> Any:
