@@ -161,6 +161,11 @@ class HeartbeatService:
         self._guard = ReplayGuard(saved.marks)
         # Peers that signed with their pair key: their site-key packets are refused.
         self._pair_keyed = saved.pair_keyed
+        # ...when a third node holds the site key. In a site of two nodes the site key is
+        # held by the same two as the pair key, so it proves the sender as well, and a peer
+        # rolled back to a release without pair keys (or a stale record of a release run
+        # before a rollback) must not make this node deaf to it.
+        self._site_key_forgeable = len(peers) >= 2
         # Peers known to read the pair key: they get ours with it only. A peer seen sending
         # with the site key only (rolled back to a runtime or a deploy without pair keys)
         # gets both forms again, so it keeps hearing this node.
@@ -225,7 +230,8 @@ class HeartbeatService:
         if pair is not None and sender in self._pair_keyed and isinstance(result, Heartbeat):
             if self._guard.newer(result):  # not the copy of a pair-keyed packet we took:
                 self._reads_pair.discard(result.node)  # it may read only the site key now
-            return Drop.SITE_KEY, False  # any node holds the site key: not proof of sender
+            if self._site_key_forgeable:  # a third node holds the site key: not proof
+                return Drop.SITE_KEY, False
         return result, False
 
     def handle_datagram(self, network: str, data: bytes) -> Heartbeat | Drop:

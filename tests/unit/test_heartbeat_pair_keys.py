@@ -43,9 +43,14 @@ def _free_port() -> int:
 
 
 def _service(
-    node: str, port: int, state_dir: Path, pair_keys: dict[str, bytes] | None
+    node: str,
+    port: int,
+    state_dir: Path,
+    pair_keys: dict[str, bytes] | None,
+    site: tuple[str, ...] = tuple(ADDR),
 ) -> HeartbeatService:
-    peers = tuple(n for n in ADDR if n != node)
+    peers = tuple(n for n in site if n != node)
+    pair_keys = None if pair_keys is None else {p: k for p, k in pair_keys.items() if p in peers}
     return HeartbeatService(
         node=node,
         key=SITE,
@@ -299,3 +304,38 @@ def test_daemon_start_reads_the_pair_keys_and_refuses_an_exposed_one(tmp_path: P
     refused = _load_for_daemon(cluster)
     assert isinstance(refused, list) and len(refused) == 1
     assert "heartbeat key of node2" in refused[0] and "chmod 0600" in refused[0], refused
+
+
+def test_in_a_site_of_two_a_rolled_back_peer_is_heard_again(tmp_path: Path) -> None:
+    # Seen in the lab's upgrade test: the site ran this release (node1 recorded that node2
+    # signs with its pair key), was rolled back, then upgraded again; node1, upgraded first,
+    # refused the still-old node2's site-key packets for good and stayed WAIT. With two
+    # nodes no third one holds the site key, so it proves node2 as well as the pair key.
+    port = _free_port()
+    pair = ("node1", "node2")
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            n1_scope = trio.CancelScope()
+            n1 = _service("node1", port, tmp_path, KEYS["node1"], pair)
+            n2 = _service("node2", port, tmp_path, KEYS["node2"], pair)
+
+            async def run(service: HeartbeatService, scope: trio.CancelScope) -> None:
+                with scope:
+                    await service.run()
+
+            nursery.start_soon(run, n1, n1_scope)
+            nursery.start_soon(n2.run)
+            await _until(lambda: _alive(n2, "node1") and _alive(n1, "node2"), "pair alive")
+            await trio.sleep(0.2)  # both confirmed: node2 recorded node1 as pair-keyed
+            assert "node1" in n2._replay_state().pair_keyed
+            n1_scope.cancel()
+            old = _service("node1", port, tmp_path, None, pair)  # rolled back: site key only
+            nursery.start_soon(old.run)
+            await _until(lambda: old.received["lan"] > 0, "the rolled-back node1 hears node2")
+            await trio.sleep(0.7)  # past the timeout
+            assert _alive(old, "node2") and _alive(n2, "node1")
+            assert "site_key" not in n2.drops
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
