@@ -156,7 +156,8 @@ class ReplicationSettings:
     networks: tuple[str, ...] = ("hb", "lan")
     backing_root: Path | None = None  # default: cluster state_dir / "replica"
     max_inflight_bytes: int = 64 << 20
-    site_key: bytes | None = None  # default: read cluster.site_key
+    # Default: read cluster.site_key. Never in a repr (logs, tracebacks).
+    site_key: bytes | None = field(default=None, repr=False)
 
     @property
     def timeout_s(self) -> float:
