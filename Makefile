@@ -36,10 +36,16 @@ demo: setup
 	$(BIN)/ansible-playbook playbooks/deploy.yml -i inventories/lab
 	$(BIN)/python -m ha_lab.demo_summary
 
+# The structure checks (issue 15; tools/check_*.py, tested in tests/unit/lint): no import
+# cycle, no file over 400 lines without a stated reason, no repeated block of 6+ lines. Each
+# allowlist names what is still to fix, with why, and only shrinks.
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/python tools/check_import_cycles.py --allow tools/import_cycles_allowlist.txt ha_runtime ha_lab
+	$(BIN)/python tools/check_file_length.py --allow tools/long_files_allowlist.txt src
+	$(BIN)/python tools/check_duplicates.py --allow tools/duplicate_code_allowlist.txt src
 	$(BIN)/ansible-lint --profile production
 
 unit: setup

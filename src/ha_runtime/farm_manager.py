@@ -32,10 +32,10 @@ from typing import Any
 
 import trio
 
-from ha_runtime.config import ClusterConfig, ModuleConfig
+from ha_runtime.config import ClusterConfig, FarmSettings, ModuleConfig
 from ha_runtime.decision import PeerStatus
 from ha_runtime.events import EventLog
-from ha_runtime.farm import FarmService, FarmSettings, FarmSpec, Membership, PeerView
+from ha_runtime.farm import FarmService, FarmSpec, Membership, PeerView
 from ha_runtime.generation import Generation
 from ha_runtime.heartbeat import LocalAnnounce, PeerTable
 from ha_runtime.module_base import CommandRefused, ModuleBase

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import trio
 
-from ha_runtime.config import ConfigError, SiteConfig, load_site
+from ha_runtime.config import ConfigError, FarmSettings, SiteConfig, load_site
 from ha_runtime.farm import netif, ruleset
-from ha_runtime.farm.spec import FarmSettings, FarmSpec
+from ha_runtime.farm.spec import FarmSpec
 from ha_runtime.vip import VipError, has_vip, remove_vip
 
 log = logging.getLogger("hapair.release")

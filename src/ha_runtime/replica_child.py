@@ -47,19 +47,6 @@ log = logging.getLogger("hapair.replicate")
 STATUS_PERIOD_S = 0.5
 
 
-def settings_for(module: ModuleConfig, dir_index: int) -> Any:
-    from ha_runtime.replication.service import ReplicationSettings  # noqa: PLC0415
-
-    r = module.replication
-    return ReplicationSettings(
-        port=r.port + dir_index,
-        ack=r.ack,
-        timeout_s=r.timeout_ms / 1000,
-        networks=r.networks,
-        backing_root=r.backing_root,
-    )
-
-
 def mounted(path: Path) -> bool:
     """Is something (maybe a dead FUSE server's mount) mounted at path?"""
     # Never stat the mount point itself: a hung FUSE server would block the caller.
@@ -158,7 +145,7 @@ async def run_child(  # noqa: PLR0915 - one place for the whole child protocol
         out.send({"type": "status", "status": svc.status().as_dict()})
         out.send({"type": "fence", "token": token, "declared": declared})
 
-    settings = settings_for(module, index)
+    settings = module.replication.for_dir(index)
     svc = ReplicationService(
         module, cluster, settings, on_event=on_event, dir_index=index, fence=fence
     )

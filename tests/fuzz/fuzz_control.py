@@ -23,12 +23,13 @@ with atheris.instrument_imports(include=["ha_runtime"]):
         HeartbeatSpec,
         ModuleConfig,
         NodeSpec,
+        ReplicationSettings,
         RestartPolicy,
         ScriptsSpec,
         TlsSpec,
     )
     from ha_runtime.replication.applier import Applier
-    from ha_runtime.replication.service import ReplicationService, ReplicationSettings
+    from ha_runtime.replication.service import ReplicationService
 
 SECRET = b"SECRET-outside-the-replica-9c2e"
 # One fixed directory, emptied at start: libFuzzer exits without running atexit handlers.

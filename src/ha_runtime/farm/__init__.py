@@ -5,17 +5,14 @@ See docs/farm.md. The daemon uses `FarmService`; the rest is its machinery.
 
 from ha_runtime.farm.member import Membership, PeerView, Transition
 from ha_runtime.farm.service import FarmService, FarmStatus, MemberStatus
-from ha_runtime.farm.spec import FarmRule, FarmSettings, FarmSpec, parse_farm_section
+from ha_runtime.farm.spec import FarmSpec
 
 __all__ = [
-    "FarmRule",
     "FarmService",
-    "FarmSettings",
     "FarmSpec",
     "FarmStatus",
     "MemberStatus",
     "Membership",
     "PeerView",
     "Transition",
-    "parse_farm_section",
 ]

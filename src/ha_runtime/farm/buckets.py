@@ -41,8 +41,9 @@ import itertools
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
+from ha_runtime.config.farm import MAX_NODES
+
 NBUCKETS = 256
-MAX_NODES = 8
 # How much more the full membership and single-node losses weigh in the balancing.
 _TOP_WEIGHT = 16.0
 _MAX_PASSES = 100

@@ -28,7 +28,8 @@ from typing import Any
 import jinja2
 import trio
 
-from ha_runtime.farm.spec import FarmRule, FarmSpec
+from ha_runtime.config import FarmRule
+from ha_runtime.farm.spec import FarmSpec
 
 NFT = "nft"
 

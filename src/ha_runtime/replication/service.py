@@ -16,18 +16,17 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import trio
 
-from ha_runtime.config import ClusterConfig, ModuleConfig
+from ha_runtime.config import ClusterConfig, ModuleConfig, ReplicationSettings
 from ha_runtime.generation import Generation, GenerationStore, Relation, atomic_write, compare
 from ha_runtime.metrics import LatencyHistogram
 from ha_runtime.replication import beneath, fusefs, quarantine, resync, transport
 from ha_runtime.replication import delta as D
 from ha_runtime.replication.applier import Applier
 from ha_runtime.replication.dirtylog import (
-    AL_EXTENTS,
     AL_IDLE_S,
     ActivityLog,
     DirtyLog,
@@ -52,18 +51,6 @@ FALLBACK_FULL_AFTER = 3
 # A barrier with at most this much written since the previous one fsyncs the local file in
 # the event loop (a short fdatasync); above it, in a thread.
 INLINE_FSYNC_BYTES = 1 << 20
-
-
-@dataclass(frozen=True)
-class ReplicationSettings:
-    port: int = 7441
-    ack: Literal["durable", "received"] = "durable"
-    timeout_s: float = 3.0
-    networks: tuple[str, ...] = ("hb", "lan")
-    backing_root: Path | None = None  # default: cluster.state_dir / "replica"
-    max_inflight_bytes: int = 64 << 20
-    site_key: bytes | None = None  # default: read cluster.site_key
-    al_extents: int = AL_EXTENTS  # activity log: hot entries kept once the peer acked them
 
 
 @dataclass(frozen=True)
@@ -121,7 +108,7 @@ class ReplicationService:
         self.settings = settings or ReplicationSettings()
         self.on_event = on_event
         self.app_dir = module.replicated_dirs[dir_index]
-        base = self.settings.backing_root or cluster.state_dir / "replica"
+        base = self.settings.backing_base(cluster.state_dir)
         self.backing = base / module.name / str(dir_index)
         self.dirty_path = base / f"{module.name}.{dir_index}.dirty"
         self.al_path = base / f"{module.name}.{dir_index}.al"
@@ -387,7 +374,7 @@ class ReplicationService:
         if first and self._read_synced() is None:
             self._dirty.mark_lost()  # never synced: the peer's copy is unknown
             self._dirty.sync()
-        self._al = ActivityLog(self.al_path, extents=self.settings.al_extents)
+        self._al = ActivityLog(self.al_path)
         self._al.open()
         # Left hot by a past run that ended in sync without draining: the peer may lack it.
         hot = self._al.entries()

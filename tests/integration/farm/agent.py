@@ -20,7 +20,8 @@ from typing import Any
 
 import trio
 
-from ha_runtime.farm import FarmRule, FarmService, FarmSpec, Membership, PeerView
+from ha_runtime.config import FarmRule
+from ha_runtime.farm import FarmService, FarmSpec, Membership, PeerView
 from ha_runtime.farm.spec import default_mac, seed_for
 
 

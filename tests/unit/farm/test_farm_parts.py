@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from ha_runtime.config import FarmRule, parse_farm_section
 from ha_runtime.farm.arp import (
     ARP_REPLY,
     ARP_REQUEST,
@@ -19,15 +20,7 @@ from ha_runtime.farm.arp import (
 )
 from ha_runtime.farm.member import FarmMember, Membership, PeerView
 from ha_runtime.farm.ruleset import render_bucket_update, render_removal, render_ruleset
-from ha_runtime.farm.spec import (
-    FarmRule,
-    FarmSpec,
-    default_mac,
-    handover_delay,
-    igmp_group,
-    parse_farm_section,
-    seed_for,
-)
+from ha_runtime.farm.spec import FarmSpec, default_mac, handover_delay, igmp_group, seed_for
 from ha_runtime.states import Flag, State
 
 PATH = Path("/etc/hapair/modules/weather.yml")

@@ -30,6 +30,7 @@ from ha_runtime.config import (
     HeartbeatSpec,
     ModuleConfig,
     NodeSpec,
+    ReplicationSettings,
     RestartPolicy,
     ScriptsSpec,
     TlsSpec,
@@ -38,7 +39,7 @@ from ha_runtime.replication import beneath, resync
 from ha_runtime.replication import delta as D
 from ha_runtime.replication.applier import Applier
 from ha_runtime.replication.journal import DELTA_MORE, Op, Record
-from ha_runtime.replication.service import ReplicationService, ReplicationSettings
+from ha_runtime.replication.service import ReplicationService
 
 SECRET = b"SECRET-outside-the-replica-4f1d"
 

@@ -17,6 +17,7 @@ from ha_runtime.config import (
     HeartbeatSpec,
     ModuleConfig,
     NodeSpec,
+    ReplicationSettings,
     RestartPolicy,
     ScriptsSpec,
     TlsSpec,
@@ -27,7 +28,7 @@ from ha_runtime.replication import transport as T
 from ha_runtime.replication.applier import Applier
 from ha_runtime.replication.dirtylog import ActivityLog, DirtyLog
 from ha_runtime.replication.journal import Op, Record, derive_key
-from ha_runtime.replication.service import ReplicationService, ReplicationSettings
+from ha_runtime.replication.service import ReplicationService
 
 SITE_KEY = b"k" * 48
 KEY = derive_key(SITE_KEY)

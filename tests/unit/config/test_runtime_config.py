@@ -11,7 +11,7 @@ import yaml
 from ha_runtime.cli import main
 from ha_runtime.config import check_file, parse_cluster, parse_module
 
-DOC = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
+DOC = Path(__file__).resolve().parents[3] / "docs" / "configuration.md"
 
 
 def _doc_examples() -> tuple[dict[str, object], dict[str, object]]:

@@ -61,7 +61,7 @@ def test_arbitrary_values_give_errors_not_exceptions(data: Any) -> None:
 
 
 def _leaves(obj: Any, where: str = "") -> list[str]:
-    """Field paths as config.py names them: a.b, a[0].b."""
+    """Field paths as the config parsers name them: a.b, a[0].b."""
     out = [where] if where else []
     if isinstance(obj, dict):
         for k, v in obj.items():
