@@ -281,6 +281,12 @@ class Firing:
     alert: str
     labels: dict[str, str]
     times: list[float]  # wall-clock evaluation times it was firing
+    step: float = 1.0
+
+    def starts(self) -> list[float]:
+        """When each firing episode began (a gap in the samples ends one)."""
+        gap = 1.5 * self.step
+        return [t for i, t in enumerate(self.times) if i == 0 or t - self.times[i - 1] > gap]
 
     def name(self) -> str:
         keep = ("node", "module", "network", "checker")
@@ -296,7 +302,8 @@ def firing_series(prom: PrometheusServer, t0_wall: float, t1_wall: float) -> lis
     out = []
     for series in data["result"]:
         labels = dict(series["metric"])
-        out.append(Firing(labels.pop("alertname"), labels, [float(t) for t, _ in series["values"]]))
+        times = [float(t) for t, _ in series["values"]]
+        out.append(Firing(labels.pop("alertname"), labels, times, step))
     return out
 
 
@@ -325,13 +332,13 @@ def judge_alerts(
         w0 = f.t_inject + wall_offset
         w1 = t_heal + (f.recovered_s if f.recovered_s is not None else settle_s)
         w1 += AFTER_HEAL_S + wall_offset
-        during = sorted({x.name() for x in fired if any(w0 <= t <= w1 for t in x.times)})
+        during = sorted({x.name() for x in fired if any(w0 <= t <= w1 for t in x.starts())})
         entry: dict[str, Any] = {
             "kind": f.kind,
             "target": f.target,
             "t": round(f.t_inject - t_start, 1),
             "duration_s": round(fault_duration(f), 1),
-            "fired": during,
+            "fired": during,  # began firing from the inject to AFTER_HEAL_S after recovery
         }
         required: list[str] = []
         fired_ok: list[str] = []
@@ -349,12 +356,12 @@ def judge_alerts(
                 "{" + ",".join(f"{k}={v}" for k, v in sorted(want.items())) + "}" if want else ""
             )
             for_s = prom.fors.get(exp.alert, 0.0)
-            # It cannot fire before its condition held for `for:`.
-            start = w0 + for_s
+            # The fault's doing: it began firing after the inject (and after its condition
+            # held `for:`), not an alert that was firing already and went on.
             hit = any(
                 x.alert == exp.alert
                 and all(x.labels.get(k) == v for k, v in want.items())
-                and any(start <= t <= w1 for t in x.times)
+                and any(w0 + for_s <= t <= w1 for t in x.starts())
                 for x in fired
             )
             if fault_duration(f) < for_s + DETECT_SLACK_S:
@@ -396,7 +403,7 @@ def judge_alerts(
         "scrape_interval_s": SCRAPE_S,
         "evaluation_interval_s": EVAL_S,
         "prometheus_scrapes_by_node": scrapes,
-        "alerts_fired": sorted({x.name() for x in fired if any(t >= t0_wall for t in x.times)}),
+        "alerts_fired": sorted({x.name() for x in fired if any(t >= t0_wall for t in x.starts())}),
         "by_fault": per_fault,
         "firing_at_end": [a.name() for a in at_end],
         "lingering_allowed": {n: MAY_LINGER[n.partition("{")[0]] for n in lingering},
