@@ -6,11 +6,15 @@
    (the lab's router, 10.77.0.1) on both modules, unless it already runs that way.
 2. Workloads start in the client namespace: the mirror writer (ha_lab.records.Writer,
    every acknowledged record logged) and a farm prober (every answer logged); the
-   observers sample VIP holders, farm buckets and module states.
+   observers sample VIP holders, farm buckets and module states; a Prometheus server
+   (alerting.py) scrapes every node's /metrics and evaluates docs/alerts.yml, and the
+   console observer polls every node's web console and /metrics.
 3. The nemesis (nemesis.py) runs its seeded schedule for `minutes`, then heals everything.
 4. After the site converged, the checkers (checks below) assert the invariants; a JSON
-   summary goes to stdout and tests/chaos/results/. Any violation raises CampaignFailed
-   whose message carries the seed and the whole fault log.
+   summary goes to stdout and tests/chaos/results/. Among them: the console and /metrics
+   of every node that is up answered (console_verdict), and each fault an alert covers
+   made it fire, none firing once healed (alerting.judge_alerts). Any violation raises
+   CampaignFailed whose message carries the seed and the whole fault log.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ if str(HERE) not in sys.path:  # run as a script or imported by pytest: siblings
     sys.path.insert(0, str(HERE))
 
 import yaml  # noqa: E402
+from alerting import EVAL_S, SCRAPE_S, PrometheusServer, judge_alerts  # noqa: E402
 from nemesis import (  # noqa: E402
     FAULTS,
     JUSTIFY_FAILOVER,
@@ -40,7 +45,15 @@ from nemesis import (  # noqa: E402
     site_status,
     wait_converged,
 )
-from observers import NODES, HolderObserver, HolderRound, StateObserver, StateRound  # noqa: E402
+from observers import (  # noqa: E402
+    NODES,
+    ConsoleObserver,
+    HolderObserver,
+    HolderRound,
+    Poll,
+    StateObserver,
+    StateRound,
+)
 from playrunner import ROOT, run_playbook  # noqa: E402
 
 from ha_lab.lab import Lab  # noqa: E402
@@ -146,6 +159,78 @@ def two_alone(rounds: list[StateRound]) -> list[float]:
     return [r.t for r in rounds if all(r.state(n, MIRROR) == "ALONE" for n in NODES)]
 
 
+# The availability rule of the console and /metrics: every poll of a node answers, except
+# while a fault keeps that node's daemon down or its management link impaired, namely
+# - crash or kill_runtime of the node: from the inject until CONSOLE_BACK_S after its
+#   runtime is back (the first `hactl status` the state observer got from it after the heal);
+# - cut_all (management cut too), loss on all its links, or an operator step run under
+#   5 % loss on the node: from the inject until CONSOLE_BACK_S after the heal.
+# A poll that overlaps such a window in any part is excused; any other failure violates.
+CONSOLE_BACK_S = 5.0
+
+
+def console_down_windows(
+    faults: list[Fault], rounds: list[StateRound], end: float
+) -> dict[str, list[tuple[float, float, str]]]:
+    out: dict[str, list[tuple[float, float, str]]] = {n: [] for n in NODES}
+    for f in faults:
+        heal = f.t_heal if f.t_heal is not None else end
+        if f.kind in ("crash", "kill_runtime") and f.target:
+            back = next((r.t for r in rounds if r.t >= heal and f.target in r.modules), end)
+            out[f.target].append((f.t_inject, back + CONSOLE_BACK_S, f.kind))
+        elif f.target and (
+            f.kind == "cut_all" or (f.kind == "loss" and f.params.get("net") == "all")
+        ):
+            out[f.target].append((f.t_inject, heal + CONSOLE_BACK_S, f.kind))
+        elif str(f.params.get("under", "")).startswith("loss5 on "):
+            node = str(f.params["under"]).removeprefix("loss5 on ")
+            out.setdefault(node, []).append(
+                (f.t_inject, heal + CONSOLE_BACK_S, f"{f.kind} under loss")
+            )
+    return out
+
+
+def console_verdict(
+    polls: list[Poll], faults: list[Fault], rounds: list[StateRound], t_start: float, end: float
+) -> tuple[dict[str, Any], list[str]]:
+    windows = console_down_windows(faults, rounds, end)
+    stats: dict[str, dict[str, dict[str, Any]]] = {}
+    violations: list[str] = []
+    for node in NODES:
+        for what in ("console", "metrics"):
+            mine = [p for p in polls if p.node == node and p.what == what]
+            failed = [p for p in mine if p.error is not None]
+            bad = [
+                p
+                for p in failed
+                if not any(p.t0 <= w1 and p.t1 >= w0 for w0, w1, _ in windows.get(node, []))
+            ]
+            stats.setdefault(node, {})[what] = {
+                "polls": len(mine),
+                "answered": len(mine) - len(failed),
+                "failed": len(failed),
+                "failed_excused": len(failed) - len(bad),
+                "failed_not_excused": len(bad),
+                "slowest_answer_s": round(
+                    max((p.t1 - p.t0 for p in mine if p.error is None), default=0.0), 2
+                ),
+            }
+            if bad:
+                first = [f"t+{p.t0 - t_start:.1f} {p.error}" for p in bad[:5]]
+                violations.append(
+                    f"{node}'s {what} did not answer {len(bad)} of {len(mine)} polls "
+                    f"while up: {first}"
+                )
+    section = {
+        "polls_by_node": stats,
+        "excused_windows": {
+            n: [f"{k} t+{a - t_start:.1f}..t+{b - t_start:.1f}" for a, b, k in ws]
+            for n, ws in windows.items()
+        },
+    }
+    return section, violations
+
+
 # ---------------------------------------------------------------------------- the campaign
 
 
@@ -156,6 +241,9 @@ class Campaign:
     witness: bool = True
     steps: bool = True
     max_faults: int | None = None  # faults and steps; None: as many as the minutes allow
+    # Every alert `for:` cut to this many seconds (the short campaign's faults last 3-10 s);
+    # None: docs/alerts.yml as it is.
+    alert_for_s: float | None = None
     log: Any = print
     summary: dict[str, Any] = field(default_factory=dict)
     violations: list[str] = field(default_factory=list)
@@ -177,12 +265,31 @@ class Campaign:
         nemesis = Nemesis(lab, self.seed, log=self.log, steps=self.steps)
         nemesis.heal_all()  # a previous run interrupted halfway
         deploy(self.witness, self.log)
+        prom = PrometheusServer(self.alert_for_s, log=self.log).start()
+        try:
+            self._run(lab, nemesis, prom, started, started_wall)
+        finally:
+            prom.stop()
+        if self.violations:
+            self._keep_node_logs(lab, started_wall)
+        return self.summary
+
+    def _run(
+        self,
+        lab: Lab,
+        nemesis: Nemesis,
+        prom: PrometheusServer,
+        started: float,
+        started_wall: float,
+    ) -> None:
+        wall_offset = time.time() - time.monotonic()
         duration = self.minutes * 60
         horizon = duration + 1800  # the workloads outlive the schedule and the final heal
         writer = Writer(MIRROR_VIP, duration=horizon).start()
         farm = Probe(FARM_VIP, path="/", interval=0.05, timeout=0.5, duration=horizon).start()
         holders = HolderObserver(lab).start()
         states = StateObserver(lab).start()
+        consoles = ConsoleObserver(lab).start()
         t_start = time.monotonic()
         nemesis.t0 = t_start
         last_heal = t_start
@@ -203,6 +310,7 @@ class Campaign:
             farm_samples = farm.stop()
             holders.stop()
             states.stop()
+            consoles.stop()
             if not all(running(n) for n in NODES):
                 nemesis.heal_all()
         end = time.monotonic()
@@ -210,15 +318,24 @@ class Campaign:
             nemesis=nemesis, acks=acks, holders=holders, states=states,
             converge_s=converge_s, t_start=t_start, end=end,
         )  # fmt: skip
+        console, bad = console_verdict(
+            consoles.snapshot(), nemesis.faults, self.srounds, t_start, end
+        )
+        self.violations += bad
+        # What fires "at the end": seen by an evaluation of samples scraped after the site
+        # converged (the checks above took a while; one more scrape and evaluation anyway).
+        time.sleep(2 * EVAL_S + SCRAPE_S)
+        alerts, bad = judge_alerts(
+            prom, nemesis.faults, t_start=t_start, end=time.monotonic(),
+            wall_offset=wall_offset, settle_s=nemesis.settle,
+        )  # fmt: skip
+        self.violations += bad
         self._summarise(
             nemesis=nemesis, acks=acks, write_failures=writer.failures,
             farm_samples=farm_samples, holders=holders, states=states,
             converge_s=converge_s, started=started, started_wall=started_wall,
-            t_start=t_start, last_heal=last_heal, end=end,
+            t_start=t_start, last_heal=last_heal, end=end, console=console, alerts=alerts,
         )  # fmt: skip
-        if self.violations:
-            self._keep_node_logs(lab, started_wall)
-        return self.summary
 
     def _split_brain_allowed(self, faults: list[Fault], t: float) -> bool:
         """Without a witness, two nodes cut from each other on every network both serve: the
@@ -351,6 +468,8 @@ class Campaign:
         t_start: float,
         last_heal: float,
         end: float,
+        console: dict[str, Any],
+        alerts: dict[str, Any],
     ) -> None:
         faults = nemesis.faults
         fo, vo, bo = self.fo, self.vo, self.bo
@@ -395,6 +514,8 @@ class Campaign:
             ],
             "playbooks": [p.brief() for p in nemesis.plays],
             "observer_rounds": {"holders": len(hround), "states": len(srounds)},
+            "console_and_metrics": console,
+            "alerts": alerts,
             "fault_log": [f.line(t_start) for f in faults],
             "t_start_monotonic": t_start,
             "violations": self.violations,

@@ -5,18 +5,25 @@
   set of the weather module's nftables table, the set that decides which new connections
   this node accepts). One round = both nodes asked concurrently.
 - `StateObserver` (every ~500 ms): `hactl status --json` on every running node.
+- `ConsoleObserver` (every ~1 s): from the controller, like an operator's browser and a
+  Prometheus server, each node's web console (HTTPS, site CA, read-only login) and its
+  /metrics; every poll kept, failed or not, judged afterwards (`console_verdict`).
 
 Timestamps are CLOCK_MONOTONIC, as the nemesis' fault log and the workloads'.
 """
 
 from __future__ import annotations
 
+import http.client
 import json
+import ssl
 import subprocess
 import threading
 import time
+import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Self
 
 from ha_lab.lab import Lab
@@ -25,6 +32,14 @@ from ha_lab.node import Node
 NODES = ("node1", "node2")
 MIRROR_VIP = "10.77.0.100"
 FARM_TABLE = "hapair-farm-weather"
+# inventories/lab/group_vars/all/runtime.yml: console and exporter on the management address.
+CONSOLE_ADDRESS = {"node1": "10.79.0.11:8443", "node2": "10.79.0.12:8443"}
+METRICS_ADDRESS = {"node1": "10.79.0.11:9440", "node2": "10.79.0.12:9440"}
+# The site CA the runtime role generated on this controller (hapair_runtime_secrets_dir).
+SITE_CA = Path.home() / ".local/share/hapair/sites/lab/ca.crt"
+VIEWER = ("viewer", "hapair-lab-viewer")  # the lab's read-only console user (runtime.yml)
+CONSOLE_COOKIE = "hapair_console"
+POLL_TIMEOUT_S = 5.0
 
 _PROBE = (
     "ip -br -4 addr show dev lan0; echo '--nft--'; "
@@ -187,3 +202,128 @@ class StateObserver(_Sampler):
     def snapshot(self) -> list[StateRound]:
         with self._lock:
             return list(self.rounds)
+
+
+# ---------------------------------------------------------------------------- console
+
+
+@dataclass
+class Poll:
+    node: str
+    what: str  # "console" or "metrics"
+    t0: float
+    t1: float
+    error: str | None  # None: answered as expected
+
+
+class ConsoleObserver(_Sampler):
+    """The console's pair page (GET /, logged in as the read-only user: the page an
+    operator watches, which also asks the peer's console) and /metrics of every node,
+    whether it runs or not: the verdict decides which failures the faults excuse."""
+
+    interval = 1.0
+
+    def __init__(self, lab: Lab) -> None:
+        super().__init__(lab)
+        # One loop per node and page: a node that does not answer (timeout) must not slow
+        # down the polls of the other.
+        self._jobs = [(n, w) for n in NODES for w in ("console", "metrics")]
+        self._threads = [
+            threading.Thread(target=self._job_loop, args=(job,), daemon=True) for job in self._jobs
+        ]
+        self.polls: list[Poll] = []
+        self._lock = threading.Lock()
+        self._cookies: dict[str, str] = {}
+        self._tls = ssl.create_default_context(cafile=str(SITE_CA))
+        # The node certificates name the node and its hb/lan addresses, not the management
+        # address: the chain is checked here, the name after the handshake (as the nodes'
+        # consoles check each other, console/server.py client_context).
+        self._tls.check_hostname = False
+
+    def _https(
+        self, node: str, method: str, path: str, body: str | None = None
+    ) -> http.client.HTTPResponse:
+        host, _, port = CONSOLE_ADDRESS[node].rpartition(":")
+        conn = http.client.HTTPSConnection(host, int(port), context=self._tls,
+                                           timeout=POLL_TIMEOUT_S)  # fmt: skip
+        headers = {"Connection": "close"}
+        if node in self._cookies:
+            headers["Cookie"] = f"{CONSOLE_COOKIE}={self._cookies[node]}"
+        if body is not None:
+            headers["Content-Type"] = "application/x-www-form-urlencoded"
+        conn.connect()
+        sock = conn.sock
+        cert = sock.getpeercert() if isinstance(sock, ssl.SSLSocket) else None
+        subject = cert.get("subject", ()) if cert else ()
+        cn = next((str(a[1]) for rdn in subject for a in rdn if a[0] == "commonName"), None)
+        if cn != node:
+            conn.close()
+            raise ssl.SSLError(f"certificate of {cn!r}, not {node}")
+        conn.request(method, path, body=body, headers=headers)
+        resp = conn.getresponse()
+        resp.read()  # the whole page, as a browser would
+        conn.close()
+        for value in resp.headers.get_all("Set-Cookie") or []:
+            name, _, rest = value.partition("=")
+            if name.strip() == CONSOLE_COOKIE:
+                self._cookies[node] = rest.split(";", 1)[0]
+        return resp
+
+    def _console(self, node: str) -> str | None:
+        resp = self._https(node, "GET", "/")
+        if resp.status == 303 and resp.headers.get("Location") == "/login":
+            # No session (first poll, or the runtime restarted): log in again.
+            self._cookies.pop(node, None)
+            form = urllib.parse.urlencode({"user": VIEWER[0], "password": VIEWER[1]})
+            login = self._https(node, "POST", "/login", form)
+            if login.status != 303:
+                return f"login answered {login.status}"
+            resp = self._https(node, "GET", "/")
+        return None if resp.status == 200 else f"GET / answered {resp.status}"
+
+    def _metrics(self, node: str) -> str | None:
+        host, _, port = METRICS_ADDRESS[node].rpartition(":")
+        conn = http.client.HTTPConnection(host, int(port), timeout=POLL_TIMEOUT_S)
+        try:
+            conn.request("GET", "/metrics")
+            resp = conn.getresponse()
+            text = resp.read()
+        finally:
+            conn.close()
+        if resp.status != 200:
+            return f"GET /metrics answered {resp.status}"
+        return None if b"hapair_build_info" in text else "no hapair_build_info in /metrics"
+
+    def _poll(self, job: tuple[str, str]) -> Poll:
+        node, what = job
+        t0 = time.monotonic()
+        try:
+            error = self._console(node) if what == "console" else self._metrics(node)
+        except (OSError, http.client.HTTPException, ssl.SSLError) as exc:
+            error = f"{type(exc).__name__}: {exc}"
+        return Poll(node, what, t0, time.monotonic(), error)
+
+    def start(self) -> Self:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=30)
+        self._pool.shutdown(wait=False)
+
+    def _job_loop(self, job: tuple[str, str]) -> None:
+        while not self._stop.is_set():
+            poll = self._poll(job)
+            with self._lock:
+                self.polls.append(poll)
+            self._stop.wait(max(0.0, self.interval - (poll.t1 - poll.t0)))
+
+    def sample(self) -> None:  # the per-job loops poll
+        raise NotImplementedError
+
+    def snapshot(self) -> list[Poll]:
+        with self._lock:
+            return list(self.polls)

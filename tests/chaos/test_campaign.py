@@ -20,6 +20,10 @@ from campaign import Campaign, restore_site
 SEEDS = (2, 154)
 FAULTS = 6
 MINUTES = 2.5  # a cap: the campaign stops at FAULTS or when the minutes are up
+# The nemesis holds a fault 3-10 s; docs/alerts.yml's `for:` are 30 s to 2 min. Here the
+# Prometheus server loads a copy with every `for:` cut to 1 s (two evaluations in a row),
+# so the rules fire on these short faults; `make chaos` loads the file as it is.
+ALERT_FOR_S = 1.0
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +36,7 @@ def leave_lab_as_found() -> Iterator[None]:
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_short_campaign(seed: int, leave_lab_as_found: None) -> None:
-    campaign = Campaign(seed, MINUTES, max_faults=FAULTS)
+    campaign = Campaign(seed, MINUTES, max_faults=FAULTS, alert_for_s=ALERT_FOR_S)
     summary = campaign.run()
     print(json.dumps(summary, indent=2))
     campaign.check()
