@@ -23,7 +23,7 @@ import trio
 from ha_runtime.config import ClusterConfig, ModuleConfig
 from ha_runtime.generation import Generation, GenerationStore, Relation, atomic_write, compare
 from ha_runtime.metrics import LatencyHistogram
-from ha_runtime.replication import beneath, fusefs, quarantine, resync, transport
+from ha_runtime.replication import beneath, fusefs, quarantine, resync, transport, tree
 from ha_runtime.replication import delta as D
 from ha_runtime.replication.applier import Applier
 from ha_runtime.replication.dirtylog import (
@@ -666,9 +666,9 @@ class ReplicationService:
         # journal position, the primary its own a little later, so a file written meanwhile
         # may differ without being different.
         theirs_reply, _ = await link.request({"op": "digest"})
-        ours = await trio.to_thread.run_sync(resync.tree_digests, self.backing)
+        ours = await trio.to_thread.run_sync(tree.tree_digests, self.backing)
         theirs = theirs_reply.get("digests", {})
-        diffs = resync.compare(ours, theirs)
+        diffs = tree.compare(ours, theirs)
         if not diffs:
             return VerifyReport(True, len(ours), [])
         # Final comparison of those paths only, at one journal position: mutating operations
@@ -679,11 +679,11 @@ class ReplicationService:
             seq = link.submit(Record(0, Op.FSYNC, b""))
             await link.wait_acked(seq)
             theirs_reply, _ = await link.request({"op": "digest", "paths": paths})
-            mine = await trio.to_thread.run_sync(resync.digests_of, self.backing, paths)
+            mine = await trio.to_thread.run_sync(tree.digests_of, self.backing, paths)
         finally:
             paused, self._paused = self._paused, None
             paused.set()
-        diffs = resync.compare(mine, theirs_reply.get("digests", {}))
+        diffs = tree.compare(mine, theirs_reply.get("digests", {}))
         return VerifyReport(not diffs, len(ours), diffs)
 
     # -- secondary
@@ -779,16 +779,16 @@ class ReplicationService:
         if op == "list":
             raw = obj.get("paths")
             scope = None if raw is None else set(_rel_paths(raw))
-            tree = await trio.to_thread.run_sync(resync.list_tree, self.backing, scope)
-            return {"tree": tree}, b""
+            listing = await trio.to_thread.run_sync(tree.list_tree, self.backing, scope)
+            return {"tree": listing}, b""
         if op == "digest":
             raw = obj.get("paths")
             if raw is None:
                 return {
-                    "digests": await trio.to_thread.run_sync(resync.tree_digests, self.backing)
+                    "digests": await trio.to_thread.run_sync(tree.tree_digests, self.backing)
                 }, b""
             wanted = [os.fsdecode(p) for p in _rel_paths(raw)]
-            digests = await trio.to_thread.run_sync(resync.digests_of, self.backing, wanted)
+            digests = await trio.to_thread.run_sync(tree.digests_of, self.backing, wanted)
             return {"digests": digests}, b""
         if op == "sig":
             rels = _rel_paths([obj.get("path")])

@@ -15,7 +15,7 @@ import trio
 
 from ha_runtime.replication import delta as D
 from ha_runtime.replication import journal as J
-from ha_runtime.replication import resync
+from ha_runtime.replication import resync, tree
 from ha_runtime.replication import transport as T
 from ha_runtime.replication.applier import Applier
 from ha_runtime.replication.dirtylog import DirtyState
@@ -76,7 +76,7 @@ def test_a_large_full_resync_completes_in_one_attempt(tmp_path: Path) -> None:
     async def control(obj: dict[str, object], body: bytes) -> tuple[dict[str, object], bytes]:
         await trio.to_thread.run_sync(applier.barrier)
         if obj.get("op") == "list":
-            return {"tree": await trio.to_thread.run_sync(resync.list_tree, peer)}, b""
+            return {"tree": await trio.to_thread.run_sync(tree.list_tree, peer)}, b""
         if obj.get("op") == "sig":
             p = os.fsencode(peer / str(obj["path"]))
             return {}, (await trio.to_thread.run_sync(D.signature_file, p)).encode()

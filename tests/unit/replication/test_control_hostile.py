@@ -34,7 +34,7 @@ from ha_runtime.config import (
     ScriptsSpec,
     TlsSpec,
 )
-from ha_runtime.replication import beneath, resync
+from ha_runtime.replication import beneath, resync, tree
 from ha_runtime.replication import delta as D
 from ha_runtime.replication.applier import Applier
 from ha_runtime.replication.journal import DELTA_MORE, Op, Record
@@ -259,7 +259,7 @@ def test_temp_file_never_replaces_an_application_file(tmp_path: Path, tmpfile: b
     applier.apply(Record(2, Op.DELTA, b"f", flags=DELTA_MORE, data=d.encode()))
     assert (root / ".hapair-tmp.f").read_bytes() == b"the application's own file"
     # A delta left half-way (the primary went away) leaves nothing in the tree.
-    assert sorted(resync.list_tree(root)) == [".hapair-tmp.f", "f"]
+    assert sorted(tree.list_tree(root)) == [".hapair-tmp.f", "f"]
     assert sorted(os.listdir(root)) == [".hapair-tmp.f", "f"]
     applier.apply(Record(3, Op.DELTA, b"f", data=d.encode()))
     applier.barrier()

@@ -22,8 +22,8 @@ from ha_runtime.config import (
     TlsSpec,
 )
 from ha_runtime.replication import delta as D
-from ha_runtime.replication import resync
 from ha_runtime.replication import transport as T
+from ha_runtime.replication import tree
 from ha_runtime.replication.applier import Applier
 from ha_runtime.replication.dirtylog import ActivityLog, DirtyLog
 from ha_runtime.replication.journal import Op, Record, derive_key
@@ -213,7 +213,7 @@ def test_an_unexpected_error_in_a_session_is_a_link_failure_not_an_exit(
             lists += 1
             if lists == 1:
                 return {"tree": {"x": "not a [mode, size, mtime]"}}, b""
-            return {"tree": resync.list_tree(second)}, b""
+            return {"tree": tree.list_tree(second)}, b""
         if obj.get("op") == "sig":
             return {}, D.signature_file(os.fsencode(second / str(obj["path"]))).encode()
         return {}, b""

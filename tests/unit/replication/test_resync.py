@@ -13,7 +13,7 @@ import pytest
 import trio
 
 from ha_runtime.replication import delta as D
-from ha_runtime.replication import resync
+from ha_runtime.replication import resync, tree
 from ha_runtime.replication.applier import Applier
 from ha_runtime.replication.dirtylog import (
     AL_EXTENT,
@@ -62,7 +62,7 @@ class ApplyingLink:
         if obj["op"] == "list":
             paths = obj.get("paths")
             scope = None if paths is None else {os.fsencode(p) for p in paths}
-            return {"tree": resync.list_tree(root, scope)}, b""
+            return {"tree": tree.list_tree(root, scope)}, b""
         assert obj["op"] == "sig"
         return {}, D.signature_file(os.fsencode(root / obj["path"])).encode()
 
