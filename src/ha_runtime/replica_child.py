@@ -143,11 +143,11 @@ class _Out:
 async def run_child(  # noqa: PLR0915 - one place for the whole child protocol
     role: str, cluster: ClusterConfig, module: ModuleConfig, index: int
 ) -> int:
+    from ha_runtime.replication.link.framing import LinkLost  # noqa: PLC0415
     from ha_runtime.replication.service import (  # noqa: PLC0415
         Event,
         ReplicationService,
     )
-    from ha_runtime.replication.transport import LinkLost  # noqa: PLC0415
 
     out = _Out()
 

@@ -44,7 +44,8 @@ from ha_runtime.replication.journal import (
     Op,
     Record,
 )
-from ha_runtime.replication.transport import LinkLost, PrimaryLink
+from ha_runtime.replication.link.framing import LinkLost
+from ha_runtime.replication.link.primary import PrimaryLink
 from ha_runtime.replication.tree import list_tree
 
 log = logging.getLogger("hapair.replication")

@@ -23,7 +23,7 @@ import trio
 from ha_runtime.config import ClusterConfig, ModuleConfig
 from ha_runtime.generation import Generation, GenerationStore, Relation, atomic_write, compare
 from ha_runtime.metrics import LatencyHistogram
-from ha_runtime.replication import beneath, fusefs, quarantine, resync, transport, tree
+from ha_runtime.replication import beneath, fusefs, quarantine, resync, tree
 from ha_runtime.replication import delta as D
 from ha_runtime.replication.applier import Applier
 from ha_runtime.replication.dirtylog import (
@@ -37,7 +37,10 @@ from ha_runtime.replication.dirtylog import (
     plan_to_wire,
 )
 from ha_runtime.replication.journal import Op, Record, derive_key, valid_path
-from ha_runtime.replication.transport import LinkLost, PrimaryLink, TlsFiles
+from ha_runtime.replication.link.framing import Conn, LinkLost
+from ha_runtime.replication.link.primary import PrimaryLink, backoff
+from ha_runtime.replication.link.secondary import SecondarySession
+from ha_runtime.replication.link.tls import TlsFiles, client_context, connect, serve, server_context
 
 log = logging.getLogger("hapair.replication")
 
@@ -435,7 +438,7 @@ class ReplicationService:
         return [(spec.addresses[n], self.settings.port) for n in nets]
 
     async def _connect_loop(self) -> None:
-        ctx = transport.client_context(self.tls)
+        ctx = client_context(self.tls)
         attempt = 0
         refused: list[str] = []
 
@@ -447,7 +450,7 @@ class ReplicationService:
             refused.clear()
             t0 = trio.current_time()
             try:
-                conn = await transport.connect(
+                conn = await connect(
                     addresses=self._addresses(), peer=self.peer, ctx=ctx, key=self.key,
                     timeout=self.settings.timeout_s, on_refused=on_refused,
                 )  # fmt: skip
@@ -459,7 +462,7 @@ class ReplicationService:
                     # backoff made the peer wait up to 2 s more). A TLS refusal backs off.
                     await trio.sleep(QUICK_REFUSAL_S)
                 else:
-                    await trio.sleep(transport.backoff(attempt))
+                    await trio.sleep(backoff(attempt))
                     attempt += 1
                 continue
             t_session = trio.current_time()
@@ -471,7 +474,7 @@ class ReplicationService:
                 n.start_soon(link.run)
                 try:
                     await self._session(link)
-                    await link._lost.wait()
+                    await link.wait_lost()
                 except LinkLost:
                     pass
                 except trio.TooSlowError:
@@ -492,7 +495,7 @@ class ReplicationService:
             # resync reaches sync, the next write fails) must not be reconnected to in a
             # tight loop: back off until a session lasts.
             attempt = 0 if lasted >= STABLE_SESSION_S else attempt + 1
-            await trio.sleep(transport.backoff(attempt))
+            await trio.sleep(backoff(attempt))
 
     def _count_refused_incremental(self, link: PrimaryLink) -> None:
         """After a session: an incremental resync the secondary refused (it sent an error:
@@ -693,14 +696,14 @@ class ReplicationService:
         self._status.role = "secondary"
         self.backing.mkdir(parents=True, exist_ok=True)
         applier = Applier(self.backing)
-        ctx = transport.server_context(self.tls)
+        ctx = server_context(self.tls)
         addrs = sorted(set(self.cluster.this_node.addresses.values()))
 
         async def barrier() -> int:
             await trio.to_thread.run_sync(applier.barrier)
             return applier.durable_seq
 
-        async def handler(conn: transport.Conn) -> None:
+        async def handler(conn: Conn) -> None:
             async def control(obj: dict[str, Any], body: bytes) -> tuple[dict[str, Any], bytes]:
                 reply = await self._control(applier, obj)
                 if (
@@ -710,14 +713,14 @@ class ReplicationService:
                 ):
                     # The primary offers frames without a tag (TLS authenticates them): read
                     # them from now on, before the answer leaves that lets it send them.
-                    conn.decoder.untagged = True
+                    conn.accept_untagged()
                     reply[0]["untagged"] = True
                 return reply
 
             self._status.link = "connected"
             self._status.state = "resyncing"
             try:
-                await transport.SecondarySession(
+                await SecondarySession(
                     conn, applier.apply, barrier, control,
                     durable=self.settings.ack == "durable",
                     on_rejected=self._rejected,
@@ -730,7 +733,7 @@ class ReplicationService:
         try:
             async with trio.open_nursery() as n:
                 await n.start(
-                    lambda task_status: transport.serve(
+                    lambda task_status: serve(
                         addresses=addrs, port=self.settings.port, peer=self.peer, ctx=ctx,
                         key=self.key, handler=handler, task_status=task_status,
                         on_refused=lambda m: self._emit("link_refused", reason=m),

@@ -18,7 +18,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ha_runtime.replication import journal as J
-from ha_runtime.replication import transport as T
+from ha_runtime.replication.link.framing import Conn
+from ha_runtime.replication.link.primary import PrimaryLink
+from ha_runtime.replication.link.secondary import SecondarySession
 
 KEY = J.derive_key(b"t" * 48)
 SETTINGS = settings(max_examples=50, deadline=None)
@@ -98,9 +100,10 @@ def _run_secondary(stream_bytes: bytes, untagged: bool = False) -> tuple[list[J.
 
     async def main() -> None:
         peer, ours = trio.testing.memory_stream_pair()
-        conn = T.Conn(ours, KEY, "node1")
-        conn.decoder.untagged = untagged
-        session = T.SecondarySession(
+        conn = Conn(ours, KEY, "node1")
+        if untagged:
+            conn.accept_untagged()
+        session = SecondarySession(
             conn, applied.append, barrier, control, on_rejected=rejected.append
         )
         with trio.fail_after(5):  # no hang: the session ends by itself on bad input
@@ -168,10 +171,10 @@ def test_secondary_clean_end_of_stream_is_not_a_rejection() -> None:
     assert applied == good and rejected == []
 
 
-async def _primary_against(reply: bytes) -> T.PrimaryLink:
+async def _primary_against(reply: bytes) -> PrimaryLink:
     peer, ours = trio.testing.memory_stream_pair()
     seen: list[str] = []
-    link = T.PrimaryLink(T.Conn(ours, KEY, "node2"), timeout=2, on_rejected=seen.append)
+    link = PrimaryLink(Conn(ours, KEY, "node2"), timeout=2, on_rejected=seen.append)
     with trio.fail_after(5):
         async with trio.open_nursery() as n:
             n.start_soon(link.run)
@@ -220,8 +223,8 @@ def test_a_peer_stuck_half_way_through_a_frame_is_dropped_when_idle() -> None:
 
     async def main() -> None:
         peer, ours = trio.testing.memory_stream_pair()
-        session = T.SecondarySession(
-            T.Conn(ours, KEY, "node1"), applied.append, barrier, control,
+        session = SecondarySession(
+            Conn(ours, KEY, "node1"), applied.append, barrier, control,
             checkpoint_s=0.05, idle_timeout_s=0.3, on_rejected=rejected.append,
         )  # fmt: skip
         with trio.fail_after(5):
@@ -231,7 +234,7 @@ def test_a_peer_stuck_half_way_through_a_frame_is_dropped_when_idle() -> None:
                 await session_done(session)
         await peer.aclose()
 
-    async def session_done(session: T.SecondarySession) -> None:
+    async def session_done(session: SecondarySession) -> None:
         while not rejected:
             await trio.sleep(0.05)
 

@@ -25,7 +25,8 @@ from ha_runtime.replication.dirtylog import (
     plan_to_wire,
 )
 from ha_runtime.replication.journal import DELTA_IN_PLACE, Op, Record, valid_path
-from ha_runtime.replication.transport import LinkLost, LinkStats, PrimaryLink
+from ha_runtime.replication.link.framing import LinkLost
+from ha_runtime.replication.link.primary import LinkStats, PrimaryLink
 
 
 class ApplyingLink:

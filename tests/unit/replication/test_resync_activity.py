@@ -26,7 +26,7 @@ from ha_runtime.replication import resync
 from ha_runtime.replication.applier import Applier
 from ha_runtime.replication.dirtylog import DirtyLog
 from ha_runtime.replication.journal import Op, Record
-from ha_runtime.replication.transport import LinkLost
+from ha_runtime.replication.link.framing import LinkLost
 
 _spec = importlib.util.spec_from_file_location(
     "resync_tests", Path(__file__).parent / "test_resync.py"
