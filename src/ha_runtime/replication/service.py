@@ -25,17 +25,17 @@ from ha_runtime.generation import Generation, GenerationStore, Relation, atomic_
 from ha_runtime.metrics import LatencyHistogram
 from ha_runtime.replication import beneath, fusefs, quarantine, resync, tree
 from ha_runtime.replication import delta as D
-from ha_runtime.replication.applier import Applier
-from ha_runtime.replication.dirtylog import (
+from ha_runtime.replication.activitylog import (
     AL_EXTENTS,
     AL_IDLE_S,
     ActivityLog,
-    DirtyLog,
     load_activity,
     merge_peer,
     plan_from_wire,
     plan_to_wire,
 )
+from ha_runtime.replication.applier import Applier
+from ha_runtime.replication.dirtylog import DirtyLog
 from ha_runtime.replication.journal import Op, Record, derive_key, valid_path
 from ha_runtime.replication.link.framing import Conn, LinkLost
 from ha_runtime.replication.link.primary import PrimaryLink, backoff

@@ -14,7 +14,7 @@ import trio
 from fusepair import configs, free_port, in_step, write_sync
 
 from ha_runtime.generation import Generation, GenerationStore, GenRecord
-from ha_runtime.replication.dirtylog import AL_EXTENT, ActivityLog
+from ha_runtime.replication.activitylog import AL_EXTENT, ActivityLog
 from ha_runtime.replication.journal import Op, Record
 from ha_runtime.replication.service import Event, ReplicationService, ReplicationSettings
 

@@ -23,8 +23,9 @@ from ha_runtime.config import (
 )
 from ha_runtime.replication import delta as D
 from ha_runtime.replication import tree
+from ha_runtime.replication.activitylog import ActivityLog
 from ha_runtime.replication.applier import Applier
-from ha_runtime.replication.dirtylog import ActivityLog, DirtyLog
+from ha_runtime.replication.dirtylog import DirtyLog
 from ha_runtime.replication.journal import Op, Record, derive_key
 from ha_runtime.replication.link.framing import Conn
 from ha_runtime.replication.link.primary import PrimaryLink

@@ -14,16 +14,16 @@ import trio
 
 from ha_runtime.replication import delta as D
 from ha_runtime.replication import resync, tree
-from ha_runtime.replication.applier import Applier
-from ha_runtime.replication.dirtylog import (
+from ha_runtime.replication.activitylog import (
     AL_EXTENT,
     ActivityLog,
-    DirtyLog,
     load_activity,
     merge_peer,
     plan_from_wire,
     plan_to_wire,
 )
+from ha_runtime.replication.applier import Applier
+from ha_runtime.replication.dirtylog import DirtyLog
 from ha_runtime.replication.journal import DELTA_IN_PLACE, Op, Record, valid_path
 from ha_runtime.replication.link.framing import LinkLost
 from ha_runtime.replication.link.primary import LinkStats, PrimaryLink
