@@ -41,6 +41,7 @@ from ha_runtime.replication.link.framing import Conn, LinkLost
 from ha_runtime.replication.link.primary import PrimaryLink, backoff
 from ha_runtime.replication.link.secondary import SecondarySession
 from ha_runtime.replication.link.tls import TlsFiles, client_context, connect, serve, server_context
+from ha_runtime.replication.resync.progress import Progress, hold
 
 log = logging.getLogger("hapair.replication")
 
@@ -145,7 +146,7 @@ class ReplicationService:
         self._al: ActivityLog | None = None
         self._link: PrimaryLink | None = None
         self._noted: set[int] = set()
-        self._progress: resync.Progress | None = None
+        self._progress: Progress | None = None
         self._resync_request: tuple[bool, bool] | None = None
         self._kick = trio.Event()
         self._drained: int | None = None  # seq of the drain barrier the peer acked
@@ -270,7 +271,7 @@ class ReplicationService:
             and self._status.state in ("sync", "resyncing")
         ):
             progress = self._progress if self._status.state == "resyncing" else None
-            if progress is not None and resync.hold(progress, rec):
+            if progress is not None and hold(progress, rec):
                 return  # in the dirty log; the resync reconciles its path later
             link.submit(rec)
             self._written += len(rec.data)
@@ -537,7 +538,7 @@ class ReplicationService:
         full, quarantine = self._resync_request or (False, False)
         self._resync_request = None
         # From here on, what the application changes while the resync works is gathered
-        # too (resync.settle reconciles it): the snapshot and the watch start together.
+        # too (settle reconciles it): the snapshot and the watch start together.
         state = self._dirty.snapshot(watch=True)
         why = self._resync_kind(hello)
         if why is not None:
@@ -558,7 +559,7 @@ class ReplicationService:
             }
         self._link = link
         self._status.state = "resyncing"  # live writes: noted dirty and shipped
-        self._progress = resync.Progress()
+        self._progress = Progress()
         self._emit("resync_started", full=full, **detail)
         if full:
             # The log now says "full needed" until the end; live writes are noted too.
@@ -656,7 +657,7 @@ class ReplicationService:
         self._drained = seq
         return True
 
-    def _on_progress(self, p: resync.Progress) -> None:
+    def _on_progress(self, p: Progress) -> None:
         self._emit("resync_progress", **p.as_dict())
 
     async def verify(self) -> VerifyReport:

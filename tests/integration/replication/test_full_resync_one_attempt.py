@@ -23,6 +23,7 @@ from ha_runtime.replication.link.framing import Conn
 from ha_runtime.replication.link.primary import PrimaryLink
 from ha_runtime.replication.link.secondary import SecondarySession
 from ha_runtime.replication.link.tls import TlsFiles, client_context, connect, serve, server_context
+from ha_runtime.replication.resync.progress import Progress
 
 KEY = derive_key(b"k" * 48)
 MIB = 1 << 20
@@ -108,7 +109,7 @@ def test_a_large_full_resync_completes_in_one_attempt(tmp_path: Path) -> None:
             link = PrimaryLink(conn, timeout=1.0)
             n.start_soon(link.run)
             with trio.fail_after(300):
-                await resync.run(link, prim, DirtyState(), resync.Progress(), full=True,
+                await resync.run(link, prim, DirtyState(), Progress(), full=True,
                                  changes=DirtyState)  # fmt: skip
                 seq = link.submit(J.Record(0, J.Op.FSYNC, b""))
                 await link.wait_acked(seq, timeout=60)

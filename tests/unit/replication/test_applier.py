@@ -219,7 +219,7 @@ def test_barrier_of_many_files_syncs_the_file_system_once(
         calls["fsync"] += 1
         real_fsync(fd)
 
-    monkeypatch.setattr(A, "_libc", Libc())
+    monkeypatch.setattr(A, "libc", Libc())
     monkeypatch.setattr(A.os, "fsync", fsync)
     a = Applier(tmp_path / "b", max_open=4)  # most files retired to the pending list
     seq = 0

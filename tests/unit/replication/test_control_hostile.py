@@ -34,10 +34,12 @@ from ha_runtime.config import (
     ScriptsSpec,
     TlsSpec,
 )
-from ha_runtime.replication import beneath, resync, tree
+from ha_runtime.replication import beneath, tree
 from ha_runtime.replication import delta as D
 from ha_runtime.replication.applier import Applier
 from ha_runtime.replication.journal import DELTA_MORE, Op, Record
+from ha_runtime.replication.resync.progress import Progress
+from ha_runtime.replication.resync.send import read_small, send_ranges
 from ha_runtime.replication.service import ReplicationService, ReplicationSettings
 
 SECRET = b"SECRET-outside-the-replica-4f1d"
@@ -233,12 +235,12 @@ def test_the_primary_s_resync_readers_never_wait_on_a_fifo(tmp_path: Path) -> No
     fifo = tmp_path / "f"
     os.mkfifo(fifo)
     blocked = []
-    if not _returns_within(5, lambda: resync._read(os.fsencode(fifo)), fifo):
+    if not _returns_within(5, lambda: read_small(os.fsencode(fifo)), fifo):
         blocked.append("_read")
 
     async def send() -> None:
         # (no link: a FIFO has nothing to send, nothing may be queued)
-        await resync._send_ranges(None, tmp_path, b"f", [(0, 100)], resync.Progress())  # type: ignore[arg-type]
+        await send_ranges(None, tmp_path, b"f", [(0, 100)], Progress())  # type: ignore[arg-type]
 
     if not _returns_within(5, lambda: trio.run(send), fifo):
         blocked.append("_send_ranges")
