@@ -48,7 +48,7 @@ STATUS_PERIOD_S = 0.5
 
 
 def settings_for(module: ModuleConfig, dir_index: int) -> Any:
-    from ha_runtime.replication.service import ReplicationSettings  # noqa: PLC0415
+    from ha_runtime.replication.context import ReplicationSettings  # noqa: PLC0415
 
     r = module.replication
     return ReplicationSettings(
@@ -143,11 +143,9 @@ class _Out:
 async def run_child(  # noqa: PLR0915 - one place for the whole child protocol
     role: str, cluster: ClusterConfig, module: ModuleConfig, index: int
 ) -> int:
+    from ha_runtime.replication.context import Event  # noqa: PLC0415
     from ha_runtime.replication.link.framing import LinkLost  # noqa: PLC0415
-    from ha_runtime.replication.service import (  # noqa: PLC0415
-        Event,
-        ReplicationService,
-    )
+    from ha_runtime.replication.service import ReplicationService  # noqa: PLC0415
 
     out = _Out()
 

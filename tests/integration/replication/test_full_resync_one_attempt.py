@@ -16,7 +16,6 @@ import trio
 from ha_runtime.replication import delta as D
 from ha_runtime.replication import journal as J
 from ha_runtime.replication import resync, tree
-from ha_runtime.replication.applier import Applier
 from ha_runtime.replication.dirtylog import DirtyState
 from ha_runtime.replication.journal import derive_key
 from ha_runtime.replication.link.framing import Conn
@@ -24,6 +23,7 @@ from ha_runtime.replication.link.primary import PrimaryLink
 from ha_runtime.replication.link.secondary import SecondarySession
 from ha_runtime.replication.link.tls import TlsFiles, client_context, connect, serve, server_context
 from ha_runtime.replication.resync.progress import Progress
+from ha_runtime.replication.secondary.applier import Applier
 
 KEY = derive_key(b"k" * 48)
 MIB = 1 << 20

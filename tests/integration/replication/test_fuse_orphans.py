@@ -17,7 +17,8 @@ import trio
 from fusepair import configs, free_port, in_step
 
 from ha_runtime.generation import Generation, GenerationStore, GenRecord
-from ha_runtime.replication.service import ReplicationService, ReplicationSettings
+from ha_runtime.replication.context import ReplicationSettings
+from ha_runtime.replication.service import ReplicationService
 
 pytestmark = [
     pytest.mark.fuse,

@@ -13,7 +13,8 @@ import trio
 from fusepair import FUSE_ROOT, configs, free_port, in_step, write_sync
 
 from ha_runtime.generation import Generation, GenerationStore, GenRecord
-from ha_runtime.replication.service import Event, ReplicationService, ReplicationSettings
+from ha_runtime.replication.context import Event, ReplicationSettings
+from ha_runtime.replication.service import ReplicationService
 
 pytestmark = FUSE_ROOT
 
@@ -59,7 +60,7 @@ def test_mount_replicate_lose_peer_resync(tmp_path: Path) -> None:  # noqa: PLR0
             await until(lambda: prim.status().state == "sync" and in_step(prim))
             assert (b2 / "old.bin").read_bytes() == (b1 / "old.bin").read_bytes()
             # Both ends of this version: the primary's frames travel untagged (version 3).
-            assert prim._link is not None and prim._link.untagged
+            assert prim.primary.link is not None and prim.primary.link.untagged
 
             # fsync semantics: when fsync returns, the secondary has the bytes durably
             await io(write_sync, app / "db", b"A" * 10_000)
@@ -114,7 +115,7 @@ def test_a_secondary_that_does_not_read_untagged_frames_gets_tagged_ones(
     st = ReplicationSettings(port=free_port(), timeout_s=1.0, networks=("lan",), site_key=b"k" * 48)
     prim = ReplicationService(module, c1, st)
     sec = ReplicationService(module, c2, st)
-    original = sec._control
+    original = sec.secondary.control
 
     async def older(applier: Any, obj: dict[str, Any]) -> Any:
         obj.pop("untagged", None)
@@ -130,7 +131,7 @@ def test_a_secondary_that_does_not_read_untagged_frames_gets_tagged_ones(
             with trio.fail_after(15):
                 while not (prim.status().state == "sync" and in_step(prim)):
                     await trio.sleep(0.05)
-            assert prim._link is not None and not prim._link.untagged
+            assert prim.primary.link is not None and not prim.primary.link.untagged
             data = os.urandom(3 << 20)
             await trio.to_thread.run_sync(write_sync, tmp_path / "app" / "f", data)
             assert (b2 / "f").read_bytes() == data

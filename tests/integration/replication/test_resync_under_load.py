@@ -20,7 +20,8 @@ import trio
 from fusepair import configs, free_port, in_step, write_sync
 
 from ha_runtime.generation import Generation, GenerationStore, GenRecord
-from ha_runtime.replication.service import Event, ReplicationService, ReplicationSettings
+from ha_runtime.replication.context import Event, ReplicationSettings
+from ha_runtime.replication.service import ReplicationService
 
 pytestmark = [
     pytest.mark.fuse,

@@ -24,7 +24,8 @@ import trio
 from fusepair import configs, free_port, in_step, write_sync
 
 from ha_runtime.generation import Generation, GenerationStore, GenRecord
-from ha_runtime.replication.service import Event, ReplicationService, ReplicationSettings
+from ha_runtime.replication.context import Event, ReplicationSettings
+from ha_runtime.replication.service import ReplicationService
 
 pytestmark = [
     pytest.mark.fuse,
@@ -95,8 +96,8 @@ def test_a_returning_node_costs_the_changed_bytes_only(tmp_path: Path) -> None: 
             await n.start(ReplicationService(module, c1, st).run_secondary)
             await until(lambda: synced(p2))
             GenerationStore(c1.state_dir, module.name).save(GenRecord(g2))
-            assert p2._link is not None
-            figures["crash_in_sync"] = p2._link.conn.bytes_sent
+            assert p2.primary.link is not None
+            figures["crash_in_sync"] = p2.primary.link.conn.bytes_sent
             rep = await p2.verify()
             assert rep.equal, rep.differences
             # a clean stop: node2 drains, so node1 takes over knowing the copies identical
@@ -114,8 +115,8 @@ def test_a_returning_node_costs_the_changed_bytes_only(tmp_path: Path) -> None: 
             await n.start(ReplicationService(module, c2, st).run_secondary)
             await until(lambda: synced(p1b))
             GenerationStore(c2.state_dir, module.name).save(GenRecord(g3))
-            assert p1b._link is not None
-            figures["clean_stop"] = p1b._link.conn.bytes_sent
+            assert p1b.primary.link is not None
+            figures["clean_stop"] = p1b.primary.link.conn.bytes_sent
             rep = await p1b.verify()
             assert rep.equal, rep.differences
             # node1 rewrites 32 MiB of the file in place (hot extents, no new name: none
@@ -138,8 +139,8 @@ def test_a_returning_node_costs_the_changed_bytes_only(tmp_path: Path) -> None: 
 
             await n.start(run_sec)
             await until(lambda: synced(p2b))
-            assert p2b._link is not None
-            figures["crash_in_sync_rewrite"] = p2b._link.conn.bytes_sent
+            assert p2b.primary.link is not None
+            figures["crash_in_sync_rewrite"] = p2b.primary.link.conn.bytes_sent
             rep = await p2b.verify()
             assert rep.equal, rep.differences
             # the peer goes; node2, ALONE (a new generation), rewrites 16 MiB, then crashes
@@ -160,8 +161,8 @@ def test_a_returning_node_costs_the_changed_bytes_only(tmp_path: Path) -> None: 
             await io(_change, app / "big", 7, (2, 6, 10, 14))
             await n.start(ReplicationService(module, c2, st).run_secondary)
             await until(lambda: synced(p1c), 120)
-            assert p1c._link is not None
-            figures["crash_while_alone"] = p1c._link.conn.bytes_sent
+            assert p1c.primary.link is not None
+            figures["crash_while_alone"] = p1c.primary.link.conn.bytes_sent
             rep = await p1c.verify()
             assert rep.equal, rep.differences
             n.cancel_scope.cancel()

@@ -17,7 +17,8 @@ import pytest
 import trio
 from fusepair import configs, free_port, write_sync
 
-from ha_runtime.replication.service import ReplicationService, ReplicationSettings
+from ha_runtime.replication.context import ReplicationSettings
+from ha_runtime.replication.service import ReplicationService
 
 pytestmark = [
     pytest.mark.fuse,

@@ -24,14 +24,15 @@ from ha_runtime.config import (
 from ha_runtime.replication import delta as D
 from ha_runtime.replication import tree
 from ha_runtime.replication.activitylog import ActivityLog
-from ha_runtime.replication.applier import Applier
+from ha_runtime.replication.context import ReplicationSettings
 from ha_runtime.replication.dirtylog import DirtyLog
 from ha_runtime.replication.journal import Op, Record, derive_key
 from ha_runtime.replication.link.framing import Conn
 from ha_runtime.replication.link.primary import PrimaryLink
 from ha_runtime.replication.link.secondary import SecondarySession
 from ha_runtime.replication.link.tls import TlsFiles, client_context, connect, serve, server_context
-from ha_runtime.replication.service import ReplicationService, ReplicationSettings
+from ha_runtime.replication.secondary.applier import Applier
+from ha_runtime.replication.service import ReplicationService
 
 SITE_KEY = b"k" * 48
 KEY = derive_key(SITE_KEY)
@@ -95,17 +96,17 @@ async def _in_sync(
         )  # fmt: skip
         link = PrimaryLink(conn, timeout=3)
         n.start_soon(link.run)
-        svc._dirty = DirtyLog(svc.dirty_path)
-        svc._dirty.open()
-        svc._al = ActivityLog(svc.al_path)
-        svc._al.open()
-        svc._link = link
-        svc._status.state = "sync"
+        svc.primary.dirty = DirtyLog(svc.layout.dirty)
+        svc.primary.dirty.open()
+        svc.primary.activity = ActivityLog(svc.layout.activity)
+        svc.primary.activity.open()
+        svc.primary.link = link
+        svc.context.status.state = "sync"
         try:
             yield svc, link
         finally:
-            svc._dirty.close()
-            svc._al.close()
+            svc.primary.dirty.close()
+            svc.primary.activity.close()
             applier.close()
             n.cancel_scope.cancel()
 
@@ -145,13 +146,13 @@ def test_a_write_after_the_link_was_lost_in_sync_is_recorded_before_it_is_perfor
         async with _in_sync(tmp_path, site) as (svc, link):
             link.fail("connection reset")
             rec = Record(0, Op.WRITE, b"f", offset=0, data=b"x" * 4096)
-            await svc.before(rec)
-            assert svc._dirty is not None
-            assert b"f" in _on_disk(svc.dirty_path), "performed with no record of it"
-            assert _durable(svc._dirty)
+            await svc.primary.before(rec)
+            assert svc.primary.dirty is not None
+            assert b"f" in _on_disk(svc.layout.dirty), "performed with no record of it"
+            assert _durable(svc.primary.dirty)
             _write(svc, rec)
-            svc.after(rec)
-            assert _durable(svc._dirty)
+            svc.primary.after(rec)
+            assert _durable(svc.primary.dirty)
 
     trio.run(main)
 
@@ -166,13 +167,13 @@ def test_a_write_whose_link_is_lost_before_it_is_shipped_is_durable_in_the_dirty
     async def main() -> None:
         async with _in_sync(tmp_path, site) as (svc, link):
             rec = Record(0, Op.WRITE, b"g", offset=0, data=b"y" * 4096)
-            await svc.before(rec)
+            await svc.primary.before(rec)
             link.fail("no acknowledgement within 3 s")
             _write(svc, rec)
-            svc.after(rec)
-            assert svc._dirty is not None
-            assert b"g" in _on_disk(svc.dirty_path)
-            assert _durable(svc._dirty), "after() returned with the record not fsync'd"
+            svc.primary.after(rec)
+            assert svc.primary.dirty is not None
+            assert b"g" in _on_disk(svc.layout.dirty)
+            assert _durable(svc.primary.dirty), "after() returned with the record not fsync'd"
 
     trio.run(main)
 
@@ -184,12 +185,12 @@ def test_a_namespace_change_after_the_link_was_lost_is_recorded(
         async with _in_sync(tmp_path, site) as (svc, link):
             link.fail("connection reset")
             rec = Record(0, Op.MKDIR, b"d", mode=0o40755)
-            await svc.before(rec)
+            await svc.primary.before(rec)
             os.mkdir(svc.backing / "d")
-            svc.after(rec)
-            assert svc._dirty is not None
-            assert b"d" in _on_disk(svc.dirty_path)
-            assert _durable(svc._dirty)
+            svc.primary.after(rec)
+            assert svc.primary.dirty is not None
+            assert b"d" in _on_disk(svc.layout.dirty)
+            assert _durable(svc.primary.dirty)
 
     trio.run(main)
 
@@ -237,17 +238,17 @@ def test_an_unexpected_error_in_a_session_is_a_link_failure_not_an_exit(
                     task_status=task_status,
                 )
             )  # fmt: skip
-            svc._dirty = DirtyLog(svc.dirty_path)
-            svc._dirty.open()
-            svc._al = ActivityLog(svc.al_path)
-            svc._al.open()
-            n.start_soon(svc._connect_loop)
+            svc.primary.dirty = DirtyLog(svc.layout.dirty)
+            svc.primary.dirty.open()
+            svc.primary.activity = ActivityLog(svc.layout.activity)
+            svc.primary.activity.open()
+            n.start_soon(svc.primary.connect_loop)
             with trio.fail_after(20):
                 while svc.status().state != "sync":
                     await trio.sleep(0.05)
             n.cancel_scope.cancel()
-        svc._dirty.close()
-        svc._al.close()
+        svc.primary.dirty.close()
+        svc.primary.activity.close()
 
     trio.run(main)
     applier.close()

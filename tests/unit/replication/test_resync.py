@@ -22,7 +22,6 @@ from ha_runtime.replication.activitylog import (
     plan_from_wire,
     plan_to_wire,
 )
-from ha_runtime.replication.applier import Applier
 from ha_runtime.replication.dirtylog import DirtyLog
 from ha_runtime.replication.journal import DELTA_IN_PLACE, Op, Record, valid_path
 from ha_runtime.replication.link.framing import LinkLost
@@ -32,6 +31,7 @@ from ha_runtime.replication.resync.full import full_delta
 from ha_runtime.replication.resync.incremental import incremental
 from ha_runtime.replication.resync.progress import Progress
 from ha_runtime.replication.resync.send import CHUNK, RESYNC_WINDOW
+from ha_runtime.replication.secondary.applier import Applier
 
 
 class ApplyingLink:

@@ -23,12 +23,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ha_runtime.replication import resync
-from ha_runtime.replication.applier import Applier
 from ha_runtime.replication.dirtylog import DirtyLog
 from ha_runtime.replication.journal import Op, Record
 from ha_runtime.replication.link.framing import LinkLost
 from ha_runtime.replication.resync.progress import Progress, hold
 from ha_runtime.replication.resync.settle import SETTLE_ROUNDS
+from ha_runtime.replication.secondary.applier import Applier
 
 _spec = importlib.util.spec_from_file_location(
     "resync_tests", Path(__file__).parent / "test_resync.py"

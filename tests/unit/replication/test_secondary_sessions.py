@@ -15,12 +15,12 @@ from typing import Any
 import pytest
 import trio
 
-from ha_runtime.replication.applier import Applier
 from ha_runtime.replication.journal import Op, Record, derive_key
 from ha_runtime.replication.link.framing import Conn
 from ha_runtime.replication.link.primary import PrimaryLink
 from ha_runtime.replication.link.secondary import ControlHandler, SecondarySession
 from ha_runtime.replication.link.tls import TlsFiles, client_context, connect, serve, server_context
+from ha_runtime.replication.secondary.applier import Applier
 
 KEY = derive_key(b"s" * 48)
 

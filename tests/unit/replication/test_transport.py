@@ -14,12 +14,12 @@ import trio
 import trio.testing
 
 from ha_runtime.replication import journal as J
-from ha_runtime.replication.applier import Applier
 from ha_runtime.replication.journal import Kind, Op, Record, derive_key, encode_frame
 from ha_runtime.replication.link.framing import Conn, LinkLost
 from ha_runtime.replication.link.primary import PrimaryLink
 from ha_runtime.replication.link.secondary import HEAVY_RECORD_BYTES, SecondarySession
 from ha_runtime.replication.link.tls import TlsFiles, client_context, connect, serve, server_context
+from ha_runtime.replication.secondary.applier import Applier
 
 KEY = derive_key(b"s" * 48)
 

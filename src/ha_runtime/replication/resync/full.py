@@ -11,10 +11,10 @@ import stat
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import trio
 
+from ha_runtime.replication import control
 from ha_runtime.replication import delta as D
 from ha_runtime.replication.dirtylog import DirtyState
 from ha_runtime.replication.journal import (
@@ -55,19 +55,17 @@ async def full_delta(  # noqa: PLR0917
     scope: set[bytes] | None = None,
 ) -> None:  # fmt: skip
     """The delta over the whole tree, or over the subtrees of ``scope`` only."""
-    ask: dict[str, Any] = {"op": "list"}
     if scope is None:
         progress.kind = "full"
-    else:
-        ask["paths"] = sorted(os.fsdecode(p) for p in scope)
-    reply, _ = await link.request(ask)
+    ask = None if scope is None else sorted(os.fsdecode(p) for p in scope)
+    reply, _ = await link.request(control.list_tree(ask))
     theirs: dict[str, list[int]] = reply.get("tree", {})
     ours = await trio.to_thread.run_sync(list_tree, root, scope)
     changed = [p for p, v in ours.items() if checksum or theirs.get(p) != v]
     removed = [p for p in theirs if p not in ours]
     doomed = [p for p in changed if p in theirs] + removed
     if quarantine and doomed:
-        reply, _ = await link.request({"op": "quarantine", "paths": doomed})
+        reply, _ = await link.request(control.quarantine(doomed))
         if reply.get("error"):
             # The peer could not put its diverging files aside: overwriting them would lose
             # the only copy of what it wrote during the split. Stop; the operator sees why.
@@ -137,7 +135,7 @@ async def _send_file(  # noqa: PLR0917
 
     async with trio.open_nursery() as n:
         n.start_soon(hash_ours)
-        reply, sig_bytes = await link.request({"op": "sig", "path": os.fsdecode(rel)})
+        reply, sig_bytes = await link.request(control.signature(os.fsdecode(rel)))
     if "error" in reply:
         await send_ranges(link, root, rel, [(0, st.st_size)], progress)
         return

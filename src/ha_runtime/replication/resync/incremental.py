@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from ha_runtime.replication import control
 from ha_runtime.replication.dirtylog import INF, DirtyState, RangeSet
 from ha_runtime.replication.journal import (
     Op,
@@ -169,7 +170,7 @@ async def _replay_renames(link: PrimaryLink, state: DirtyState) -> None:
     for src, dst in state.renames:
         names |= {src, dst, dst.rpartition(b"/")[0]}
     names.discard(b"")
-    reply, _ = await link.request({"op": "list", "paths": sorted(os.fsdecode(p) for p in names)})
+    reply, _ = await link.request(control.list_tree(sorted(os.fsdecode(p) for p in names)))
     peer: dict[bytes, int] = {}
     for k, v in (reply.get("tree") or {}).items():
         if isinstance(k, str) and isinstance(v, list) and v and isinstance(v[0], int):

@@ -44,7 +44,7 @@ from ha_runtime.replication.journal import (
     Op,
     Record,
 )
-from ha_runtime.replication.staging import Staging
+from ha_runtime.replication.secondary.staging import Staging
 
 # A barrier with more dirty files than this syncs the file system once (syncfs) instead of
 # each file: a live fsync touches one or a few files, a resync hundreds.
