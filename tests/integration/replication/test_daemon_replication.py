@@ -21,7 +21,7 @@ import trio
 from ha_runtime import api
 from ha_runtime.config import load_site
 from ha_runtime.daemon import NodeDaemon
-from ha_runtime.replica_child import mounted
+from ha_runtime.replication.child import mounted
 from ha_runtime.replication.link.framing import LinkLost
 from ha_runtime.replication.link.tls import client_context, connect
 from ha_runtime.states import State
