@@ -3,8 +3,10 @@
 Both roles and the process entry use these paths; nothing else joins them by hand:
 
 - ``backing``: the copy itself (``<base>/<module>/<index>``); the primary's FUSE mount
-  serves it at ``app_dir``, the secondary's applier writes into it. The applier's staging
-  files are anonymous (``O_TMPFILE``) or ``.hapair-tmp.*`` inside it (``secondary.staging``).
+  serves it at ``app_dir``, the secondary's applier writes into it.
+- ``staging``: where the secondary's applier names a rebuilt file before it replaces the
+  old one (``<base>/<module>/.<index>.hapair-staging``, beside the backing directory on the
+  same file system; ``secondary.staging``, ``staging_of``).
 - ``dirty``: the dirty log (``<base>/<module>.<index>.dirty``): what the peer may lack.
 - ``activity``: the activity log (``<base>/<module>.<index>.al``): what may be in flight.
 - ``synced``: the generation at which both copies were last identical.
@@ -39,6 +41,10 @@ class Layout:
         return self.base / self.module / str(self.index)
 
     @property
+    def staging(self) -> Path:
+        return staging_of(self.backing)
+
+    @property
     def dirty(self) -> Path:
         return self.base / f"{self.module}.{self.index}.dirty"
 
@@ -57,3 +63,8 @@ class Layout:
     @property
     def stray_root(self) -> Path:
         return self.base / f"{self.module}.stray"
+
+
+def staging_of(backing: Path) -> Path:
+    """The staging directory of a backing directory (the applier knows only its root)."""
+    return backing.parent / f".{backing.name}.hapair-staging"
