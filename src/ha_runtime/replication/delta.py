@@ -1,3 +1,4 @@
+# Over 400 lines: the rsync algorithm in one place (signature, delta, patch share a layout).
 """The rsync algorithm (block signatures, delta, patch), vectorised with numpy.
 
 Same three steps as rsync/pyrsync2, not the same speed:

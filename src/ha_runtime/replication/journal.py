@@ -1,3 +1,4 @@
+# Over 400 lines: one codec; the record and frame formats and their strict decoders belong together.
 """Operation journal: typed records of every mutating file operation, and the frames that
 carry them on the wire (to the secondary) and on disk (dirty log).
 

@@ -1,3 +1,4 @@
+# Over 400 lines: one pyfuse3 Operations class, one method per FUSE call.
 """pyfuse3 passthrough file system: the application directory on the primary.
 
 Every call passes through to the backing directory. Every mutating call becomes a journal

@@ -1,3 +1,4 @@
+# Over 400 lines: one class, one handler per journal operation, one lock, one dirty set.
 """Apply journal records to a backing directory (the secondary's copy).
 
 - **Path-safe**: every path is resolved component by component from the root with
