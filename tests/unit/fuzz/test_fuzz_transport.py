@@ -1,7 +1,7 @@
 """The real frame reader on both ends of a replication link, fed over in-memory streams.
 
-test_transport.py proves over TLS that an HTTP request is dropped at its first frame; here,
-after any number of genuine records, any kind of bad input (garbage, bit flips, a cut frame
+replication/test_link.py proves over TLS that an HTTP request is dropped at its first frame;
+here, after any number of genuine records, any kind of bad input (garbage, bit flips, a cut frame
 then EOF, lying lengths, authenticated records or controls that do not parse, frames of the
 wrong kind): the connection is dropped, every genuine record before it is applied and
 nothing of or after the bad frame, the rejection is counted once, and nothing hangs.
