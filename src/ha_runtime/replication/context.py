@@ -12,9 +12,7 @@ from typing import Any, Literal
 
 from ha_runtime.config import ClusterConfig, ModuleConfig
 from ha_runtime.generation import GenerationStore, atomic_write
-from ha_runtime.replication.activitylog import (
-    AL_EXTENTS,
-)
+from ha_runtime.replication.activitylog import AL_EXTENTS
 from ha_runtime.replication.journal import derive_key
 from ha_runtime.replication.layout import Layout
 from ha_runtime.replication.link.tls import TlsFiles

@@ -21,12 +21,7 @@ from typing import Any
 
 import trio
 
-from ha_runtime.replication.journal import (
-    Frame,
-    FrameDecoder,
-    Kind,
-    encode_frame,
-)
+from ha_runtime.replication.journal import Frame, FrameDecoder, Kind, encode_frame
 
 log = logging.getLogger("hapair.replication")
 

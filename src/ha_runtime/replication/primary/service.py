@@ -15,16 +15,8 @@ import trio
 
 from ha_runtime.generation import Generation, Relation, compare
 from ha_runtime.replication import control, resync, tree
-from ha_runtime.replication.activitylog import (
-    AL_IDLE_S,
-    ActivityLog,
-    merge_peer,
-    plan_from_wire,
-)
-from ha_runtime.replication.context import (
-    ReplicaContext,
-    VerifyReport,
-)
+from ha_runtime.replication.activitylog import AL_IDLE_S, ActivityLog, merge_peer, plan_from_wire
+from ha_runtime.replication.context import ReplicaContext, VerifyReport
 from ha_runtime.replication.dirtylog import DirtyLog
 from ha_runtime.replication.journal import Op, Record, valid_path
 from ha_runtime.replication.link.framing import LinkLost
@@ -66,15 +58,15 @@ class Primary(PrimarySink):
         layout = self.ctx.layout
         self.ctx.status.role = "primary"
         self.ctx.status.state = "alone"
-        self.ctx.layout.backing.mkdir(parents=True, exist_ok=True)
-        self.ctx.layout.app_dir.mkdir(parents=True, exist_ok=True)
-        first = not self.ctx.layout.dirty.exists()
-        self.dirty = DirtyLog(self.ctx.layout.dirty)
+        layout.backing.mkdir(parents=True, exist_ok=True)
+        layout.app_dir.mkdir(parents=True, exist_ok=True)
+        first = not layout.dirty.exists()
+        self.dirty = DirtyLog(layout.dirty)
         self.dirty.open()
         if first and self.ctx.read_synced() is None:
             self.dirty.mark_lost()  # never synced: the peer's copy is unknown
             self.dirty.sync()
-        self.activity = ActivityLog(self.ctx.layout.activity, extents=self.ctx.settings.al_extents)
+        self.activity = ActivityLog(layout.activity, extents=self.ctx.settings.al_extents)
         self.activity.open()
         # Left hot by a past run that ended in sync without draining: the peer may lack it.
         hot = self.activity.entries()
@@ -98,8 +90,8 @@ class Primary(PrimarySink):
             link = self.link
             if self._drained is not None and (link is None or link.seq == self._drained):
                 # The peer holds everything: no dirty log means "nothing the peer lacks".
-                self.ctx.layout.dirty.unlink(missing_ok=True)
-                self.ctx.layout.activity.unlink(missing_ok=True)
+                layout.dirty.unlink(missing_ok=True)
+                layout.activity.unlink(missing_ok=True)
 
     async def _trim_activity(self) -> None:
         """In sync: now and then drop from the activity log what the peer acknowledged and
@@ -219,7 +211,7 @@ class Primary(PrimarySink):
         full, quarantine = self._resync_request or (False, False)
         self._resync_request = None
         # From here on, what the application changes while the resync works is gathered
-        # too (settle reconciles it): the snapshot and the watch start together.
+        # too (resync.settle reconciles it): the snapshot and the watch start together.
         state = self.dirty.snapshot(watch=True)
         why = self._resync_kind(hello)
         if why is not None:

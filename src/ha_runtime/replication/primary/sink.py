@@ -17,13 +17,8 @@ from collections.abc import Callable
 import trio
 
 from ha_runtime.metrics import LatencyHistogram
-from ha_runtime.replication.activitylog import (
-    ActivityLog,
-)
-from ha_runtime.replication.context import (
-    ReplicaContext,
-    ReplicationStatus,
-)
+from ha_runtime.replication.activitylog import ActivityLog
+from ha_runtime.replication.context import ReplicaContext, ReplicationStatus
 from ha_runtime.replication.dirtylog import DirtyLog
 from ha_runtime.replication.journal import Op, Record
 from ha_runtime.replication.link.framing import LinkLost

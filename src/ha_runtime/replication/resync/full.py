@@ -26,9 +26,7 @@ from ha_runtime.replication.journal import (
 )
 from ha_runtime.replication.link.framing import LinkLost
 from ha_runtime.replication.link.primary import PrimaryLink
-from ha_runtime.replication.resync.progress import (
-    Progress,
-)
+from ha_runtime.replication.resync.progress import Progress
 from ha_runtime.replication.resync.send import (
     REMOVE_ANY,
     SMALL_FILE,

@@ -12,10 +12,7 @@ from pathlib import Path
 
 from ha_runtime.replication import control
 from ha_runtime.replication.dirtylog import INF, DirtyState, RangeSet
-from ha_runtime.replication.journal import (
-    Op,
-    Record,
-)
+from ha_runtime.replication.journal import Op, Record
 from ha_runtime.replication.link.primary import PrimaryLink
 from ha_runtime.replication.resync.full import full_delta
 from ha_runtime.replication.resync.progress import (

@@ -9,10 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ha_runtime.replication.dirtylog import INF, RangeSet
-from ha_runtime.replication.journal import (
-    Op,
-    Record,
-)
+from ha_runtime.replication.journal import Op, Record
 
 
 @dataclass

@@ -23,9 +23,7 @@ from ha_runtime.replication.journal import (
     Record,
 )
 from ha_runtime.replication.link.primary import PrimaryLink
-from ha_runtime.replication.resync.progress import (
-    Progress,
-)
+from ha_runtime.replication.resync.progress import Progress
 
 log = logging.getLogger("hapair.replication")
 

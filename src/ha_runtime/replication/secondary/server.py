@@ -16,13 +16,8 @@ import trio
 
 from ha_runtime.replication import beneath, control, tree
 from ha_runtime.replication import delta as D
-from ha_runtime.replication.activitylog import (
-    load_activity,
-    plan_to_wire,
-)
-from ha_runtime.replication.context import (
-    ReplicaContext,
-)
+from ha_runtime.replication.activitylog import load_activity, plan_to_wire
+from ha_runtime.replication.context import ReplicaContext
 from ha_runtime.replication.control import Control
 from ha_runtime.replication.link.framing import Conn
 from ha_runtime.replication.link.secondary import SecondarySession
