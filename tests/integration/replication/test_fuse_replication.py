@@ -121,7 +121,7 @@ def test_a_secondary_that_does_not_read_untagged_frames_gets_tagged_ones(
         obj.pop("untagged", None)
         return await original(applier, obj)
 
-    monkeypatch.setattr(sec, "_control", older)
+    monkeypatch.setattr(sec.secondary, "control", older)
     b2 = tmp_path / "node2/replica/demo/0"
 
     async def main() -> None:
