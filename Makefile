@@ -46,6 +46,7 @@ lint: setup
 	$(BIN)/python tools/check_import_cycles.py --allow tools/import_cycles_allowlist.txt ha_runtime ha_lab
 	$(BIN)/python tools/check_file_length.py --allow tools/long_files_allowlist.txt src
 	$(BIN)/python tools/check_duplicates.py --allow tools/duplicate_code_allowlist.txt src
+	$(BIN)/pytest -q -p no:cacheprovider tests/unit/replication/test_structure.py
 	$(BIN)/ansible-lint --profile production
 
 unit: setup

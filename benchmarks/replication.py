@@ -111,7 +111,7 @@ FUSE_ONLY = "fuse_only"
 FUSE_SCRIPT = r"""
 import functools, os, sys, trio
 from pathlib import Path
-from ha_runtime.replication import fusefs
+from ha_runtime.replication.primary import fs as fusefs
 backing, mnt = Path(sys.argv[1]), Path(sys.argv[2])
 
 class LocalOnly:

@@ -294,7 +294,7 @@ def cmd_action(args: argparse.Namespace) -> int:
 
 
 def cmd_replicate(args: argparse.Namespace) -> int:
-    from ha_runtime import replica_child  # noqa: PLC0415 - the daemon's children only
+    from ha_runtime.replication import child  # noqa: PLC0415 - the daemon's children only
 
     try:
         site = load_site(args.config)
@@ -306,7 +306,7 @@ def cmd_replicate(args: argparse.Namespace) -> int:
     if module is None or not 0 <= args.dir_index < len(module.replicated_dirs):
         print(f"hactl: {args.module} has no replicated directory {args.dir_index}", file=sys.stderr)
         return EXIT_REFUSED
-    return replica_child.main(args.role, site.cluster, module, args.dir_index)
+    return child.main(args.role, site.cluster, module, args.dir_index)
 
 
 def cmd_verify(args: argparse.Namespace) -> int:

@@ -4,7 +4,7 @@ A module manager owns one ``ReplicaSupervisor``. On the primary it starts one
 ``hactl replicate primary`` child per ``replicated_dirs`` entry (each mounts its FUSE file
 system and connects to the peer) and only then starts the application; on the secondary,
 ``hactl replicate secondary`` children receive into the backing directories. Their status
-and events come back over a pipe (protocol: ``replica_child``).
+and events come back over a pipe (protocol: ``replication.child``).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any
 import trio
 
 from ha_runtime.config import ClusterConfig, ModuleConfig
-from ha_runtime.replica_child import mounted, unmount
+from ha_runtime.replication.child import mounted, unmount
 
 log = logging.getLogger(__name__)
 

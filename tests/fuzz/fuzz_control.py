@@ -1,4 +1,4 @@
-"""Coverage-guided fuzzing of the secondary's control handlers (``ReplicationService._control``
+"""Coverage-guided fuzzing of the secondary's control handlers (``Secondary.control``
 with a real ``Applier``) on a hostile copy: symlinks out of the tree to a sentinel, a FIFO,
 names that are not UTF-8. The fuzzer's bytes choose the request's fields (any JSON
 value, paths built of hostile parts). Every request gets a JSON-encodable reply, nothing of
@@ -28,7 +28,7 @@ with atheris.instrument_imports(include=["ha_runtime"]):
         ScriptsSpec,
         TlsSpec,
     )
-    from ha_runtime.replication.applier import Applier
+    from ha_runtime.replication.secondary.applier import Applier
     from ha_runtime.replication.service import ReplicationService
 
 SECRET = b"SECRET-outside-the-replica-9c2e"
@@ -110,7 +110,7 @@ def test_one_input(data: bytes) -> None:
         obj["paths"] = [_path(fdp) for _ in range(fdp.ConsumeIntInRange(0, 8))]
     # (a quarantine syncs the disk: too slow per input; the hypothesis tests drive it)
     reply: Any
-    reply, body = trio.run(SVC._control, APPLIER, obj)
+    reply, body = trio.run(SVC.secondary.control, APPLIER, obj)
     encoded = json.dumps(reply).encode()
     assert SECRET not in encoded and SECRET not in body, (obj, reply)
     now = (os.stat(OUTSIDE).st_mtime_ns, os.stat(OUTSIDE / "secret").st_mtime_ns)

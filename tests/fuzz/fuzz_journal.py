@@ -9,7 +9,7 @@ import atheris
 
 with atheris.instrument_imports(include=["ha_runtime"]):
     from ha_runtime.replication import journal as J
-    from ha_runtime.replication.transport import decode_control
+    from ha_runtime.replication.link.framing import decode_control
 
 KEY = J.derive_key(b"k" * 48)
 

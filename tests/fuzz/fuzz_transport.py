@@ -13,7 +13,8 @@ import trio.testing
 
 with atheris.instrument_imports(include=["ha_runtime"]):
     from ha_runtime.replication import journal as J
-    from ha_runtime.replication import transport as T
+    from ha_runtime.replication.link.framing import Conn
+    from ha_runtime.replication.link.secondary import SecondarySession
 
 KEY = J.derive_key(b"t" * 48)
 GOOD = [J.Record(i, J.Op.WRITE, b"f", offset=i, data=b"x") for i in (1, 2)]
@@ -36,8 +37,8 @@ def test_one_input(data: bytes) -> None:
 
     async def main() -> None:
         peer, ours = trio.testing.memory_stream_pair()
-        s = T.SecondarySession(
-            T.Conn(ours, KEY, "node1"), applied.append, barrier, control,
+        s = SecondarySession(
+            Conn(ours, KEY, "node1"), applied.append, barrier, control,
             on_rejected=rejected.append,
         )  # fmt: skip
         with trio.fail_after(5):

@@ -1,7 +1,7 @@
 """The manager's side of fencing (docs/replication.md, *Fencing*), with a scripted child.
 
 A real ModuleManager, a real ReplicaSupervisor and PeerTable; the replication child is a
-small script speaking the child protocol (ha_runtime.replica_child), so the daemon side is
+small script speaking the child protocol (ha_runtime.replication.child), so the daemon side is
 tested exactly on the messages it gets: a fresh status, then a fence request.
 """
 

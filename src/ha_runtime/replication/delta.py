@@ -21,6 +21,8 @@ Same three steps as rsync/pyrsync2, not the same speed:
 
 Only blocks the receiver does not have travel (as literal bytes); the rest costs a few
 bytes per run of consecutive blocks.
+
+Long because: the rsync algorithm in one place (signature, delta, patch share a layout).
 """
 
 from __future__ import annotations

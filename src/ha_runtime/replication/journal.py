@@ -14,6 +14,8 @@ once the secondary said it reads them; a decoder refuses it (``bad_version``) un
 to accept it, so a file on disk (dirty log) always keeps its tag. Decoding is strict: a bad
 magic, version, kind, length, tag or payload rejects the frame with a counted reason;
 nothing is ever applied from a frame that did not verify, and the decoder never raises.
+
+Long because: one codec; the record and frame formats and their strict decoders belong together.
 """
 
 from __future__ import annotations

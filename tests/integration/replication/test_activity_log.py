@@ -15,9 +15,10 @@ from fusepair import configs, free_port, in_step, write_sync
 
 from ha_runtime.config import ReplicationSettings
 from ha_runtime.generation import Generation, GenerationStore, GenRecord
-from ha_runtime.replication.dirtylog import AL_EXTENT, ActivityLog
+from ha_runtime.replication.activitylog import AL_EXTENT, ActivityLog
+from ha_runtime.replication.context import Event
 from ha_runtime.replication.journal import Op, Record
-from ha_runtime.replication.service import Event, ReplicationService
+from ha_runtime.replication.service import ReplicationService
 
 pytestmark = [
     pytest.mark.fuse,
@@ -27,7 +28,7 @@ pytestmark = [
 
 def test_primary_crashing_in_sync_returns_with_an_incremental_resync(tmp_path: Path) -> None:  # noqa: PLR0915
     module, c1, c2 = configs(tmp_path)
-    st = ReplicationSettings(port=free_port(), timeout_ms=1000, networks=("lan",),
+    st = ReplicationSettings(port=free_port(), timeout_s=1.0, networks=("lan",),
                              site_key=b"k" * 48)  # fmt: skip
     app = tmp_path / "app"
     b1 = tmp_path / "node1/replica/demo/0"
@@ -117,8 +118,8 @@ def test_primary_crashing_in_sync_returns_with_an_incremental_resync(tmp_path: P
                     await io(write_sync, app / "after", b"a" * 1000)
                     await n.start(s1.run_secondary)
                     await until(lambda: p2.status().state == "sync" and in_step(p2))
-                    assert p2._link is not None
-                    wire.append(p2._link.conn.bytes_sent)
+                    assert p2.primary.link is not None
+                    wire.append(p2.primary.link.conn.bytes_sent)
                     rep = await p2.verify()
                     assert rep.equal, rep.differences
                     n.cancel_scope.cancel()

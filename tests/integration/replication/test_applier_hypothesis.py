@@ -23,7 +23,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ha_runtime.replication.applier import Applier, RecordRefused
 from ha_runtime.replication.journal import (
     SET_GID,
     SET_MODE,
@@ -33,6 +32,7 @@ from ha_runtime.replication.journal import (
     RecordError,
     decode_record,
 )
+from ha_runtime.replication.secondary.applier import Applier, RecordRefused
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="root: owner ids")
 

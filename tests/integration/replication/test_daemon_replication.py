@@ -21,8 +21,9 @@ import trio
 from ha_runtime import api
 from ha_runtime.config import load_site
 from ha_runtime.daemon import NodeDaemon
-from ha_runtime.replica_child import mounted
-from ha_runtime.replication import transport
+from ha_runtime.replication.child import mounted
+from ha_runtime.replication.link.framing import LinkLost
+from ha_runtime.replication.link.tls import client_context, connect
 from ha_runtime.states import State
 
 _spec = importlib.util.spec_from_file_location(
@@ -172,10 +173,10 @@ def test_daemons_replicate_swap_and_resync(tmp_path: Path) -> None:  # noqa: PLR
 
                 # A replication peer with another site's certificate: refused, in the events.
                 foreign = _pki.make_site(tmp_path / "other-site", "b", ("node1", "node2"))
-                with pytest.raises(transport.LinkLost):
-                    await transport.connect(
+                with pytest.raises(LinkLost):
+                    await connect(
                         addresses=[("127.0.0.2", rp)], peer="node2",
-                        ctx=transport.client_context(foreign["node1"]), key=KEY, timeout=2,
+                        ctx=client_context(foreign["node1"]), key=KEY, timeout=2,
                     )  # fmt: skip
                 refused: list[dict[str, Any]] = []
 

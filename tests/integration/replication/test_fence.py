@@ -31,7 +31,7 @@ from ha_runtime.config import load_site
 from ha_runtime.daemon import NodeDaemon
 from ha_runtime.decision import PeerStatus, decide
 from ha_runtime.generation import Relation
-from ha_runtime.replica_child import mounted
+from ha_runtime.replication.child import mounted
 from ha_runtime.states import State
 
 pytestmark = [

@@ -15,11 +15,15 @@ import trio
 
 from ha_runtime.replication import delta as D
 from ha_runtime.replication import journal as J
-from ha_runtime.replication import resync
-from ha_runtime.replication import transport as T
-from ha_runtime.replication.applier import Applier
+from ha_runtime.replication import resync, tree
 from ha_runtime.replication.dirtylog import DirtyState
 from ha_runtime.replication.journal import derive_key
+from ha_runtime.replication.link.framing import Conn
+from ha_runtime.replication.link.primary import PrimaryLink
+from ha_runtime.replication.link.secondary import SecondarySession
+from ha_runtime.replication.link.tls import TlsFiles, client_context, connect, serve, server_context
+from ha_runtime.replication.resync.progress import Progress
+from ha_runtime.replication.secondary.applier import Applier
 
 KEY = derive_key(b"k" * 48)
 MIB = 1 << 20
@@ -33,7 +37,7 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _site(tmp: Path) -> dict[str, T.TlsFiles]:
+def _site(tmp: Path) -> dict[str, TlsFiles]:
     import importlib.util  # noqa: PLC0415
 
     spec = importlib.util.spec_from_file_location(
@@ -42,7 +46,7 @@ def _site(tmp: Path) -> dict[str, T.TlsFiles]:
     assert spec and spec.loader
     pki = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(pki)
-    site: dict[str, T.TlsFiles] = pki.make_site(tmp / "pki", "a", ("node1", "node2"))
+    site: dict[str, TlsFiles] = pki.make_site(tmp / "pki", "a", ("node1", "node2"))
     return site
 
 
@@ -76,14 +80,14 @@ def test_a_large_full_resync_completes_in_one_attempt(tmp_path: Path) -> None:
     async def control(obj: dict[str, object], body: bytes) -> tuple[dict[str, object], bytes]:
         await trio.to_thread.run_sync(applier.barrier)
         if obj.get("op") == "list":
-            return {"tree": await trio.to_thread.run_sync(resync.list_tree, peer)}, b""
+            return {"tree": await trio.to_thread.run_sync(tree.list_tree, peer)}, b""
         if obj.get("op") == "sig":
             p = os.fsencode(peer / str(obj["path"]))
             return {}, (await trio.to_thread.run_sync(D.signature_file, p)).encode()
         return {}, b""
 
-    async def handler(conn: T.Conn) -> None:
-        await T.SecondarySession(conn, applier.apply, barrier, control,
+    async def handler(conn: Conn) -> None:
+        await SecondarySession(conn, applier.apply, barrier, control,
                                  on_rejected=refused.append).run()  # fmt: skip
 
     lost: list[str | None] = []
@@ -91,21 +95,21 @@ def test_a_large_full_resync_completes_in_one_attempt(tmp_path: Path) -> None:
     async def main() -> None:
         async with trio.open_nursery() as n:
             await n.start(
-                lambda task_status: T.serve(
+                lambda task_status: serve(
                     addresses=["127.0.0.1"], port=port, peer="node1",
-                    ctx=T.server_context(site["node2"]), key=KEY, handler=handler,
+                    ctx=server_context(site["node2"]), key=KEY, handler=handler,
                     task_status=task_status,
                 )
             )  # fmt: skip
-            conn = await T.connect(
+            conn = await connect(
                 addresses=[("127.0.0.1", port)], peer="node2",
-                ctx=T.client_context(site["node1"]), key=KEY, timeout=1,
+                ctx=client_context(site["node1"]), key=KEY, timeout=1,
             )  # fmt: skip
             # the lab's timeout: a keepalive unanswered for 1 s and the resync starts over
-            link = T.PrimaryLink(conn, timeout=1.0)
+            link = PrimaryLink(conn, timeout=1.0)
             n.start_soon(link.run)
             with trio.fail_after(300):
-                await resync.run(link, prim, DirtyState(), resync.Progress(), full=True,
+                await resync.run(link, prim, DirtyState(), Progress(), full=True,
                                  changes=DirtyState)  # fmt: skip
                 seq = link.submit(J.Record(0, J.Op.FSYNC, b""))
                 await link.wait_acked(seq, timeout=60)

@@ -14,7 +14,8 @@ from fusepair import FUSE_ROOT, configs, free_port, in_step, write_sync
 
 from ha_runtime.config import ReplicationSettings
 from ha_runtime.generation import Generation, GenerationStore, GenRecord
-from ha_runtime.replication.service import Event, ReplicationService
+from ha_runtime.replication.context import Event
+from ha_runtime.replication.service import ReplicationService
 
 pytestmark = FUSE_ROOT
 
@@ -60,7 +61,7 @@ def test_mount_replicate_lose_peer_resync(tmp_path: Path) -> None:  # noqa: PLR0
             await until(lambda: prim.status().state == "sync" and in_step(prim))
             assert (b2 / "old.bin").read_bytes() == (b1 / "old.bin").read_bytes()
             # Both ends of this version: the primary's frames travel untagged (version 3).
-            assert prim._link is not None and prim._link.untagged
+            assert prim.primary.link is not None and prim.primary.link.untagged
 
             # fsync semantics: when fsync returns, the secondary has the bytes durably
             await io(write_sync, app / "db", b"A" * 10_000)
@@ -112,18 +113,16 @@ def test_a_secondary_that_does_not_read_untagged_frames_gets_tagged_ones(
     """Upgrade in either order: a secondary that does not answer the HELLO's offer (an older
     version ignores it) keeps receiving version 2 frames, and replication works."""
     module, c1, c2 = configs(tmp_path)
-    st = ReplicationSettings(
-        port=free_port(), timeout_ms=1000, networks=("lan",), site_key=b"k" * 48
-    )
+    st = ReplicationSettings(port=free_port(), timeout_s=1.0, networks=("lan",), site_key=b"k" * 48)
     prim = ReplicationService(module, c1, st)
     sec = ReplicationService(module, c2, st)
-    original = sec._control
+    original = sec.secondary.control
 
     async def older(applier: Any, obj: dict[str, Any]) -> Any:
         obj.pop("untagged", None)
         return await original(applier, obj)
 
-    monkeypatch.setattr(sec, "_control", older)
+    monkeypatch.setattr(sec.secondary, "control", older)
     b2 = tmp_path / "node2/replica/demo/0"
 
     async def main() -> None:
@@ -133,7 +132,7 @@ def test_a_secondary_that_does_not_read_untagged_frames_gets_tagged_ones(
             with trio.fail_after(15):
                 while not (prim.status().state == "sync" and in_step(prim)):
                     await trio.sleep(0.05)
-            assert prim._link is not None and not prim._link.untagged
+            assert prim.primary.link is not None and not prim.primary.link.untagged
             data = os.urandom(3 << 20)
             await trio.to_thread.run_sync(write_sync, tmp_path / "app" / "f", data)
             assert (b2 / "f").read_bytes() == data

@@ -16,7 +16,8 @@ from fusepair import configs, free_port, in_step, write_sync
 
 from ha_runtime.config import ReplicationSettings
 from ha_runtime.generation import Generation, GenerationStore, GenRecord
-from ha_runtime.replication.service import Event, ReplicationService
+from ha_runtime.replication.context import Event
+from ha_runtime.replication.service import ReplicationService
 
 pytestmark = [
     pytest.mark.fuse,
@@ -80,9 +81,7 @@ def _before(app: Path) -> None:
 def test_type_changes_resync_incrementally_and_all_ids_replicate(tmp_path: Path) -> None:
     module, c1, c2 = configs(tmp_path)
     _same_generation(module, c1, c2)
-    st = ReplicationSettings(
-        port=free_port(), timeout_ms=1000, networks=("lan",), site_key=b"k" * 48
-    )
+    st = ReplicationSettings(port=free_port(), timeout_s=1.0, networks=("lan",), site_key=b"k" * 48)
     events: list[Event] = []
     prim = ReplicationService(module, c1, st, on_event=events.append)
     app = tmp_path / "app"
@@ -151,9 +150,7 @@ def test_incremental_resyncs_the_peer_keeps_refusing_fall_back_to_a_full_one(
     is full (event resync_fallback_full); once the file is writable again it completes."""
     module, c1, c2 = configs(tmp_path)
     _same_generation(module, c1, c2)
-    st = ReplicationSettings(
-        port=free_port(), timeout_ms=1000, networks=("lan",), site_key=b"k" * 48
-    )
+    st = ReplicationSettings(port=free_port(), timeout_s=1.0, networks=("lan",), site_key=b"k" * 48)
     events: list[Event] = []
     prim = ReplicationService(module, c1, st, on_event=events.append)
     app = tmp_path / "app"

@@ -25,7 +25,8 @@ from fusepair import configs, free_port, in_step, write_sync
 
 from ha_runtime.config import ReplicationSettings
 from ha_runtime.generation import Generation, GenerationStore, GenRecord
-from ha_runtime.replication.service import Event, ReplicationService
+from ha_runtime.replication.context import Event
+from ha_runtime.replication.service import ReplicationService
 
 pytestmark = [
     pytest.mark.fuse,
@@ -46,7 +47,7 @@ def _change(path: Path, seed: int, regions: tuple[int, ...] = (1, 5, 9, 14)) -> 
 
 def test_a_returning_node_costs_the_changed_bytes_only(tmp_path: Path) -> None:  # noqa: PLR0915
     module, c1, c2 = configs(tmp_path)
-    st = ReplicationSettings(port=free_port(), timeout_ms=1000, networks=("lan",),
+    st = ReplicationSettings(port=free_port(), timeout_s=1.0, networks=("lan",),
                              site_key=b"k" * 48)  # fmt: skip
     app = tmp_path / "app"
     b1 = tmp_path / "node1/replica/demo/0"
@@ -96,8 +97,8 @@ def test_a_returning_node_costs_the_changed_bytes_only(tmp_path: Path) -> None: 
             await n.start(ReplicationService(module, c1, st).run_secondary)
             await until(lambda: synced(p2))
             GenerationStore(c1.state_dir, module.name).save(GenRecord(g2))
-            assert p2._link is not None
-            figures["crash_in_sync"] = p2._link.conn.bytes_sent
+            assert p2.primary.link is not None
+            figures["crash_in_sync"] = p2.primary.link.conn.bytes_sent
             rep = await p2.verify()
             assert rep.equal, rep.differences
             # a clean stop: node2 drains, so node1 takes over knowing the copies identical
@@ -115,8 +116,8 @@ def test_a_returning_node_costs_the_changed_bytes_only(tmp_path: Path) -> None: 
             await n.start(ReplicationService(module, c2, st).run_secondary)
             await until(lambda: synced(p1b))
             GenerationStore(c2.state_dir, module.name).save(GenRecord(g3))
-            assert p1b._link is not None
-            figures["clean_stop"] = p1b._link.conn.bytes_sent
+            assert p1b.primary.link is not None
+            figures["clean_stop"] = p1b.primary.link.conn.bytes_sent
             rep = await p1b.verify()
             assert rep.equal, rep.differences
             # node1 rewrites 32 MiB of the file in place (hot extents, no new name: none
@@ -139,8 +140,8 @@ def test_a_returning_node_costs_the_changed_bytes_only(tmp_path: Path) -> None: 
 
             await n.start(run_sec)
             await until(lambda: synced(p2b))
-            assert p2b._link is not None
-            figures["crash_in_sync_rewrite"] = p2b._link.conn.bytes_sent
+            assert p2b.primary.link is not None
+            figures["crash_in_sync_rewrite"] = p2b.primary.link.conn.bytes_sent
             rep = await p2b.verify()
             assert rep.equal, rep.differences
             # the peer goes; node2, ALONE (a new generation), rewrites 16 MiB, then crashes
@@ -161,8 +162,8 @@ def test_a_returning_node_costs_the_changed_bytes_only(tmp_path: Path) -> None: 
             await io(_change, app / "big", 7, (2, 6, 10, 14))
             await n.start(ReplicationService(module, c2, st).run_secondary)
             await until(lambda: synced(p1c), 120)
-            assert p1c._link is not None
-            figures["crash_while_alone"] = p1c._link.conn.bytes_sent
+            assert p1c.primary.link is not None
+            figures["crash_while_alone"] = p1c.primary.link.conn.bytes_sent
             rep = await p1c.verify()
             assert rep.equal, rep.differences
             n.cancel_scope.cancel()

@@ -19,7 +19,7 @@ import trio
 from ha_runtime.config import load_site
 from ha_runtime.console.auth import make_hash
 from ha_runtime.daemon import NodeDaemon
-from ha_runtime.replica_child import mounted
+from ha_runtime.replication.child import mounted
 from ha_runtime.states import State
 
 from .pki import make_cert

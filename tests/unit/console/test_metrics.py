@@ -25,7 +25,7 @@ from ha_runtime.metrics import (
     replication_families,
 )
 from ha_runtime.replica import DirChild, ReplicaSupervisor
-from ha_runtime.replication.service import ReplicationStatus
+from ha_runtime.replication.context import ReplicationStatus
 from ha_runtime.states import State
 
 from .pki import make_ca, make_cert

@@ -14,8 +14,9 @@ from pathlib import Path
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ha_runtime.replication.dirtylog import TORN_MAX, DirtyLog, DirtyState
+from ha_runtime.replication.dirtylog import DirtyLog, DirtyState
 from ha_runtime.replication.journal import Op, Record, read_records, record_frame
+from ha_runtime.replication.recordlog import TORN_MAX
 
 SETTINGS = settings(max_examples=60, deadline=None)
 

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ha_runtime.replication import journal as J
-from ha_runtime.replication.transport import decode_control, encode_control
+from ha_runtime.replication.link.framing import decode_control, encode_control
 
 KEY = J.derive_key(b"k" * 48)
 SETTINGS = settings(max_examples=150, deadline=None)

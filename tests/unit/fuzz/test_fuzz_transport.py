@@ -1,7 +1,7 @@
 """The real frame reader on both ends of a replication link, fed over in-memory streams.
 
-test_transport.py proves over TLS that an HTTP request is dropped at its first frame; here,
-after any number of genuine records, any kind of bad input (garbage, bit flips, a cut frame
+replication/test_link.py proves over TLS that an HTTP request is dropped at its first frame;
+here, after any number of genuine records, any kind of bad input (garbage, bit flips, a cut frame
 then EOF, lying lengths, authenticated records or controls that do not parse, frames of the
 wrong kind): the connection is dropped, every genuine record before it is applied and
 nothing of or after the bad frame, the rejection is counted once, and nothing hangs.
@@ -18,7 +18,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ha_runtime.replication import journal as J
-from ha_runtime.replication import transport as T
+from ha_runtime.replication.link.framing import Conn
+from ha_runtime.replication.link.primary import PrimaryLink
+from ha_runtime.replication.link.secondary import SecondarySession
 
 KEY = J.derive_key(b"t" * 48)
 SETTINGS = settings(max_examples=50, deadline=None)
@@ -98,9 +100,10 @@ def _run_secondary(stream_bytes: bytes, untagged: bool = False) -> tuple[list[J.
 
     async def main() -> None:
         peer, ours = trio.testing.memory_stream_pair()
-        conn = T.Conn(ours, KEY, "node1")
-        conn.decoder.untagged = untagged
-        session = T.SecondarySession(
+        conn = Conn(ours, KEY, "node1")
+        if untagged:
+            conn.accept_untagged()
+        session = SecondarySession(
             conn, applied.append, barrier, control, on_rejected=rejected.append
         )
         with trio.fail_after(5):  # no hang: the session ends by itself on bad input
@@ -168,10 +171,10 @@ def test_secondary_clean_end_of_stream_is_not_a_rejection() -> None:
     assert applied == good and rejected == []
 
 
-async def _primary_against(reply: bytes) -> T.PrimaryLink:
+async def _primary_against(reply: bytes) -> PrimaryLink:
     peer, ours = trio.testing.memory_stream_pair()
     seen: list[str] = []
-    link = T.PrimaryLink(T.Conn(ours, KEY, "node2"), timeout=2, on_rejected=seen.append)
+    link = PrimaryLink(Conn(ours, KEY, "node2"), timeout=2, on_rejected=seen.append)
     with trio.fail_after(5):
         async with trio.open_nursery() as n:
             n.start_soon(link.run)
@@ -220,8 +223,8 @@ def test_a_peer_stuck_half_way_through_a_frame_is_dropped_when_idle() -> None:
 
     async def main() -> None:
         peer, ours = trio.testing.memory_stream_pair()
-        session = T.SecondarySession(
-            T.Conn(ours, KEY, "node1"), applied.append, barrier, control,
+        session = SecondarySession(
+            Conn(ours, KEY, "node1"), applied.append, barrier, control,
             checkpoint_s=0.05, idle_timeout_s=0.3, on_rejected=rejected.append,
         )  # fmt: skip
         with trio.fail_after(5):
@@ -231,7 +234,7 @@ def test_a_peer_stuck_half_way_through_a_frame_is_dropped_when_idle() -> None:
                 await session_done(session)
         await peer.aclose()
 
-    async def session_done(session: T.SecondarySession) -> None:
+    async def session_done(session: SecondarySession) -> None:
         while not rejected:
             await trio.sleep(0.05)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ha_runtime.replication.transport import TlsFiles
+from ha_runtime.replication.link.tls import TlsFiles
 
 
 def _run(*args: str) -> None:

@@ -12,23 +12,22 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ha_runtime.replication import dirtylog
-from ha_runtime.replication.dirtylog import (
+from ha_runtime.replication import recordlog
+from ha_runtime.replication.activitylog import (
     AL_EXTENT,
     AL_OVERFLOW_FACTOR,
-    INF,
     META,
     TAIL,
-    TORN_MAX,
     WHOLE,
     ActivityLog,
-    DirtyLog,
     load_activity,
     merge_peer,
     plan_from_wire,
     plan_to_wire,
 )
+from ha_runtime.replication.dirtylog import INF, DirtyLog
 from ha_runtime.replication.journal import Op, Record, valid_path
+from ha_runtime.replication.recordlog import TORN_MAX
 
 
 def _w(path: bytes, off: int, n: int) -> Record:
@@ -137,7 +136,7 @@ def test_concurrent_new_entries_share_one_fsync(
         time.sleep(0.05)
         real(fd)
 
-    monkeypatch.setattr(dirtylog.os, "fsync", slow_fsync)
+    monkeypatch.setattr(recordlog.os, "fsync", slow_fsync)
     positions = [al.note(_w(b"f%d" % i, 0, 10), acked=0) for i in range(16)]
     assert all(positions) and len(set(positions)) == 16
     threads = [threading.Thread(target=al.sync, args=(p,)) for p in positions]
@@ -397,7 +396,7 @@ def test_a_full_disk_fails_the_operation_and_never_fakes_an_entry(
             return real_write(fd, data[: len(data) // 2])  # a short write, then full
         return real_write(fd, data)
 
-    monkeypatch.setattr(dirtylog.os, "write", write)
+    monkeypatch.setattr(recordlog.os, "write", write)
     size = al_path.stat().st_size
     with pytest.raises(OSError):
         al.note(Record(0, Op.RENAME, b"a", path2=b"b"), acked=0)

@@ -7,9 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ha_runtime.replication import applier as A
 from ha_runtime.replication import delta as D
-from ha_runtime.replication.applier import Applier, UnsafePath
 from ha_runtime.replication.journal import (
     DELTA_CONT,
     DELTA_IN_PLACE,
@@ -20,6 +18,8 @@ from ha_runtime.replication.journal import (
     Op,
     Record,
 )
+from ha_runtime.replication.secondary import applier as A
+from ha_runtime.replication.secondary.applier import Applier, UnsafePath
 
 
 def script() -> list[Record]:
@@ -219,7 +219,7 @@ def test_barrier_of_many_files_syncs_the_file_system_once(
         calls["fsync"] += 1
         real_fsync(fd)
 
-    monkeypatch.setattr(A, "_libc", Libc())
+    monkeypatch.setattr(A, "libc", Libc())
     monkeypatch.setattr(A.os, "fsync", fsync)
     a = Applier(tmp_path / "b", max_open=4)  # most files retired to the pending list
     seq = 0

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from ha_runtime.replication.applier import Applier, RecordRefused
 from ha_runtime.replication.journal import SET_UID, Op, Record
+from ha_runtime.replication.secondary.applier import Applier, RecordRefused
 
 
 def _kind(p: Path) -> str:

@@ -11,7 +11,7 @@ import pytest
 
 CHILD = """
 import logging
-from ha_runtime.replica_child import setup_logging
+from ha_runtime.replication.child import setup_logging
 setup_logging("primary", "flightdata", 0)
 log = logging.getLogger("hapair.replicate")
 log.info("resync started")

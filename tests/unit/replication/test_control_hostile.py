@@ -2,7 +2,7 @@
 
 The peer writes the secondary's backing directory: it can plant symlinked directories
 (``a -> /etc``), FIFOs, 10 000-level trees, names that are not UTF-8, and send control
-requests with any fields. Whatever it does, the real handler (``ReplicationService._control``
+requests with any fields. Whatever it does, the real handler (``Secondary.control``
 with a real ``Applier``) reads and writes nothing outside the backing root, answers every
 request with a well-formed reply, and never raises.
 """
@@ -35,10 +35,12 @@ from ha_runtime.config import (
     ScriptsSpec,
     TlsSpec,
 )
-from ha_runtime.replication import beneath, resync
+from ha_runtime.replication import beneath, tree
 from ha_runtime.replication import delta as D
-from ha_runtime.replication.applier import Applier
 from ha_runtime.replication.journal import DELTA_MORE, Op, Record
+from ha_runtime.replication.resync.progress import Progress
+from ha_runtime.replication.resync.send import read_small, send_ranges
+from ha_runtime.replication.secondary.applier import Applier
 from ha_runtime.replication.service import ReplicationService
 
 SECRET = b"SECRET-outside-the-replica-4f1d"
@@ -84,7 +86,7 @@ class Setup:
         return out
 
     def control(self, obj: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
-        reply, body = trio.run(self.svc._control, self.applier, obj)
+        reply, body = trio.run(self.svc.secondary.control, self.applier, obj)
         # Well-formed: a dict the transport can encode (JSON), bytes for the body.
         assert isinstance(reply, dict) and isinstance(body, bytes)
         json.dumps(reply)
@@ -95,7 +97,7 @@ class Setup:
         assert self.sentinel() == self.before
         # Nothing copied out of the sentinel into the quarantine either.
         # (grep -r: no symlink followed, no recursion limit on a deep quarantine)
-        q = self.svc.quarantine_root
+        q = self.svc.layout.quarantine_root
         if q.exists():
             found = subprocess.run(["grep", "-rlF", SECRET.decode(), str(q)],
                                    capture_output=True, check=False)  # fmt: skip
@@ -154,7 +156,7 @@ def test_quarantine_never_writes_through_a_copied_symlink(s: Setup) -> None:
 
 def test_a_quarantine_that_cannot_save_everything_says_so(s: Setup) -> None:
     # The primary must not overwrite what its peer could not put aside (here: disk full).
-    with _tmpfs(s.svc.quarantine_root, "1m"):
+    with _tmpfs(s.svc.layout.quarantine_root, "1m"):
         (s.backing / "big").write_bytes(os.urandom(3 << 20))
         (s.backing / "small").write_bytes(b"small")
         reply, _ = s.control({"op": "quarantine", "paths": ["small", "big"]})
@@ -234,12 +236,12 @@ def test_the_primary_s_resync_readers_never_wait_on_a_fifo(tmp_path: Path) -> No
     fifo = tmp_path / "f"
     os.mkfifo(fifo)
     blocked = []
-    if not _returns_within(5, lambda: resync._read(os.fsencode(fifo)), fifo):
+    if not _returns_within(5, lambda: read_small(os.fsencode(fifo)), fifo):
         blocked.append("_read")
 
     async def send() -> None:
         # (no link: a FIFO has nothing to send, nothing may be queued)
-        await resync._send_ranges(None, tmp_path, b"f", [(0, 100)], resync.Progress())  # type: ignore[arg-type]
+        await send_ranges(None, tmp_path, b"f", [(0, 100)], Progress())  # type: ignore[arg-type]
 
     if not _returns_within(5, lambda: trio.run(send), fifo):
         blocked.append("_send_ranges")
@@ -260,7 +262,7 @@ def test_temp_file_never_replaces_an_application_file(tmp_path: Path, tmpfile: b
     applier.apply(Record(2, Op.DELTA, b"f", flags=DELTA_MORE, data=d.encode()))
     assert (root / ".hapair-tmp.f").read_bytes() == b"the application's own file"
     # A delta left half-way (the primary went away) leaves nothing in the tree.
-    assert sorted(resync.list_tree(root)) == [".hapair-tmp.f", "f"]
+    assert sorted(tree.list_tree(root)) == [".hapair-tmp.f", "f"]
     assert sorted(os.listdir(root)) == [".hapair-tmp.f", "f"]
     applier.apply(Record(3, Op.DELTA, b"f", data=d.encode()))
     applier.barrier()
@@ -419,7 +421,7 @@ def test_hostile_requests_get_a_reply_never_an_exception(s: Setup, obj: dict[str
     s.check_outside()
     # An in_sync that was refused wrote no marker.
     if obj.get("op") == "in_sync":
-        assert not s.svc.synced_path.exists()
+        assert not s.svc.layout.synced.exists()
 
 
 def _deep(root: Path, levels: int) -> None:

@@ -23,11 +23,15 @@ from ha_runtime.config import (
     TlsSpec,
 )
 from ha_runtime.replication import delta as D
-from ha_runtime.replication import resync
-from ha_runtime.replication import transport as T
-from ha_runtime.replication.applier import Applier
-from ha_runtime.replication.dirtylog import ActivityLog, DirtyLog
+from ha_runtime.replication import tree
+from ha_runtime.replication.activitylog import ActivityLog
+from ha_runtime.replication.dirtylog import DirtyLog
 from ha_runtime.replication.journal import Op, Record, derive_key
+from ha_runtime.replication.link.framing import Conn
+from ha_runtime.replication.link.primary import PrimaryLink
+from ha_runtime.replication.link.secondary import SecondarySession
+from ha_runtime.replication.link.tls import TlsFiles, client_context, connect, serve, server_context
+from ha_runtime.replication.secondary.applier import Applier
 from ha_runtime.replication.service import ReplicationService
 
 SITE_KEY = b"k" * 48
@@ -40,7 +44,7 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _service(tmp: Path, tls: T.TlsFiles, port: int) -> ReplicationService:
+def _service(tmp: Path, tls: TlsFiles, port: int) -> ReplicationService:
     nodes = (NodeSpec("node1", {"lan": "127.0.0.1"}), NodeSpec("node2", {"lan": "127.0.0.1"}))
     cluster = ClusterConfig(
         path=tmp / "c.yml", node="node1", nodes=nodes, heartbeat_port=7440,
@@ -61,8 +65,8 @@ def _service(tmp: Path, tls: T.TlsFiles, port: int) -> ReplicationService:
 
 @asynccontextmanager
 async def _in_sync(
-    tmp: Path, site: dict[str, T.TlsFiles]
-) -> AsyncIterator[tuple[ReplicationService, T.PrimaryLink]]:
+    tmp: Path, site: dict[str, TlsFiles]
+) -> AsyncIterator[tuple[ReplicationService, PrimaryLink]]:
     """A primary service in sync over a real link to a real secondary session."""
     port = _free_port()
     applier = Applier(tmp / "second")
@@ -74,35 +78,35 @@ async def _in_sync(
     async def control(obj: dict[str, object], body: bytes) -> tuple[dict[str, object], bytes]:
         return {}, b""
 
-    async def handler(conn: T.Conn) -> None:
-        await T.SecondarySession(conn, applier.apply, barrier, control).run()
+    async def handler(conn: Conn) -> None:
+        await SecondarySession(conn, applier.apply, barrier, control).run()
 
     svc = _service(tmp, site["node1"], port)
     async with trio.open_nursery() as n:
         await n.start(
-            lambda task_status: T.serve(
+            lambda task_status: serve(
                 addresses=["127.0.0.1"], port=port, peer="node1",
-                ctx=T.server_context(site["node2"]), key=KEY, handler=handler,
+                ctx=server_context(site["node2"]), key=KEY, handler=handler,
                 task_status=task_status,
             )
         )  # fmt: skip
-        conn = await T.connect(
+        conn = await connect(
             addresses=[("127.0.0.1", port)], peer="node2",
-            ctx=T.client_context(site["node1"]), key=KEY, timeout=1,
+            ctx=client_context(site["node1"]), key=KEY, timeout=1,
         )  # fmt: skip
-        link = T.PrimaryLink(conn, timeout=3)
+        link = PrimaryLink(conn, timeout=3)
         n.start_soon(link.run)
-        svc._dirty = DirtyLog(svc.dirty_path)
-        svc._dirty.open()
-        svc._al = ActivityLog(svc.al_path)
-        svc._al.open()
-        svc._link = link
-        svc._status.state = "sync"
+        svc.primary.dirty = DirtyLog(svc.layout.dirty)
+        svc.primary.dirty.open()
+        svc.primary.activity = ActivityLog(svc.layout.activity)
+        svc.primary.activity.open()
+        svc.primary.link = link
+        svc.context.status.state = "sync"
         try:
             yield svc, link
         finally:
-            svc._dirty.close()
-            svc._al.close()
+            svc.primary.dirty.close()
+            svc.primary.activity.close()
             applier.close()
             n.cancel_scope.cancel()
 
@@ -132,7 +136,7 @@ def _write(svc: ReplicationService, rec: Record) -> None:
 
 
 def test_a_write_after_the_link_was_lost_in_sync_is_recorded_before_it_is_performed(
-    tmp_path: Path, site: dict[str, T.TlsFiles]
+    tmp_path: Path, site: dict[str, TlsFiles]
 ) -> None:
     """The link is lost (a timeout, a reset) and the service has not gone ALONE yet (the
     connect loop runs later): the next operation is in the dirty log, durably, before it
@@ -142,19 +146,19 @@ def test_a_write_after_the_link_was_lost_in_sync_is_recorded_before_it_is_perfor
         async with _in_sync(tmp_path, site) as (svc, link):
             link.fail("connection reset")
             rec = Record(0, Op.WRITE, b"f", offset=0, data=b"x" * 4096)
-            await svc.before(rec)
-            assert svc._dirty is not None
-            assert b"f" in _on_disk(svc.dirty_path), "performed with no record of it"
-            assert _durable(svc._dirty)
+            await svc.primary.before(rec)
+            assert svc.primary.dirty is not None
+            assert b"f" in _on_disk(svc.layout.dirty), "performed with no record of it"
+            assert _durable(svc.primary.dirty)
             _write(svc, rec)
-            svc.after(rec)
-            assert _durable(svc._dirty)
+            svc.primary.after(rec)
+            assert _durable(svc.primary.dirty)
 
     trio.run(main)
 
 
 def test_a_write_whose_link_is_lost_before_it_is_shipped_is_durable_in_the_dirty_log(
-    tmp_path: Path, site: dict[str, T.TlsFiles]
+    tmp_path: Path, site: dict[str, TlsFiles]
 ) -> None:
     """before() ran in sync (activity log), the link is lost, the operation is performed and
     cannot be shipped: after() returns only once the dirty log holds it durably (the activity
@@ -163,36 +167,36 @@ def test_a_write_whose_link_is_lost_before_it_is_shipped_is_durable_in_the_dirty
     async def main() -> None:
         async with _in_sync(tmp_path, site) as (svc, link):
             rec = Record(0, Op.WRITE, b"g", offset=0, data=b"y" * 4096)
-            await svc.before(rec)
+            await svc.primary.before(rec)
             link.fail("no acknowledgement within 3 s")
             _write(svc, rec)
-            svc.after(rec)
-            assert svc._dirty is not None
-            assert b"g" in _on_disk(svc.dirty_path)
-            assert _durable(svc._dirty), "after() returned with the record not fsync'd"
+            svc.primary.after(rec)
+            assert svc.primary.dirty is not None
+            assert b"g" in _on_disk(svc.layout.dirty)
+            assert _durable(svc.primary.dirty), "after() returned with the record not fsync'd"
 
     trio.run(main)
 
 
 def test_a_namespace_change_after_the_link_was_lost_is_recorded(
-    tmp_path: Path, site: dict[str, T.TlsFiles]
+    tmp_path: Path, site: dict[str, TlsFiles]
 ) -> None:
     async def main() -> None:
         async with _in_sync(tmp_path, site) as (svc, link):
             link.fail("connection reset")
             rec = Record(0, Op.MKDIR, b"d", mode=0o40755)
-            await svc.before(rec)
+            await svc.primary.before(rec)
             os.mkdir(svc.backing / "d")
-            svc.after(rec)
-            assert svc._dirty is not None
-            assert b"d" in _on_disk(svc.dirty_path)
-            assert _durable(svc._dirty)
+            svc.primary.after(rec)
+            assert svc.primary.dirty is not None
+            assert b"d" in _on_disk(svc.layout.dirty)
+            assert _durable(svc.primary.dirty)
 
     trio.run(main)
 
 
 def test_an_unexpected_error_in_a_session_is_a_link_failure_not_an_exit(
-    tmp_path: Path, site: dict[str, T.TlsFiles]
+    tmp_path: Path, site: dict[str, TlsFiles]
 ) -> None:
     """A session that fails on something unforeseen (here the peer's listing is malformed)
     ends that link only: the primary reconnects with backoff, counts it, and the next
@@ -214,13 +218,13 @@ def test_an_unexpected_error_in_a_session_is_a_link_failure_not_an_exit(
             lists += 1
             if lists == 1:
                 return {"tree": {"x": "not a [mode, size, mtime]"}}, b""
-            return {"tree": resync.list_tree(second)}, b""
+            return {"tree": tree.list_tree(second)}, b""
         if obj.get("op") == "sig":
             return {}, D.signature_file(os.fsencode(second / str(obj["path"]))).encode()
         return {}, b""
 
-    async def handler(conn: T.Conn) -> None:
-        await T.SecondarySession(conn, applier.apply, barrier, control).run()
+    async def handler(conn: Conn) -> None:
+        await SecondarySession(conn, applier.apply, barrier, control).run()
 
     svc = _service(tmp_path, site["node1"], port)
     (svc.backing / "x").write_bytes(b"x" * 100_000)
@@ -228,23 +232,23 @@ def test_an_unexpected_error_in_a_session_is_a_link_failure_not_an_exit(
     async def main() -> None:
         async with trio.open_nursery() as n:
             await n.start(
-                lambda task_status: T.serve(
+                lambda task_status: serve(
                     addresses=["127.0.0.1"], port=port, peer="node1",
-                    ctx=T.server_context(site["node2"]), key=KEY, handler=handler,
+                    ctx=server_context(site["node2"]), key=KEY, handler=handler,
                     task_status=task_status,
                 )
             )  # fmt: skip
-            svc._dirty = DirtyLog(svc.dirty_path)
-            svc._dirty.open()
-            svc._al = ActivityLog(svc.al_path)
-            svc._al.open()
-            n.start_soon(svc._connect_loop)
+            svc.primary.dirty = DirtyLog(svc.layout.dirty)
+            svc.primary.dirty.open()
+            svc.primary.activity = ActivityLog(svc.layout.activity)
+            svc.primary.activity.open()
+            n.start_soon(svc.primary.connect_loop)
             with trio.fail_after(20):
                 while svc.status().state != "sync":
                     await trio.sleep(0.05)
             n.cancel_scope.cancel()
-        svc._dirty.close()
-        svc._al.close()
+        svc.primary.dirty.close()
+        svc.primary.activity.close()
 
     trio.run(main)
     applier.close()

@@ -13,19 +13,25 @@ import pytest
 import trio
 
 from ha_runtime.replication import delta as D
-from ha_runtime.replication import resync
-from ha_runtime.replication.applier import Applier
-from ha_runtime.replication.dirtylog import (
+from ha_runtime.replication import tree
+from ha_runtime.replication.activitylog import (
     AL_EXTENT,
     ActivityLog,
-    DirtyLog,
     load_activity,
     merge_peer,
     plan_from_wire,
     plan_to_wire,
 )
+from ha_runtime.replication.dirtylog import DirtyLog
 from ha_runtime.replication.journal import DELTA_IN_PLACE, Op, Record, valid_path
-from ha_runtime.replication.transport import LinkLost, LinkStats, PrimaryLink
+from ha_runtime.replication.link.framing import LinkLost
+from ha_runtime.replication.link.primary import LinkStats, PrimaryLink
+from ha_runtime.replication.resync import full as full_pass
+from ha_runtime.replication.resync.full import full_delta
+from ha_runtime.replication.resync.incremental import incremental
+from ha_runtime.replication.resync.progress import Progress
+from ha_runtime.replication.resync.send import CHUNK, RESYNC_WINDOW
+from ha_runtime.replication.secondary.applier import Applier
 
 
 class ApplyingLink:
@@ -62,7 +68,7 @@ class ApplyingLink:
         if obj["op"] == "list":
             paths = obj.get("paths")
             scope = None if paths is None else {os.fsencode(p) for p in paths}
-            return {"tree": resync.list_tree(root, scope)}, b""
+            return {"tree": tree.list_tree(root, scope)}, b""
         assert obj["op"] == "sig"
         return {}, D.signature_file(os.fsencode(root / obj["path"])).encode()
 
@@ -108,8 +114,8 @@ def test_incremental_rebuilds_the_copy_sending_only_dirty_ranges(tmp_path: Path)
 
     applier = Applier(peer)
     link = ApplyingLink(applier)
-    progress = resync.Progress()
-    trio.run(resync.incremental, link, prim, log.snapshot(), progress)  # type: ignore[arg-type]
+    progress = Progress()
+    trio.run(incremental, link, prim, log.snapshot(), progress)  # type: ignore[arg-type]
     applier.barrier()
     applier.close()
     log.close()
@@ -186,19 +192,19 @@ def test_incremental_keeps_a_bounded_window_in_flight(tmp_path: Path) -> None:
         with trio.fail_after(5):  # 40 MiB: 0.4 s, with no stall waiting for an ack
             async with trio.open_nursery() as n:
                 n.start_soon(link.peer)
-                await resync.incremental(link, root, log.snapshot(), resync.Progress())  # type: ignore[arg-type]
+                await incremental(link, root, log.snapshot(), Progress())  # type: ignore[arg-type]
                 n.cancel_scope.cancel()
 
     trio.run(main)
     log.close()
-    assert link.peak <= resync.RESYNC_WINDOW + resync.CHUNK + 4096
+    assert link.peak <= RESYNC_WINDOW + CHUNK + 4096
     assert link.seq >= 40 and link.sent >= 40 << 20
 
 
 def test_full_resync_of_a_large_file_in_pieces(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(resync, "DELTA_PIECE_OUTPUT", 512 << 10)
+    monkeypatch.setattr(full_pass, "DELTA_PIECE_OUTPUT", 512 << 10)
     prim, peer = tmp_path / "prim", tmp_path / "peer"
     prim.mkdir()
     peer.mkdir()
@@ -213,7 +219,7 @@ def test_full_resync_of_a_large_file_in_pieces(
     ino = (peer / "big").stat().st_ino
     applier = Applier(peer)
     link = ApplyingLink(applier)
-    trio.run(resync.full, link, prim, resync.Progress())  # type: ignore[arg-type]
+    trio.run(full_delta, link, prim, Progress())  # type: ignore[arg-type]
     applier.barrier()
     applier.close()
     assert snapshot(peer) == snapshot(prim)
@@ -306,8 +312,8 @@ def test_returning_primary_gets_only_its_hot_set_and_our_changes(tmp_path: Path)
     merge_peer(state, plan)
     applier = Applier(old)
     link = ApplyingLink(applier)
-    progress = resync.Progress()
-    trio.run(resync.incremental, link, new, state, progress)  # type: ignore[arg-type]
+    progress = Progress()
+    trio.run(incremental, link, new, state, progress)  # type: ignore[arg-type]
     applier.barrier()
     applier.close()
     dirty.close()
@@ -337,7 +343,7 @@ def test_full_resync_scoped_to_paths_leaves_the_rest_alone(tmp_path: Path) -> No
     (peer / "s/extra").write_bytes(b"only on the peer")
     applier = Applier(peer)
     link = ApplyingLink(applier)
-    trio.run(lambda: resync.full(link, prim, resync.Progress(), checksum=True,  # type: ignore[arg-type]
+    trio.run(lambda: full_delta(link, prim, Progress(), checksum=True,  # type: ignore[arg-type]
                                  scope={b"s"}))  # fmt: skip
     applier.barrier()
     applier.close()
@@ -366,7 +372,7 @@ def test_a_split_brain_resync_stops_when_the_peer_could_not_quarantine(tmp_path:
     applier = Applier(peer)
     link = RefusingQuarantineLink(applier)
     with pytest.raises(LinkLost, match="quarantine"):
-        trio.run(lambda: resync.full(link, prim, resync.Progress(), checksum=True,  # type: ignore[arg-type]
+        trio.run(lambda: full_delta(link, prim, Progress(), checksum=True,  # type: ignore[arg-type]
                                      quarantine=True))  # fmt: skip
     applier.close()
     assert (peer / "big").read_bytes() == b"written by the peer during the split"

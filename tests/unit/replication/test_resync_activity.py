@@ -23,10 +23,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ha_runtime.replication import resync
-from ha_runtime.replication.applier import Applier
 from ha_runtime.replication.dirtylog import DirtyLog
 from ha_runtime.replication.journal import Op, Record
-from ha_runtime.replication.transport import LinkLost
+from ha_runtime.replication.link.framing import LinkLost
+from ha_runtime.replication.resync.progress import Progress, hold
+from ha_runtime.replication.resync.settle import SETTLE_ROUNDS
+from ha_runtime.replication.secondary.applier import Applier
 
 _spec = importlib.util.spec_from_file_location(
     "resync_tests", Path(__file__).parent / "test_resync.py"
@@ -82,13 +84,13 @@ class App:
 
     def __init__(self, root: Path, log: DirtyLog, link: LiveLink) -> None:
         self.root, self.log, self.link = root, log, link
-        self.progress: resync.Progress | None = None  # the resync in progress
+        self.progress: Progress | None = None  # the resync in progress
 
     def _do(self, rec: Record, fn: Callable[[], object]) -> None:
         self.log.sync(self.log.note(rec))
         fn()
         # as the service's after(): held back while the resync has yet to reconcile it
-        if self.progress is None or not resync.hold(self.progress, rec):
+        if self.progress is None or not hold(self.progress, rec):
             self.link.submit(rec)
 
     def write(self, rel: str, data: bytes) -> None:
@@ -134,9 +136,9 @@ def _pair(tmp: Path) -> tuple[Path, Path, DirtyLog, Applier, LiveLink, App]:
     return prim, peer, log, applier, link, App(prim, log, link)
 
 
-def _run(link: LiveLink, prim: Path, log: DirtyLog, full: bool, app: App) -> resync.Progress:
+def _run(link: LiveLink, prim: Path, log: DirtyLog, full: bool, app: App) -> Progress:
     """What the primary's session does: the pass, then what changed meanwhile, settled."""
-    progress = app.progress = resync.Progress()
+    progress = app.progress = Progress()
     state = log.snapshot(watch=True)
 
     async def main() -> None:
@@ -233,7 +235,7 @@ def test_a_resync_that_cannot_settle_is_a_link_failure_not_a_loop(tmp_path: Path
     with pytest.raises(LinkLost, match="kept renaming"):
         _run(link, prim, log, full=True, app=app)
     applier.close()
-    assert link.lost_reason and flip[0] >= resync.SETTLE_ROUNDS
+    assert link.lost_reason and flip[0] >= SETTLE_ROUNDS
 
 
 # --------------------------------------------------------------------------- property

@@ -15,9 +15,12 @@ from typing import Any
 import pytest
 import trio
 
-from ha_runtime.replication import transport as T
-from ha_runtime.replication.applier import Applier
 from ha_runtime.replication.journal import Op, Record, derive_key
+from ha_runtime.replication.link.framing import Conn
+from ha_runtime.replication.link.primary import PrimaryLink
+from ha_runtime.replication.link.secondary import ControlHandler, SecondarySession
+from ha_runtime.replication.link.tls import TlsFiles, client_context, connect, serve, server_context
+from ha_runtime.replication.secondary.applier import Applier
 
 KEY = derive_key(b"s" * 48)
 
@@ -28,27 +31,27 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def _connect(port: int, tls: T.TlsFiles) -> T.Conn:
-    return await T.connect(
-        addresses=[("127.0.0.1", port)], peer="node2", ctx=T.client_context(tls), key=KEY,
+async def _connect(port: int, tls: TlsFiles) -> Conn:
+    return await connect(
+        addresses=[("127.0.0.1", port)], peer="node2", ctx=client_context(tls), key=KEY,
         timeout=5,
     )  # fmt: skip
 
 
 async def _serve(
-    n: trio.Nursery, port: int, tls: T.TlsFiles, handler: Any, refused: list[str], **kw: Any
+    n: trio.Nursery, port: int, tls: TlsFiles, handler: Any, refused: list[str], **kw: Any
 ) -> None:
     await n.start(
-        lambda task_status: T.serve(
-            addresses=["127.0.0.1"], port=port, peer="node1", ctx=T.server_context(tls),
+        lambda task_status: serve(
+            addresses=["127.0.0.1"], port=port, peer="node1", ctx=server_context(tls),
             key=KEY, handler=handler, on_refused=refused.append, task_status=task_status, **kw,
         )
     )  # fmt: skip
 
 
 def _session_handler(
-    applier: Applier, rejected: list[str], control: T.ControlHandler | None = None
-) -> Callable[[T.Conn], Any]:
+    applier: Applier, rejected: list[str], control: ControlHandler | None = None
+) -> Callable[[Conn], Any]:
     """What ReplicationService.run_secondary runs per connection, on a real Applier."""
 
     async def barrier() -> int:
@@ -60,8 +63,8 @@ def _session_handler(
         await trio.to_thread.run_sync(applier.barrier)
         return {}, b""
 
-    async def handler(conn: T.Conn) -> None:
-        await T.SecondarySession(
+    async def handler(conn: Conn) -> None:
+        await SecondarySession(
             conn, applier.apply, barrier, control or barrier_control,
             on_rejected=rejected.append, checkpoint_s=30,
         ).run()  # fmt: skip
@@ -93,7 +96,7 @@ class _SlowDisk:
 
 
 def test_a_new_session_cannot_have_its_fsync_acked_unsynced_by_the_old_ones_barrier(
-    tmp_path: Path, site: dict[str, T.TlsFiles], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, site: dict[str, TlsFiles], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Session 1's barrier (a control request's) is in its thread (a slow fsync) when the
     primary reconnects. Session 2 writes b; the old barrier then ended by clearing the dirty set,
@@ -112,13 +115,13 @@ def test_a_new_session_cannot_have_its_fsync_acked_unsynced_by_the_old_ones_barr
     async def main() -> None:
         async with trio.open_nursery() as n:
             await _serve(n, port, site["node2"], _session_handler(applier, rejected), refused)
-            link1 = T.PrimaryLink(await _connect(port, site["node1"]), timeout=10)
+            link1 = PrimaryLink(await _connect(port, site["node1"]), timeout=10)
             n.start_soon(link1.run)
             link1.submit(Record(0, Op.CREATE, b"a", mode=0o100600))
             link1.submit(Record(0, Op.WRITE, b"a", data=b"a" * 100))
             link1.submit_control({"op": "list"})  # the secondary syncs a first, slowly
             await trio.to_thread.run_sync(slow_started.wait, 10)
-            link2 = T.PrimaryLink(await _connect(port, site["node1"]), timeout=10)
+            link2 = PrimaryLink(await _connect(port, site["node1"]), timeout=10)
             n.start_soon(link2.run)
             link2.submit(Record(0, Op.CREATE, b"b", mode=0o100600))
             link2.submit(Record(0, Op.WRITE, b"b", data=b"b" * 100))
@@ -141,14 +144,14 @@ def test_a_new_session_cannot_have_its_fsync_acked_unsynced_by_the_old_ones_barr
 
 
 def test_a_new_session_starts_only_once_the_old_one_has_returned(
-    site: dict[str, T.TlsFiles],
+    site: dict[str, TlsFiles],
 ) -> None:
     """The old handler may be in a thread (uncancellable) when the new connection comes."""
     port = free_port()
     order: list[str] = []
     refused: list[str] = []
 
-    async def handler(conn: T.Conn) -> None:
+    async def handler(conn: Conn) -> None:
         me = f"s{sum(1 for o in order if o.startswith('start')) + 1}"
         order.append(f"start {me}")
         try:
@@ -178,7 +181,7 @@ def test_a_new_session_starts_only_once_the_old_one_has_returned(
 
 
 def test_handshakes_are_bounded_and_the_excess_closed_and_counted(
-    site: dict[str, T.TlsFiles],
+    site: dict[str, TlsFiles],
 ) -> None:
     """A flood of connections that never finish their handshake used to be served all at
     once, each holding a task and a TLS state for the whole handshake timeout."""
@@ -187,7 +190,7 @@ def test_handshakes_are_bounded_and_the_excess_closed_and_counted(
     rejected: list[str] = []
     sessions: list[str] = []
 
-    async def handler(conn: T.Conn) -> None:
+    async def handler(conn: Conn) -> None:
         sessions.append(conn.peer)
 
     closed_fast: list[bool] = []
@@ -224,7 +227,7 @@ def test_handshakes_are_bounded_and_the_excess_closed_and_counted(
 
 
 def test_an_unexpected_error_in_a_session_ends_that_link_only_and_is_counted(
-    tmp_path: Path, site: dict[str, T.TlsFiles]
+    tmp_path: Path, site: dict[str, TlsFiles]
 ) -> None:
     """A control request that overflows the stack (RecursionError) or a record the applier
     refuses ends the session, counted; the listener serves the next connection."""
@@ -244,7 +247,7 @@ def test_an_unexpected_error_in_a_session_ends_that_link_only_and_is_counted(
                 n, port, site["node2"], _session_handler(applier, rejected, control), refused
             )
             for attempt in ("control", "record", "refused", "ok"):
-                link = T.PrimaryLink(await _connect(port, site["node1"]), timeout=5)
+                link = PrimaryLink(await _connect(port, site["node1"]), timeout=5)
                 n.start_soon(link.run)
                 if attempt == "control":
                     link.submit_control({"op": "x"}, b"[" * 200_000)
@@ -258,7 +261,7 @@ def test_an_unexpected_error_in_a_session_ends_that_link_only_and_is_counted(
                     await link.wait_acked(seq)
                     break
                 with trio.fail_after(5):
-                    await link._lost.wait()
+                    await link.wait_lost()
                 lost.append(link.lost_reason or "")
             n.cancel_scope.cancel()
 

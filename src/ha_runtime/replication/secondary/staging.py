@@ -27,6 +27,7 @@ import secrets
 from pathlib import Path
 
 from ha_runtime.replication.beneath import DIR_FLAGS
+from ha_runtime.replication.layout import staging_of
 
 TMP_PREFIX = b".hapair-tmp."
 
@@ -44,7 +45,7 @@ class Staging:
         self.tmpfile = True  # O_TMPFILE works here (learnt at the first refusal)
         # fd -> (its directory, its name), where O_TMPFILE is missing
         self._named: dict[int, tuple[int, bytes]] = {}
-        where = root.parent / f".{root.name}.hapair-staging"
+        where = staging_of(root)
         with contextlib.suppress(FileExistsError):
             where.mkdir(mode=0o700)
         fd = os.open(where, DIR_FLAGS)

@@ -14,9 +14,12 @@ import trio
 import trio.testing
 
 from ha_runtime.replication import journal as J
-from ha_runtime.replication import transport as T
-from ha_runtime.replication.applier import Applier
 from ha_runtime.replication.journal import Kind, Op, Record, derive_key, encode_frame
+from ha_runtime.replication.link.framing import Conn, LinkLost
+from ha_runtime.replication.link.primary import PrimaryLink
+from ha_runtime.replication.link.secondary import HEAVY_RECORD_BYTES, SecondarySession
+from ha_runtime.replication.link.tls import TlsFiles, client_context, connect, serve, server_context
+from ha_runtime.replication.secondary.applier import Applier
 
 KEY = derive_key(b"s" * 48)
 
@@ -27,21 +30,21 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def _connect(port: int, tls: T.TlsFiles) -> T.Conn:
+async def _connect(port: int, tls: TlsFiles) -> Conn:
     """The primary's end: connect to the secondary listening on loopback."""
-    return await T.connect(
-        addresses=[("127.0.0.1", port)], peer="node2", ctx=T.client_context(tls), key=KEY,
+    return await connect(
+        addresses=[("127.0.0.1", port)], peer="node2", ctx=client_context(tls), key=KEY,
         timeout=1,
     )  # fmt: skip
 
 
 async def _listen(
-    n: trio.Nursery, port: int, tls: T.TlsFiles, handler: Callable[[T.Conn], Awaitable[None]]
+    n: trio.Nursery, port: int, tls: TlsFiles, handler: Callable[[Conn], Awaitable[None]]
 ) -> None:
     """The secondary's end: serve ``handler`` on loopback, for the primary node1."""
     await n.start(
-        lambda task_status: T.serve(
-            addresses=["127.0.0.1"], port=port, peer="node1", ctx=T.server_context(tls),
+        lambda task_status: serve(
+            addresses=["127.0.0.1"], port=port, peer="node1", ctx=server_context(tls),
             key=KEY, handler=handler, task_status=task_status,
         )
     )  # fmt: skip
@@ -52,7 +55,7 @@ async def _no_control(obj: dict[str, Any], body: bytes) -> tuple[dict[str, Any],
 
 
 def _secondary(
-    tmp: Path, tls: T.TlsFiles, port: int, refused: list[str], key: bytes = KEY, *,
+    tmp: Path, tls: TlsFiles, port: int, refused: list[str], key: bytes = KEY, *,
     checkpoint_s: float = 1.0, apply: Callable[[Applier, Record], None] | None = None,
 ):  # fmt: skip
     applier = Applier(tmp / "second")
@@ -62,8 +65,8 @@ def _secondary(
         applier.barrier()
         return applier.applied_seq
 
-    async def handler(conn: T.Conn) -> None:
-        await T.SecondarySession(
+    async def handler(conn: Conn) -> None:
+        await SecondarySession(
             conn, apply_one, barrier, _no_control, on_rejected=refused.append,
             checkpoint_s=checkpoint_s,
         ).run()  # fmt: skip
@@ -74,9 +77,9 @@ def _secondary(
 
         async with trio.open_nursery() as n:
             await n.start(
-                lambda task_status: T.serve(
+                lambda task_status: serve(
                     addresses=["127.0.0.1"], port=port, peer="node1",
-                    ctx=T.server_context(tls), key=key, handler=handler,
+                    ctx=server_context(tls), key=key, handler=handler,
                     on_refused=refused.append, task_status=task_status,
                 )
             )  # fmt: skip
@@ -85,7 +88,7 @@ def _secondary(
     return applier, run
 
 
-def test_records_in_order_with_durable_ack(tmp_path: Path, site: dict[str, T.TlsFiles]) -> None:
+def test_records_in_order_with_durable_ack(tmp_path: Path, site: dict[str, TlsFiles]) -> None:
     port = free_port()
     refused: list[str] = []
     _applier, run_secondary = _secondary(tmp_path, site["node2"], port, refused)
@@ -93,11 +96,11 @@ def test_records_in_order_with_durable_ack(tmp_path: Path, site: dict[str, T.Tls
     async def main() -> None:
         async with trio.open_nursery() as n:
             await n.start(run_secondary)
-            conn = await T.connect(
+            conn = await connect(
                 addresses=[("127.0.0.9", 1), ("127.0.0.1", port)],  # first one is down
-                peer="node2", ctx=T.client_context(site["node1"]), key=KEY, timeout=1,
+                peer="node2", ctx=client_context(site["node1"]), key=KEY, timeout=1,
             )  # fmt: skip
-            link = T.PrimaryLink(conn, timeout=3)
+            link = PrimaryLink(conn, timeout=3)
             n.start_soon(link.run)
             link.submit(Record(0, Op.CREATE, b"f", mode=0o100644))
             for i in range(100):
@@ -115,7 +118,7 @@ def test_records_in_order_with_durable_ack(tmp_path: Path, site: dict[str, T.Tls
 
 
 def test_large_writes_are_acknowledged_on_receipt_without_a_barrier(
-    tmp_path: Path, site: dict[str, T.TlsFiles]
+    tmp_path: Path, site: dict[str, TlsFiles]
 ) -> None:
     """A stream of 1 MiB writes frees the primary's send queue as it arrives (acked by count
     alone, it waited for the secondary's next checkpoint with the queue full)."""
@@ -129,7 +132,7 @@ def test_large_writes_are_acknowledged_on_receipt_without_a_barrier(
             await n.start(run_secondary)
             conn = await _connect(port, site["node1"])
             # keepalives (every timeout/4) are answered with an ack: none within the test
-            link = T.PrimaryLink(conn, timeout=80, max_inflight=6 << 20)
+            link = PrimaryLink(conn, timeout=80, max_inflight=6 << 20)
             n.start_soon(link.run)
             link.submit(Record(0, Op.CREATE, b"f", mode=0o100644))
             with trio.fail_after(15):
@@ -147,7 +150,7 @@ def test_large_writes_are_acknowledged_on_receipt_without_a_barrier(
 
 
 def test_other_site_certificate_and_garbage_are_refused(
-    tmp_path: Path, site: dict[str, T.TlsFiles], other_site: dict[str, T.TlsFiles]
+    tmp_path: Path, site: dict[str, TlsFiles], other_site: dict[str, TlsFiles]
 ) -> None:
     port = free_port()
     refused: list[str] = []
@@ -157,26 +160,26 @@ def test_other_site_certificate_and_garbage_are_refused(
         async with trio.open_nursery() as n:
             await n.start(run_secondary)
             client_refused: list[str] = []
-            with pytest.raises(T.LinkLost):
-                await T.connect(
+            with pytest.raises(LinkLost):
+                await connect(
                     addresses=[("127.0.0.1", port)], peer="node2",
-                    ctx=T.client_context(other_site["node1"]), key=KEY, timeout=2,
+                    ctx=client_context(other_site["node1"]), key=KEY, timeout=2,
                     on_refused=client_refused.append,
                 )  # fmt: skip
             assert client_refused  # and the server logged it too
             # the right site, the wrong node name (node2 pretending to be the primary)
-            with pytest.raises((T.LinkLost, trio.BrokenResourceError)):
-                c = await T.connect(
+            with pytest.raises((LinkLost, trio.BrokenResourceError)):
+                c = await connect(
                     addresses=[("127.0.0.1", port)], peer="node2",
-                    ctx=T.client_context(site["node2"]), key=KEY, timeout=2,
+                    ctx=client_context(site["node2"]), key=KEY, timeout=2,
                 )  # fmt: skip
                 await c.send(b"x")
                 assert await c.recv() is None
-                raise T.LinkLost("closed")
+                raise LinkLost("closed")
             # a genuine peer sending garbage: dropped at the first frame, nothing applied
-            c = await T.connect(
+            c = await connect(
                 addresses=[("127.0.0.1", port)], peer="node2",
-                ctx=T.client_context(site["node1"]), key=KEY, timeout=2,
+                ctx=client_context(site["node1"]), key=KEY, timeout=2,
             )  # fmt: skip
             await c.send(b"GET / HTTP/1.0\r\n\r\n" * 10)
             assert await c.recv() is None
@@ -190,21 +193,21 @@ def test_other_site_certificate_and_garbage_are_refused(
     assert not (tmp_path / "second").exists() or list((tmp_path / "second").iterdir()) == []
 
 
-def test_silent_peer_times_out(site: dict[str, T.TlsFiles]) -> None:
+def test_silent_peer_times_out(site: dict[str, TlsFiles]) -> None:
     port = free_port()
 
     async def main() -> None:
-        async def black_hole(conn: T.Conn) -> None:
+        async def black_hole(conn: Conn) -> None:
             await trio.sleep_forever()
 
         async with trio.open_nursery() as n:
             await _listen(n, port, site["node2"], black_hole)
             conn = await _connect(port, site["node1"])
-            link = T.PrimaryLink(conn, timeout=0.5)
+            link = PrimaryLink(conn, timeout=0.5)
             n.start_soon(link.run)
             seq = link.submit(Record(0, Op.FSYNC, b""))
             t0 = trio.current_time()
-            with pytest.raises(T.LinkLost):
+            with pytest.raises(LinkLost):
                 await link.wait_acked(seq)
             assert trio.current_time() - t0 < 1.0
             assert [r.seq for r in link.unacked()] == [seq]
@@ -214,7 +217,7 @@ def test_silent_peer_times_out(site: dict[str, T.TlsFiles]) -> None:
 
 
 def test_room_waits_for_a_slow_secondary_that_acks_and_gives_up_on_a_silent_one() -> None:
-    link = T.PrimaryLink(conn=None, timeout=0.2, max_inflight=10)  # type: ignore[arg-type]
+    link = PrimaryLink(conn=None, timeout=0.2, max_inflight=10)  # type: ignore[arg-type]
 
     async def acks(every: float, times: int) -> None:
         for _ in range(times):
@@ -237,7 +240,7 @@ def test_room_waits_for_a_slow_secondary_that_acks_and_gives_up_on_a_silent_one(
 
 def _slow_large_writes(applier: Applier, rec: Record) -> None:
     """A secondary whose disk takes 2 s per large write (a resync piece on a busy disk)."""
-    if len(rec.data) >= T.HEAVY_RECORD_BYTES:
+    if len(rec.data) >= HEAVY_RECORD_BYTES:
         time.sleep(2.0)
         if rec.offset == 1 << 30:
             raise OSError(28, "No space left on device")
@@ -245,7 +248,7 @@ def _slow_large_writes(applier: Applier, rec: Record) -> None:
 
 
 def test_a_slow_large_record_keeps_the_link_alive_and_its_error_still_ends_it(
-    tmp_path: Path, site: dict[str, T.TlsFiles]
+    tmp_path: Path, site: dict[str, TlsFiles]
 ) -> None:
     """While a large record is applied (in a worker thread), keepalives are answered: a
     link with a 1 s timeout survives a 2 s apply, and the record is acknowledged when done.
@@ -255,14 +258,14 @@ def test_a_slow_large_record_keeps_the_link_alive_and_its_error_still_ends_it(
     _applier, run_secondary = _secondary(
         tmp_path, site["node2"], port, refused, apply=_slow_large_writes
     )
-    big = b"x" * T.HEAVY_RECORD_BYTES
+    big = b"x" * HEAVY_RECORD_BYTES
     lost: list[str | None] = []
 
     async def main() -> None:
         async with trio.open_nursery() as n:
             await n.start(run_secondary)
             conn = await _connect(port, site["node1"])
-            link = T.PrimaryLink(conn, timeout=1)
+            link = PrimaryLink(conn, timeout=1)
             n.start_soon(link.run)
             link.submit(Record(0, Op.CREATE, b"f", mode=0o100644))
             seq = link.submit(Record(0, Op.WRITE, b"f", offset=0, data=big))
@@ -272,7 +275,7 @@ def test_a_slow_large_record_keeps_the_link_alive_and_its_error_still_ends_it(
             assert link.lost_reason is None
             link.submit(Record(0, Op.WRITE, b"f", offset=1 << 30, data=big))
             with trio.fail_after(10):
-                await link._lost.wait()
+                await link.wait_lost()
             lost.append(link.lost_reason)
             n.cancel_scope.cancel()
 
@@ -282,14 +285,14 @@ def test_a_slow_large_record_keeps_the_link_alive_and_its_error_still_ends_it(
 
 
 def test_a_session_broken_mid_send_ends_alone_and_the_listener_serves_the_next(
-    site: dict[str, T.TlsFiles],
+    site: dict[str, TlsFiles],
 ) -> None:
     """A primary that vanishes while the secondary sends (its ack hits a reset) ends that
     session only; before, the error took the whole replication process down."""
     port = free_port()
     sessions: list[str] = []
 
-    async def handler(conn: T.Conn) -> None:
+    async def handler(conn: Conn) -> None:
         sessions.append(conn.peer)
         if len(sessions) == 1:
             raise trio.BrokenResourceError  # what a send to a reset peer raises
@@ -319,7 +322,7 @@ def test_a_long_queue_is_sent_in_bounded_batches_in_order() -> None:
 
     async def main() -> None:
         peer, ours = trio.testing.memory_stream_pair()
-        conn = T.Conn(ours, KEY, "node2")
+        conn = Conn(ours, KEY, "node2")
         real_send = conn.send
 
         async def send(data: bytes) -> None:
@@ -327,7 +330,7 @@ def test_a_long_queue_is_sent_in_bounded_batches_in_order() -> None:
             await real_send(data)
 
         conn.send = send  # type: ignore[method-assign]
-        link = T.PrimaryLink(conn, timeout=5)
+        link = PrimaryLink(conn, timeout=5)
         link.untagged = True
         big = b"x" * (1 << 20)
         for i in range(6):

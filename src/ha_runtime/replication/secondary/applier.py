@@ -17,13 +17,14 @@
 - **Refusals**: ``apply`` raises ``OSError`` (the file system refused: ENOSPC, EIO...) or
   ``RecordRefused`` (a ``ValueError``: unsafe path, field out of range, delta out of
   sequence), never anything else; the secondary drops the link and counts it.
+
+Long because: one class, one handler per journal operation, one lock, one dirty set.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import errno
 import mmap
 import os
@@ -35,24 +36,18 @@ from pathlib import Path
 from ha_runtime.replication import beneath
 from ha_runtime.replication import delta as D
 from ha_runtime.replication.beneath import open_file, open_parent
+from ha_runtime.replication.fsops import fallocate, libc, renameat2, set_attributes
 from ha_runtime.replication.journal import (
     DELTA_CONT,
     DELTA_IN_PLACE,
     DELTA_MORE,
     FSYNC_DATA,
-    SET_ATIME,
-    SET_GID,
-    SET_MODE,
-    SET_MTIME,
     SET_SIZE,
-    SET_UID,
     Op,
     Record,
 )
-from ha_runtime.replication.staging import Staging
+from ha_runtime.replication.secondary.staging import Staging
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-AT_FDCWD = -100
 # A barrier with more dirty files than this syncs the file system once (syncfs) instead of
 # each file: a live fsync touches one or a few files, a resync hundreds.
 SYNCFS_OVER = 8
@@ -77,19 +72,6 @@ class UnsafePath(RecordRefused, beneath.UnsafePath):
 
 class DeltaRefused(RecordRefused, D.DeltaError):
     """A malformed delta, or a piece out of sequence (still a ``DeltaError``)."""
-
-
-def renameat2(sfd: int, src: bytes, dfd: int, dst: bytes, flags: int) -> None:
-    if _libc.renameat2(sfd, src, dfd, dst, ctypes.c_uint(flags)) != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e))
-
-
-def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-    r = _libc.fallocate(fd, ctypes.c_int(mode), ctypes.c_long(offset), ctypes.c_long(length))
-    if r != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e))
 
 
 class Applier:
@@ -419,30 +401,14 @@ class Applier:
             fd_only = False
         try:
             st = os.fstat(pfd) if fd_only else os.stat(name, dir_fd=pfd, follow_symlinks=False)
-            is_link = stat.S_ISLNK(st.st_mode)
             if r.flags & SET_SIZE:
                 os.ftruncate(self._file(r.path), r.offset)
                 self._dirty_files.add(r.path)
-            if r.flags & (SET_UID | SET_GID):
-                ruid, rgid = self._ids(r)
-                uid = ruid if r.flags & SET_UID else -1
-                gid = rgid if r.flags & SET_GID else -1
-                if fd_only:
-                    os.fchown(pfd, uid, gid)
-                else:
-                    os.chown(name, uid, gid, dir_fd=pfd, follow_symlinks=False)
-            if r.flags & SET_MODE and not is_link:
-                if fd_only:
-                    os.fchmod(pfd, r.mode & 0o7777)
-                else:
-                    os.chmod(name, r.mode & 0o7777, dir_fd=pfd)
-            if r.flags & (SET_ATIME | SET_MTIME):
-                a = r.atime_ns if r.flags & SET_ATIME else st.st_atime_ns
-                m = r.mtime_ns if r.flags & SET_MTIME else st.st_mtime_ns
-                if fd_only:
-                    os.utime(pfd, ns=(a, m))
-                else:
-                    os.utime(name, ns=(a, m), dir_fd=pfd, follow_symlinks=False)
+            ids = self._ids(r)
+            if fd_only:
+                set_attributes(r, st, pfd, ids=ids)
+            else:
+                set_attributes(r, st, name, pfd, ids=ids)
         finally:
             if not fd_only:
                 self._done(pfd)
@@ -663,7 +629,7 @@ class Applier:
                 dir_fds.append(dfd)
                 if os.fstat(dfd).st_dev != dev:
                     others.append(dfd)
-            if _libc.syncfs(self.root_fd) != 0:
+            if libc.syncfs(self.root_fd) != 0:
                 e = ctypes.get_errno()
                 raise OSError(e, os.strerror(e))
             for fd in others:
@@ -687,7 +653,7 @@ def _start_writeback(fd: int) -> None:
     that follows is what makes it durable). A delta rebuilds a large file piece by piece in
     the secondary's event loop; left to its last piece, the fsync of 1 GiB took 2.2 s on a
     loop disk, past the link timeout, and the full resync started again from the start."""
-    _libc.sync_file_range(
+    libc.sync_file_range(
         ctypes.c_int(fd),
         ctypes.c_int64(0),
         ctypes.c_int64(0),

@@ -1,4 +1,5 @@
-"""`hactl replicate primary|secondary MODULE --dir N`: one replicated directory, one process.
+"""`hactl replicate primary|secondary MODULE --dir N`: one replicated directory, one process
+(the process entry of ``ha_runtime.replication``; the daemon's ``replica`` supervises it).
 
 pyfuse3 serves one mount per process, so the daemon runs every replicated directory's
 service in a child of its own (both roles, for one way of supervising them). The child
@@ -35,12 +36,16 @@ import subprocess
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from ha_runtime.config import ClusterConfig, ModuleConfig
 from ha_runtime.journal_log import stderr_handler
+from ha_runtime.replication.layout import Layout
+
+if TYPE_CHECKING:  # the daemon imports this module for mounted/unmount: keep it light
+    pass
 
 log = logging.getLogger("hapair.replicate")
 
@@ -74,12 +79,13 @@ def unmount(path: Path) -> None:
             raise OSError(f"cannot unmount {path}: {r.stderr.strip()}")
 
 
-def prepare_dirs(app_dir: Path, backing: Path, base: Path, module: str, index: int) -> list[str]:
+def prepare_dirs(layout: Layout) -> list[str]:
     """Make app_dir an empty, unmounted directory and backing the copy; report what moved.
 
     Files found in the (unmounted) application directory are either the data of a
     directory that was not replicated before (adopted into an empty, never synced backing
     directory) or writes made behind the replicator's back (moved aside, never deleted)."""
+    app_dir, backing = layout.app_dir, layout.backing
     notes: list[str] = []
     if mounted(app_dir):
         unmount(app_dir)
@@ -94,14 +100,14 @@ def prepare_dirs(app_dir: Path, backing: Path, base: Path, module: str, index: i
     entries = sorted(os.listdir(app_dir))
     if not entries:
         return notes
-    never_synced = not (base / f"{module}.{index}.synced").exists()
+    never_synced = not layout.synced.exists()
     if never_synced and not os.listdir(backing):
         for e in entries:
             shutil.move(app_dir / e, backing / e)
         notes.append(f"adopted {len(entries)} existing entries of {app_dir} into {backing}")
     else:
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
-        dest = base / f"{module}.stray" / stamp / str(index)
+        dest = layout.stray_root / stamp / str(layout.index)
         dest.mkdir(parents=True, exist_ok=True)
         for e in entries:
             shutil.move(app_dir / e, dest / e)
@@ -130,11 +136,9 @@ class _Out:
 async def run_child(  # noqa: PLR0915 - one place for the whole child protocol
     role: str, cluster: ClusterConfig, module: ModuleConfig, index: int
 ) -> int:
-    from ha_runtime.replication.service import (  # noqa: PLC0415
-        Event,
-        ReplicationService,
-    )
-    from ha_runtime.replication.transport import LinkLost  # noqa: PLC0415
+    from ha_runtime.replication.context import Event  # noqa: PLC0415
+    from ha_runtime.replication.link.framing import LinkLost  # noqa: PLC0415
+    from ha_runtime.replication.service import ReplicationService  # noqa: PLC0415
 
     out = _Out()
 
@@ -149,8 +153,7 @@ async def run_child(  # noqa: PLR0915 - one place for the whole child protocol
     svc = ReplicationService(
         module, cluster, settings, on_event=on_event, dir_index=index, fence=fence
     )
-    base = module.replication.backing_base(cluster.state_dir)
-    for note in prepare_dirs(svc.app_dir, svc.backing, base, module.name, index):
+    for note in prepare_dirs(svc.layout):
         log.warning("%s: %s", module.name, note)
         out.send({"type": "event", "kind": "directory_prepared", "detail": {"note": note}})
     stop = trio.Event()

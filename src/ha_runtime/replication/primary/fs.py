@@ -9,6 +9,8 @@ such a handle call ``sink.barrier(path)``, which returns only once the peer ackn
 (or, ALONE, once the dirty log and the local file are durable). See docs/replication.md.
 
 Inode numbers are the backing files' own. pyfuse3 serves one mount per process.
+
+Long because: one pyfuse3 Operations class, one method per FUSE call.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Any, Protocol
 import pyfuse3
 import trio
 
-from ha_runtime.replication.applier import AT_FDCWD, renameat2
+from ha_runtime.replication.fsops import AT_FDCWD, renameat2, set_attributes
 from ha_runtime.replication.journal import (
     SET_ATIME,
     SET_GID,
@@ -260,18 +262,7 @@ class PassthroughFS(pyfuse3.Operations):
 
     @staticmethod
     def _do_setattr(p: bytes, r: Record) -> None:
-        st = os.lstat(p)
-        if r.flags & (SET_UID | SET_GID):
-            os.chown(
-                p, r.uid if r.flags & SET_UID else -1, r.gid if r.flags & SET_GID else -1,
-                follow_symlinks=False,
-            )  # fmt: skip
-        if r.flags & SET_MODE and not stat.S_ISLNK(st.st_mode):
-            os.chmod(p, stat.S_IMODE(r.mode))
-        if r.flags & (SET_ATIME | SET_MTIME):
-            a = r.atime_ns if r.flags & SET_ATIME else st.st_atime_ns
-            m = r.mtime_ns if r.flags & SET_MTIME else st.st_mtime_ns
-            os.utime(p, ns=(a, m), follow_symlinks=False)
+        set_attributes(r, os.lstat(p), p)
 
     async def readlink(self, inode: int, ctx: Any) -> bytes:
         try:

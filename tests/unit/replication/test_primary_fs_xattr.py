@@ -10,8 +10,8 @@ import pyfuse3
 import pytest
 import trio
 
-from ha_runtime.replication import fusefs
 from ha_runtime.replication.journal import Record
+from ha_runtime.replication.primary import fs as fusefs
 
 CAPS = b"security.capability"
 # A version 2 capability set (cap_net_bind_service=ep), as setcap writes it.

@@ -1,0 +1,70 @@
+"""Every on-disk path of one replicated directory, derived once (docs/replication.md).
+
+Both roles and the process entry use these paths; nothing else joins them by hand:
+
+- ``backing``: the copy itself (``<base>/<module>/<index>``); the primary's FUSE mount
+  serves it at ``app_dir``, the secondary's applier writes into it.
+- ``staging``: where the secondary's applier names a rebuilt file before it replaces the
+  old one (``<base>/<module>/.<index>.hapair-staging``, beside the backing directory on the
+  same file system; ``secondary.staging``, ``staging_of``).
+- ``dirty``: the dirty log (``<base>/<module>.<index>.dirty``): what the peer may lack.
+- ``activity``: the activity log (``<base>/<module>.<index>.al``): what may be in flight.
+- ``synced``: the generation at which both copies were last identical.
+- ``quarantine_root``: the secondary's saved copies of split-brain files (per module).
+- ``stray_root``: files written in ``app_dir`` while it was not replicated (per module).
+The module's data generation file is the generation store's (``GenerationStore(state_dir,
+module)``, shared with the mirror manager): not a replication path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Layout:
+    module: str
+    index: int
+    app_dir: Path
+    base: Path  # the replication root: ReplicationSettings.backing_root or <state_dir>/replica
+    state_dir: Path
+
+    @classmethod
+    def of(
+        cls, module: str, index: int, app_dir: Path, state_dir: Path, backing_root: Path | None
+    ) -> Layout:
+        return cls(module, index, app_dir, backing_root or state_dir / "replica", state_dir)
+
+    @property
+    def backing(self) -> Path:
+        return self.base / self.module / str(self.index)
+
+    @property
+    def staging(self) -> Path:
+        return staging_of(self.backing)
+
+    @property
+    def dirty(self) -> Path:
+        return self.base / f"{self.module}.{self.index}.dirty"
+
+    @property
+    def activity(self) -> Path:
+        return self.base / f"{self.module}.{self.index}.al"
+
+    @property
+    def synced(self) -> Path:
+        return self.base / f"{self.module}.{self.index}.synced"
+
+    @property
+    def quarantine_root(self) -> Path:
+        return self.base / f"{self.module}.quarantine"
+
+    @property
+    def stray_root(self) -> Path:
+        return self.base / f"{self.module}.stray"
+
+
+def staging_of(backing: Path) -> Path:
+    """The staging directory of a backing directory (the applier knows only its root)."""
+    return backing.parent / f".{backing.name}.hapair-staging"
