@@ -24,7 +24,7 @@ import pytest
 
 from ha_lab import records
 
-APP = Path(__file__).parents[2] / "roles/flightdata/files/flightdata.py"
+APP = Path(__file__).parents[3] / "roles/flightdata/files/flightdata.py"
 
 
 def _app() -> ModuleType:
