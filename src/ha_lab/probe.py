@@ -1,4 +1,4 @@
-"""HTTP probe run inside the lab's client namespace; prints one JSON line per attempt.
+"""HTTP probe run inside the lab's client namespace; one line per attempt (ha_lab.stream).
 
 It runs as its own process in the client namespace (Python 3.11 has no os.setns), and
 timestamps with CLOCK_MONOTONIC, which the host and every namespace share, so the
@@ -12,6 +12,8 @@ import http.client
 import json
 import sys
 import time
+
+from .stream import emit
 
 
 def attempt(host: str, port: int, path: str, timeout: float) -> str | None:
@@ -44,8 +46,7 @@ def main() -> int:
     while time.monotonic() < end:
         started = time.monotonic()
         node = attempt(args.host, args.port, args.path, args.timeout)
-        sys.stdout.write(json.dumps({"t": started, "node": node}) + "\n")
-        sys.stdout.flush()
+        emit(sys.stdout, t=started, node=node)
         time.sleep(max(0.0, args.interval - (time.monotonic() - started)))
     return 0
 
