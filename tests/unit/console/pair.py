@@ -21,9 +21,10 @@ from ha_runtime.console.auth import make_hash
 from ha_runtime.daemon import NodeDaemon
 from ha_runtime.replica_child import mounted
 from ha_runtime.states import State
+from tests.sitefactory import FakeVip, wait
 
 from .pki import make_cert
-from .site import FakeVip, pair_site, wait
+from .site import pair_site
 
 PASSWORDS = {"ops": "correct horse battery", "viewer": "look but do not touch"}
 

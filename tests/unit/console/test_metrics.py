@@ -27,9 +27,10 @@ from ha_runtime.metrics import (
 from ha_runtime.replica import DirChild, ReplicaSupervisor
 from ha_runtime.replication.service import ReplicationStatus
 from ha_runtime.states import State
+from tests.sitefactory import FakeVip, wait
 
 from .pki import make_ca, make_cert
-from .site import FakeVip, pair_site, wait
+from .site import pair_site
 
 KEY = b"m" * 48
 
