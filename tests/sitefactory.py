@@ -8,11 +8,17 @@ type with the VIP faked. Two forms:
 - files (`write_site`): cluster.yml and modules/<name>.yml of one node, for `load_site`
   and a real NodeDaemon;
 - parsed (`parsed_configs`): ClusterConfig and ModuleConfig, for a manager tested alone
-  (no file is read; scripts and TLS paths are not checked).
+  (no file is read; scripts and TLS paths are not checked);
+- replication (`replication_cluster`, `replication_module`): the configs a replication
+  service takes, both nodes at 127.0.0.1 (the link's two ends on one host).
+
+Configs are always made by the runtime's own parser, never by calling the dataclasses,
+so a test's site is one the runtime would accept from a file.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -22,7 +28,13 @@ from typing import Any
 import trio
 import yaml
 
-from ha_runtime.config import ClusterConfig, ModuleConfig, parse_cluster, parse_module
+from ha_runtime.config import (
+    ClusterConfig,
+    ModuleConfig,
+    ScriptsSpec,
+    parse_cluster,
+    parse_module,
+)
 
 NODES = ("node1", "node2")
 ADDRESSES = {"node1": "127.0.0.1", "node2": "127.0.0.2"}
@@ -47,13 +59,14 @@ def cluster_data(
     state_dir: Path,
     site_key: Path | str = "/k",
     tls: Tls | None = None,
+    addresses: Mapping[str, str] = ADDRESSES,
     **more: Any,
 ) -> dict[str, Any]:
     """cluster.yml of `node` as data; `more` adds or overrides keys (heartbeat_port,
     api_socket, modules_dir, console ...). Paths the parser does not open by default."""
     data: dict[str, Any] = {
         "node": node,
-        "nodes": [{"name": n, "addresses": {"lan": ADDRESSES[n]}} for n in NODES],
+        "nodes": [{"name": n, "addresses": {"lan": addresses[n]}} for n in NODES],
         "site_key": str(site_key),
         "tls": (
             {"ca": str(tls.ca), "cert": str(tls.cert), "key": str(tls.key)}
@@ -105,17 +118,46 @@ def _strings(value: Any) -> Any:
     return value
 
 
+def parsed_cluster(tmp: Path, node: str = "node1", **more: Any) -> ClusterConfig:
+    """The parsed cluster.yml of `node` (state in tmp/state unless `more` says)."""
+    data = cluster_data(node, **({"state_dir": tmp / "state"} | more))
+    cluster, errors = parse_cluster(data, tmp / "cluster.yml")
+    assert cluster is not None, errors
+    return cluster
+
+
+def parsed_module(tmp: Path, module: dict[str, Any], cluster: ClusterConfig) -> ModuleConfig:
+    parsed, errors = parse_module(module, tmp / f"{module['name']}.yml", cluster, check_files=False)
+    assert parsed is not None, errors
+    return parsed
+
+
 def parsed_configs(
     tmp: Path, module: dict[str, Any], node: str = "node1"
 ) -> tuple[ClusterConfig, ModuleConfig]:
     """The parsed configs of `node` with one module (module files are not checked)."""
-    cluster, errors = parse_cluster(
-        cluster_data(node, state_dir=tmp / "state"), tmp / "cluster.yml"
-    )
-    assert cluster is not None, errors
-    parsed, errors = parse_module(module, tmp / f"{module['name']}.yml", cluster, check_files=False)
-    assert parsed is not None, errors
-    return cluster, parsed
+    cluster = parsed_cluster(tmp, node)
+    return cluster, parsed_module(tmp, module, cluster)
+
+
+def replication_cluster(
+    tmp: Path, node: str, tls: Any = None, state_dir: Path | None = None
+) -> ClusterConfig:
+    """`node`'s cluster for a replication service on one host: both nodes at 127.0.0.1,
+    state in `state_dir` (tmp/<node> by default); `tls`: an object with ca, cert and key
+    paths (the test PKI's files), or none (paths that are never opened)."""
+    return parsed_cluster(
+        tmp, node, state_dir=state_dir or tmp / node, site_key=tmp / "key",
+        tls=Tls(tls.ca, tls.cert, tls.key) if tls else Tls(tmp / "ca", tmp / "crt", tmp / "k"),
+        addresses=dict.fromkeys(NODES, "127.0.0.1"), api_socket=tmp / "s", modules_dir=tmp,
+    )  # fmt: skip
+
+
+def replication_module(tmp: Path, cluster: ClusterConfig) -> ModuleConfig:
+    """Mirror module `demo` replicating tmp/app; no VIP and no scripts (a replication
+    service uses neither)."""
+    module = parsed_module(tmp, module_data("demo", replicated_dirs=[tmp / "app"]), cluster)
+    return dataclasses.replace(module, vip=None, scripts=ScriptsSpec())
 
 
 def write_scripts(
@@ -201,15 +243,23 @@ class FakeVip:
         return self.holders.get(m.name) == self.node
 
 
-def free_port(kind: int = socket.SOCK_DGRAM) -> int:
-    """A port free on 127.0.0.1 now (UDP for heartbeats by default, TCP with SOCK_STREAM)."""
+def free_port(kind: int = socket.SOCK_DGRAM, host: str = "127.0.0.1") -> int:
+    """A port free on `host` now: UDP (heartbeats) unless `kind` says otherwise."""
     with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return int(s.getsockname()[1])
 
 
-async def wait(pred: Callable[[], object], timeout: float = 10) -> None:
-    """Poll `pred` until true; trio.TooSlowError after `timeout` seconds."""
-    with trio.fail_after(timeout):
+def free_tcp_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on `host` now (replication links, consoles)."""
+    return free_port(socket.SOCK_STREAM, host)
+
+
+async def wait(pred: Callable[[], object], timeout: float = 10, what: str = "") -> None:
+    """Poll `pred` every 20 ms until true; after `timeout` seconds the test fails, saying
+    `what` it waited for."""
+    with trio.move_on_after(timeout):
         while not pred():
             await trio.sleep(0.02)
+        return
+    raise AssertionError(f"not within {timeout} s: {what or pred}")

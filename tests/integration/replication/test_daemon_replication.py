@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import socket
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from tests.sitefactory import (
     FakeVip,
     Tls,
     free_port,
+    free_tcp_port,
     module_data,
     prim_scripts,
     write_key,
@@ -93,7 +93,7 @@ def _write_sync(path: Path, data: bytes) -> None:
 
 
 def test_daemons_replicate_swap_and_resync(tmp_path: Path) -> None:  # noqa: PLR0915
-    hb, rp = free_port(), free_port(socket.SOCK_STREAM)
+    hb, rp = free_port(), free_tcp_port()
     holders: dict[str, str] = {}
     sites = [load_site(_site(tmp_path, n, hb, rp)) for n in ("node1", "node2")]
     d1 = NodeDaemon(sites[0], KEY, vip_ops=FakeVip("node1", holders), metrics=False)

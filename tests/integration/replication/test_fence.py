@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import time
 from dataclasses import replace
@@ -33,7 +32,7 @@ from ha_runtime.decision import PeerStatus, decide
 from ha_runtime.generation import Relation
 from ha_runtime.replica_child import mounted
 from ha_runtime.states import State
-from tests.sitefactory import FakeVip, free_port
+from tests.sitefactory import FakeVip, free_port, free_tcp_port
 
 pytestmark = [
     pytest.mark.fuse,
@@ -42,7 +41,7 @@ pytestmark = [
 
 
 def test_fsync_across_a_link_loss_returns_only_once_the_peer_is_fenced(tmp_path: Path) -> None:
-    hb, rp = free_port(), free_port(socket.SOCK_STREAM)
+    hb, rp = free_port(), free_tcp_port()
     holders: dict[str, str] = {}
     sites = [load_site(_site(tmp_path, n, hb, rp)) for n in ("node1", "node2")]
     d1 = NodeDaemon(sites[0], KEY, vip_ops=FakeVip("node1", holders), metrics=False)
@@ -103,7 +102,7 @@ def test_first_fsync_after_a_failover_is_not_held_by_the_fence(tmp_path: Path) -
     """Failover time is unchanged: node1's daemon dies, node2 takes over because its peer is
     lost, and its first fsyncs on the new mount return at local speed (a peer silent for a
     whole timeout when the generation was taken needs no wait)."""
-    hb, rp = free_port(), free_port(socket.SOCK_STREAM)
+    hb, rp = free_port(), free_tcp_port()
     holders: dict[str, str] = {}
     paths = [_site(tmp_path, n, hb, rp) for n in ("node1", "node2")]
     for path in paths:

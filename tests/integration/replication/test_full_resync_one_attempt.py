@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import random
 import shutil
-import socket
 from pathlib import Path
 
 import trio
@@ -20,17 +19,12 @@ from ha_runtime.replication import transport as T
 from ha_runtime.replication.applier import Applier
 from ha_runtime.replication.dirtylog import DirtyState
 from ha_runtime.replication.journal import derive_key
+from tests.sitefactory import free_tcp_port
 
 KEY = derive_key(b"k" * 48)
 MIB = 1 << 20
 SIZE = 256 * MIB
 BLOCK = 4096
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _site(tmp: Path) -> dict[str, T.TlsFiles]:
@@ -65,7 +59,7 @@ def test_a_large_full_resync_completes_in_one_attempt(tmp_path: Path) -> None:
             f.write(rnd.randbytes(BLOCK))
             changed += BLOCK
             spoiled.add(off * BLOCK // bs)
-    port = _free_port()
+    port = free_tcp_port()
     applier = Applier(peer)
     refused: list[str] = []
 

@@ -21,18 +21,12 @@ from ha_runtime.console.auth import make_hash
 from ha_runtime.daemon import NodeDaemon
 from ha_runtime.replica_child import mounted
 from ha_runtime.states import State
-from tests.sitefactory import FakeVip, wait
+from tests.sitefactory import FakeVip, free_port, free_tcp_port, wait
 
 from .pki import make_cert
 from .site import pair_site
 
 PASSWORDS = {"ops": "correct horse battery", "viewer": "look but do not touch"}
-
-
-def free_port(kind: int = socket.SOCK_STREAM, host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -133,10 +127,10 @@ def run_pair(tmp: Path, scenario: Callable[[Pair], None], *, replicated: bool = 
     """Start both daemons (console on each), wait for PRIM/SECOND, run `scenario` in a
     thread, stop everything. Returns the pair (for its events)."""
     hb = free_port(socket.SOCK_DGRAM)
-    repl = free_port() if replicated else 0
+    repl = free_tcp_port() if replicated else 0
     urls = {
-        "node1": f"127.0.0.1:{free_port()}",
-        "node2": f"127.0.0.2:{free_port(host='127.0.0.2')}",
+        "node1": f"127.0.0.1:{free_tcp_port()}",
+        "node2": f"127.0.0.2:{free_tcp_port('127.0.0.2')}",
     }
     holders: dict[str, str] = {}
     daemons = []

@@ -5,22 +5,12 @@ disk, a real PrimaryLink over loopback TLS to a real secondary session."""
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import trio
 
-from ha_runtime.config import (
-    ClusterConfig,
-    HeartbeatSpec,
-    ModuleConfig,
-    NodeSpec,
-    RestartPolicy,
-    ScriptsSpec,
-    TlsSpec,
-)
 from ha_runtime.replication import delta as D
 from ha_runtime.replication import resync
 from ha_runtime.replication import transport as T
@@ -28,30 +18,15 @@ from ha_runtime.replication.applier import Applier
 from ha_runtime.replication.dirtylog import ActivityLog, DirtyLog
 from ha_runtime.replication.journal import Op, Record, derive_key
 from ha_runtime.replication.service import ReplicationService, ReplicationSettings
+from tests.sitefactory import free_tcp_port, replication_cluster, replication_module
 
 SITE_KEY = b"k" * 48
 KEY = derive_key(SITE_KEY)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _service(tmp: Path, tls: T.TlsFiles, port: int) -> ReplicationService:
-    nodes = (NodeSpec("node1", {"lan": "127.0.0.1"}), NodeSpec("node2", {"lan": "127.0.0.1"}))
-    cluster = ClusterConfig(
-        path=tmp / "c.yml", node="node1", nodes=nodes, heartbeat_port=7440,
-        site_key=tmp / "key", tls=TlsSpec(tls.ca, tls.cert, tls.key), api_socket=tmp / "s",
-        metrics_address=None, state_dir=tmp / "node1", modules_dir=tmp,
-    )  # fmt: skip
-    module = ModuleConfig(
-        path=tmp / "m.yml", name="demo", type="mirror", nodes=("node1", "node2"),
-        default_primary="node1", failback="manual", vip=None, heartbeat=HeartbeatSpec(),
-        witness=(), scripts=ScriptsSpec(), checkers=(), restart_policy=RestartPolicy(),
-        replicated_dirs=(tmp / "app",),
-    )  # fmt: skip
+    cluster = replication_cluster(tmp, "node1", tls)
+    module = replication_module(tmp, cluster)
     st = ReplicationSettings(port=port, networks=("lan",), site_key=SITE_KEY)
     svc = ReplicationService(module, cluster, st)
     svc.backing.mkdir(parents=True)
@@ -63,7 +38,7 @@ async def _in_sync(
     tmp: Path, site: dict[str, T.TlsFiles]
 ) -> AsyncIterator[tuple[ReplicationService, T.PrimaryLink]]:
     """A primary service in sync over a real link to a real secondary session."""
-    port = _free_port()
+    port = free_tcp_port()
     applier = Applier(tmp / "second")
 
     async def barrier() -> int:
@@ -197,7 +172,7 @@ def test_an_unexpected_error_in_a_session_is_a_link_failure_not_an_exit(
     ends that link only: the primary reconnects with backoff, counts it, and the next
     session brings the peer in sync. Before, the exception ended the primary's child and
     unmounted the application's directory under it."""
-    port = _free_port()
+    port = free_tcp_port()
     second = tmp_path / "second"
     applier = Applier(second)
     lists = 0

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -18,14 +17,9 @@ import trio
 from ha_runtime.replication import transport as T
 from ha_runtime.replication.applier import Applier
 from ha_runtime.replication.journal import Op, Record, derive_key
+from tests.sitefactory import free_tcp_port
 
 KEY = derive_key(b"s" * 48)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def _connect(port: int, tls: T.TlsFiles) -> T.Conn:
@@ -104,7 +98,7 @@ def test_a_new_session_cannot_have_its_fsync_acked_unsynced_by_the_old_ones_barr
     monkeypatch.setattr(os, "fsync", disk.spy(os.fsync))
     monkeypatch.setattr(os, "fdatasync", disk.spy(os.fdatasync))
     synced, slow_started, slow_done = disk.synced, disk.started, disk.done
-    port = free_port()
+    port = free_tcp_port()
     rejected: list[str] = []
     refused: list[str] = []
     synced_at_ack: list[int] = []
@@ -144,7 +138,7 @@ def test_a_new_session_starts_only_once_the_old_one_has_returned(
     site: dict[str, T.TlsFiles],
 ) -> None:
     """The old handler may be in a thread (uncancellable) when the new connection comes."""
-    port = free_port()
+    port = free_tcp_port()
     order: list[str] = []
     refused: list[str] = []
 
@@ -182,7 +176,7 @@ def test_handshakes_are_bounded_and_the_excess_closed_and_counted(
 ) -> None:
     """A flood of connections that never finish their handshake used to be served all at
     once, each holding a task and a TLS state for the whole handshake timeout."""
-    port = free_port()
+    port = free_tcp_port()
     refused: list[str] = []
     rejected: list[str] = []
     sessions: list[str] = []
@@ -235,7 +229,7 @@ def test_an_unexpected_error_in_a_session_ends_that_link_only_and_is_counted(
     async def control(obj: dict[str, Any], body: bytes) -> tuple[dict[str, Any], bytes]:
         return {"parsed": json.loads(body)}, b""  # "[[[[..." overflows the decoder's stack
 
-    port = free_port()
+    port = free_tcp_port()
     lost: list[str] = []
 
     async def main() -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import time
 from collections.abc import Awaitable, Callable
 from functools import partial
@@ -17,14 +16,9 @@ from ha_runtime.replication import journal as J
 from ha_runtime.replication import transport as T
 from ha_runtime.replication.applier import Applier
 from ha_runtime.replication.journal import Kind, Op, Record, derive_key, encode_frame
+from tests.sitefactory import free_tcp_port
 
 KEY = derive_key(b"s" * 48)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def _connect(port: int, tls: T.TlsFiles) -> T.Conn:
@@ -86,7 +80,7 @@ def _secondary(
 
 
 def test_records_in_order_with_durable_ack(tmp_path: Path, site: dict[str, T.TlsFiles]) -> None:
-    port = free_port()
+    port = free_tcp_port()
     refused: list[str] = []
     _applier, run_secondary = _secondary(tmp_path, site["node2"], port, refused)
 
@@ -119,7 +113,7 @@ def test_large_writes_are_acknowledged_on_receipt_without_a_barrier(
 ) -> None:
     """A stream of 1 MiB writes frees the primary's send queue as it arrives (acked by count
     alone, it waited for the secondary's next checkpoint with the queue full)."""
-    port = free_port()
+    port = free_tcp_port()
     refused: list[str] = []
     _applier, run_secondary = _secondary(tmp_path, site["node2"], port, refused, checkpoint_s=3600)
     mib = bytes(range(256)) * 4096
@@ -149,7 +143,7 @@ def test_large_writes_are_acknowledged_on_receipt_without_a_barrier(
 def test_other_site_certificate_and_garbage_are_refused(
     tmp_path: Path, site: dict[str, T.TlsFiles], other_site: dict[str, T.TlsFiles]
 ) -> None:
-    port = free_port()
+    port = free_tcp_port()
     refused: list[str] = []
     _, run_secondary = _secondary(tmp_path, site["node2"], port, refused)
 
@@ -191,7 +185,7 @@ def test_other_site_certificate_and_garbage_are_refused(
 
 
 def test_silent_peer_times_out(site: dict[str, T.TlsFiles]) -> None:
-    port = free_port()
+    port = free_tcp_port()
 
     async def main() -> None:
         async def black_hole(conn: T.Conn) -> None:
@@ -250,7 +244,7 @@ def test_a_slow_large_record_keeps_the_link_alive_and_its_error_still_ends_it(
     """While a large record is applied (in a worker thread), keepalives are answered: a
     link with a 1 s timeout survives a 2 s apply, and the record is acknowledged when done.
     An error applying one is still reported to the primary, which drops the link."""
-    port = free_port()
+    port = free_tcp_port()
     refused: list[str] = []
     _applier, run_secondary = _secondary(
         tmp_path, site["node2"], port, refused, apply=_slow_large_writes
@@ -286,7 +280,7 @@ def test_a_session_broken_mid_send_ends_alone_and_the_listener_serves_the_next(
 ) -> None:
     """A primary that vanishes while the secondary sends (its ack hits a reset) ends that
     session only; before, the error took the whole replication process down."""
-    port = free_port()
+    port = free_tcp_port()
     sessions: list[str] = []
 
     async def handler(conn: T.Conn) -> None:
