@@ -32,9 +32,11 @@ from ha_runtime.config import (
     ClusterConfig,
     ModuleConfig,
     ScriptsSpec,
+    load_site,
     parse_cluster,
     parse_module,
 )
+from ha_runtime.daemon import NodeDaemon
 
 NODES = ("node1", "node2")
 ADDRESSES = {"node1": "127.0.0.1", "node2": "127.0.0.2"}
@@ -241,6 +243,24 @@ class FakeVip:
 
     def held(self, m: Any) -> bool | None:
         return self.holders.get(m.name) == self.node
+
+
+def pair_daemons(
+    sites: tuple[Path | Any, Path | Any], key: bytes, holders: dict[str, str], **kw: Any
+) -> tuple[NodeDaemon, NodeDaemon]:
+    """node1's and node2's daemons from their sites (a cluster.yml path or a loaded site),
+    the VIP faked and recorded in `holders`, no metrics listener; `kw` to NodeDaemon."""
+    d1, d2 = (
+        NodeDaemon(
+            load_site(site) if isinstance(site, Path) else site,
+            key,
+            vip_ops=FakeVip(node, holders),
+            metrics=False,
+            **kw,
+        )
+        for node, site in zip(NODES, sites, strict=True)
+    )
+    return d1, d2
 
 
 def free_port(kind: int = socket.SOCK_DGRAM, host: str = "127.0.0.1") -> int:

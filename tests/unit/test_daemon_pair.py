@@ -15,10 +15,10 @@ from ha_runtime.config import ConfigError, load_site
 from ha_runtime.daemon import NodeDaemon
 from ha_runtime.states import State
 from tests.sitefactory import (
-    FakeVip,
     Tls,
     free_port,
     module_data,
+    pair_daemons,
     prim_scripts,
     wait,
     write_scripts,
@@ -42,17 +42,8 @@ def _site(tmp: Path, node: str, port: int) -> Path:
 def test_pair_first_start_swap_and_failover(tmp_path: Path) -> None:
     port = free_port()
     holders: dict[str, str] = {}
-    d1 = NodeDaemon(
-        load_site(_site(tmp_path, "node1", port)),
-        KEY,
-        vip_ops=FakeVip("node1", holders),
-        metrics=False,
-    )
-    d2 = NodeDaemon(
-        load_site(_site(tmp_path, "node2", port)),
-        KEY,
-        vip_ops=FakeVip("node2", holders),
-        metrics=False,
+    d1, d2 = pair_daemons(
+        (_site(tmp_path, "node1", port), _site(tmp_path, "node2", port)), KEY, holders
     )
     m1, m2 = d1.managers["flightdata"], d2.managers["flightdata"]
 

@@ -24,11 +24,11 @@ from ha_runtime.replica_child import mounted
 from ha_runtime.replication import transport
 from ha_runtime.states import State
 from tests.sitefactory import (
-    FakeVip,
     Tls,
     free_port,
     free_tcp_port,
     module_data,
+    pair_daemons,
     prim_scripts,
     write_key,
     write_scripts,
@@ -96,8 +96,7 @@ def test_daemons_replicate_swap_and_resync(tmp_path: Path) -> None:  # noqa: PLR
     hb, rp = free_port(), free_tcp_port()
     holders: dict[str, str] = {}
     sites = [load_site(_site(tmp_path, n, hb, rp)) for n in ("node1", "node2")]
-    d1 = NodeDaemon(sites[0], KEY, vip_ops=FakeVip("node1", holders), metrics=False)
-    d2 = NodeDaemon(sites[1], KEY, vip_ops=FakeVip("node2", holders), metrics=False)
+    d1, d2 = pair_daemons((sites[0], sites[1]), KEY, holders)
     m1, m2 = d1.managers["flightdata"], d2.managers["flightdata"]
     MANAGERS[:] = [m1, m2]
     app1, app2 = tmp_path / "node1" / "app", tmp_path / "node2" / "app"

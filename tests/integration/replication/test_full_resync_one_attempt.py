@@ -19,6 +19,7 @@ from ha_runtime.replication import transport as T
 from ha_runtime.replication.applier import Applier
 from ha_runtime.replication.dirtylog import DirtyState
 from ha_runtime.replication.journal import derive_key
+from tests.linkpair import connect_primary, serve_secondary
 from tests.sitefactory import free_tcp_port
 
 KEY = derive_key(b"k" * 48)
@@ -84,17 +85,8 @@ def test_a_large_full_resync_completes_in_one_attempt(tmp_path: Path) -> None:
 
     async def main() -> None:
         async with trio.open_nursery() as n:
-            await n.start(
-                lambda task_status: T.serve(
-                    addresses=["127.0.0.1"], port=port, peer="node1",
-                    ctx=T.server_context(site["node2"]), key=KEY, handler=handler,
-                    task_status=task_status,
-                )
-            )  # fmt: skip
-            conn = await T.connect(
-                addresses=[("127.0.0.1", port)], peer="node2",
-                ctx=T.client_context(site["node1"]), key=KEY, timeout=1,
-            )  # fmt: skip
+            await serve_secondary(n, site["node2"], KEY, port, handler)
+            conn = await connect_primary(site["node1"], KEY, port)
             # the lab's timeout: a keepalive unanswered for 1 s and the resync starts over
             link = T.PrimaryLink(conn, timeout=1.0)
             n.start_soon(link.run)

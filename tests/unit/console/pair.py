@@ -16,12 +16,11 @@ from urllib.parse import urlencode
 
 import trio
 
-from ha_runtime.config import load_site
 from ha_runtime.console.auth import make_hash
 from ha_runtime.daemon import NodeDaemon
 from ha_runtime.replica_child import mounted
 from ha_runtime.states import State
-from tests.sitefactory import FakeVip, free_port, free_tcp_port, wait
+from tests.sitefactory import free_port, free_tcp_port, pair_daemons, wait
 
 from .pki import make_cert
 from .site import pair_site
@@ -133,16 +132,13 @@ def run_pair(tmp: Path, scenario: Callable[[Pair], None], *, replicated: bool = 
         "node2": f"127.0.0.2:{free_tcp_port('127.0.0.2')}",
     }
     holders: dict[str, str] = {}
-    daemons = []
-    for node, peer in (("node1", "node2"), ("node2", "node1")):
-        cfg = pair_site(
-            tmp, node, hb, replicated=repl,
-            console=console_yaml(urls[node], peer, urls[peer]),
-        )  # fmt: skip
-        daemons.append(
-            NodeDaemon(load_site(cfg), b"m" * 48, vip_ops=FakeVip(node, holders), metrics=False)
+    sites = tuple(
+        pair_site(
+            tmp, node, hb, replicated=repl, console=console_yaml(urls[node], peer, urls[peer])
         )
-    pair = Pair(tmp, daemons[0], daemons[1], holders, urls)
+        for node, peer in (("node1", "node2"), ("node2", "node1"))
+    )
+    pair = Pair(tmp, *pair_daemons((sites[0], sites[1]), b"m" * 48, holders), holders, urls)
 
     async def main() -> None:
         async with trio.open_nursery() as n:

@@ -18,6 +18,7 @@ from ha_runtime.replication.applier import Applier
 from ha_runtime.replication.dirtylog import ActivityLog, DirtyLog
 from ha_runtime.replication.journal import Op, Record, derive_key
 from ha_runtime.replication.service import ReplicationService, ReplicationSettings
+from tests.linkpair import connect_primary, serve_secondary
 from tests.sitefactory import free_tcp_port, replication_cluster, replication_module
 
 SITE_KEY = b"k" * 48
@@ -53,17 +54,8 @@ async def _in_sync(
 
     svc = _service(tmp, site["node1"], port)
     async with trio.open_nursery() as n:
-        await n.start(
-            lambda task_status: T.serve(
-                addresses=["127.0.0.1"], port=port, peer="node1",
-                ctx=T.server_context(site["node2"]), key=KEY, handler=handler,
-                task_status=task_status,
-            )
-        )  # fmt: skip
-        conn = await T.connect(
-            addresses=[("127.0.0.1", port)], peer="node2",
-            ctx=T.client_context(site["node1"]), key=KEY, timeout=1,
-        )  # fmt: skip
+        await serve_secondary(n, site["node2"], KEY, port, handler)
+        conn = await connect_primary(site["node1"], KEY, port)
         link = T.PrimaryLink(conn, timeout=3)
         n.start_soon(link.run)
         svc._dirty = DirtyLog(svc.dirty_path)
@@ -201,13 +193,7 @@ def test_an_unexpected_error_in_a_session_is_a_link_failure_not_an_exit(
 
     async def main() -> None:
         async with trio.open_nursery() as n:
-            await n.start(
-                lambda task_status: T.serve(
-                    addresses=["127.0.0.1"], port=port, peer="node1",
-                    ctx=T.server_context(site["node2"]), key=KEY, handler=handler,
-                    task_status=task_status,
-                )
-            )  # fmt: skip
+            await serve_secondary(n, site["node2"], KEY, port, handler)
             svc._dirty = DirtyLog(svc.dirty_path)
             svc._dirty.open()
             svc._al = ActivityLog(svc.al_path)

@@ -17,27 +17,20 @@ import trio
 from ha_runtime.replication import transport as T
 from ha_runtime.replication.applier import Applier
 from ha_runtime.replication.journal import Op, Record, derive_key
+from tests.linkpair import connect_primary, serve_secondary
 from tests.sitefactory import free_tcp_port
 
 KEY = derive_key(b"s" * 48)
 
 
 async def _connect(port: int, tls: T.TlsFiles) -> T.Conn:
-    return await T.connect(
-        addresses=[("127.0.0.1", port)], peer="node2", ctx=T.client_context(tls), key=KEY,
-        timeout=5,
-    )  # fmt: skip
+    return await connect_primary(tls, KEY, port, timeout=5)
 
 
 async def _serve(
     n: trio.Nursery, port: int, tls: T.TlsFiles, handler: Any, refused: list[str], **kw: Any
 ) -> None:
-    await n.start(
-        lambda task_status: T.serve(
-            addresses=["127.0.0.1"], port=port, peer="node1", ctx=T.server_context(tls),
-            key=KEY, handler=handler, on_refused=refused.append, task_status=task_status, **kw,
-        )
-    )  # fmt: skip
+    await serve_secondary(n, tls, KEY, port, handler, on_refused=refused.append, **kw)
 
 
 def _session_handler(

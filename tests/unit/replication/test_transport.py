@@ -16,6 +16,7 @@ from ha_runtime.replication import journal as J
 from ha_runtime.replication import transport as T
 from ha_runtime.replication.applier import Applier
 from ha_runtime.replication.journal import Kind, Op, Record, derive_key, encode_frame
+from tests.linkpair import connect_primary, serve_secondary
 from tests.sitefactory import free_tcp_port
 
 KEY = derive_key(b"s" * 48)
@@ -23,22 +24,14 @@ KEY = derive_key(b"s" * 48)
 
 async def _connect(port: int, tls: T.TlsFiles) -> T.Conn:
     """The primary's end: connect to the secondary listening on loopback."""
-    return await T.connect(
-        addresses=[("127.0.0.1", port)], peer="node2", ctx=T.client_context(tls), key=KEY,
-        timeout=1,
-    )  # fmt: skip
+    return await connect_primary(tls, KEY, port)
 
 
 async def _listen(
     n: trio.Nursery, port: int, tls: T.TlsFiles, handler: Callable[[T.Conn], Awaitable[None]]
 ) -> None:
     """The secondary's end: serve ``handler`` on loopback, for the primary node1."""
-    await n.start(
-        lambda task_status: T.serve(
-            addresses=["127.0.0.1"], port=port, peer="node1", ctx=T.server_context(tls),
-            key=KEY, handler=handler, task_status=task_status,
-        )
-    )  # fmt: skip
+    await serve_secondary(n, tls, KEY, port, handler)
 
 
 async def _no_control(obj: dict[str, Any], body: bytes) -> tuple[dict[str, Any], bytes]:
@@ -67,13 +60,7 @@ def _secondary(
             return None
 
         async with trio.open_nursery() as n:
-            await n.start(
-                lambda task_status: T.serve(
-                    addresses=["127.0.0.1"], port=port, peer="node1",
-                    ctx=T.server_context(tls), key=key, handler=handler,
-                    on_refused=refused.append, task_status=task_status,
-                )
-            )  # fmt: skip
+            await serve_secondary(n, tls, key, port, handler, on_refused=refused.append)
             task_status.started()
 
     return applier, run
@@ -168,10 +155,7 @@ def test_other_site_certificate_and_garbage_are_refused(
                 assert await c.recv() is None
                 raise T.LinkLost("closed")
             # a genuine peer sending garbage: dropped at the first frame, nothing applied
-            c = await T.connect(
-                addresses=[("127.0.0.1", port)], peer="node2",
-                ctx=T.client_context(site["node1"]), key=KEY, timeout=2,
-            )  # fmt: skip
+            c = await connect_primary(site["node1"], KEY, port, timeout=2)
             await c.send(b"GET / HTTP/1.0\r\n\r\n" * 10)
             assert await c.recv() is None
             await trio.sleep(0.2)
