@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import uuid
 
 SCRIPT = """
 from ha_runtime.config import VipSpec
@@ -20,19 +19,9 @@ print("ok")
 """
 
 
-def test_vip_in_netns() -> None:
-    ns = f"hatest-{uuid.uuid4().hex[:8]}"
-    subprocess.run(["ip", "netns", "add", ns], check=True)
-    try:
-        run = ["ip", "netns", "exec", ns]
-        link = ["ip", "link", "add", "hatest0", "type", "veth", "peer", "name", "hatest1"]
-        subprocess.run([*run, *link], check=True)
-        for dev in ("hatest0", "hatest1"):
-            subprocess.run([*run, "ip", "link", "set", dev, "up"], check=True)
-        out = subprocess.run(
-            [*run, sys.executable, "-c", SCRIPT], capture_output=True, text=True, check=False
-        )
-        assert out.returncode == 0, out.stderr
-        assert out.stdout.strip() == "ok"
-    finally:
-        subprocess.run(["ip", "netns", "delete", ns], check=False)
+def test_vip_in_netns(netns: list[str]) -> None:
+    out = subprocess.run(
+        [*netns, sys.executable, "-c", SCRIPT], capture_output=True, text=True, check=False
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
