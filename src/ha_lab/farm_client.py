@@ -32,34 +32,14 @@ from typing import Any
 
 from .lab import Lab
 from .observe import Sample
+from .probe import ask, attempt
 from .stream import ClientStream, emit, optional_int, optional_str, time_of
-
-
-def _ask(conn: http.client.HTTPConnection, path: str) -> str | None:
-    conn.request("GET", path)
-    response = conn.getresponse()
-    body = response.read()
-    if response.status != 200:
-        return None
-    node = json.loads(body).get("node")
-    return str(node) if node else None
-
-
-def one_request(host: str, port: int, path: str, timeout: float) -> str | None:
-    """A new connection (a new source port), one request: the node that answered."""
-    conn = http.client.HTTPConnection(host, port, timeout=timeout)
-    try:
-        return _ask(conn, path)
-    except (OSError, ValueError, http.client.HTTPException):
-        return None
-    finally:
-        conn.close()
 
 
 def run_spread(a: argparse.Namespace) -> None:
     with ThreadPoolExecutor(max_workers=a.workers) as pool:
         answers = list(
-            pool.map(lambda _i: one_request(a.host, a.port, a.path, a.timeout), range(a.count))
+            pool.map(lambda _i: attempt(a.host, a.port, a.path, a.timeout), range(a.count))
         )
     served = Counter(x for x in answers if x is not None)
     print(json.dumps({"count": a.count, "failures": answers.count(None), "served": dict(served)}))
@@ -80,7 +60,7 @@ def run_hold(a: argparse.Namespace) -> None:
             node = None
             if not broken[i]:
                 try:
-                    node = _ask(conn, a.path)
+                    node = ask(conn, a.path)
                 except (OSError, ValueError, http.client.HTTPException):
                     node = None
                 broken[i] = node is None
@@ -101,7 +81,7 @@ def _load_request(a: argparse.Namespace) -> bool:
         conn.connect()
         assert conn.sock is not None
         conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-        return _ask(conn, a.path) is not None
+        return ask(conn, a.path) is not None
     except (OSError, ValueError, http.client.HTTPException):
         return False
     finally:

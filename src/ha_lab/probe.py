@@ -16,17 +16,24 @@ import time
 from .stream import emit
 
 
+def ask(conn: http.client.HTTPConnection, path: str) -> str | None:
+    """GET `path` on `conn`: the node named by a 200 answer, None for any other answer
+    (raises on a connection error or a body that is not JSON)."""
+    conn.request("GET", path)
+    response = conn.getresponse()
+    body = response.read()
+    if response.status != 200:
+        return None
+    node = json.loads(body).get("node")
+    return str(node) if node else None
+
+
 def attempt(host: str, port: int, path: str, timeout: float) -> str | None:
-    """The node that answered, or None on any failure."""
+    """A new connection (a new source port), one request: the node that answered, or None
+    on any failure."""
     conn = http.client.HTTPConnection(host, port, timeout=timeout)
     try:
-        conn.request("GET", path)
-        response = conn.getresponse()
-        body = response.read()
-        if response.status != 200:
-            return None
-        node = json.loads(body).get("node")
-        return str(node) if node else None
+        return ask(conn, path)
     except (OSError, ValueError, http.client.HTTPException):
         return None
     finally:

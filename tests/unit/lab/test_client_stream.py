@@ -5,15 +5,25 @@ are all kept, in order; checked with the real converters of the three clients.""
 from __future__ import annotations
 
 import io
+import json
+import os
 import sys
 import textwrap
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
 
 import pytest
 
+from ha_lab import stream
 from ha_lab.farm_client import HeldConnections, HeldRequest
 from ha_lab.observe import Probe, Sample
+from ha_lab.probe import attempt
 from ha_lab.records import Ack, Writer
 from ha_lab.stream import ClientStream, emit, parse
+from tests.sitefactory import free_tcp_port
 
 # Lines a reader may meet besides good ones: a client killed mid-line, a stray print, a
 # JSON value that is not an object, a field missing or of the wrong type.
@@ -124,3 +134,67 @@ def test_a_client_process_writing_garbage_and_bad_bytes_is_read_to_its_end() -> 
     # The non-UTF-8 node name reads as replacement characters: a good line, a lax converter.
     assert [s.t for s in records if s] == [1.0, 2.0, 3.0]
     assert stream.bad_lines == 3  # the traceback line, the lone bad bytes, the cut line
+
+
+class _Node(BaseHTTPRequestHandler):
+    """A web server that says who it is, as the lab's applications do (keep-alive)."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:
+        body = json.dumps({"node": "node-test"}).encode()
+        self.send_response(200 if self.path != "/broken" else 500)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def node_port() -> Iterator[int]:
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Node)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield srv.server_address[1]
+    srv.shutdown()
+    srv.server_close()
+
+
+def _client(module: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", module, *args]
+
+
+def test_the_probe_and_the_held_connections_read_back_from_real_clients(
+    node_port: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The probe and `farm_client hold` as processes (on loopback, not in the lab's client
+    namespace), their streams read with the readers' own converters: no bad line."""
+    # The clients import this tree's ha_lab, whatever the venv has installed.
+    src = str(Path(stream.__file__).parents[1])
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]))
+    port = str(node_port)
+    probe = ClientStream(
+        _client("ha_lab.probe", "127.0.0.1", "--port", port, "--duration", "0.5"),
+        Probe("127.0.0.1").stream.convert,
+    ).start()
+    held = ClientStream(
+        _client("ha_lab.farm_client", "hold", "127.0.0.1", "--port", port, "--path", "/",
+                "--connections", "2", "--interval", "0.05", "--duration", "0.5"),
+        HeldConnections("127.0.0.1").stream.convert,
+    ).start()  # fmt: skip
+    assert probe.wait(lambda r: len(r) >= 5, timeout=30, poll=0.05)
+    assert held.wait(lambda r: len(r) >= 6, timeout=30, poll=0.05)
+    samples, requests = probe.stop(), held.stop()
+    assert probe.bad_lines == 0 and held.bad_lines == 0
+    assert {s.node for s in samples if s} == {"node-test"}
+    assert {r.node for r in requests if r} == {"node-test"}
+    assert {r.conn for r in requests if r} == {0, 1}
+    # every held request kept its connection: one source port per connection
+    assert len({(r.conn, r.sport) for r in requests if r}) == 2
+
+
+def test_attempt_names_the_node_or_none(node_port: int) -> None:
+    assert attempt("127.0.0.1", node_port, "/health", 2.0) == "node-test"
+    assert attempt("127.0.0.1", node_port, "/broken", 2.0) is None  # HTTP 500
+    assert attempt("127.0.0.1", free_tcp_port(), "/health", 2.0) is None  # nobody there
