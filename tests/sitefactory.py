@@ -3,7 +3,7 @@
 Every tier imports it as `tests.sitefactory` (pyproject puts the repository root on
 pytest's path). The site is the one the docs describe, reduced to what a test on one host
 needs: node1 at 127.0.0.1 and node2 at 127.0.0.2 on network `lan`, and a module of either
-type with the VIP faked. Two forms:
+type with the VIP faked. Three forms:
 
 - files (`write_site`): cluster.yml and modules/<name>.yml of one node, for `load_site`
   and a real NodeDaemon;
@@ -12,8 +12,10 @@ type with the VIP faked. Two forms:
 - replication (`replication_cluster`, `replication_module`): the configs a replication
   service takes, both nodes at 127.0.0.1 (the link's two ends on one host).
 
-Configs are always made by the runtime's own parser, never by calling the dataclasses,
-so a test's site is one the runtime would accept from a file.
+Configs are made by the runtime's own parser, not by filling in its dataclasses, so a
+test's site is one the runtime would accept from a file (a test then replaces what it
+means to leave out, such as the scripts). Also here: the pair of daemons with the VIP
+faked (`pair_daemons`, `FakeVip`), free ports and `wait`.
 """
 
 from __future__ import annotations
