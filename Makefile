@@ -49,12 +49,14 @@ lint: setup
 	$(BIN)/pytest -q -p no:cacheprovider tests/unit/replication/test_structure.py
 	$(BIN)/ansible-lint --profile production
 
+# Tests live in tests/<tier>/<subsystem>/. The unit tier includes the pytest side of
+# tests/fuzz/ (hypothesis properties of every parser); root-only tests are in integration.
 unit: setup
-	$(BIN)/pytest tests/unit
+	$(BIN)/pytest tests/unit tests/fuzz
 
 # Root-only tests: FUSE, TLS and namespaces on this host, then the two-node lab.
 integration: setup
-	$(BIN)/pytest $(wildcard tests/integration) tests/lab
+	$(BIN)/pytest tests/integration tests/lab
 
 molecule: setup
 	cd $(CURDIR) && for s in $$(ls molecule); do $(BIN)/molecule test -s $$s || exit 1; done
@@ -74,7 +76,9 @@ chaos-short: setup
 chaos: setup
 	$(BIN)/python tests/chaos/campaign.py --seed $(SEED) --minutes $(MINUTES)
 
-# Coverage-guided fuzzing (atheris/libFuzzer) of every parser of network or disk input.
+# Coverage-guided fuzzing (atheris/libFuzzer) of every parser of network or disk input:
+# tests/fuzz/fuzz_*.py are the atheris harnesses, tests/fuzz/test_fuzz_*.py their pytest
+# (hypothesis) counterparts, run by `make unit`.
 FUZZ_RUNS ?= 20000
 fuzz: setup
 	for f in tests/fuzz/fuzz_*.py; do echo "== $$f"; $(BIN)/python $$f -runs=$(FUZZ_RUNS) || exit 1; done

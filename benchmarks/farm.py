@@ -307,6 +307,7 @@ def takeover(lab: Lab, args: argparse.Namespace, nodes: list[str]) -> Figure:
     fig = Figure(
         "farm", "bucket_takeover_time", "s", samples, target=f"median <= {limit:g}",
         extra={"failed_runs": failed, "heartbeat": "100 ms / 1 s", "crashed": victim,
+               "probe_bad_lines": probe.stream.bad_lines,
                "probe": "new connection every 20 ms, 250 ms timeout"},
     )  # fmt: skip
     fig.passed = failed == 0 and bool(samples) and fig.median <= limit

@@ -8,7 +8,7 @@ connections must hold connections open. This module is both sides:
 - run in the client namespace (`python -m ha_lab.farm_client ...`, started through
   `Lab.client_argv`): `spread` opens N connections, one request each, and prints who
   answered; `hold` keeps N keep-alive connections and sends a request on each in turn,
-  one JSON line per request;
+  one line per request in the client stream format (ha_lab.stream);
 - on the controller: `spread()` and `HeldConnections` start those and read their output.
   Timestamps are CLOCK_MONOTONIC, shared by the host and every namespace, so they compare
   with the moment the controller crashed or booted a node.
@@ -27,38 +27,19 @@ import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from .lab import Lab
 from .observe import Sample
-
-
-def _ask(conn: http.client.HTTPConnection, path: str) -> str | None:
-    conn.request("GET", path)
-    response = conn.getresponse()
-    body = response.read()
-    if response.status != 200:
-        return None
-    node = json.loads(body).get("node")
-    return str(node) if node else None
-
-
-def one_request(host: str, port: int, path: str, timeout: float) -> str | None:
-    """A new connection (a new source port), one request: the node that answered."""
-    conn = http.client.HTTPConnection(host, port, timeout=timeout)
-    try:
-        return _ask(conn, path)
-    except (OSError, ValueError, http.client.HTTPException):
-        return None
-    finally:
-        conn.close()
+from .probe import ask, attempt
+from .stream import ClientStream, emit, optional_int, optional_str, time_of
 
 
 def run_spread(a: argparse.Namespace) -> None:
     with ThreadPoolExecutor(max_workers=a.workers) as pool:
         answers = list(
-            pool.map(lambda _i: one_request(a.host, a.port, a.path, a.timeout), range(a.count))
+            pool.map(lambda _i: attempt(a.host, a.port, a.path, a.timeout), range(a.count))
         )
     served = Counter(x for x in answers if x is not None)
     print(json.dumps({"count": a.count, "failures": answers.count(None), "served": dict(served)}))
@@ -79,13 +60,12 @@ def run_hold(a: argparse.Namespace) -> None:
             node = None
             if not broken[i]:
                 try:
-                    node = _ask(conn, a.path)
+                    node = ask(conn, a.path)
                 except (OSError, ValueError, http.client.HTTPException):
                     node = None
                 broken[i] = node is None
             sport = conn.sock.getsockname()[1] if conn.sock is not None else None
-            sys.stdout.write(json.dumps({"t": t, "conn": i, "sport": sport, "node": node}) + "\n")
-        sys.stdout.flush()
+            emit(sys.stdout, t=t, conn=i, sport=sport, node=node)
         time.sleep(max(0.0, a.interval - (time.monotonic() - started)))
 
 
@@ -101,7 +81,7 @@ def _load_request(a: argparse.Namespace) -> bool:
         conn.connect()
         assert conn.sock is not None
         conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-        return _ask(conn, a.path) is not None
+        return ask(conn, a.path) is not None
     except (OSError, ValueError, http.client.HTTPException):
         return False
     finally:
@@ -193,6 +173,13 @@ class HeldRequest:
     node: str | None
 
 
+def _held(data: dict[str, Any]) -> HeldRequest:
+    conn = optional_int(data["conn"])
+    if conn is None:
+        raise TypeError("a held request without conn")
+    return HeldRequest(time_of(data), conn, optional_int(data["sport"]), optional_str(data["node"]))
+
+
 @dataclass
 class HeldConnections:
     """N keep-alive connections held from the client namespace, each asked every interval."""
@@ -204,50 +191,30 @@ class HeldConnections:
     interval: float = 0.1
     timeout: float = 2.0
     duration: float = 600.0
-    requests: list[HeldRequest] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self._proc: subprocess.Popen[str] | None = None
-        self._reader: threading.Thread | None = None
-        self._lock = threading.Lock()
+        argv = [
+            sys.executable, "-m", "ha_lab.farm_client", "hold", self.host,
+            "--port", str(self.port), "--path", self.path,
+            "--connections", str(self.connections), "--interval", str(self.interval),
+            "--timeout", str(self.timeout), "--duration", str(self.duration)
+        ]  # fmt: skip
+        self.stream: ClientStream[HeldRequest] = ClientStream(Lab.client_argv(argv), _held)
 
     def start(self) -> HeldConnections:
-        argv = Lab.client_argv(
-            [sys.executable, "-m", "ha_lab.farm_client", "hold", self.host,
-             "--port", str(self.port), "--path", self.path,
-             "--connections", str(self.connections), "--interval", str(self.interval),
-             "--timeout", str(self.timeout), "--duration", str(self.duration)]
-        )  # fmt: skip
-        self._proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
+        self.stream.start()
         return self
 
-    def _read(self) -> None:
-        assert self._proc is not None and self._proc.stdout is not None
-        for line in self._proc.stdout:
-            d = json.loads(line)
-            with self._lock:
-                self.requests.append(HeldRequest(float(d["t"]), d["conn"], d["sport"], d["node"]))
-
     def snapshot(self) -> list[HeldRequest]:
-        with self._lock:
-            return list(self.requests)
+        return [r for r in self.stream.records() if r is not None]
 
     def wait_rounds(self, rounds: int, timeout: float = 30.0) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if len(self.snapshot()) >= rounds * self.connections:
-                return True
-            time.sleep(0.05)
-        return False
+        return self.stream.wait(
+            lambda reqs: len(reqs) >= rounds * self.connections, timeout, poll=0.05
+        )
 
     def stop(self) -> list[HeldRequest]:
-        if self._proc is not None:
-            self._proc.terminate()
-            self._proc.wait(timeout=10)
-        if self._reader is not None:
-            self._reader.join(timeout=5)
+        self.stream.stop()
         return self.snapshot()
 
 

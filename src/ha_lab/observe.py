@@ -10,13 +10,13 @@ import itertools
 import json
 import subprocess
 import sys
-import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from .lab import Lab, existing_nodes
 from .node import Node
+from .stream import ClientStream, optional_str, time_of
 
 
 def module_states(node: str) -> dict[str, dict[str, Any]]:
@@ -69,6 +69,10 @@ class Sample:
     node: str | None
 
 
+def _sample(data: dict[str, Any]) -> Sample:
+    return Sample(time_of(data), optional_str(data["node"]))
+
+
 @dataclass
 class Probe:
     """HTTP requests from the client namespace every `interval` s, recorded as samples."""
@@ -79,52 +83,35 @@ class Probe:
     interval: float = 0.02
     timeout: float = 0.25
     duration: float = 120.0
-    samples: list[Sample] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self._proc: subprocess.Popen[str] | None = None
-        self._reader: threading.Thread | None = None
-        self._lock = threading.Lock()
+        argv = [
+            sys.executable, "-m", "ha_lab.probe", self.host,
+            "--port", str(self.port), "--path", self.path, "--interval", str(self.interval),
+            "--timeout", str(self.timeout), "--duration", str(self.duration)
+        ]  # fmt: skip
+        self.stream: ClientStream[Sample] = ClientStream(Lab.client_argv(argv), _sample)
 
     def start(self) -> Probe:
-        argv = Lab.client_argv(
-            [sys.executable, "-m", "ha_lab.probe", self.host, "--port", str(self.port),
-             "--path", self.path, "--interval", str(self.interval),
-             "--timeout", str(self.timeout), "--duration", str(self.duration)]
-        )  # fmt: skip
-        self._proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
+        self.stream.start()
         return self
 
-    def _read(self) -> None:
-        assert self._proc is not None and self._proc.stdout is not None
-        for line in self._proc.stdout:
-            data = json.loads(line)
-            with self._lock:
-                self.samples.append(Sample(float(data["t"]), data["node"]))
-
     def stop(self) -> list[Sample]:
-        if self._proc is not None:
-            self._proc.terminate()
-            self._proc.wait(timeout=10)
-        if self._reader is not None:
-            self._reader.join(timeout=5)
+        self.stream.stop()
         return self.snapshot()
 
     def snapshot(self) -> list[Sample]:
-        with self._lock:
-            return list(self.samples)
+        return [s for s in self.stream.records() if s is not None]
 
     def wait_served_by(self, node: str, after: float, timeout: float) -> float | None:
         """Monotonic time of the first success from node after `after`, or None."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for sample in self.snapshot():
-                if sample.t >= after and sample.node == node:
-                    return sample.t
-            time.sleep(0.02)
-        return None
+
+        def first(samples: list[Sample | None]) -> float | None:
+            return next((s.t for s in samples if s and s.t >= after and s.node == node), None)
+
+        if not self.stream.wait(lambda samples: first(samples) is not None, timeout, poll=0.02):
+            return None
+        return first(self.stream.records())
 
 
 def longest_outage(samples: list[Sample], start: float, end: float) -> float:

@@ -1,4 +1,4 @@
-"""HTTP probe run inside the lab's client namespace; prints one JSON line per attempt.
+"""HTTP probe run inside the lab's client namespace; one line per attempt (ha_lab.stream).
 
 It runs as its own process in the client namespace (Python 3.11 has no os.setns), and
 timestamps with CLOCK_MONOTONIC, which the host and every namespace share, so the
@@ -13,18 +13,27 @@ import json
 import sys
 import time
 
+from .stream import emit
+
+
+def ask(conn: http.client.HTTPConnection, path: str) -> str | None:
+    """GET `path` on `conn`: the node named by a 200 answer, None for any other answer
+    (raises on a connection error or a body that is not JSON)."""
+    conn.request("GET", path)
+    response = conn.getresponse()
+    body = response.read()
+    if response.status != 200:
+        return None
+    node = json.loads(body).get("node")
+    return str(node) if node else None
+
 
 def attempt(host: str, port: int, path: str, timeout: float) -> str | None:
-    """The node that answered, or None on any failure."""
+    """A new connection (a new source port), one request: the node that answered, or None
+    on any failure."""
     conn = http.client.HTTPConnection(host, port, timeout=timeout)
     try:
-        conn.request("GET", path)
-        response = conn.getresponse()
-        body = response.read()
-        if response.status != 200:
-            return None
-        node = json.loads(body).get("node")
-        return str(node) if node else None
+        return ask(conn, path)
     except (OSError, ValueError, http.client.HTTPException):
         return None
     finally:
@@ -44,8 +53,7 @@ def main() -> int:
     while time.monotonic() < end:
         started = time.monotonic()
         node = attempt(args.host, args.port, args.path, args.timeout)
-        sys.stdout.write(json.dumps({"t": started, "node": node}) + "\n")
-        sys.stdout.flush()
+        emit(sys.stdout, t=started, node=node)
         time.sleep(max(0.0, args.interval - (time.monotonic() - started)))
     return 0
 

@@ -2,7 +2,8 @@
 
 The proof that no acknowledged write is lost: `Writer` runs `python -m ha_lab.records
 write` in the lab's client namespace; it POSTs `/records` in a loop (a new body each time,
-carrying a sequence number) and prints one JSON line per answer. A 201 `{"id": N}` is an
+carrying a sequence number) and emits one line per answer in the client stream format
+(ha_lab.stream). A 201 `{"id": N}` is an
 acknowledgement: the application committed the record (SQLite, synchronous=FULL) and, on a
 replicated directory, the secondary made it durable too. `read_back` later GETs every
 acknowledged id through the VIP and checks each record is there *with the body that was
@@ -20,12 +21,12 @@ import http.client
 import json
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from .lab import Lab
+from .stream import ClientStream, emit, optional_int, time_of
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,14 @@ class Ack:
     t: float  # CLOCK_MONOTONIC when the 201 arrived
     seq: int  # the writer's sequence number, in the body
     id: int  # the id the application gave
+
+
+def _answer(data: dict[str, Any]) -> Ack | None:
+    """A writer's line: an Ack for a 201, None for a request that got none."""
+    t, seq, rowid = time_of(data), optional_int(data["seq"]), optional_int(data["id"])
+    if seq is None:
+        raise TypeError("a writer's line without seq")
+    return None if rowid is None else Ack(t, seq, rowid)
 
 
 @dataclass
@@ -44,54 +53,37 @@ class Writer:
     timeout: float = 2.0
     pause: float = 0.0
     duration: float = 600.0
-    acks: list[Ack] = field(default_factory=list)
-    failures: int = 0
 
     def __post_init__(self) -> None:
-        self._proc: subprocess.Popen[str] | None = None
-        self._reader: threading.Thread | None = None
-        self._lock = threading.Lock()
+        argv = [
+            sys.executable, "-m", "ha_lab.records", "write", self.host,
+            "--port", str(self.port), "--timeout", str(self.timeout),
+            "--pause", str(self.pause), "--duration", str(self.duration)
+        ]  # fmt: skip
+        self.stream: ClientStream[Ack] = ClientStream(Lab.client_argv(argv), _answer)
 
     def start(self) -> Writer:
-        argv = Lab.client_argv(
-            [sys.executable, "-m", "ha_lab.records", "write", self.host, "--port", str(self.port),
-             "--timeout", str(self.timeout), "--pause", str(self.pause),
-             "--duration", str(self.duration)]
-        )  # fmt: skip
-        self._proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
+        self.stream.start()
         return self
 
-    def _read(self) -> None:
-        assert self._proc is not None and self._proc.stdout is not None
-        for line in self._proc.stdout:
-            data = json.loads(line)
-            with self._lock:
-                if data.get("id") is None:
-                    self.failures += 1
-                else:
-                    self.acks.append(Ack(float(data["t"]), int(data["seq"]), int(data["id"])))
+    @property
+    def failures(self) -> int:
+        """Requests that got no acknowledgement (refused, timed out, connection lost)."""
+        return sum(1 for a in self.stream.records() if a is None)
 
     def snapshot(self) -> list[Ack]:
-        with self._lock:
-            return list(self.acks)
+        return [a for a in self.stream.records() if a is not None]
 
     def wait_acks(self, count: int, after: float = 0.0, timeout: float = 60.0) -> bool:
         """Wait until `count` acknowledgements arrived after monotonic time `after`."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if sum(1 for a in self.snapshot() if a.t >= after) >= count:
-                return True
-            time.sleep(0.05)
-        return False
+
+        def enough(answers: list[Ack | None]) -> bool:
+            return sum(1 for a in answers if a is not None and a.t >= after) >= count
+
+        return self.stream.wait(enough, timeout, poll=0.05)
 
     def stop(self) -> list[Ack]:
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.terminate()
-            self._proc.wait(timeout=10)
-        if self._reader is not None:
-            self._reader.join(timeout=5)
+        self.stream.stop()
         return self.snapshot()
 
 
@@ -173,9 +165,7 @@ def write(host: str, port: int, timeout: float, pause: float, duration: float) -
                 conn.close()
             conn = None
             time.sleep(0.05)  # the VIP is moving: do not spin
-        line["t"] = time.monotonic()
-        sys.stdout.write(json.dumps(line) + "\n")
-        sys.stdout.flush()
+        emit(sys.stdout, t=time.monotonic(), **line)
         if pause:
             time.sleep(pause)
     return 0

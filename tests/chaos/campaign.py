@@ -332,6 +332,7 @@ class Campaign:
         self.violations += bad
         self._summarise(
             nemesis=nemesis, acks=acks, write_failures=writer.failures,
+            stream_bad_lines=writer.stream.bad_lines + farm.stream.bad_lines,
             farm_samples=farm_samples, holders=holders, states=states,
             converge_s=converge_s, started=started, started_wall=started_wall,
             t_start=t_start, last_heal=last_heal, end=end, console=console, alerts=alerts,
@@ -459,6 +460,7 @@ class Campaign:
         nemesis: Nemesis,
         acks: list[Ack],
         write_failures: int,
+        stream_bad_lines: int,
         farm_samples: list[Sample],
         holders: HolderObserver,
         states: StateObserver,
@@ -494,6 +496,8 @@ class Campaign:
             "by_kind": by_kind,
             "records_acknowledged": len(acks),
             "write_failures": write_failures,
+            # Lines of the writer's and the farm probe's streams that did not parse (dropped).
+            "client_stream_bad_lines": stream_bad_lines,
             "lost": lost,
             "read_back_transient_errors": self.transient,
             "split_brain_overlaps_without_witness": self.split_brain,

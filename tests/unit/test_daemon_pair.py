@@ -4,7 +4,6 @@ scripts, API and events end to end; only the VIP is faked (no root, no interface
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -15,94 +14,36 @@ from ha_runtime import api
 from ha_runtime.config import ConfigError, load_site
 from ha_runtime.daemon import NodeDaemon
 from ha_runtime.states import State
+from tests.sitefactory import (
+    Tls,
+    free_port,
+    module_data,
+    pair_daemons,
+    prim_scripts,
+    wait,
+    write_scripts,
+    write_site,
+)
 
 KEY = b"s" * 48
 
 
-class FakeVip:
-    holders: dict[str, str]
-
-    def __init__(self, node: str, holders: dict[str, str]) -> None:
-        self.node, self.holders = node, holders
-
-    async def add(self, m: Any) -> None:
-        other = self.holders.get(m.name)
-        assert other in (None, self.node), f"VIP of {m.name} already held by {other}"
-        self.holders[m.name] = self.node
-
-    async def remove(self, m: Any) -> None:
-        if self.holders.get(m.name) == self.node:
-            del self.holders[m.name]
-
-    def held(self, m: Any) -> bool | None:
-        return self.holders.get(m.name) == self.node
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _site(tmp: Path, node: str, port: int) -> Path:
     base = tmp / node
-    (base / "modules").mkdir(parents=True)
     log = tmp / "scripts.log"
-    for name in ("start_prim", "stop_prim"):
-        script = base / name
-        script.write_text(
-            f'#!/bin/sh\necho "$HAPAIR_NODE $HAPAIR_SCRIPT $HAPAIR_TRANSITION" >> {log}\n'
-        )
-        script.chmod(0o755)
-    (base / "cluster.yml").write_text(
-        f"""
-node: {node}
-nodes:
-  - {{name: node1, addresses: {{lan: 127.0.0.1}}}}
-  - {{name: node2, addresses: {{lan: 127.0.0.2}}}}
-heartbeat_port: {port}
-site_key: {base}/site.key
-tls: {{ca: {base}/ca.crt, cert: {base}/node.crt, key: {base}/node.key}}
-api_socket: {base}/api.sock
-metrics_address: ""
-state_dir: {base}/state
-modules_dir: {base}/modules
-"""
-    )
-    (base / "modules" / "flightdata.yml").write_text(
-        f"""
-name: flightdata
-type: mirror
-nodes: [node1, node2]
-default_primary: node1
-vip: {{address: 10.77.0.100/24, interface: lan0}}
-heartbeat: {{interval_ms: 100, timeout_ms: 1000}}
-scripts: {{start_prim: {base}/start_prim, stop_prim: {base}/stop_prim, timeout_s: 5}}
-"""
-    )
-    return base / "cluster.yml"
-
-
-async def _wait(pred: Any, timeout: float = 10) -> None:
-    with trio.fail_after(timeout):
-        while not pred():
-            await trio.sleep(0.02)
+    scripts = write_scripts(base, f'echo "$HAPAIR_NODE $HAPAIR_SCRIPT $HAPAIR_TRANSITION" >> {log}')
+    return write_site(
+        base, node, heartbeat_port=port, site_key=base / "site.key",
+        tls=Tls(base / "ca.crt", base / "node.crt", base / "node.key"),
+        module=module_data(scripts=prim_scripts(scripts)),
+    )  # fmt: skip
 
 
 def test_pair_first_start_swap_and_failover(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     holders: dict[str, str] = {}
-    d1 = NodeDaemon(
-        load_site(_site(tmp_path, "node1", port)),
-        KEY,
-        vip_ops=FakeVip("node1", holders),
-        metrics=False,
-    )
-    d2 = NodeDaemon(
-        load_site(_site(tmp_path, "node2", port)),
-        KEY,
-        vip_ops=FakeVip("node2", holders),
-        metrics=False,
+    d1, d2 = pair_daemons(
+        (_site(tmp_path, "node1", port), _site(tmp_path, "node2", port)), KEY, holders
     )
     m1, m2 = d1.managers["flightdata"], d2.managers["flightdata"]
 
@@ -116,8 +57,8 @@ def test_pair_first_start_swap_and_failover(tmp_path: Path) -> None:
                 n2.start_soon(d2.run)
                 # First start, no history: the default primary takes the role.
                 # The state names the role being entered; the VIP follows within it.
-                await _wait(lambda: m1.state is State.PRIM and m2.state is State.SECOND)
-                await _wait(lambda: holders == {"flightdata": "node1"})
+                await wait(lambda: m1.state is State.PRIM and m2.state is State.SECOND)
+                await wait(lambda: holders == {"flightdata": "node1"})
                 status = (await call(d2, {"command": "status"}))["result"]
                 assert status["node"] == "node2"
                 mod = status["modules"][0]
@@ -127,23 +68,23 @@ def test_pair_first_start_swap_and_failover(tmp_path: Path) -> None:
                 # Planned switchover asked on the secondary.
                 resp = await call(d2, {"command": "swap", "module": "flightdata"})
                 assert resp["ok"], resp
-                await _wait(lambda: m2.state is State.PRIM and m1.state is State.SECOND)
-                await _wait(lambda: holders == {"flightdata": "node2"})
+                await wait(lambda: m2.state is State.PRIM and m1.state is State.SECOND)
+                await wait(lambda: holders == {"flightdata": "node2"})
 
                 # Swap refused when the peer is not ready: nothing changes.
                 await call(d1, {"command": "stop", "module": "flightdata"})
-                await _wait(lambda: m1.state is State.STOP and m2.state is State.ALONE)
+                await wait(lambda: m1.state is State.STOP and m2.state is State.ALONE)
                 resp = await call(d2, {"command": "swap", "module": "flightdata"})
                 assert not resp["ok"] and "refused" in resp["error"]
                 assert m2.state is State.ALONE
                 await call(d1, {"command": "start", "module": "flightdata"})
-                await _wait(lambda: m1.state is State.SECOND and m2.state is State.PRIM)
+                await wait(lambda: m1.state is State.SECOND and m2.state is State.PRIM)
 
                 n2.cancel_scope.cancel()  # node2 dies without a word...
             holders.pop("flightdata")  # ...and its VIP with it (a crashed node holds nothing)
             # node1 was SECOND in sync: it takes over after the timeout.
-            await _wait(lambda: m1.state is State.ALONE)
-            await _wait(lambda: holders == {"flightdata": "node1"})
+            await wait(lambda: m1.state is State.ALONE)
+            await wait(lambda: holders == {"flightdata": "node1"})
             events = (await call(d1, {"command": "events", "module": "flightdata"}))["result"]
             assert any(e.get("to") == "ALONE" for e in events)
             outer.cancel_scope.cancel()

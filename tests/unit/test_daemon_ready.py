@@ -8,15 +8,16 @@ from pathlib import Path
 
 import pytest
 import trio
-from test_daemon_pair import KEY, FakeVip, _free_port, _site
+from test_daemon_pair import KEY, _site
 
 from ha_runtime.config import load_site
 from ha_runtime.daemon import NodeDaemon
+from tests.sitefactory import FakeVip, free_port
 
 
 def _slow_prestart(tmp: Path, seconds: float) -> Path:
     """node1's module gets a prestart that takes `seconds`: its first decision comes after."""
-    cluster = _site(tmp, "node1", _free_port())
+    cluster = _site(tmp, "node1", free_port())
     done = tmp / "prestart.done"
     script = tmp / "node1" / "prestart"
     script.write_text(f"#!/bin/sh\nsleep {seconds}\ntouch {done}\n")

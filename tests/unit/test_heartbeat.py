@@ -15,6 +15,7 @@ from ha_runtime.generation import Generation
 from ha_runtime.heartbeat import HeartbeatService, LocalAnnounce, ModuleStream
 from ha_runtime.packet import MAX_PACKET, Drop, Heartbeat, ReplayGuard, decode, encode
 from ha_runtime.states import Flag, State
+from tests.sitefactory import free_port
 
 KEY = b"k" * 48
 HB = Heartbeat("node2", "flightdata", "lan", State.PRIM, Flag.ELIGIBLE, 7, 1, 0x42, (1, 2))
@@ -83,14 +84,8 @@ def _service(
     )
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_live_receiver_counts_and_ignores_forged_and_replayed(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
 
     async def main() -> None:
         rx = _service("node1", "127.0.0.1", "node2", "127.0.0.2", port, state_dir=tmp_path)
@@ -134,7 +129,7 @@ def test_live_receiver_counts_and_ignores_forged_and_replayed(tmp_path: Path) ->
 
 
 def test_two_live_services_see_each_other_then_lose(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
 
     async def main() -> None:
         a = _service(

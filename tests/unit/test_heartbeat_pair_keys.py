@@ -8,8 +8,6 @@ everything a node of the site holds except K12, and tries to pass as node1 to no
 from __future__ import annotations
 
 import os
-import socket
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -24,6 +22,7 @@ from ha_runtime.heartbeat_keys import pair_key_path, read_pair_keys
 from ha_runtime.packet import Heartbeat, encode, peek_sender
 from ha_runtime.security import InsecureFile
 from ha_runtime.states import Flag, State
+from tests.sitefactory import free_port, wait
 
 SITE = b"s" * 48
 K12, K13, K23 = b"1" * 48, b"2" * 48, b"3" * 48
@@ -34,12 +33,6 @@ KEYS = {
     "node3": {"node1": K13, "node2": K23},
 }
 MODULE = "farm"
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _service(
@@ -64,14 +57,6 @@ def _service(
     )
 
 
-async def _until(cond: Callable[[], bool], what: str, timeout: float = 5) -> None:
-    with trio.move_on_after(timeout):
-        while not cond():
-            await trio.sleep(0.02)
-        return
-    raise AssertionError(f"not within {timeout} s: {what}")
-
-
 def _alive(rx: HeartbeatService, peer: str) -> bool:
     return rx.table.view(MODULE, peer).status is PeerStatus.ALIVE
 
@@ -91,16 +76,24 @@ def _assert_refused(rx: HeartbeatService) -> None:
     assert (after.state, after.generation) == (before.state, before.generation)
 
 
+async def _pair_alive(
+    nursery: trio.Nursery, port: int, tmp: Path
+) -> tuple[HeartbeatService, HeartbeatService]:
+    """node1 and node2, each with its pair keys, running in `nursery` and hearing each other."""
+    n1 = _service("node1", port, tmp, KEYS["node1"])
+    n2 = _service("node2", port, tmp, KEYS["node2"])
+    nursery.start_soon(n1.run)
+    nursery.start_soon(n2.run)
+    await wait(lambda: _alive(n2, "node1") and _alive(n1, "node2"), what="pair alive")
+    return n1, n2
+
+
 def test_third_node_cannot_forge_node1_to_node2(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
-            n1 = _service("node1", port, tmp_path, KEYS["node1"])
-            n2 = _service("node2", port, tmp_path, KEYS["node2"])
-            nursery.start_soon(n1.run)
-            nursery.start_soon(n2.run)
-            await _until(lambda: _alive(n2, "node1") and _alive(n1, "node2"), "pair alive")
+            _n1, n2 = await _pair_alive(nursery, port, tmp_path)
             before = n2.drops.copy()
             _assert_refused(n2)
             # (node1's own site-key copies, sent until it heard node2's pair key, are
@@ -113,15 +106,11 @@ def test_third_node_cannot_forge_node1_to_node2(tmp_path: Path) -> None:
 
 def test_once_both_use_their_pair_key_no_site_key_copies_are_sent(tmp_path: Path) -> None:
     # Seen in the lab: each site-key copy made the receiver send copies again, forever.
-    port = _free_port()
+    port = free_port()
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
-            n1 = _service("node1", port, tmp_path, KEYS["node1"])
-            n2 = _service("node2", port, tmp_path, KEYS["node2"])
-            nursery.start_soon(n1.run)
-            nursery.start_soon(n2.run)
-            await _until(lambda: _alive(n2, "node1") and _alive(n1, "node2"), "pair alive")
+            n1, n2 = await _pair_alive(nursery, port, tmp_path)
             await trio.sleep(0.3)  # both have heard the other's pair key by now
             before = (n1.drops["site_key"], n2.drops["site_key"])
             await trio.sleep(0.5)  # ten more intervals
@@ -132,7 +121,7 @@ def test_once_both_use_their_pair_key_no_site_key_copies_are_sent(tmp_path: Path
 
 
 def test_refusal_of_the_site_key_survives_a_restart(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
@@ -146,7 +135,7 @@ def test_refusal_of_the_site_key_survives_a_restart(tmp_path: Path) -> None:
 
             nursery.start_soon(run, n1, n1_scope)
             nursery.start_soon(run, n2, n2_scope)
-            await _until(lambda: _alive(n2, "node1"), "node2 hears node1")
+            await wait(lambda: _alive(n2, "node1"), what="node2 hears node1")
             n1_scope.cancel()
             n2_scope.cancel()
             await trio.sleep(0.05)
@@ -161,7 +150,7 @@ def test_refusal_of_the_site_key_survives_a_restart(tmp_path: Path) -> None:
 def test_rollout_a_node_without_pair_keys_and_one_with_see_each_other(tmp_path: Path) -> None:
     # The deploy restarts one node at a time: for a while one runs without the pair keys
     # (or an older runtime, site key only). Neither may look dead to the other.
-    port = _free_port()
+    port = free_port()
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
@@ -169,7 +158,7 @@ def test_rollout_a_node_without_pair_keys_and_one_with_see_each_other(tmp_path: 
             new = _service("node2", port, tmp_path, KEYS["node2"])
             nursery.start_soon(old.run)
             nursery.start_soon(new.run)
-            await _until(lambda: _alive(new, "node1") and _alive(old, "node2"), "pair alive")
+            await wait(lambda: _alive(new, "node1") and _alive(old, "node2"), what="pair alive")
             await trio.sleep(0.7)  # past the timeout: still alive on what is accepted
             assert _alive(new, "node1") and _alive(old, "node2")
             assert "site_key" not in new.drops
@@ -182,7 +171,7 @@ def test_rollback_a_node_without_pair_keys_still_hears_its_peer(tmp_path: Path) 
     # node1 is rolled back to a deploy without pair keys: node2 cannot tell it from a
     # forger and refuses its site-key packets (until the rollback reaches node2 as well:
     # docs/configuration.md), but it sends both forms again so node1 keeps hearing it.
-    port = _free_port()
+    port = free_port()
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
@@ -196,12 +185,12 @@ def test_rollback_a_node_without_pair_keys_still_hears_its_peer(tmp_path: Path) 
 
             nursery.start_soon(run_n1)
             nursery.start_soon(n2.run)
-            await _until(lambda: _alive(n2, "node1") and _alive(n1, "node2"), "pair alive")
+            await wait(lambda: _alive(n2, "node1") and _alive(n1, "node2"), what="pair alive")
             await trio.sleep(0.2)  # both confirmed: pair-keyed packets only
             n1_scope.cancel()
             old = _service("node1", port, tmp_path, None)
             nursery.start_soon(old.run)
-            await _until(lambda: old.received["lan"] > 0, "the rolled-back node1 hears node2")
+            await wait(lambda: old.received["lan"] > 0, what="the rolled-back node1 hears node2")
             await trio.sleep(0.7)  # past the timeout
             assert _alive(old, "node2")
             assert n2.drops["site_key"] > 0 and not _alive(n2, "node1")
@@ -311,7 +300,7 @@ def test_in_a_site_of_two_a_rolled_back_peer_is_heard_again(tmp_path: Path) -> N
     # signs with its pair key), was rolled back, then upgraded again; node1, upgraded first,
     # refused the still-old node2's site-key packets for good and stayed WAIT. With two
     # nodes no third one holds the site key, so it proves node2 as well as the pair key.
-    port = _free_port()
+    port = free_port()
     pair = ("node1", "node2")
 
     async def main() -> None:
@@ -326,13 +315,13 @@ def test_in_a_site_of_two_a_rolled_back_peer_is_heard_again(tmp_path: Path) -> N
 
             nursery.start_soon(run, n1, n1_scope)
             nursery.start_soon(n2.run)
-            await _until(lambda: _alive(n2, "node1") and _alive(n1, "node2"), "pair alive")
+            await wait(lambda: _alive(n2, "node1") and _alive(n1, "node2"), what="pair alive")
             await trio.sleep(0.2)  # both confirmed: node2 recorded node1 as pair-keyed
             assert "node1" in n2._replay_state().pair_keyed
             n1_scope.cancel()
             old = _service("node1", port, tmp_path, None, pair)  # rolled back: site key only
             nursery.start_soon(old.run)
-            await _until(lambda: old.received["lan"] > 0, "the rolled-back node1 hears node2")
+            await wait(lambda: old.received["lan"] > 0, what="the rolled-back node1 hears node2")
             await trio.sleep(0.7)  # past the timeout
             assert _alive(old, "node2") and _alive(n2, "node1")
             assert "site_key" not in n2.drops

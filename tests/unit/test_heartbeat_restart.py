@@ -7,7 +7,6 @@ steps back is injected, not patched in.
 
 from __future__ import annotations
 
-import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,17 +19,12 @@ from ha_runtime.heartbeat import HeartbeatService, LocalAnnounce, ModuleStream
 from ha_runtime.heartbeat_state import INCARNATION_FILE
 from ha_runtime.packet import decode
 from ha_runtime.states import Flag, State
+from tests.sitefactory import free_port, wait
 
 KEY = b"k" * 48
 A_ADDR, B_ADDR = "127.0.0.2", "127.0.0.1"  # node2 sends, node1 receives
 T0 = 1_764_000_000 * 10**9  # a wall clock reading in ns
 HOUR_NS = 3600 * 10**9
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind((B_ADDR, 0))
-        return int(s.getsockname()[1])
 
 
 def _service(
@@ -51,21 +45,13 @@ def _service(
     )
 
 
-async def _until(cond: Callable[[], bool], what: str, timeout: float = 5) -> None:
-    with trio.move_on_after(timeout):
-        while not cond():
-            await trio.sleep(0.02)
-        return
-    raise AssertionError(f"not within {timeout} s: {what}")
-
-
 def _last_incarnation(rx: HeartbeatService) -> int | None:
     track = rx.table._tracks.get(("flightdata", "node2"))
     return None if track is None or track.last is None else track.last.incarnation
 
 
 def test_captured_packet_is_refused_after_sender_and_receiver_restart(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port(host=B_ADDR)
     a_dir, b_dir = tmp_path / "a", tmp_path / "b"
 
     async def main() -> None:
@@ -95,7 +81,7 @@ def test_captured_packet_is_refused_after_sender_and_receiver_restart(tmp_path: 
                     await b1.run()
 
             nursery.start_soon(run_b1)
-            await _until(lambda: _last_incarnation(b1) == a1.incarnation, "node1 hears A1")
+            await wait(lambda: _last_incarnation(b1) == a1.incarnation, what="node1 hears A1")
             a1_scope.cancel()
             a2 = _service("node2", a_dir, port, wall=time.time_ns)  # node2 restarts
             a2_scope = trio.CancelScope()
@@ -105,7 +91,7 @@ def test_captured_packet_is_refused_after_sender_and_receiver_restart(tmp_path: 
                     await a2.run()
 
             nursery.start_soon(run_a2)
-            await _until(lambda: _last_incarnation(b1) == a2.incarnation, "node1 hears A2")
+            await wait(lambda: _last_incarnation(b1) == a2.incarnation, what="node1 hears A2")
             assert a2.incarnation > a1.incarnation
             a2_scope.cancel()  # node2 dies for good
             b1_scope.cancel()  # and node1 restarts
@@ -116,7 +102,7 @@ def test_captured_packet_is_refused_after_sender_and_receiver_restart(tmp_path: 
             out = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
             await out.bind((A_ADDR, 0))
             await out.sendto(captured, (B_ADDR, port))  # the attacker replays the capture
-            await _until(lambda: sum(b2.drops.values()) + sum(b2.received.values()) > 0, "rx")
+            await wait(lambda: sum(b2.drops.values()) + sum(b2.received.values()) > 0, what="rx")
             out.close()
             assert b2.drops == {"replayed": 1}, (b2.drops, b2.received)
             # The dead node2 does not look alive to the restarted node1.
@@ -129,7 +115,7 @@ def test_captured_packet_is_refused_after_sender_and_receiver_restart(tmp_path: 
 def test_wall_clock_stepping_back_does_not_make_a_restarted_sender_look_dead(
     tmp_path: Path,
 ) -> None:
-    port = _free_port()
+    port = free_port(host=B_ADDR)
     a_dir, b_dir = tmp_path / "a", tmp_path / "b"
 
     async def main() -> None:
@@ -145,12 +131,12 @@ def test_wall_clock_stepping_back_does_not_make_a_restarted_sender_look_dead(
                     await a1.run()
 
             nursery.start_soon(run_a1)
-            await _until(lambda: _last_incarnation(b) == a1.incarnation, "node1 hears A1")
+            await wait(lambda: _last_incarnation(b) == a1.incarnation, what="node1 hears A1")
             a1_scope.cancel()
             # node2 restarts after its clock was set back an hour (NTP step, RTC reset).
             a2 = _service("node2", a_dir, port, wall=lambda: T0 - HOUR_NS)
             nursery.start_soon(a2.run)
-            await _until(lambda: _last_incarnation(b) == a2.incarnation, "node1 hears A2")
+            await wait(lambda: _last_incarnation(b) == a2.incarnation, what="node1 hears A2")
             await trio.sleep(0.7)  # longer than the timeout: alive on A2's packets alone
             assert b.table.view("flightdata", "node2").status is PeerStatus.ALIVE
             assert "replayed" not in b.drops, b.drops
@@ -160,7 +146,7 @@ def test_wall_clock_stepping_back_does_not_make_a_restarted_sender_look_dead(
 
 
 def test_incarnation_is_saved_before_the_first_heartbeat_and_grows(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port(host=B_ADDR)
     path = tmp_path / INCARNATION_FILE
 
     async def start(wall: int) -> int:

@@ -15,15 +15,15 @@ from pathlib import Path
 from typing import Any
 
 import trio
-import yaml
 
-from ha_runtime.config import ScriptsSpec, parse_cluster, parse_module
+from ha_runtime.config import ScriptsSpec
 from ha_runtime.events import EventLog
 from ha_runtime.generation import Generation, GenRecord
 from ha_runtime.heartbeat import ModuleStream, PeerTable
 from ha_runtime.manager import ModuleManager
 from ha_runtime.packet import Heartbeat
 from ha_runtime.states import Flag, State
+from tests.sitefactory import module_data, parsed_configs
 
 TIMEOUT_S, INTERVAL_S = 1.0, 0.1
 
@@ -59,39 +59,13 @@ async def _sent(_m: str) -> None:
 
 
 def _manager(tmp: Path) -> ModuleManager:
-    cluster, errors = parse_cluster(
-        {
-            "node": "node1",
-            "nodes": [
-                {"name": "node1", "addresses": {"lan": "127.0.0.1"}},
-                {"name": "node2", "addresses": {"lan": "127.0.0.2"}},
-            ],
-            "site_key": "/k",
-            "tls": {"ca": "/a", "cert": "/b", "key": "/c"},
-            "state_dir": str(tmp / "state"),
-            "metrics_address": "",
-        },
-        tmp / "cluster.yml",
-    )
-    assert cluster is not None, errors
-    module, errors = parse_module(
-        yaml.safe_load(
-            f"""
-name: app
-type: mirror
-nodes: [node1, node2]
-default_primary: node1
-vip: {{address: 10.77.0.200/24, interface: lan0}}
-heartbeat: {{interval_ms: {int(INTERVAL_S * 1000)}, timeout_ms: {int(TIMEOUT_S * 1000)}}}
-scripts: {{start_prim: /bin/true, stop_prim: /bin/true}}
-replicated_dirs: [{tmp / "app"}]
-"""
+    cluster, module = parsed_configs(
+        tmp,
+        module_data(
+            "app", vip="10.77.0.200/24", interval_ms=int(INTERVAL_S * 1000),
+            timeout_ms=int(TIMEOUT_S * 1000), replicated_dirs=[tmp / "app"],
         ),
-        tmp / "app.yml",
-        cluster,
-        check_files=False,
-    )
-    assert module is not None, errors
+    )  # fmt: skip
     module = dataclasses.replace(module, scripts=ScriptsSpec())
     table = PeerTable(
         {"app": ModuleStream("app", ("node2",), INTERVAL_S, TIMEOUT_S)}, time.monotonic

@@ -16,15 +16,12 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
-import yaml
 
 from ha_runtime import checkers
 from ha_runtime.config import (
     ClusterConfig,
     ModuleConfig,
     ScriptsSpec,
-    parse_cluster,
-    parse_module,
 )
 from ha_runtime.decision import decide
 from ha_runtime.events import EventLog
@@ -34,6 +31,7 @@ from ha_runtime.manager import ModuleManager
 from ha_runtime.module_base import WitnessProbe
 from ha_runtime.packet import Heartbeat
 from ha_runtime.states import Flag, State
+from tests.sitefactory import module_data, parsed_configs
 
 CHECKER = {"name": "app", "type": "tcp", "port": 1, "interval_s": 1, "action": "restart"}
 WAITER = {"name": "disk", "type": "tcp", "port": 2, "interval_s": 1, "action": "wait"}
@@ -48,48 +46,14 @@ class Clock:
 
 
 def _configs(tmp: Path, kind: str) -> tuple[ClusterConfig, ModuleConfig]:
-    cluster, errors = parse_cluster(
-        {
-            "node": "node1",
-            "nodes": [
-                {"name": "node1", "addresses": {"lan": "127.0.0.1"}},
-                {"name": "node2", "addresses": {"lan": "127.0.0.2"}},
-            ],
-            "site_key": "/k",
-            "tls": {"ca": "/a", "cert": "/b", "key": "/c"},
-            "state_dir": str(tmp / "state"),
-            "metrics_address": "",
-        },
-        tmp / "cluster.yml",
-    )
-    assert cluster is not None, errors
-    extra = (
-        "farm: {rules: [{protocol: tcp, ports: [8080]}]}"
-        if kind == "farm"
-        else "default_primary: node1"
-    )
-    app = "both" if kind == "farm" else "prim"
-    module, errors = parse_module(
-        yaml.safe_load(
-            f"""
-name: app
-type: {kind}
-nodes: [node1, node2]
-vip: {{address: 10.77.0.200/24, interface: lan0}}
-heartbeat: {{interval_ms: 100, timeout_ms: 1000}}
-restart_policy: {{max_restarts: 2, window_s: 100}}
-scripts: {{start_{app}: /bin/true, stop_{app}: /bin/true}}
-{extra}
-"""
-        )
-        | {"checkers": [CHECKER, WAITER]},
-        tmp / "app.yml",
-        cluster,
-        check_files=False,
-    )
-    assert module is not None, errors
+    extra = {"farm": {"rules": [{"protocol": "tcp", "ports": [8080]}]}} if kind == "farm" else {}
+    module = module_data(
+        "app", kind, vip="10.77.0.200/24", checkers=[CHECKER, WAITER],
+        restart_policy={"max_restarts": 2, "window_s": 100}, **extra,
+    )  # fmt: skip
+    cluster, parsed = parsed_configs(tmp, module)
     # No script runs: what is checked is the policy, not the subprocess.
-    return cluster, dataclasses.replace(module, scripts=ScriptsSpec())
+    return cluster, dataclasses.replace(parsed, scripts=ScriptsSpec())
 
 
 async def _send_now(_m: str) -> None:

@@ -6,21 +6,16 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import socket
 from pathlib import Path
 
 import pytest
 
 from ha_runtime.config import (
     ClusterConfig,
-    HeartbeatSpec,
     ModuleConfig,
-    NodeSpec,
-    RestartPolicy,
-    ScriptsSpec,
-    TlsSpec,
 )
 from ha_runtime.replication.service import ReplicationService
+from tests.sitefactory import replication_cluster, replication_module
 
 _spec = importlib.util.spec_from_file_location(
     "replication_pki", Path(__file__).parents[2] / "unit/replication/conftest.py"
@@ -36,32 +31,12 @@ FUSE_ROOT = [
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def configs(tmp: Path) -> tuple[ModuleConfig, ClusterConfig, ClusterConfig]:
     tls = make_site(tmp / "pki", "a", ("node1", "node2"))
-    nodes = (NodeSpec("node1", {"lan": "127.0.0.1"}), NodeSpec("node2", {"lan": "127.0.0.1"}))
-
-    def cluster(n: str) -> ClusterConfig:
-        t = tls[n]
+    c1, c2 = (replication_cluster(tmp, n, tls[n]) for n in ("node1", "node2"))
+    for n in ("node1", "node2"):
         (tmp / n).mkdir(exist_ok=True)
-        return ClusterConfig(
-            path=tmp / "c.yml", node=n, nodes=nodes, heartbeat_port=7440,
-            site_key=tmp / "key", tls=TlsSpec(t.ca, t.cert, t.key), api_socket=tmp / "s",
-            metrics_address=None, state_dir=tmp / n, modules_dir=tmp,
-        )  # fmt: skip
-
-    module = ModuleConfig(
-        path=tmp / "m.yml", name="demo", type="mirror", nodes=("node1", "node2"),
-        default_primary="node1", failback="manual", vip=None, heartbeat=HeartbeatSpec(),
-        witness=(), scripts=ScriptsSpec(), checkers=(), restart_policy=RestartPolicy(),
-        replicated_dirs=(tmp / "app",),
-    )  # fmt: skip
-    return module, cluster("node1"), cluster("node2")
+    return replication_module(tmp, c1), c1, c2
 
 
 def write_sync(p: Path, data: bytes, off: int = 0) -> None:

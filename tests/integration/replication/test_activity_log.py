@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import trio
-from fusepair import configs, free_port, in_step, write_sync
+from fusepair import configs, in_step, write_sync
 
 from ha_runtime.config import ReplicationSettings
 from ha_runtime.generation import Generation, GenerationStore, GenRecord
@@ -19,6 +19,7 @@ from ha_runtime.replication.activitylog import AL_EXTENT, ActivityLog
 from ha_runtime.replication.context import Event
 from ha_runtime.replication.journal import Op, Record
 from ha_runtime.replication.service import ReplicationService
+from tests.sitefactory import free_tcp_port
 
 pytestmark = [
     pytest.mark.fuse,
@@ -28,7 +29,7 @@ pytestmark = [
 
 def test_primary_crashing_in_sync_returns_with_an_incremental_resync(tmp_path: Path) -> None:  # noqa: PLR0915
     module, c1, c2 = configs(tmp_path)
-    st = ReplicationSettings(port=free_port(), timeout_s=1.0, networks=("lan",),
+    st = ReplicationSettings(port=free_tcp_port(), timeout_s=1.0, networks=("lan",),
                              site_key=b"k" * 48)  # fmt: skip
     app = tmp_path / "app"
     b1 = tmp_path / "node1/replica/demo/0"

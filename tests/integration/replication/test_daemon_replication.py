@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import socket
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,17 @@ from ha_runtime.replication.child import mounted
 from ha_runtime.replication.link.framing import LinkLost
 from ha_runtime.replication.link.tls import client_context, connect
 from ha_runtime.states import State
+from tests.sitefactory import (
+    Tls,
+    free_port,
+    free_tcp_port,
+    module_data,
+    pair_daemons,
+    prim_scripts,
+    write_key,
+    write_scripts,
+    write_site,
+)
 
 _spec = importlib.util.spec_from_file_location(
     "replication_pki", Path(__file__).parents[2] / "unit/replication/conftest.py"
@@ -41,77 +51,26 @@ pytestmark = [
 KEY = b"k" * 48
 
 
-class FakeVip:
-    def __init__(self, node: str, holders: dict[str, str]) -> None:
-        self.node, self.holders = node, holders
-
-    async def add(self, m: Any) -> None:
-        assert self.holders.get(m.name) in (None, self.node)
-        self.holders[m.name] = self.node
-
-    async def remove(self, m: Any) -> None:
-        if self.holders.get(m.name) == self.node:
-            del self.holders[m.name]
-
-    def held(self, m: Any) -> bool | None:
-        return self.holders.get(m.name) == self.node
-
-
-def _free_port(kind: int = socket.SOCK_DGRAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _site(tmp: Path, node: str, hb_port: int, repl_port: int) -> Path:
     base = tmp / node
-    (base / "modules").mkdir(parents=True)
-    tls = _pki.make_site(tmp / "pki", "a", ("node1", "node2")) if node == "node1" else None
-    pki = tmp / "pki"
-    key = base / "site.key"
-    key.write_bytes(KEY)
-    key.chmod(0o600)
+    if node == "node1":
+        _pki.make_site(tmp / "pki", "a", ("node1", "node2"))
     app = base / "app"
     log = tmp / "scripts.log"
-    for name in ("start_prim", "stop_prim"):
-        script = base / name
-        # The "application" checks that it is started on the mounted directory.
-        script.write_text(
-            "#!/bin/sh\n"
-            f'grep -q " {app} fuse" /proc/self/mounts && m=mounted || m=unmounted\n'
-            f'echo "$HAPAIR_NODE $HAPAIR_SCRIPT $m" >> {log}\n'
-        )
-        script.chmod(0o755)
-    del tls
-    (base / "cluster.yml").write_text(
-        f"""
-node: {node}
-nodes:
-  - {{name: node1, addresses: {{lan: 127.0.0.1}}}}
-  - {{name: node2, addresses: {{lan: 127.0.0.2}}}}
-heartbeat_port: {hb_port}
-site_key: {key}
-tls: {{ca: {pki}/ca.crt, cert: {pki}/{node}.crt, key: {pki}/{node}.key}}
-api_socket: {base}/api.sock
-metrics_address: ""
-state_dir: {base}/state
-modules_dir: {base}/modules
-"""
+    # The "application" checks that it is started on the mounted directory.
+    scripts = write_scripts(
+        base,
+        f'grep -q " {app} fuse" /proc/self/mounts && m=mounted || m=unmounted\n'
+        f'echo "$HAPAIR_NODE $HAPAIR_SCRIPT $m" >> {log}',
     )
-    (base / "modules" / "flightdata.yml").write_text(
-        f"""
-name: flightdata
-type: mirror
-nodes: [node1, node2]
-default_primary: node1
-vip: {{address: 10.77.0.100/24, interface: lan0}}
-heartbeat: {{interval_ms: 100, timeout_ms: 1000}}
-scripts: {{start_prim: {base}/start_prim, stop_prim: {base}/stop_prim, timeout_s: 5}}
-replicated_dirs: [{app}]
-replication: {{port: {repl_port}, timeout_ms: 1000, networks: [lan]}}
-"""
+    replication = {"port": repl_port, "timeout_ms": 1000, "networks": ["lan"]}
+    module = module_data(
+        scripts=prim_scripts(scripts), replicated_dirs=[app], replication=replication
     )
-    return base / "cluster.yml"
+    return write_site(
+        base, node, heartbeat_port=hb_port, site_key=write_key(base / "site.key", KEY),
+        tls=Tls.of(tmp / "pki", node), module=module,
+    )  # fmt: skip
 
 
 MANAGERS: list[Any] = []
@@ -135,11 +94,10 @@ def _write_sync(path: Path, data: bytes) -> None:
 
 
 def test_daemons_replicate_swap_and_resync(tmp_path: Path) -> None:  # noqa: PLR0915
-    hb, rp = _free_port(), _free_port(socket.SOCK_STREAM)
+    hb, rp = free_port(), free_tcp_port()
     holders: dict[str, str] = {}
     sites = [load_site(_site(tmp_path, n, hb, rp)) for n in ("node1", "node2")]
-    d1 = NodeDaemon(sites[0], KEY, vip_ops=FakeVip("node1", holders), metrics=False)
-    d2 = NodeDaemon(sites[1], KEY, vip_ops=FakeVip("node2", holders), metrics=False)
+    d1, d2 = pair_daemons((sites[0], sites[1]), KEY, holders)
     m1, m2 = d1.managers["flightdata"], d2.managers["flightdata"]
     MANAGERS[:] = [m1, m2]
     app1, app2 = tmp_path / "node1" / "app", tmp_path / "node2" / "app"

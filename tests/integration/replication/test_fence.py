@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import time
 from dataclasses import replace
@@ -25,14 +24,14 @@ from typing import Any
 
 import pytest
 import trio
-from test_daemon_replication import KEY, FakeVip, _free_port, _site, _wait, _write_sync
+from test_daemon_replication import KEY, _site, _wait, _write_sync
 
 from ha_runtime.config import load_site
-from ha_runtime.daemon import NodeDaemon
 from ha_runtime.decision import PeerStatus, decide
 from ha_runtime.generation import Relation
 from ha_runtime.replication.child import mounted
 from ha_runtime.states import State
+from tests.sitefactory import free_port, free_tcp_port, pair_daemons
 
 pytestmark = [
     pytest.mark.fuse,
@@ -41,11 +40,10 @@ pytestmark = [
 
 
 def test_fsync_across_a_link_loss_returns_only_once_the_peer_is_fenced(tmp_path: Path) -> None:
-    hb, rp = _free_port(), _free_port(socket.SOCK_STREAM)
+    hb, rp = free_port(), free_tcp_port()
     holders: dict[str, str] = {}
     sites = [load_site(_site(tmp_path, n, hb, rp)) for n in ("node1", "node2")]
-    d1 = NodeDaemon(sites[0], KEY, vip_ops=FakeVip("node1", holders), metrics=False)
-    d2 = NodeDaemon(sites[1], KEY, vip_ops=FakeVip("node2", holders), metrics=False)
+    d1, d2 = pair_daemons((sites[0], sites[1]), KEY, holders)
     m1, m2 = d1.managers["flightdata"], d2.managers["flightdata"]
     app1, app2 = tmp_path / "node1" / "app", tmp_path / "node2" / "app"
     back2 = tmp_path / "node2" / "state" / "replica" / "flightdata" / "0"
@@ -102,7 +100,7 @@ def test_first_fsync_after_a_failover_is_not_held_by_the_fence(tmp_path: Path) -
     """Failover time is unchanged: node1's daemon dies, node2 takes over because its peer is
     lost, and its first fsyncs on the new mount return at local speed (a peer silent for a
     whole timeout when the generation was taken needs no wait)."""
-    hb, rp = _free_port(), _free_port(socket.SOCK_STREAM)
+    hb, rp = free_port(), free_tcp_port()
     holders: dict[str, str] = {}
     paths = [_site(tmp_path, n, hb, rp) for n in ("node1", "node2")]
     for path in paths:
@@ -113,8 +111,7 @@ def test_first_fsync_after_a_failover_is_not_held_by_the_fence(tmp_path: Path) -
         module.write_text(text.replace("timeout_ms: 1000}", "timeout_ms: 3000}", 1))
     sites = [load_site(p) for p in paths]
     assert sites[0].modules[0].heartbeat.timeout_ms == 3000
-    d1 = NodeDaemon(sites[0], KEY, vip_ops=FakeVip("node1", holders), metrics=False)
-    d2 = NodeDaemon(sites[1], KEY, vip_ops=FakeVip("node2", holders), metrics=False)
+    d1, d2 = pair_daemons((sites[0], sites[1]), KEY, holders)
     m1, m2 = d1.managers["flightdata"], d2.managers["flightdata"]
     app1, app2 = tmp_path / "node1" / "app", tmp_path / "node2" / "app"
     took: list[float] = []

@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import random
 import shutil
-import socket
 from pathlib import Path
 
 import trio
@@ -21,20 +20,16 @@ from ha_runtime.replication.journal import derive_key
 from ha_runtime.replication.link.framing import Conn
 from ha_runtime.replication.link.primary import PrimaryLink
 from ha_runtime.replication.link.secondary import SecondarySession
-from ha_runtime.replication.link.tls import TlsFiles, client_context, connect, serve, server_context
+from ha_runtime.replication.link.tls import TlsFiles
 from ha_runtime.replication.resync.progress import Progress
 from ha_runtime.replication.secondary.applier import Applier
+from tests.linkpair import connect_primary, serve_secondary
+from tests.sitefactory import free_tcp_port
 
 KEY = derive_key(b"k" * 48)
 MIB = 1 << 20
 SIZE = 256 * MIB
 BLOCK = 4096
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _site(tmp: Path) -> dict[str, TlsFiles]:
@@ -69,7 +64,7 @@ def test_a_large_full_resync_completes_in_one_attempt(tmp_path: Path) -> None:
             f.write(rnd.randbytes(BLOCK))
             changed += BLOCK
             spoiled.add(off * BLOCK // bs)
-    port = _free_port()
+    port = free_tcp_port()
     applier = Applier(peer)
     refused: list[str] = []
 
@@ -94,17 +89,8 @@ def test_a_large_full_resync_completes_in_one_attempt(tmp_path: Path) -> None:
 
     async def main() -> None:
         async with trio.open_nursery() as n:
-            await n.start(
-                lambda task_status: serve(
-                    addresses=["127.0.0.1"], port=port, peer="node1",
-                    ctx=server_context(site["node2"]), key=KEY, handler=handler,
-                    task_status=task_status,
-                )
-            )  # fmt: skip
-            conn = await connect(
-                addresses=[("127.0.0.1", port)], peer="node2",
-                ctx=client_context(site["node1"]), key=KEY, timeout=1,
-            )  # fmt: skip
+            await serve_secondary(n, site["node2"], KEY, port, handler)
+            conn = await connect_primary(site["node1"], KEY, port)
             # the lab's timeout: a keepalive unanswered for 1 s and the resync starts over
             link = PrimaryLink(conn, timeout=1.0)
             n.start_soon(link.run)

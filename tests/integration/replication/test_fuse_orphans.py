@@ -14,11 +14,12 @@ from typing import Any
 
 import pytest
 import trio
-from fusepair import configs, free_port, in_step
+from fusepair import configs, in_step
 
 from ha_runtime.config import ReplicationSettings
 from ha_runtime.generation import Generation, GenerationStore, GenRecord
 from ha_runtime.replication.service import ReplicationService
+from tests.sitefactory import free_tcp_port
 
 pytestmark = [
     pytest.mark.fuse,
@@ -67,7 +68,9 @@ def orphan_life(app: Path) -> dict[str, Any]:
 
 def test_orphans_are_served_by_descriptor_and_never_replicated(tmp_path: Path) -> None:
     module, c1, c2 = configs(tmp_path)
-    st = ReplicationSettings(port=free_port(), timeout_s=2.0, networks=("lan",), site_key=b"k" * 48)
+    st = ReplicationSettings(
+        port=free_tcp_port(), timeout_s=2.0, networks=("lan",), site_key=b"k" * 48
+    )
     for c in (c1, c2):
         GenerationStore(c.state_dir, module.name).save(GenRecord(Generation().advance()))
     prim = ReplicationService(module, c1, st)

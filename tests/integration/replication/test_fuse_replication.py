@@ -10,19 +10,20 @@ from typing import Any
 
 import pytest
 import trio
-from fusepair import FUSE_ROOT, configs, free_port, in_step, write_sync
+from fusepair import FUSE_ROOT, configs, in_step, write_sync
 
 from ha_runtime.config import ReplicationSettings
 from ha_runtime.generation import Generation, GenerationStore, GenRecord
 from ha_runtime.replication.context import Event
 from ha_runtime.replication.service import ReplicationService
+from tests.sitefactory import free_tcp_port
 
 pytestmark = FUSE_ROOT
 
 
 def test_mount_replicate_lose_peer_resync(tmp_path: Path) -> None:  # noqa: PLR0915
     module, c1, c2 = configs(tmp_path)
-    port = free_port()
+    port = free_tcp_port()
     st = ReplicationSettings(port=port, timeout_ms=1000, networks=("lan",), site_key=b"k" * 48)
     events: list[Event] = []
     prim = ReplicationService(module, c1, st, on_event=events.append)
@@ -113,7 +114,9 @@ def test_a_secondary_that_does_not_read_untagged_frames_gets_tagged_ones(
     """Upgrade in either order: a secondary that does not answer the HELLO's offer (an older
     version ignores it) keeps receiving version 2 frames, and replication works."""
     module, c1, c2 = configs(tmp_path)
-    st = ReplicationSettings(port=free_port(), timeout_s=1.0, networks=("lan",), site_key=b"k" * 48)
+    st = ReplicationSettings(
+        port=free_tcp_port(), timeout_s=1.0, networks=("lan",), site_key=b"k" * 48
+    )
     prim = ReplicationService(module, c1, st)
     sec = ReplicationService(module, c2, st)
     original = sec.secondary.control

@@ -7,17 +7,19 @@ from __future__ import annotations
 
 import os
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
-from fusepair import configs, free_port, in_step, write_sync
+from fusepair import configs, in_step, write_sync
 
 from ha_runtime.config import ReplicationSettings
 from ha_runtime.generation import Generation, GenerationStore, GenRecord
 from ha_runtime.replication.context import Event
 from ha_runtime.replication.service import ReplicationService
+from tests.sitefactory import free_tcp_port
 
 pytestmark = [
     pytest.mark.fuse,
@@ -78,26 +80,55 @@ def _before(app: Path) -> None:
     (app / "owned").write_bytes(b"o")
 
 
+@dataclass
+class _Pair:
+    """node1 primary (its events recorded) and node2 secondary of module demo on loopback,
+    both at one generation; app is node1's mounted directory, b2 node2's copy."""
+
+    module: Any
+    c2: Any
+    st: ReplicationSettings
+    prim: ReplicationService
+    events: list[Event]
+    app: Path
+    b2: Path
+
+    @classmethod
+    def of(cls, tmp: Path) -> _Pair:
+        module, c1, c2 = configs(tmp)
+        _same_generation(module, c1, c2)
+        st = ReplicationSettings(
+            port=free_tcp_port(), timeout_s=1.0, networks=("lan",), site_key=b"k" * 48
+        )
+        events: list[Event] = []
+        prim = ReplicationService(module, c1, st, on_event=events.append)
+        return cls(module, c2, st, prim, events, tmp / "app", tmp / "node2/replica/demo/0")
+
+    def secondary(self) -> ReplicationService:
+        return ReplicationService(self.module, self.c2, self.st)
+
+    async def start_in_sync(self, n: trio.Nursery) -> trio.CancelScope:
+        """Start the secondary (stopped by cancelling the scope returned) and the primary,
+        and wait until they are in sync."""
+        sec_scope = trio.CancelScope()
+
+        async def run_sec() -> None:
+            with sec_scope:
+                await self.secondary().run_secondary()
+
+        n.start_soon(run_sec)
+        await n.start(self.prim.run_primary)
+        await _until(lambda: self.prim.status().state == "sync" and in_step(self.prim))
+        return sec_scope
+
+
 def test_type_changes_resync_incrementally_and_all_ids_replicate(tmp_path: Path) -> None:
-    module, c1, c2 = configs(tmp_path)
-    _same_generation(module, c1, c2)
-    st = ReplicationSettings(port=free_port(), timeout_s=1.0, networks=("lan",), site_key=b"k" * 48)
-    events: list[Event] = []
-    prim = ReplicationService(module, c1, st, on_event=events.append)
-    app = tmp_path / "app"
-    b2 = tmp_path / "node2/replica/demo/0"
+    pair = _Pair.of(tmp_path)
+    prim, events, app, b2 = pair.prim, pair.events, pair.app, pair.b2
 
     async def main() -> None:
         async with trio.open_nursery() as n:
-            sec_scope = trio.CancelScope()
-
-            async def run_sec() -> None:
-                with sec_scope:
-                    await ReplicationService(module, c2, st).run_secondary()
-
-            n.start_soon(run_sec)
-            await n.start(prim.run_primary)
-            await _until(lambda: prim.status().state == "sync" and in_step(prim))
+            sec_scope = await pair.start_in_sync(n)
             # in sync: an id above 2**31 is replicated with the operation
             await _io(write_sync, app / "big", b"b")
             await _io(os.chown, app / "big", BIG_UID, BIG_UID + 1)
@@ -115,7 +146,7 @@ def test_type_changes_resync_incrementally_and_all_ids_replicate(tmp_path: Path)
             _diverge(b2, tmp_path / "outside")
 
             seen = len(events)
-            n.start_soon(ReplicationService(module, c2, st).run_secondary)
+            n.start_soon(pair.secondary().run_secondary)
             await _until(lambda: any(e.kind == "resync_done" for e in events[seen:]))
             done = next(e for e in events[seen:] if e.kind == "resync_done")
             assert done.detail["kind"] == "incremental"
@@ -148,25 +179,12 @@ def test_incremental_resyncs_the_peer_keeps_refusing_fall_back_to_a_full_one(
     """The secondary's copy of a file is immutable (a difference the dirty log knows
     nothing of): every incremental resync is refused on it. After three in a row the next
     is full (event resync_fallback_full); once the file is writable again it completes."""
-    module, c1, c2 = configs(tmp_path)
-    _same_generation(module, c1, c2)
-    st = ReplicationSettings(port=free_port(), timeout_s=1.0, networks=("lan",), site_key=b"k" * 48)
-    events: list[Event] = []
-    prim = ReplicationService(module, c1, st, on_event=events.append)
-    app = tmp_path / "app"
-    b2 = tmp_path / "node2/replica/demo/0"
+    pair = _Pair.of(tmp_path)
+    prim, events, app, b2 = pair.prim, pair.events, pair.app, pair.b2
 
     async def main() -> None:
         async with trio.open_nursery() as n:
-            sec_scope = trio.CancelScope()
-
-            async def run_sec() -> None:
-                with sec_scope:
-                    await ReplicationService(module, c2, st).run_secondary()
-
-            n.start_soon(run_sec)
-            await n.start(prim.run_primary)
-            await _until(lambda: prim.status().state == "sync" and in_step(prim))
+            sec_scope = await pair.start_in_sync(n)
             await _io(write_sync, app / "f", b"v1" * 1000)
             sec_scope.cancel()
             await _io(write_sync, app / "g", b"g")
@@ -175,7 +193,7 @@ def test_incremental_resyncs_the_peer_keeps_refusing_fall_back_to_a_full_one(
             _chattr("+i", b2 / "f")
             seen = len(events)
             try:
-                n.start_soon(ReplicationService(module, c2, st).run_secondary)
+                n.start_soon(pair.secondary().run_secondary)
                 await _until(
                     lambda: any(e.kind == "resync_fallback_full" for e in events[seen:]), 30
                 )

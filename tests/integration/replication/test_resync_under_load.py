@@ -17,12 +17,13 @@ from typing import Any
 
 import pytest
 import trio
-from fusepair import configs, free_port, in_step, write_sync
+from fusepair import configs, in_step, write_sync
 
 from ha_runtime.config import ReplicationSettings
 from ha_runtime.generation import Generation, GenerationStore, GenRecord
 from ha_runtime.replication.context import Event
 from ha_runtime.replication.service import ReplicationService
+from tests.sitefactory import free_tcp_port
 
 pytestmark = [
     pytest.mark.fuse,
@@ -53,7 +54,7 @@ def _flood(app: Path, stop: threading.Event, counts: list[int]) -> None:
 
 def test_an_incremental_resync_completes_under_a_flood_of_small_fsyncs(tmp_path: Path) -> None:
     module, c1, c2 = configs(tmp_path)
-    st = ReplicationSettings(port=free_port(), timeout_s=1.0, networks=("lan",),
+    st = ReplicationSettings(port=free_tcp_port(), timeout_s=1.0, networks=("lan",),
                              site_key=b"k" * 48, max_inflight_bytes=INFLIGHT)  # fmt: skip
     app = tmp_path / "app"
     g1 = Generation().advance()

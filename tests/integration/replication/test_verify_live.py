@@ -15,10 +15,11 @@ from typing import Any
 
 import pytest
 import trio
-from fusepair import configs, free_port, write_sync
+from fusepair import configs, write_sync
 
 from ha_runtime.config import ReplicationSettings
 from ha_runtime.replication.service import ReplicationService
+from tests.sitefactory import free_tcp_port
 
 pytestmark = [
     pytest.mark.fuse,
@@ -28,7 +29,9 @@ pytestmark = [
 
 def test_verify_while_writing_then_a_real_difference(tmp_path: Path) -> None:
     module, c1, c2 = configs(tmp_path)
-    st = ReplicationSettings(port=free_port(), timeout_s=2.0, networks=("lan",), site_key=b"k" * 48)
+    st = ReplicationSettings(
+        port=free_tcp_port(), timeout_s=2.0, networks=("lan",), site_key=b"k" * 48
+    )
     prim = ReplicationService(module, c1, st)
     app = tmp_path / "app"
     b2 = tmp_path / "node2/replica/demo/0"
@@ -88,7 +91,9 @@ def test_verify_while_writing_then_a_real_difference(tmp_path: Path) -> None:
 def test_a_digest_longer_than_the_link_timeout_keeps_the_link(tmp_path: Path) -> None:
     """The secondary answers keepalives while it digests (or signs) a large tree."""
     module, c1, c2 = configs(tmp_path)
-    st = ReplicationSettings(port=free_port(), timeout_s=0.3, networks=("lan",), site_key=b"k" * 48)
+    st = ReplicationSettings(
+        port=free_tcp_port(), timeout_s=0.3, networks=("lan",), site_key=b"k" * 48
+    )
     events: list[Any] = []
     prim = ReplicationService(module, c1, st, on_event=events.append)
 

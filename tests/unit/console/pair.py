@@ -16,22 +16,16 @@ from urllib.parse import urlencode
 
 import trio
 
-from ha_runtime.config import load_site
 from ha_runtime.console.auth import make_hash
 from ha_runtime.daemon import NodeDaemon
 from ha_runtime.replication.child import mounted
 from ha_runtime.states import State
+from tests.sitefactory import free_port, free_tcp_port, pair_daemons, wait
 
 from .pki import make_cert
-from .site import FakeVip, pair_site, wait
+from .site import pair_site
 
 PASSWORDS = {"ops": "correct horse battery", "viewer": "look but do not touch"}
-
-
-def free_port(kind: int = socket.SOCK_STREAM, host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -132,22 +126,19 @@ def run_pair(tmp: Path, scenario: Callable[[Pair], None], *, replicated: bool = 
     """Start both daemons (console on each), wait for PRIM/SECOND, run `scenario` in a
     thread, stop everything. Returns the pair (for its events)."""
     hb = free_port(socket.SOCK_DGRAM)
-    repl = free_port() if replicated else 0
+    repl = free_tcp_port() if replicated else 0
     urls = {
-        "node1": f"127.0.0.1:{free_port()}",
-        "node2": f"127.0.0.2:{free_port(host='127.0.0.2')}",
+        "node1": f"127.0.0.1:{free_tcp_port()}",
+        "node2": f"127.0.0.2:{free_tcp_port('127.0.0.2')}",
     }
     holders: dict[str, str] = {}
-    daemons = []
-    for node, peer in (("node1", "node2"), ("node2", "node1")):
-        cfg = pair_site(
-            tmp, node, hb, replicated=repl,
-            console=console_yaml(urls[node], peer, urls[peer]),
-        )  # fmt: skip
-        daemons.append(
-            NodeDaemon(load_site(cfg), b"m" * 48, vip_ops=FakeVip(node, holders), metrics=False)
+    sites = tuple(
+        pair_site(
+            tmp, node, hb, replicated=repl, console=console_yaml(urls[node], peer, urls[peer])
         )
-    pair = Pair(tmp, daemons[0], daemons[1], holders, urls)
+        for node, peer in (("node1", "node2"), ("node2", "node1"))
+    )
+    pair = Pair(tmp, *pair_daemons((sites[0], sites[1]), b"m" * 48, holders), holders, urls)
 
     async def main() -> None:
         async with trio.open_nursery() as n:

@@ -5,7 +5,6 @@ supervisor's real status summary of children whose status is a real ReplicationS
 
 from __future__ import annotations
 
-import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,9 +26,10 @@ from ha_runtime.metrics import (
 from ha_runtime.replica import DirChild, ReplicaSupervisor
 from ha_runtime.replication.context import ReplicationStatus
 from ha_runtime.states import State
+from tests.sitefactory import free_port, pair_daemons, wait
 
 from .pki import make_ca, make_cert
-from .site import FakeVip, pair_site, wait
+from .site import pair_site
 
 KEY = b"m" * 48
 
@@ -66,20 +66,9 @@ async def scraped(d: NodeDaemon, pred: Callable[[Samples], bool], timeout: float
 
 def test_daemon_metrics_scraped(tmp_path: Path) -> None:
     holders: dict[str, str] = {}
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
-    d1 = NodeDaemon(
-        load_site(pair_site(tmp_path, "node1", port)),
-        KEY,
-        vip_ops=FakeVip("node1", holders),
-        metrics=False,
-    )
-    d2 = NodeDaemon(
-        load_site(pair_site(tmp_path, "node2", port)),
-        KEY,
-        vip_ops=FakeVip("node2", holders),
-        metrics=False,
+    port = free_port()
+    d1, d2 = pair_daemons(
+        (pair_site(tmp_path, "node1", port), pair_site(tmp_path, "node2", port)), KEY, holders
     )
     m1, m2 = d1.managers["flightdata"], d2.managers["flightdata"]
     seen: dict[str, Samples] = {}

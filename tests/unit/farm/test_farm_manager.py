@@ -16,14 +16,11 @@ from typing import Any, ClassVar
 import pytest
 import trio
 import trio.testing
-import yaml
 
 from ha_runtime.config import (
     ClusterConfig,
     ModuleConfig,
     ScriptsSpec,
-    parse_cluster,
-    parse_module,
 )
 from ha_runtime.events import EventLog
 from ha_runtime.farm import Membership, Transition
@@ -32,6 +29,7 @@ from ha_runtime.heartbeat import ModuleStream, PeerTable
 from ha_runtime.manager import CommandRefused
 from ha_runtime.packet import Heartbeat
 from ha_runtime.states import Flag, State
+from tests.sitefactory import module_data, parsed_configs
 
 
 class FakeMember:
@@ -113,41 +111,11 @@ class FakeService:
 def _configs(
     tmp: Path, checkers: list[dict[str, Any]] | None = None
 ) -> tuple[ClusterConfig, ModuleConfig]:
-    cluster, errors = parse_cluster(
-        {
-            "node": "node1",
-            "nodes": [
-                {"name": "node1", "addresses": {"lan": "127.0.0.1"}},
-                {"name": "node2", "addresses": {"lan": "127.0.0.2"}},
-            ],
-            "site_key": "/k",
-            "tls": {"ca": "/a", "cert": "/b", "key": "/c"},
-            "state_dir": str(tmp / "state"),
-            "metrics_address": "",
-        },
-        tmp / "cluster.yml",
+    farm = {"power": {"node1": 3, "node2": 1}, "rules": [{"protocol": "tcp", "ports": [8080]}]}
+    extra = {"checkers": checkers} if checkers else {}
+    cluster, module = parsed_configs(
+        tmp, module_data("weather", "farm", vip="10.77.0.200/24", farm=farm, **extra)
     )
-    assert cluster is not None, errors
-    module, errors = parse_module(
-        yaml.safe_load(
-            """
-name: weather
-type: farm
-nodes: [node1, node2]
-vip: {address: 10.77.0.200/24, interface: lan0}
-heartbeat: {interval_ms: 100, timeout_ms: 1000}
-scripts: {start_both: /bin/true, stop_both: /bin/true}
-farm:
-  power: {node1: 3, node2: 1}
-  rules: [{protocol: tcp, ports: [8080]}]
-"""
-        )
-        | ({"checkers": checkers} if checkers else {}),
-        tmp / "weather.yml",
-        cluster,
-        check_files=False,
-    )
-    assert module is not None, errors
     # No script runs: a real subprocess would let the mock clock jump while it waits.
     return cluster, dataclasses.replace(module, scripts=ScriptsSpec())
 

@@ -25,16 +25,7 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ha_runtime.config import (
-    ClusterConfig,
-    HeartbeatSpec,
-    ModuleConfig,
-    NodeSpec,
-    ReplicationSettings,
-    RestartPolicy,
-    ScriptsSpec,
-    TlsSpec,
-)
+from ha_runtime.config import ReplicationSettings
 from ha_runtime.replication import beneath, tree
 from ha_runtime.replication import delta as D
 from ha_runtime.replication.journal import DELTA_MORE, Op, Record
@@ -42,6 +33,7 @@ from ha_runtime.replication.resync.progress import Progress
 from ha_runtime.replication.resync.send import read_small, send_ranges
 from ha_runtime.replication.secondary.applier import Applier
 from ha_runtime.replication.service import ReplicationService
+from tests.sitefactory import replication_cluster, replication_module
 
 SECRET = b"SECRET-outside-the-replica-4f1d"
 
@@ -50,19 +42,8 @@ class Setup:
     """A secondary's service and applier on a tmp dir, and a sentinel tree outside it."""
 
     def __init__(self, tmp: Path) -> None:
-        nodes = (NodeSpec("node1", {"lan": "127.0.0.1"}), NodeSpec("node2", {"lan": "127.0.0.1"}))
-        cluster = ClusterConfig(
-            path=tmp / "c.yml", node="node2", nodes=nodes, heartbeat_port=7440,
-            site_key=tmp / "key", tls=TlsSpec(tmp / "ca", tmp / "crt", tmp / "k"),
-            api_socket=tmp / "s", metrics_address=None, state_dir=tmp / "state",
-            modules_dir=tmp,
-        )  # fmt: skip
-        module = ModuleConfig(
-            path=tmp / "m.yml", name="demo", type="mirror", nodes=("node1", "node2"),
-            default_primary="node1", failback="manual", vip=None, heartbeat=HeartbeatSpec(),
-            witness=(), scripts=ScriptsSpec(), checkers=(), restart_policy=RestartPolicy(),
-            replicated_dirs=(tmp / "app",),
-        )  # fmt: skip
+        cluster = replication_cluster(tmp, "node2", state_dir=tmp / "state")
+        module = replication_module(tmp, cluster)
         settings = ReplicationSettings(backing_root=tmp / "replica", site_key=b"k" * 48)
         self.events: list[Any] = []
         self.svc = ReplicationService(module, cluster, settings, on_event=self.events.append)

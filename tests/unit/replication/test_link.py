@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import time
 from collections.abc import Awaitable, Callable
 from functools import partial
@@ -18,36 +17,24 @@ from ha_runtime.replication.journal import Kind, Op, Record, derive_key, encode_
 from ha_runtime.replication.link.framing import Conn, LinkLost
 from ha_runtime.replication.link.primary import PrimaryLink
 from ha_runtime.replication.link.secondary import HEAVY_RECORD_BYTES, SecondarySession
-from ha_runtime.replication.link.tls import TlsFiles, client_context, connect, serve, server_context
+from ha_runtime.replication.link.tls import TlsFiles, client_context, connect
 from ha_runtime.replication.secondary.applier import Applier
+from tests.linkpair import connect_primary, serve_secondary
+from tests.sitefactory import free_tcp_port
 
 KEY = derive_key(b"s" * 48)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 async def _connect(port: int, tls: TlsFiles) -> Conn:
     """The primary's end: connect to the secondary listening on loopback."""
-    return await connect(
-        addresses=[("127.0.0.1", port)], peer="node2", ctx=client_context(tls), key=KEY,
-        timeout=1,
-    )  # fmt: skip
+    return await connect_primary(tls, KEY, port)
 
 
 async def _listen(
     n: trio.Nursery, port: int, tls: TlsFiles, handler: Callable[[Conn], Awaitable[None]]
 ) -> None:
     """The secondary's end: serve ``handler`` on loopback, for the primary node1."""
-    await n.start(
-        lambda task_status: serve(
-            addresses=["127.0.0.1"], port=port, peer="node1", ctx=server_context(tls),
-            key=KEY, handler=handler, task_status=task_status,
-        )
-    )  # fmt: skip
+    await serve_secondary(n, tls, KEY, port, handler)
 
 
 async def _no_control(obj: dict[str, Any], body: bytes) -> tuple[dict[str, Any], bytes]:
@@ -76,20 +63,14 @@ def _secondary(
             return None
 
         async with trio.open_nursery() as n:
-            await n.start(
-                lambda task_status: serve(
-                    addresses=["127.0.0.1"], port=port, peer="node1",
-                    ctx=server_context(tls), key=key, handler=handler,
-                    on_refused=refused.append, task_status=task_status,
-                )
-            )  # fmt: skip
+            await serve_secondary(n, tls, key, port, handler, on_refused=refused.append)
             task_status.started()
 
     return applier, run
 
 
 def test_records_in_order_with_durable_ack(tmp_path: Path, site: dict[str, TlsFiles]) -> None:
-    port = free_port()
+    port = free_tcp_port()
     refused: list[str] = []
     _applier, run_secondary = _secondary(tmp_path, site["node2"], port, refused)
 
@@ -122,7 +103,7 @@ def test_large_writes_are_acknowledged_on_receipt_without_a_barrier(
 ) -> None:
     """A stream of 1 MiB writes frees the primary's send queue as it arrives (acked by count
     alone, it waited for the secondary's next checkpoint with the queue full)."""
-    port = free_port()
+    port = free_tcp_port()
     refused: list[str] = []
     _applier, run_secondary = _secondary(tmp_path, site["node2"], port, refused, checkpoint_s=3600)
     mib = bytes(range(256)) * 4096
@@ -152,7 +133,7 @@ def test_large_writes_are_acknowledged_on_receipt_without_a_barrier(
 def test_other_site_certificate_and_garbage_are_refused(
     tmp_path: Path, site: dict[str, TlsFiles], other_site: dict[str, TlsFiles]
 ) -> None:
-    port = free_port()
+    port = free_tcp_port()
     refused: list[str] = []
     _, run_secondary = _secondary(tmp_path, site["node2"], port, refused)
 
@@ -177,10 +158,7 @@ def test_other_site_certificate_and_garbage_are_refused(
                 assert await c.recv() is None
                 raise LinkLost("closed")
             # a genuine peer sending garbage: dropped at the first frame, nothing applied
-            c = await connect(
-                addresses=[("127.0.0.1", port)], peer="node2",
-                ctx=client_context(site["node1"]), key=KEY, timeout=2,
-            )  # fmt: skip
+            c = await connect_primary(site["node1"], KEY, port, timeout=2)
             await c.send(b"GET / HTTP/1.0\r\n\r\n" * 10)
             assert await c.recv() is None
             await trio.sleep(0.2)
@@ -194,7 +172,7 @@ def test_other_site_certificate_and_garbage_are_refused(
 
 
 def test_silent_peer_times_out(site: dict[str, TlsFiles]) -> None:
-    port = free_port()
+    port = free_tcp_port()
 
     async def main() -> None:
         async def black_hole(conn: Conn) -> None:
@@ -253,7 +231,7 @@ def test_a_slow_large_record_keeps_the_link_alive_and_its_error_still_ends_it(
     """While a large record is applied (in a worker thread), keepalives are answered: a
     link with a 1 s timeout survives a 2 s apply, and the record is acknowledged when done.
     An error applying one is still reported to the primary, which drops the link."""
-    port = free_port()
+    port = free_tcp_port()
     refused: list[str] = []
     _applier, run_secondary = _secondary(
         tmp_path, site["node2"], port, refused, apply=_slow_large_writes
@@ -289,7 +267,7 @@ def test_a_session_broken_mid_send_ends_alone_and_the_listener_serves_the_next(
 ) -> None:
     """A primary that vanishes while the secondary sends (its ack hits a reset) ends that
     session only; before, the error took the whole replication process down."""
-    port = free_port()
+    port = free_tcp_port()
     sessions: list[str] = []
 
     async def handler(conn: Conn) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -19,34 +18,22 @@ from ha_runtime.replication.journal import Op, Record, derive_key
 from ha_runtime.replication.link.framing import Conn
 from ha_runtime.replication.link.primary import PrimaryLink
 from ha_runtime.replication.link.secondary import ControlHandler, SecondarySession
-from ha_runtime.replication.link.tls import TlsFiles, client_context, connect, serve, server_context
+from ha_runtime.replication.link.tls import TlsFiles
 from ha_runtime.replication.secondary.applier import Applier
+from tests.linkpair import connect_primary, serve_secondary
+from tests.sitefactory import free_tcp_port
 
 KEY = derive_key(b"s" * 48)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 async def _connect(port: int, tls: TlsFiles) -> Conn:
-    return await connect(
-        addresses=[("127.0.0.1", port)], peer="node2", ctx=client_context(tls), key=KEY,
-        timeout=5,
-    )  # fmt: skip
+    return await connect_primary(tls, KEY, port, timeout=5)
 
 
 async def _serve(
     n: trio.Nursery, port: int, tls: TlsFiles, handler: Any, refused: list[str], **kw: Any
 ) -> None:
-    await n.start(
-        lambda task_status: serve(
-            addresses=["127.0.0.1"], port=port, peer="node1", ctx=server_context(tls),
-            key=KEY, handler=handler, on_refused=refused.append, task_status=task_status, **kw,
-        )
-    )  # fmt: skip
+    await serve_secondary(n, tls, KEY, port, handler, on_refused=refused.append, **kw)
 
 
 def _session_handler(
@@ -107,7 +94,7 @@ def test_a_new_session_cannot_have_its_fsync_acked_unsynced_by_the_old_ones_barr
     monkeypatch.setattr(os, "fsync", disk.spy(os.fsync))
     monkeypatch.setattr(os, "fdatasync", disk.spy(os.fdatasync))
     synced, slow_started, slow_done = disk.synced, disk.started, disk.done
-    port = free_port()
+    port = free_tcp_port()
     rejected: list[str] = []
     refused: list[str] = []
     synced_at_ack: list[int] = []
@@ -147,7 +134,7 @@ def test_a_new_session_starts_only_once_the_old_one_has_returned(
     site: dict[str, TlsFiles],
 ) -> None:
     """The old handler may be in a thread (uncancellable) when the new connection comes."""
-    port = free_port()
+    port = free_tcp_port()
     order: list[str] = []
     refused: list[str] = []
 
@@ -185,7 +172,7 @@ def test_handshakes_are_bounded_and_the_excess_closed_and_counted(
 ) -> None:
     """A flood of connections that never finish their handshake used to be served all at
     once, each holding a task and a TLS state for the whole handshake timeout."""
-    port = free_port()
+    port = free_tcp_port()
     refused: list[str] = []
     rejected: list[str] = []
     sessions: list[str] = []
@@ -238,7 +225,7 @@ def test_an_unexpected_error_in_a_session_ends_that_link_only_and_is_counted(
     async def control(obj: dict[str, Any], body: bytes) -> tuple[dict[str, Any], bytes]:
         return {"parsed": json.loads(body)}, b""  # "[[[[..." overflows the decoder's stack
 
-    port = free_port()
+    port = free_tcp_port()
     lost: list[str] = []
 
     async def main() -> None:

@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 ROLE = ROOT / "collections/ansible_collections/hapair/cluster/roles/runtime"
 
 SITE: dict[str, object] = {

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 # benchmarks/ is a package of the repository, not of the installed project.
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
 from benchmarks import report
 from benchmarks.report import Figure, collecting, emit

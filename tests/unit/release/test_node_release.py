@@ -11,7 +11,7 @@ from types import ModuleType
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 COLLECTION = ROOT / "collections/ansible_collections/hapair/cluster"
 BUILDER = COLLECTION / "roles/runtime/files/build_wheelhouse.py"
 

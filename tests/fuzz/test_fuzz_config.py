@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from ha_runtime.config import ConfigError, check_file, load_module, parse_cluster, parse_module
 
 SETTINGS = settings(max_examples=150, deadline=None)
-DOC = Path(__file__).resolve().parents[3] / "docs" / "configuration.md"
+DOC = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
 _blocks = re.findall(r"```yaml\n(.*?)```", DOC.read_text(), re.S)
 CLUSTER = next(yaml.safe_load(b) for b in _blocks if b.startswith("node:"))
 MODULE = next(yaml.safe_load(b) for b in _blocks if b.startswith("name:"))

@@ -24,7 +24,7 @@ import pytest
 
 from ha_lab import records
 
-APP = Path(__file__).parents[2] / "roles/flightdata/files/flightdata.py"
+APP = Path(__file__).parents[3] / "roles/flightdata/files/flightdata.py"
 
 
 def _app() -> ModuleType:
@@ -108,3 +108,22 @@ def test_check_reports_transient_failures_apart_from_lost_records(
     store.fail = 10**6  # never readable again: an error, after the retries
     got = _check(port, {ids[0]: 1}, monkeypatch)
     assert got["transient"] == [] and len(got["errors"]) == 1
+
+
+def test_the_writers_stream_reads_back_as_acknowledgements(
+    server: tuple[int, FlakyStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`records write` against the app, its stream read as the controller reads it, the
+    acknowledged records checked: the client stream format end to end, on loopback."""
+    port, _store = server
+    out = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", out)
+    assert records.write("127.0.0.1", port, 2.0, pause=0.0, duration=0.3) == 0
+    monkeypatch.undo()
+    writer = records.Writer("127.0.0.1", port=port)
+    writer.stream.feed(out.getvalue().splitlines(keepends=True))
+    acks = writer.snapshot()
+    assert acks and writer.failures == 0 and writer.stream.bad_lines == 0
+    assert [a.seq for a in acks] == list(range(1, len(acks) + 1))
+    report = _check(port, {a.id: a.seq for a in acks}, monkeypatch)
+    assert report["checked"] == len(acks) and not (report["missing"] or report["wrong"])

@@ -15,8 +15,8 @@ import pytest
 from playwright.sync_api import Page, expect
 from prometheus_client import generate_latest
 
-from .browser import chromium, shot
-from .pair import PASSWORDS, Pair, run_pair
+from tests.unit.console.browser import chromium, shot
+from tests.unit.console.pair import PASSWORDS, Pair, run_pair
 
 pytestmark = [
     pytest.mark.fuse,

@@ -13,7 +13,7 @@ from ha_runtime.cli import format_status, with_versions
 from ha_runtime.journal_log import JournalFormatter, journal_priority
 from ha_runtime.version import runtime_version
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(ROOT / "collections"))
 
 from ansible_collections.hapair.cluster.plugins.module_utils import hactl  # noqa: E402
