@@ -29,7 +29,7 @@ pytestmark = [
 
 def test_primary_crashing_in_sync_returns_with_an_incremental_resync(tmp_path: Path) -> None:  # noqa: PLR0915
     module, c1, c2 = configs(tmp_path)
-    st = ReplicationSettings(port=free_tcp_port(), timeout_s=1.0, networks=("lan",),
+    st = ReplicationSettings(port=free_tcp_port(), timeout_ms=1000, networks=("lan",),
                              site_key=b"k" * 48)  # fmt: skip
     app = tmp_path / "app"
     b1 = tmp_path / "node1/replica/demo/0"

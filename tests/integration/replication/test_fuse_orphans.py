@@ -69,7 +69,7 @@ def orphan_life(app: Path) -> dict[str, Any]:
 def test_orphans_are_served_by_descriptor_and_never_replicated(tmp_path: Path) -> None:
     module, c1, c2 = configs(tmp_path)
     st = ReplicationSettings(
-        port=free_tcp_port(), timeout_s=2.0, networks=("lan",), site_key=b"k" * 48
+        port=free_tcp_port(), timeout_ms=2000, networks=("lan",), site_key=b"k" * 48
     )
     for c in (c1, c2):
         GenerationStore(c.state_dir, module.name).save(GenRecord(Generation().advance()))

@@ -115,7 +115,7 @@ def test_a_secondary_that_does_not_read_untagged_frames_gets_tagged_ones(
     version ignores it) keeps receiving version 2 frames, and replication works."""
     module, c1, c2 = configs(tmp_path)
     st = ReplicationSettings(
-        port=free_tcp_port(), timeout_s=1.0, networks=("lan",), site_key=b"k" * 48
+        port=free_tcp_port(), timeout_ms=1000, networks=("lan",), site_key=b"k" * 48
     )
     prim = ReplicationService(module, c1, st)
     sec = ReplicationService(module, c2, st)

@@ -98,7 +98,7 @@ class _Pair:
         module, c1, c2 = configs(tmp)
         _same_generation(module, c1, c2)
         st = ReplicationSettings(
-            port=free_tcp_port(), timeout_s=1.0, networks=("lan",), site_key=b"k" * 48
+            port=free_tcp_port(), timeout_ms=1000, networks=("lan",), site_key=b"k" * 48
         )
         events: list[Event] = []
         prim = ReplicationService(module, c1, st, on_event=events.append)

@@ -54,7 +54,7 @@ def _flood(app: Path, stop: threading.Event, counts: list[int]) -> None:
 
 def test_an_incremental_resync_completes_under_a_flood_of_small_fsyncs(tmp_path: Path) -> None:
     module, c1, c2 = configs(tmp_path)
-    st = ReplicationSettings(port=free_tcp_port(), timeout_s=1.0, networks=("lan",),
+    st = ReplicationSettings(port=free_tcp_port(), timeout_ms=1000, networks=("lan",),
                              site_key=b"k" * 48, max_inflight_bytes=INFLIGHT)  # fmt: skip
     app = tmp_path / "app"
     g1 = Generation().advance()

@@ -48,7 +48,7 @@ def _change(path: Path, seed: int, regions: tuple[int, ...] = (1, 5, 9, 14)) -> 
 
 def test_a_returning_node_costs_the_changed_bytes_only(tmp_path: Path) -> None:  # noqa: PLR0915
     module, c1, c2 = configs(tmp_path)
-    st = ReplicationSettings(port=free_tcp_port(), timeout_s=1.0, networks=("lan",),
+    st = ReplicationSettings(port=free_tcp_port(), timeout_ms=1000, networks=("lan",),
                              site_key=b"k" * 48)  # fmt: skip
     app = tmp_path / "app"
     b1 = tmp_path / "node1/replica/demo/0"

@@ -30,7 +30,7 @@ pytestmark = [
 def test_verify_while_writing_then_a_real_difference(tmp_path: Path) -> None:
     module, c1, c2 = configs(tmp_path)
     st = ReplicationSettings(
-        port=free_tcp_port(), timeout_s=2.0, networks=("lan",), site_key=b"k" * 48
+        port=free_tcp_port(), timeout_ms=2000, networks=("lan",), site_key=b"k" * 48
     )
     prim = ReplicationService(module, c1, st)
     app = tmp_path / "app"
@@ -92,7 +92,7 @@ def test_a_digest_longer_than_the_link_timeout_keeps_the_link(tmp_path: Path) ->
     """The secondary answers keepalives while it digests (or signs) a large tree."""
     module, c1, c2 = configs(tmp_path)
     st = ReplicationSettings(
-        port=free_tcp_port(), timeout_s=0.3, networks=("lan",), site_key=b"k" * 48
+        port=free_tcp_port(), timeout_ms=300, networks=("lan",), site_key=b"k" * 48
     )
     events: list[Any] = []
     prim = ReplicationService(module, c1, st, on_event=events.append)
