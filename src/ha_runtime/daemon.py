@@ -12,11 +12,12 @@ from ha_runtime import api, sdnotify
 from ha_runtime.config import ModuleConfig, SiteConfig
 from ha_runtime.console.server import ConsoleServer
 from ha_runtime.events import EventLog, RefusalLog
-from ha_runtime.farm_manager import FarmModuleManager
-from ha_runtime.heartbeat import HeartbeatService, LocalAnnounce, ModuleStream
-from ha_runtime.manager import CommandRefused, ModuleManager, VipOps
+from ha_runtime.farm.module import FarmModule
+from ha_runtime.heartbeat.packet import Drop
+from ha_runtime.heartbeat.peers import LocalAnnounce, ModuleStream
+from ha_runtime.heartbeat.service import HeartbeatService
 from ha_runtime.metrics import Metrics
-from ha_runtime.packet import Drop
+from ha_runtime.mirror.module import CommandRefused, MirrorModule, VipOps
 from ha_runtime.states import State
 from ha_runtime.version import runtime_version
 
@@ -39,7 +40,7 @@ class NodeDaemon:
         *,
         vip_ops: VipOps | None = None,
         metrics: bool = True,
-        pair_keys: dict[str, bytes] | None = None,  # heartbeat key per peer (heartbeat_keys)
+        pair_keys: dict[str, bytes] | None = None,  # heartbeat key per peer (heartbeat.keys)
     ) -> None:
         c = site.cluster
         self.cluster = c
@@ -76,8 +77,8 @@ class NodeDaemon:
             state_dir=c.state_dir,
             pair_keys=pair_keys,
         )
-        self.managers: dict[str, ModuleManager] = {
-            m.name: ModuleManager(
+        self.managers: dict[str, MirrorModule] = {
+            m.name: MirrorModule(
                 cluster=c,
                 module=m,
                 peers=self.heartbeat.table,
@@ -88,8 +89,8 @@ class NodeDaemon:
             )
             for m in self.modules
         }
-        self.farms: dict[str, FarmModuleManager] = {
-            m.name: FarmModuleManager(
+        self.farms: dict[str, FarmModule] = {
+            m.name: FarmModule(
                 cluster=c,
                 module=m,
                 peers=self.heartbeat.table,
@@ -221,7 +222,7 @@ class NodeDaemon:
             "heartbeat_drops": dict(self.heartbeat.drops),
         }
 
-    def _manager(self, name: Any) -> ModuleManager:
+    def _manager(self, name: Any) -> MirrorModule:
         if not isinstance(name, str) or name not in self.managers:
             known = ", ".join(sorted([*self.managers, *self.farms])) or "none"
             raise api.ApiError(f"unknown module {name!r} on {self.cluster.node} (known: {known})")

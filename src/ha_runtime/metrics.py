@@ -26,7 +26,7 @@ from prometheus_client.core import (
     Metric,
 )
 
-from ha_runtime.packet import Drop
+from ha_runtime.heartbeat.packet import Drop
 from ha_runtime.states import State
 
 if TYPE_CHECKING:  # the daemon imports this module
@@ -257,7 +257,7 @@ def replication_families(
     modules: Mapping[str, Mapping[str, Any]],
     raw_children: Mapping[str, Mapping[int, Mapping[str, Any]]],
 ) -> Iterator[Metric]:
-    """From ``ReplicaSupervisor.status()`` per module and each child's raw status (for the
+    """From ``ReplicationSupervisor.status()`` per module and each child's raw status (for the
     fields the supervisor's summary leaves out: the ack latency histogram)."""
     d = "module", "dir"
     state = GaugeMetricFamily(

@@ -33,8 +33,8 @@ from ha_runtime.config import ConsoleSpec, TlsSpec
 from ha_runtime.console import pages
 from ha_runtime.console.auth import Authenticator, Role, Session, User, csrf_ok
 from ha_runtime.console.http import HttpError, Request, Response, read_request, redirect, send
-from ha_runtime.decision import swap_refusal
 from ha_runtime.events import NODE_WIDE, EventLog
+from ha_runtime.mirror.decision import swap_refusal
 
 if TYPE_CHECKING:
     from ha_runtime.daemon import NodeDaemon

@@ -29,8 +29,9 @@ from test_daemon_replication import KEY, FakeVip, _free_port, _site, _wait, _wri
 
 from ha_runtime.config import load_site
 from ha_runtime.daemon import NodeDaemon
-from ha_runtime.decision import PeerStatus, decide
 from ha_runtime.generation import Relation
+from ha_runtime.heartbeat.peers import PeerStatus
+from ha_runtime.mirror.decision import decide
 from ha_runtime.replica_child import mounted
 from ha_runtime.states import State
 

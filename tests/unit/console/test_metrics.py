@@ -24,7 +24,7 @@ from ha_runtime.metrics import (
     package_version,
     replication_families,
 )
-from ha_runtime.replica import DirChild, ReplicaSupervisor
+from ha_runtime.mirror.supervisor import DirChild, ReplicationSupervisor
 from ha_runtime.replication.service import ReplicationStatus
 from ha_runtime.states import State
 
@@ -146,7 +146,7 @@ class _Families:
 def test_replication_metrics_from_supervisor_status(tmp_path: Path) -> None:
     site = load_site(pair_site(tmp_path, "node1", 7000, replicated=7441))
     module = next(m for m in site.modules if m.name == "flightdata")
-    sup = ReplicaSupervisor(site.cluster, module, lambda *_: None)
+    sup = ReplicationSupervisor(site.cluster, module, lambda *_: None)
     hist = LatencyHistogram()
     for t in (0.0004, 0.003, 0.003, 0.8, 7.0):
         hist.observe(t)

@@ -1,4 +1,4 @@
-"""The checker policy both module types share (ha_runtime.module_base), on each of them.
+"""The checker policy both module types share (ha_runtime.module), on each of them.
 
 What is checked: a `restart` checker restarts the application within the restart budget
 and then gives up the way its module type does (a mirror fails over, a farm gives its
@@ -26,13 +26,13 @@ from ha_runtime.config import (
     parse_cluster,
     parse_module,
 )
-from ha_runtime.decision import decide
 from ha_runtime.events import EventLog
-from ha_runtime.farm_manager import FarmModuleManager
-from ha_runtime.heartbeat import ModuleStream, PeerTable
-from ha_runtime.manager import ModuleManager
-from ha_runtime.module_base import WitnessProbe
-from ha_runtime.packet import Heartbeat
+from ha_runtime.farm.module import FarmModule
+from ha_runtime.heartbeat.packet import Heartbeat
+from ha_runtime.heartbeat.peers import ModuleStream, PeerTable
+from ha_runtime.mirror.decision import decide
+from ha_runtime.mirror.module import MirrorModule
+from ha_runtime.module import WitnessProbe
 from ha_runtime.states import Flag, State
 
 CHECKER = {"name": "app", "type": "tcp", "port": 1, "interval_s": 1, "action": "restart"}
@@ -96,10 +96,10 @@ async def _send_now(_m: str) -> None:
     return None
 
 
-def _mirror(tmp: Path, clock: Clock) -> ModuleManager:
+def _mirror(tmp: Path, clock: Clock) -> MirrorModule:
     cluster, module = _configs(tmp, "mirror")
     table = PeerTable({"app": ModuleStream("app", ("node2",), 0.1, 1.0)}, clock)
-    return ModuleManager(
+    return MirrorModule(
         cluster=cluster,
         module=module,
         peers=table,
@@ -109,10 +109,10 @@ def _mirror(tmp: Path, clock: Clock) -> ModuleManager:
     )
 
 
-def _farm(tmp: Path, clock: Clock) -> FarmModuleManager:
+def _farm(tmp: Path, clock: Clock) -> FarmModule:
     cluster, module = _configs(tmp, "farm")
     table = PeerTable({"app": ModuleStream("app", ("node2",), 0.1, 1.0)}, clock)
-    return FarmModuleManager(
+    return FarmModule(
         cluster=cluster,
         module=module,
         peers=table,
@@ -245,7 +245,7 @@ def test_an_isolated_primary_releases_well_inside_the_peers_timeout(
                 # suspicion at 1/3 s + one tick + the 1/6 s window, far from the 1 s timeout
                 assert released <= 0.6, released
                 assert len(sent) == 1  # one probe per quiet spell, not one per tick
-                if isinstance(mgr, ModuleManager):
+                if isinstance(mgr, MirrorModule):
                     mgr.state = State.PRIM
                     assert mgr.inputs().isolated and decide(mgr.inputs()).state is State.WAIT
                 else:
@@ -298,7 +298,7 @@ def test_a_probe_answered_just_before_the_cut_does_not_hold_off_the_verdict(
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
 
 
-def _peer_quiet_with_witness(tmp: Path, clock: Clock) -> ModuleManager:
+def _peer_quiet_with_witness(tmp: Path, clock: Clock) -> MirrorModule:
     """A mirror with a witness whose peer was last heard half a second ago."""
     mgr = _mirror(tmp, clock)
     mgr.m = dataclasses.replace(mgr.m, witness=("10.77.0.254",))

@@ -19,24 +19,16 @@ import trio
 
 from ha_runtime import vip
 from ha_runtime.config import ClusterConfig, ModuleConfig
-from ha_runtime.decision import (
-    Decision,
-    Inputs,
-    PeerStatus,
-    PeerView,
-    decide,
-    peer_ready,
-    swap_refusal,
-)
 from ha_runtime.events import EventLog
 from ha_runtime.generation import Generation, GenerationStore, GenRecord, Relation
-from ha_runtime.heartbeat import LocalAnnounce, PeerTable
-from ha_runtime.module_base import CommandRefused, ModuleBase
-from ha_runtime.replica import ReplicaError, ReplicaSupervisor
+from ha_runtime.heartbeat.peers import LocalAnnounce, PeerStatus, PeerTable, PeerView
+from ha_runtime.mirror.decision import Decision, Inputs, decide, peer_ready, swap_refusal
+from ha_runtime.mirror.supervisor import ReplicationError, ReplicationSupervisor
+from ha_runtime.module import CommandRefused, ModuleBase
 from ha_runtime.states import Flag, State
 
 # CommandRefused is raised here and caught by the daemon, which imports it from here.
-__all__ = ["CommandRefused", "ModuleManager", "NetlinkVip", "VipOps"]
+__all__ = ["CommandRefused", "MirrorModule", "NetlinkVip", "VipOps"]
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +72,7 @@ class Control:
     yielding: str | None = None
 
 
-class ModuleManager(ModuleBase):
+class MirrorModule(ModuleBase):
     """A mirror module: one primary with the VIP and the application, one SECOND."""
 
     STOP_SCRIPT = "stop_prim"
@@ -117,10 +109,10 @@ class ModuleManager(ModuleBase):
         # Announce eligibility from the first heartbeat: a peer must never take an
         # undecided, just-booted node for one that cannot run the application.
         self.flags = Flag.NONE if self.admin_stopped else Flag.ELIGIBLE
-        # Replicated directories: one child process per directory (ha_runtime.replica).
-        self.replica: ReplicaSupervisor | None = None
+        # Replicated directories: one child process per directory (mirror.supervisor).
+        self.replica: ReplicationSupervisor | None = None
         if module.replicated_dirs:
-            self.replica = ReplicaSupervisor(cluster, module, self._on_replica_event)
+            self.replica = ReplicationSupervisor(cluster, module, self._on_replica_event)
             self.replica.generation = _hex(self.record.generation)
         self._nursery: trio.Nursery | None = None
         self._recovering = False  # a dead primary replication child is being restarted
@@ -311,7 +303,7 @@ class ModuleManager(ModuleBase):
         if new is State.SECOND:
             try:
                 await self.replica.start("secondary")
-            except ReplicaError as exc:
+            except ReplicationError as exc:
                 log.error("%s: cannot receive replication: %s", self.m.name, exc)  # noqa: TRY400
                 self.events.append(
                     self.m.name, "replication", node=self.node, kind="error", reason=str(exc)
@@ -350,7 +342,7 @@ class ModuleManager(ModuleBase):
                 await self.replica.stop()
                 try:
                     await self.replica.start("primary")
-                except ReplicaError as exc:
+                except ReplicationError as exc:
                     self.ctl.yielding = f"cannot restart replication: {exc}"
                     return
                 res = await self._run_script("start_prim", label, why)
@@ -455,7 +447,7 @@ class ModuleManager(ModuleBase):
             # The application only ever sees its directories through the replicator.
             try:
                 await self.replica.start("primary")
-            except ReplicaError as exc:
+            except ReplicationError as exc:
                 errors.append(f"replication: {exc}")
                 self.ctl.yielding = f"cannot start replication: {exc}"
                 log.error("%s: %s", self.m.name, self.ctl.yielding)  # noqa: TRY400
@@ -630,7 +622,7 @@ class ModuleManager(ModuleBase):
 
     # ----------------------------------------------------------------- replication commands
 
-    def _replica_primary(self, what: str) -> ReplicaSupervisor:
+    def _replica_primary(self, what: str) -> ReplicationSupervisor:
         if self.replica is None:
             raise CommandRefused(f"{self.m.name} has no replicated_dirs: nothing to {what}")
         if not self.state.is_primary:
@@ -644,7 +636,7 @@ class ModuleManager(ModuleBase):
         rep = self._replica_primary("verify")
         try:
             dirs = await rep.verify()
-        except ReplicaError as exc:
+        except ReplicationError as exc:
             raise CommandRefused(f"verify {self.m.name}: {exc}") from exc
         equal = all(d["equal"] for d in dirs)
         self.events.append(
@@ -665,7 +657,7 @@ class ModuleManager(ModuleBase):
         self.events.append(self.m.name, "command", node=self.node, command="resync", full=full)
         try:
             await rep.resync(full)
-        except ReplicaError as exc:
+        except ReplicationError as exc:
             raise CommandRefused(f"resync {self.m.name}: {exc}") from exc
         kind = "full (checksum delta)" if full else "incremental"
         return f"{self.m.name}: {kind} resync of {self.peer_name} requested"

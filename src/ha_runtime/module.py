@@ -1,5 +1,5 @@
-"""What a mirror module (`manager.ModuleManager`) and a farm module
-(`farm_manager.FarmModuleManager`) run the same way: the witness and checker loops, the
+"""What a mirror module (`manager.MirrorModule`) and a farm module
+(`farm_manager.FarmModule`) run the same way: the witness and checker loops, the
 restart budget, scripts, and the operator's start/stop/restart with the admin-stopped file.
 
 A subclass says what differs through a few hooks: whether the application runs here, whether
@@ -21,7 +21,7 @@ import trio
 from ha_runtime import checkers
 from ha_runtime.config import CheckerSpec, ClusterConfig, ModuleConfig
 from ha_runtime.events import EventLog
-from ha_runtime.heartbeat import PeerTable
+from ha_runtime.heartbeat.peers import PeerTable
 from ha_runtime.scripts import ScriptResult, run_script, script_env
 from ha_runtime.states import State
 

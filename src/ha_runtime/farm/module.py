@@ -33,12 +33,11 @@ from typing import Any
 import trio
 
 from ha_runtime.config import ClusterConfig, ModuleConfig
-from ha_runtime.decision import PeerStatus
 from ha_runtime.events import EventLog
 from ha_runtime.farm import FarmService, FarmSettings, FarmSpec, Membership, PeerView
 from ha_runtime.generation import Generation
-from ha_runtime.heartbeat import LocalAnnounce, PeerTable
-from ha_runtime.module_base import CommandRefused, ModuleBase
+from ha_runtime.heartbeat.peers import LocalAnnounce, PeerStatus, PeerTable
+from ha_runtime.module import CommandRefused, ModuleBase
 from ha_runtime.states import Flag, State
 
 log = logging.getLogger(__name__)
@@ -50,7 +49,7 @@ def _real_service(spec: FarmSpec, node: str) -> FarmService:
     return FarmService(spec, node)
 
 
-class FarmModuleManager(ModuleBase):
+class FarmModule(ModuleBase):
     """A farm module: the application and the farm service run on every started node."""
 
     STOP_SCRIPT = "stop_both"

@@ -1,6 +1,6 @@
 """The manager's side of fencing (docs/replication.md, *Fencing*), with a scripted child.
 
-A real ModuleManager, a real ReplicaSupervisor and PeerTable; the replication child is a
+A real MirrorModule, a real ReplicationSupervisor and PeerTable; the replication child is a
 small script speaking the child protocol (ha_runtime.replica_child), so the daemon side is
 tested exactly on the messages it gets: a fresh status, then a fence request.
 """
@@ -20,9 +20,9 @@ import yaml
 from ha_runtime.config import ScriptsSpec, parse_cluster, parse_module
 from ha_runtime.events import EventLog
 from ha_runtime.generation import Generation, GenRecord
-from ha_runtime.heartbeat import ModuleStream, PeerTable
-from ha_runtime.manager import ModuleManager
-from ha_runtime.packet import Heartbeat
+from ha_runtime.heartbeat.packet import Heartbeat
+from ha_runtime.heartbeat.peers import ModuleStream, PeerTable
+from ha_runtime.mirror.module import MirrorModule
 from ha_runtime.states import Flag, State
 
 TIMEOUT_S, INTERVAL_S = 1.0, 0.1
@@ -58,7 +58,7 @@ async def _sent(_m: str) -> None:
     return None
 
 
-def _manager(tmp: Path) -> ModuleManager:
+def _manager(tmp: Path) -> MirrorModule:
     cluster, errors = parse_cluster(
         {
             "node": "node1",
@@ -96,7 +96,7 @@ replicated_dirs: [{tmp / "app"}]
     table = PeerTable(
         {"app": ModuleStream("app", ("node2",), INTERVAL_S, TIMEOUT_S)}, time.monotonic
     )
-    return ModuleManager(
+    return MirrorModule(
         cluster=cluster, module=module, peers=table, events=EventLog(tmp / "events.jsonl"),
         send_now=_sent, vip_ops=NoVip(),
     )  # fmt: skip
