@@ -104,7 +104,7 @@ def test_pair_first_start_swap_and_failover(tmp_path: Path) -> None:
         vip_ops=FakeVip("node2", holders),
         metrics=False,
     )
-    m1, m2 = d1.managers["flightdata"], d2.managers["flightdata"]
+    m1, m2 = d1.modules["flightdata"], d2.modules["flightdata"]
 
     async def call(d: NodeDaemon, req: dict[str, Any]) -> dict[str, Any]:
         return await trio.to_thread.run_sync(api.call, d.cluster.api_socket, req)

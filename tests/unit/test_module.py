@@ -30,9 +30,9 @@ from ha_runtime.events import EventLog
 from ha_runtime.farm.module import FarmModule
 from ha_runtime.heartbeat.packet import Heartbeat
 from ha_runtime.heartbeat.peers import ModuleStream, PeerTable
+from ha_runtime.isolation import WitnessProbe
 from ha_runtime.mirror.decision import decide
 from ha_runtime.mirror.module import MirrorModule
-from ha_runtime.module import WitnessProbe
 from ha_runtime.states import Flag, State
 
 CHECKER = {"name": "app", "type": "tcp", "port": 1, "interval_s": 1, "action": "restart"}
@@ -233,10 +233,11 @@ def test_an_isolated_primary_releases_well_inside_the_peers_timeout(
         async def main(make: Any = make) -> None:
             mgr = make(tmp_path / make.__name__, trio.current_time)
             mgr.m = dataclasses.replace(mgr.m, witness=("10.77.0.254",))
+            mgr.isolation.m = mgr.m  # the watch reads the module's witnesses
             _heard(mgr.peers)
             cut = trio.current_time()
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(mgr._isolation_watch)
+                nursery.start_soon(mgr.isolation.watch)
                 await trio.sleep(0.3)
                 assert not sent and not mgr.isolated  # 0.3 s of silence is not suspicious
                 while not mgr.isolated:
@@ -280,14 +281,15 @@ def test_a_probe_answered_just_before_the_cut_does_not_hold_off_the_verdict(
     async def main() -> None:
         mgr = _farm(tmp_path, trio.current_time)
         mgr.m = dataclasses.replace(mgr.m, witness=("10.77.0.254",))
-        mgr.witness_ok = True  # as a module configured with a witness starts
+        mgr.isolation.m = mgr.m  # the watch reads the module's witnesses
+        mgr.isolation.witness_ok = True  # as a module configured with a witness starts
         _heard(mgr.peers)
         heard = trio.current_time()
         await trio.sleep(0.05)
-        await mgr._probe_witness()  # the periodic probe, answered
+        await mgr.isolation.probe_witness()  # the periodic probe, answered
         cut_at.append(trio.current_time() + 0.01)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(mgr._isolation_watch)
+            nursery.start_soon(mgr.isolation.watch)
             with trio.move_on_after(1.0):  # the peer's timeout
                 while not mgr.isolated:
                     await trio.sleep(0.01)
@@ -302,6 +304,7 @@ def _peer_quiet_with_witness(tmp: Path, clock: Clock) -> MirrorModule:
     """A mirror with a witness whose peer was last heard half a second ago."""
     mgr = _mirror(tmp, clock)
     mgr.m = dataclasses.replace(mgr.m, witness=("10.77.0.254",))
+    mgr.isolation.m = mgr.m  # the watch reads the module's witnesses
     _heard(mgr.peers)
     clock.now += 0.5
     return mgr
@@ -311,14 +314,14 @@ def test_only_a_probe_sent_after_the_peer_went_quiet_counts(tmp_path: Path) -> N
     clock = Clock()
     mgr = _peer_quiet_with_witness(tmp_path, clock)
     # Witness unreachable before the silence began (the witness alone was down): no verdict.
-    mgr._witness_probe = WitnessProbe(started=clock.now - 0.6, ok=False)
+    mgr.isolation.probe = WitnessProbe(started=clock.now - 0.6, ok=False)
     assert not mgr.isolated
-    mgr._witness_probe = WitnessProbe(started=clock.now - 0.1, ok=False)
+    mgr.isolation.probe = WitnessProbe(started=clock.now - 0.1, ok=False)
     assert mgr.isolated
-    mgr._witness_probe = WitnessProbe(started=clock.now - 0.1, ok=True)
+    mgr.isolation.probe = WitnessProbe(started=clock.now - 0.1, ok=True)
     assert not mgr.isolated  # the witness answers: the peer is the one gone
     no_witness = _mirror(tmp_path / "plain", clock)
-    no_witness._witness_probe = WitnessProbe(started=clock.now, ok=False)
+    no_witness.isolation.probe = WitnessProbe(started=clock.now, ok=False)
     assert not no_witness.isolated
 
 
@@ -340,7 +343,7 @@ def test_a_node_whose_own_cut_heals_waits_for_the_peer_before_taking_over(
 
     def probe(ok: bool) -> None:
         answers.append(ok)
-        trio.run(mgr._probe_witness)
+        trio.run(mgr.isolation.probe_witness)
 
     probe(False)  # cut off
     assert mgr.isolated

@@ -47,7 +47,7 @@ def test_fsync_across_a_link_loss_returns_only_once_the_peer_is_fenced(tmp_path:
     sites = [load_site(_site(tmp_path, n, hb, rp)) for n in ("node1", "node2")]
     d1 = NodeDaemon(sites[0], KEY, vip_ops=FakeVip("node1", holders), metrics=False)
     d2 = NodeDaemon(sites[1], KEY, vip_ops=FakeVip("node2", holders), metrics=False)
-    m1, m2 = d1.managers["flightdata"], d2.managers["flightdata"]
+    m1, m2 = d1.modules["flightdata"], d2.modules["flightdata"]
     app1, app2 = tmp_path / "node1" / "app", tmp_path / "node2" / "app"
     back2 = tmp_path / "node2" / "state" / "replica" / "flightdata" / "0"
     seen: dict[str, Any] = {}
@@ -75,8 +75,8 @@ def test_fsync_across_a_link_loss_returns_only_once_the_peer_is_fenced(tmp_path:
             n.start_soon(d2.run)
             await _wait(pair)
             await trio.to_thread.run_sync(_write_sync, app1 / "before.txt", b"in sync\n")
-            assert m2.replica is not None
-            proc = m2.replica.children[0].proc
+            assert m2.replication is not None
+            proc = m2.replication.children[0].proc
             assert proc is not None
             os.kill(proc.pid, signal.SIGSTOP)
             try:
@@ -116,7 +116,7 @@ def test_first_fsync_after_a_failover_is_not_held_by_the_fence(tmp_path: Path) -
     assert sites[0].modules[0].heartbeat.timeout_ms == 3000
     d1 = NodeDaemon(sites[0], KEY, vip_ops=FakeVip("node1", holders), metrics=False)
     d2 = NodeDaemon(sites[1], KEY, vip_ops=FakeVip("node2", holders), metrics=False)
-    m1, m2 = d1.managers["flightdata"], d2.managers["flightdata"]
+    m1, m2 = d1.modules["flightdata"], d2.modules["flightdata"]
     app1, app2 = tmp_path / "node1" / "app", tmp_path / "node2" / "app"
     took: list[float] = []
 

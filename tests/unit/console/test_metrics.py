@@ -81,7 +81,7 @@ def test_daemon_metrics_scraped(tmp_path: Path) -> None:
         vip_ops=FakeVip("node2", holders),
         metrics=False,
     )
-    m1, m2 = d1.managers["flightdata"], d2.managers["flightdata"]
+    m1, m2 = d1.modules["flightdata"], d2.modules["flightdata"]
     seen: dict[str, Samples] = {}
 
     async def main() -> None:

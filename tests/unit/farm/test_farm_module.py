@@ -30,7 +30,7 @@ from ha_runtime.farm import Membership, Transition
 from ha_runtime.farm.module import FarmModule
 from ha_runtime.heartbeat.packet import Heartbeat
 from ha_runtime.heartbeat.peers import ModuleStream, PeerTable
-from ha_runtime.mirror.module import CommandRefused
+from ha_runtime.module import CommandRefused
 from ha_runtime.states import Flag, State
 
 

@@ -115,8 +115,8 @@ def test_alone_with_a_peer_that_adopted_our_generation_takes_a_new_one_then_wait
     mgr.store.save(GenRecord(g, peer_outdated=True))
     mgr.record = GenRecord(g, peer_outdated=True)
     mgr.state = State.ALONE
-    assert mgr.replica is not None
-    mgr.replica.command = lambda role, i: [sys.executable, "-c", CHILD, f"{g.current:016x}"]
+    assert mgr.replication is not None
+    mgr.replication.command = lambda role, i: [sys.executable, "-c", CHILD, f"{g.current:016x}"]
     seq = iter(range(1, 1_000_000))
 
     def heard() -> None:
@@ -135,11 +135,11 @@ def test_alone_with_a_peer_that_adopted_our_generation_takes_a_new_one_then_wait
             n.start_soon(peer)
             n.start_soon(mgr.run)
             await trio.sleep(0.2)
-            assert mgr.replica is not None
+            assert mgr.replication is not None
             t0 = time.monotonic()
-            await mgr.replica.start("primary")
+            await mgr.replication.start("primary")
             with trio.fail_after(10):
-                while mgr.replica.children[0].status.get("state") != "fenced t1":
+                while mgr.replication.children[0].status.get("state") != "fenced t1":
                     await trio.sleep(0.01)
             took = time.monotonic() - t0
             n.cancel_scope.cancel()
