@@ -83,8 +83,8 @@ class PeerTable:
         before = track.last
         track.last_rx[hb.network] = self._clock()
         track.last = hb
-        # Wake the module's manager at once on a state or flag change (swap, failover), so
-        # reaction time is not bound to the manager's polling period.
+        # Wake the module at once on a state or flag change (swap, failover), so
+        # reaction time is not bound to the module's polling period.
         if before is None or (before.state, before.flags, before.generation) != (
             hb.state,
             hb.flags,

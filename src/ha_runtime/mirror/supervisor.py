@@ -1,6 +1,6 @@
 """The daemon's side of replication: one supervised child process per replicated directory.
 
-A module manager owns one ``ReplicationSupervisor``. On the primary it starts one
+A mirror module owns one ``ReplicationSupervisor``. On the primary it starts one
 ``hactl replicate primary`` child per ``replicated_dirs`` entry (each mounts its FUSE file
 system and connects to the peer) and only then starts the application; on the secondary,
 ``hactl replicate secondary`` children receive into the backing directories. Their status
@@ -192,7 +192,7 @@ class ReplicationSupervisor:
                 return
             self.on_event(c.index, "replication_exited", {"role": c.role, "code": c.returncode})
             if c.role != "secondary" or self.children.get(c.index) is not c:
-                return  # a primary's mount is gone: the manager decides (app must stop)
+                return  # a primary's mount is gone: the mirror module decides (app must stop)
             await trio.sleep(RESPAWN_DELAY_S)
             if c.stopping:
                 return
