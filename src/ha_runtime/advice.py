@@ -1,6 +1,6 @@
 """What an abnormal status means and what to type next, for `hactl status` and the console.
 
-Input: one module entry of the daemon's status (``ModuleManager.status()`` or the farm's).
+Input: one module entry of the daemon's status (``MirrorModule.status()`` or the farm's).
 Each piece of advice names the situation in plain words and gives the next command; none
 is given for a healthy module.
 """

@@ -144,7 +144,7 @@ def cmd_release(args: argparse.Namespace) -> int:
 
 def _load_for_daemon(path: Path) -> tuple[Any, bytes, dict[str, bytes]] | list[str]:
     """The site, its key and the heartbeat pair keys, or why the daemon must not start."""
-    from ha_runtime.heartbeat_keys import read_pair_keys  # noqa: PLC0415
+    from ha_runtime.heartbeat.keys import read_pair_keys  # noqa: PLC0415
     from ha_runtime.security import InsecureFile, check_secrets, read_site_key  # noqa: PLC0415
 
     try:

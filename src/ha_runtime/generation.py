@@ -18,7 +18,7 @@ import threading
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from ha_runtime.packet import MAX_HISTORY
+from ha_runtime.heartbeat.packet import MAX_HISTORY
 
 EMPTY = 0
 

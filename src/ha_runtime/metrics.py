@@ -26,7 +26,7 @@ from prometheus_client.core import (
     Metric,
 )
 
-from ha_runtime.packet import Drop
+from ha_runtime.heartbeat.packet import Drop
 from ha_runtime.states import State
 
 if TYPE_CHECKING:  # the daemon imports this module
@@ -173,28 +173,25 @@ class Metrics:
 
 def node_families(daemon: NodeDaemon) -> Iterator[Metric]:
     c = daemon.cluster
+    alive: dict[str, list[str]] = {}
+    for name, m in daemon.modules.items():
+        networks = m.heartbeat_networks()
+        if networks is not None:
+            alive[name] = networks
     yield from heartbeat_families(
-        c.networks,
-        {
-            name: daemon.heartbeat.table.networks_alive(name, mgr.peer_name)
-            for name, mgr in daemon.managers.items()
-        },
-        daemon.heartbeat.received,
-        daemon.heartbeat.send_errors,
+        c.networks, alive, daemon.heartbeat.received, daemon.heartbeat.send_errors
     )
     checkers: dict[tuple[str, str], tuple[bool | None, int]] = {}
-    for name, m in [*daemon.managers.items(), *daemon.farms.items()]:
+    for name, m in daemon.modules.items():
         for cname, st in m.checks.items():
             checkers[(name, cname)] = (st.ok, st.failures)
     yield from checker_families(checkers)
     replication: dict[str, dict[str, Any]] = {}
     raw: dict[str, dict[int, dict[str, Any]]] = {}
-    for name, mgr in daemon.managers.items():
-        if mgr.replica is None:
-            continue
-        # The manager's own summary (a secondary is in sync at the primary's generation).
-        replication[name] = mgr.status()["replication"]
-        raw[name] = {i: dict(ch.status) for i, ch in mgr.replica.children.items()}
+    for name, m in daemon.modules.items():
+        rep = m.replication_metrics()
+        if rep is not None:
+            replication[name], raw[name] = rep
     yield from replication_families(replication, raw)
     yield from cert_families({"ca": c.tls.ca, "node": c.tls.cert}, time.time())
 
@@ -257,7 +254,7 @@ def replication_families(
     modules: Mapping[str, Mapping[str, Any]],
     raw_children: Mapping[str, Mapping[int, Mapping[str, Any]]],
 ) -> Iterator[Metric]:
-    """From ``ReplicaSupervisor.status()`` per module and each child's raw status (for the
+    """From ``ReplicationSupervisor.status()`` per module and each child's raw status (for the
     fields the supervisor's summary leaves out: the ack latency histogram)."""
     d = "module", "dir"
     state = GaugeMetricFamily(

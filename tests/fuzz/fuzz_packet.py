@@ -12,10 +12,11 @@ import atheris
 
 with atheris.instrument_imports(include=["ha_runtime"]):
     # packet first: imported indirectly (via farm/heartbeat) it is not instrumented
-    from ha_runtime import packet
     from ha_runtime.farm import arp
     from ha_runtime.generation import Generation
-    from ha_runtime.heartbeat import HeartbeatService, LocalAnnounce, ModuleStream
+    from ha_runtime.heartbeat import packet
+    from ha_runtime.heartbeat.peers import LocalAnnounce, ModuleStream
+    from ha_runtime.heartbeat.service import HeartbeatService
     from ha_runtime.states import Flag, State
 
 KEY = b"k" * 48

@@ -1,7 +1,7 @@
 """Heartbeat packets from a hostile network: mutations of genuine packets, authenticated
 packets whose length fields lie, and the receiver's accounting (every drop counted once).
 
-test_heartbeat.py already proves arbitrary bytes never raise and the round trip; here the
+heartbeat/test_service.py already proves arbitrary bytes never raise and the round trip; here the
 attacker also knows the key (a compromised site key must not crash the daemon either).
 """
 
@@ -18,8 +18,7 @@ from hypothesis import strategies as st
 
 from ha_runtime.farm import arp
 from ha_runtime.generation import Generation
-from ha_runtime.heartbeat import HeartbeatService, LocalAnnounce, ModuleStream
-from ha_runtime.packet import (
+from ha_runtime.heartbeat.packet import (
     HEADER,
     MAC_LEN,
     MAX_HISTORY,
@@ -29,6 +28,8 @@ from ha_runtime.packet import (
     decode,
     encode,
 )
+from ha_runtime.heartbeat.peers import LocalAnnounce, ModuleStream
+from ha_runtime.heartbeat.service import HeartbeatService
 from ha_runtime.states import Flag, State
 
 KEY = b"k" * 48

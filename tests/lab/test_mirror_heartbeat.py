@@ -20,7 +20,7 @@ from labcmd import in_node
 
 from ha_lab import topology
 from ha_lab.lab import Lab
-from ha_runtime.packet import Heartbeat, decode, encode
+from ha_runtime.heartbeat.packet import Heartbeat, decode, encode
 from ha_runtime.states import Flag, State
 
 NODE1_LAN = "10.77.0.11"

@@ -45,7 +45,7 @@ def test_pair_first_start_swap_and_failover(tmp_path: Path) -> None:
     d1, d2 = pair_daemons(
         (_site(tmp_path, "node1", port), _site(tmp_path, "node2", port)), KEY, holders
     )
-    m1, m2 = d1.managers["flightdata"], d2.managers["flightdata"]
+    m1, m2 = d1.modules["flightdata"], d2.modules["flightdata"]
 
     async def call(d: NodeDaemon, req: dict[str, Any]) -> dict[str, Any]:
         return await trio.to_thread.run_sync(api.call, d.cluster.api_socket, req)

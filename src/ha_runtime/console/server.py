@@ -33,7 +33,6 @@ from ha_runtime.config import ConsoleSpec, TlsSpec
 from ha_runtime.console import pages
 from ha_runtime.console.auth import Authenticator, Role, Session, User, csrf_ok
 from ha_runtime.console.http import HttpError, Request, Response, read_request, redirect, send
-from ha_runtime.decision import swap_refusal
 from ha_runtime.events import NODE_WIDE, EventLog
 
 if TYPE_CHECKING:
@@ -359,23 +358,12 @@ class ConsoleServer:
     def _precheck(self, module: str, action: str) -> str | None:
         """The daemon's own refusal, evaluated without acting (the confirmation page says
         it before anyone confirms; the action itself checks again)."""
-        mgr = self.daemon.managers.get(module)
-        if mgr is None:
-            return None
-        if action == "swap":
-            return swap_refusal(mgr.inputs())
-        if action == "resync" and mgr.replica is None:
-            return f"{module} has no replicated_dirs: nothing to resync"
-        if action == "resync" and not mgr.state.is_primary:
-            return f"resync runs on the primary; this node is {mgr.state.name}"
-        return None
+        mod = self.daemon.modules.get(module)
+        return mod.refusal(action) if mod is not None else None
 
     def _module_type(self, module: str) -> str | None:
-        if module in self.daemon.managers:
-            return "mirror"
-        if module in self.daemon.farms:
-            return "farm"
-        return None
+        mod = self.daemon.modules.get(module)
+        return mod.KIND if mod is not None else None
 
     async def _run_action(
         self, module: str, action: str, session: Session, client: Client

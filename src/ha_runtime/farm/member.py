@@ -43,7 +43,7 @@ class Membership:
     healthy: bool = True  # every checker with a farm action passes on this node
     health_reason: str = ""
     witness_ok: bool | None = None  # None: no witness configured, or not probed
-    # Every peer went quiet and no witness answered since (module_base.isolated): release
+    # Every peer went quiet and no witness answered since (ha_runtime.module, `isolated`): release
     # the buckets before the peers' timeout lets them take this node's share.
     isolated: bool = False
 

@@ -48,7 +48,7 @@ def test_browser_shows_resync_progress(tmp_path: Path) -> None:
     def scenario(p: Pair) -> None:
         base = f"https://{p.urls['node1']}"
         _act(p, "node2", "stop")
-        m1 = p.d1.managers["flightdata"]
+        m1 = p.d1.modules["flightdata"]
         deadline = time.monotonic() + 15
         while m1.state.name != "ALONE":
             assert time.monotonic() < deadline

@@ -98,7 +98,7 @@ def test_daemons_replicate_swap_and_resync(tmp_path: Path) -> None:  # noqa: PLR
     holders: dict[str, str] = {}
     sites = [load_site(_site(tmp_path, n, hb, rp)) for n in ("node1", "node2")]
     d1, d2 = pair_daemons((sites[0], sites[1]), KEY, holders)
-    m1, m2 = d1.managers["flightdata"], d2.managers["flightdata"]
+    m1, m2 = d1.modules["flightdata"], d2.modules["flightdata"]
     MANAGERS[:] = [m1, m2]
     app1, app2 = tmp_path / "node1" / "app", tmp_path / "node2" / "app"
     back1 = tmp_path / "node1" / "state" / "replica" / "flightdata" / "0"

@@ -27,8 +27,9 @@ import trio
 from test_daemon_replication import KEY, _site, _wait, _write_sync
 
 from ha_runtime.config import load_site
-from ha_runtime.decision import PeerStatus, decide
 from ha_runtime.generation import Relation
+from ha_runtime.heartbeat.peers import PeerStatus
+from ha_runtime.mirror.decision import decide
 from ha_runtime.replication.child import mounted
 from ha_runtime.states import State
 from tests.sitefactory import free_port, free_tcp_port, pair_daemons
@@ -44,7 +45,7 @@ def test_fsync_across_a_link_loss_returns_only_once_the_peer_is_fenced(tmp_path:
     holders: dict[str, str] = {}
     sites = [load_site(_site(tmp_path, n, hb, rp)) for n in ("node1", "node2")]
     d1, d2 = pair_daemons((sites[0], sites[1]), KEY, holders)
-    m1, m2 = d1.managers["flightdata"], d2.managers["flightdata"]
+    m1, m2 = d1.modules["flightdata"], d2.modules["flightdata"]
     app1, app2 = tmp_path / "node1" / "app", tmp_path / "node2" / "app"
     back2 = tmp_path / "node2" / "state" / "replica" / "flightdata" / "0"
     seen: dict[str, Any] = {}
@@ -72,8 +73,8 @@ def test_fsync_across_a_link_loss_returns_only_once_the_peer_is_fenced(tmp_path:
             n.start_soon(d2.run)
             await _wait(pair)
             await trio.to_thread.run_sync(_write_sync, app1 / "before.txt", b"in sync\n")
-            assert m2.replica is not None
-            proc = m2.replica.children[0].proc
+            assert m2.replication is not None
+            proc = m2.replication.children[0].proc
             assert proc is not None
             os.kill(proc.pid, signal.SIGSTOP)
             try:
@@ -112,7 +113,7 @@ def test_first_fsync_after_a_failover_is_not_held_by_the_fence(tmp_path: Path) -
     sites = [load_site(p) for p in paths]
     assert sites[0].modules[0].heartbeat.timeout_ms == 3000
     d1, d2 = pair_daemons((sites[0], sites[1]), KEY, holders)
-    m1, m2 = d1.managers["flightdata"], d2.managers["flightdata"]
+    m1, m2 = d1.modules["flightdata"], d2.modules["flightdata"]
     app1, app2 = tmp_path / "node1" / "app", tmp_path / "node2" / "app"
     took: list[float] = []
 

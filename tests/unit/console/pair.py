@@ -144,7 +144,7 @@ def run_pair(tmp: Path, scenario: Callable[[Pair], None], *, replicated: bool = 
         async with trio.open_nursery() as n:
             n.start_soon(pair.d1.run)
             n.start_soon(pair.d2.run)
-            m1, m2 = pair.d1.managers["flightdata"], pair.d2.managers["flightdata"]
+            m1, m2 = pair.d1.modules["flightdata"], pair.d2.modules["flightdata"]
             await wait(
                 lambda: (
                     m1.state is State.PRIM

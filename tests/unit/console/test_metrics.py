@@ -23,7 +23,7 @@ from ha_runtime.metrics import (
     package_version,
     replication_families,
 )
-from ha_runtime.replica import DirChild, ReplicaSupervisor
+from ha_runtime.mirror.supervisor import DirChild, ReplicationSupervisor
 from ha_runtime.replication.context import ReplicationStatus
 from ha_runtime.states import State
 from tests.sitefactory import free_port, pair_daemons, wait
@@ -70,7 +70,7 @@ def test_daemon_metrics_scraped(tmp_path: Path) -> None:
     d1, d2 = pair_daemons(
         (pair_site(tmp_path, "node1", port), pair_site(tmp_path, "node2", port)), KEY, holders
     )
-    m1, m2 = d1.managers["flightdata"], d2.managers["flightdata"]
+    m1, m2 = d1.modules["flightdata"], d2.modules["flightdata"]
     seen: dict[str, Samples] = {}
 
     async def main() -> None:
@@ -135,7 +135,7 @@ class _Families:
 def test_replication_metrics_from_supervisor_status(tmp_path: Path) -> None:
     site = load_site(pair_site(tmp_path, "node1", 7000, replicated=7441))
     module = next(m for m in site.modules if m.name == "flightdata")
-    sup = ReplicaSupervisor(site.cluster, module, lambda *_: None)
+    sup = ReplicationSupervisor(site.cluster, module, lambda *_: None)
     hist = LatencyHistogram()
     for t in (0.0004, 0.003, 0.003, 0.8, 7.0):
         hist.observe(t)

@@ -9,7 +9,7 @@
   of this node does not reopen the packets it had already refused. A new incarnation of a
   peer is saved at once; sequence numbers at most every SAVE_INTERVAL_S, so after a crash
   only the packets of the last few seconds could be replayed, once. Also which peers have
-  sent with their pair key (heartbeat_keys): their site-key packets stay refused.
+  sent with their pair key (heartbeat.keys): their site-key packets stay refused.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
-"""Per-farm-module runtime: scripts, checkers, operator commands and the membership feed.
+"""A farm module on this node: scripts, checkers, operator commands and the membership feed.
 
-The farm engine (`ha_runtime.farm.FarmService`) installs the VIP, the virtual MAC, the
-nftables buckets and the ARP responder; this manager decides *when* it runs and feeds it:
+The farm engine (`service.FarmService`) installs the VIP, the virtual MAC, the
+nftables buckets and the ARP responder; this module decides *when* it runs and feeds it:
 
 - start: `prestart`, `start_both`, then the service (WAIT until the first membership
   report, so a restarting node never grabs buckets before it has heard its peers);
@@ -33,12 +33,13 @@ from typing import Any
 import trio
 
 from ha_runtime.config import ClusterConfig, FarmSettings, ModuleConfig
-from ha_runtime.decision import PeerStatus
 from ha_runtime.events import EventLog
-from ha_runtime.farm import FarmService, FarmSpec, Membership, PeerView
+from ha_runtime.farm.member import Membership, PeerView
+from ha_runtime.farm.service import FarmService
+from ha_runtime.farm.spec import FarmSpec
 from ha_runtime.generation import Generation
-from ha_runtime.heartbeat import LocalAnnounce, PeerTable
-from ha_runtime.module_base import CommandRefused, ModuleBase
+from ha_runtime.heartbeat.peers import LocalAnnounce, PeerStatus, PeerTable
+from ha_runtime.module import CommandRefused, ModuleBase
 from ha_runtime.states import Flag, State
 
 log = logging.getLogger(__name__)
@@ -50,8 +51,10 @@ def _real_service(spec: FarmSpec, node: str) -> FarmService:
     return FarmService(spec, node)
 
 
-class FarmModuleManager(ModuleBase):
+class FarmModule(ModuleBase):
     """A farm module: the application and the farm service run on every started node."""
+
+    KIND = "farm"
 
     STOP_SCRIPT = "stop_both"
     START_SCRIPT = "start_both"
@@ -109,11 +112,10 @@ class FarmModuleManager(ModuleBase):
         return tuple(out)
 
     def membership(self) -> Membership:
-        reason = "; ".join(f"{k}: {v}" for k, v in sorted(self.blocked.items()))
         return Membership(
             peers=self.peer_views(),
             healthy=not self.blocked,
-            health_reason=reason,
+            health_reason=self.blocked_reason() or "",
             witness_ok=self.witness_ok,
             isolated=self.isolated,
         )
@@ -326,13 +328,23 @@ class FarmModuleManager(ModuleBase):
     async def cmd_swap(self) -> str:
         return await self._refused("swap")
 
+    async def cmd_verify(self) -> dict[str, Any]:
+        raise CommandRefused(f"verify {self.m.name} refused: farm modules replicate nothing")
+
+    async def cmd_resync(self, full: bool = False) -> str:
+        raise CommandRefused(f"resync {self.m.name} refused: farm modules replicate nothing")
+
     # ----------------------------------------------------------------- status
 
     async def refresh(self) -> None:
         if self.service is not None:
             await self.service.refresh()
 
-    def status(self) -> dict[str, Any]:
+    @property
+    def peer_alive(self) -> bool:
+        return any(p.alive for p in self.peer_views())
+
+    def _kind_status(self) -> dict[str, Any]:
         views = {n: self.peers.view(self.m.name, n) for n in self.peer_names}
         mine = self.service.status().as_dict() if self.service is not None else None
         peer_states = {
@@ -340,30 +352,14 @@ class FarmModuleManager(ModuleBase):
             for n, v in views.items()
         }
         return {
-            "module": self.m.name,
-            "name": self.m.name,
-            "type": "farm",
-            "node": self.node,
-            "state": self.state.name,
             "peer": ",".join(self.peer_names),
             "peer_state": ",".join(f"{n}={s}" for n, s in peer_states.items()),
             "peer_alive": any(v.alive for v in views.values()),
             "peer_networks": {n: self.peers.networks_alive(self.m.name, n) for n in views},
-            "vip": self.m.vip.cidr if self.m.vip else None,
             "vip_held": self.service is not None,
-            "last_transition": time.strftime(
-                "%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.last_transition)
-            ),
-            "reason": self.reason,
             "sync": None,
             "eligible": self.state is State.UP,
             "drained": self.drained,
-            "witness_ok": self.witness_ok,
-            "blocked": "; ".join(f"{k}: {v}" for k, v in sorted(self.blocked.items())) or None,
-            "restarts_in_window": self.budget.used(self._clock()),
-            "checkers": [
-                {"name": n, "ok": c.ok, "detail": c.detail} for n, c in sorted(self.checks.items())
-            ],
             "farm": mine if mine is not None else self._stopped_farm_status(peer_states),
         }
 

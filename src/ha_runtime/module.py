@@ -1,10 +1,13 @@
-"""What a mirror module (`manager.ModuleManager`) and a farm module
-(`farm_manager.FarmModuleManager`) run the same way: the witness and checker loops, the
-restart budget, scripts, and the operator's start/stop/restart with the admin-stopped file.
+"""One module on this node, whatever its kind: what the daemon, the API, the console and the
+metrics call, and what a mirror module (`mirror.module.MirrorModule`) and a farm module
+(`farm.module.FarmModule`) run the same way: the witness watch (`isolation`), the checker
+loops, the restart budget, scripts, the operator's start/stop/restart with the admin-stopped
+file, and the status fields every kind has.
 
-A subclass says what differs through a few hooks: whether the application runs here, whether
-the module is started, what a checker with no restart left does, and which scripts start and
-stop the application.
+A kind says what differs through a few hooks: whether the application runs here, whether
+the module is started, what a checker with no restart left does, which scripts start and
+stop the application, and its own operations (switchover for a mirror, drain for a farm),
+refusing those of the other kind with a message that says what to do instead.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ import trio
 from ha_runtime import checkers
 from ha_runtime.config import CheckerSpec, ClusterConfig, ModuleConfig
 from ha_runtime.events import EventLog
-from ha_runtime.heartbeat import PeerTable
+from ha_runtime.heartbeat.peers import LocalAnnounce, PeerTable
+from ha_runtime.isolation import IsolationWatch
 from ha_runtime.scripts import ScriptResult, run_script, script_env
 from ha_runtime.states import State
 
@@ -36,12 +40,6 @@ class CommandRefused(Exception):
     """An operator command that cannot be done now; nothing was changed."""
 
 
-@dataclass(frozen=True)
-class WitnessProbe:
-    started: float  # clock() when the echoes left
-    ok: bool
-
-
 @dataclass
 class CheckerStatus:
     ok: bool | None = None
@@ -50,8 +48,10 @@ class CheckerStatus:
 
 
 class ModuleBase(ABC):
-    """One module on this node: the runtime both module types share."""
+    """One module on this node: the runtime both module kinds share."""
 
+    # The module's `type` in the module file and in the status.
+    KIND: ClassVar[str]
     # The scripts that stop and start the application for a local restart.
     STOP_SCRIPT: ClassVar[str]
     START_SCRIPT: ClassVar[str]
@@ -85,11 +85,9 @@ class ModuleBase(ABC):
         self.settled = False
         self.reason = "daemon started"
         self.last_transition = time.time()
-        self.witness_ok: bool | None = None if not module.witness else True
-        self._witness_probe: WitnessProbe | None = None
-        # When a probe answered after one that did not: this node's own cut may just have
-        # healed, and the peers' silence during it says nothing about them yet.
-        self._witness_back_at: float | None = None
+        self.isolation = IsolationWatch(
+            module=module, peers=peers, peer_names=self._peer_names, clock=clock, wake=self.wake
+        )
         self.checks: dict[str, CheckerStatus] = {c.name: CheckerStatus() for c in module.checkers}
         # Checkers holding this node out, with why (a mirror's `wait` ones, any farm one that
         # gave up); each leaves when it passes again.
@@ -99,6 +97,108 @@ class ModuleBase(ABC):
         )
         self._wake = trio.Event()
         self._lock = trio.Lock()  # one transition, start/stop or app restart at a time
+
+    # ----------------------------------------------------------------- what the daemon calls
+
+    @abstractmethod
+    async def run(self) -> None:
+        """Run the module until cancelled (the daemon's nursery)."""
+
+    @abstractmethod
+    async def shutdown(self) -> None:
+        """Daemon stopping: give up what this node serves so the peers take over at once."""
+
+    @abstractmethod
+    def announce(self) -> LocalAnnounce:
+        """What this node says about the module in its next heartbeat."""
+
+    @property
+    @abstractmethod
+    def peer_alive(self) -> bool:
+        """A peer of the module is heard (for a farm: any of them)."""
+
+    async def refresh(self) -> None:  # noqa: B027 - most kinds have nothing to refresh
+        """Bring `status()` up to date where it reads a slower source (farm counters)."""
+
+    def heartbeat_networks(self) -> list[str] | None:
+        """The networks the single peer is heard on, for the per-network gauge; None for a
+        module with several peers (the gauge has no peer label)."""
+        return None
+
+    def replication_metrics(self) -> tuple[dict[str, Any], dict[int, dict[str, Any]]] | None:
+        """The replication summary and each child's raw status; None: nothing replicated."""
+        return None
+
+    def refusal(self, action: str) -> str | None:
+        """Why `action` would be refused now, judged without acting (the console's
+        confirmation page says it before anyone confirms); None: it would be tried."""
+        return None
+
+    # Operations of one kind only: the other kind refuses them, saying what to do instead.
+
+    @abstractmethod
+    async def cmd_prim(self) -> str: ...
+
+    @abstractmethod
+    async def cmd_second(self) -> str: ...
+
+    @abstractmethod
+    async def cmd_swap(self) -> str: ...
+
+    @abstractmethod
+    async def cmd_drain(self) -> str: ...
+
+    @abstractmethod
+    async def cmd_undrain(self) -> str: ...
+
+    @abstractmethod
+    async def cmd_verify(self) -> dict[str, Any]: ...
+
+    @abstractmethod
+    async def cmd_resync(self, full: bool = False) -> str: ...
+
+    # ----------------------------------------------------------------- status
+
+    @property
+    def witness_ok(self) -> bool | None:
+        return self.isolation.witness_ok
+
+    @property
+    def isolated(self) -> bool:
+        return self.isolation.isolated
+
+    def blocked_reason(self) -> str | None:
+        """The checkers holding this node out, with why; None when none does."""
+        return "; ".join(f"{k}: {v}" for k, v in sorted(self.blocked.items())) or None
+
+    def status(self) -> dict[str, Any]:
+        """What `hactl status`, the console, the metrics and the advice read: the fields
+        every kind has (peer, peer_state, ..., sync, eligible from `_kind_status`), then the
+        kind's own."""
+        return {
+            "module": self.m.name,
+            "name": self.m.name,
+            "type": self.KIND,
+            "node": self.node,
+            "state": self.state.name,
+            "vip": self.m.vip.cidr if self.m.vip else None,
+            "last_transition": time.strftime(
+                "%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.last_transition)
+            ),
+            "reason": self.reason,
+            "witness_ok": self.witness_ok,
+            "blocked": self.blocked_reason(),
+            "restarts_in_window": self.budget.used(self._clock()),
+            "checkers": [
+                {"name": n, "ok": c.ok, "detail": c.detail} for n, c in sorted(self.checks.items())
+            ],
+            **self._kind_status(),
+        }
+
+    @abstractmethod
+    def _kind_status(self) -> dict[str, Any]:
+        """peer, peer_state, peer_alive, peer_networks, vip_held, sync, eligible, and the
+        fields of this kind only."""
 
     # ----------------------------------------------------------------- hooks
 
@@ -145,9 +245,7 @@ class ModuleBase(ABC):
         self._wake.set()
 
     def _start_monitors(self, nursery: trio.Nursery) -> None:
-        if self.m.witness:
-            nursery.start_soon(self._witness_loop)
-            nursery.start_soon(self._isolation_watch)
+        self.isolation.start(nursery)
         for spec in self.m.checkers:
             nursery.start_soon(self._checker_loop, spec)
 
@@ -187,98 +285,6 @@ class ModuleBase(ABC):
         return await run_script(path, env, self.m.scripts.timeout_s, label=f"{self.m.name}/{which}")
 
     # ----------------------------------------------------------------- monitors
-
-    # A node cut from every network must stop serving *before* its peer's heartbeat timeout
-    # lets the peer take over, or both serve for a while. So isolation is judged early:
-    # once every peer has been silent for a third of the timeout, the witness is probed at
-    # once, in a window short enough to release the VIP or buckets well inside the timeout.
-
-    @property
-    def _suspect_after_s(self) -> float:
-        return self.m.heartbeat.timeout_ms / 1000 / 3
-
-    @property
-    def _witness_window_s(self) -> float:
-        return min(1.0, max(0.1, self.m.heartbeat.timeout_ms / 1000 / 6))
-
-    def _quiet_since(self) -> float | None:
-        """When the last heartbeat of any peer arrived, if every peer heard since boot has
-        been silent for the suspicion delay; None while one is heard."""
-        heard = [self.peers.last_heard(self.m.name, p) for p in self._peer_names()]
-        times = [t for t in heard if t is not None]
-        if not times:
-            return None  # never heard: nobody can be racing us for what we serve
-        last = max(times)
-        return last if self._clock() - last >= self._suspect_after_s else None
-
-    def _witness_fresh(self) -> bool:
-        """A witness probe sent once the peers' silence became suspicious has finished
-        (answered or not). One sent earlier, even after their last heartbeat, may have left
-        just before the cut that silenced them (timeout >= 3 x interval, so a third of the
-        timeout without a heartbeat means the cut, if any, came before): it tells nothing.
-        Found by the fault campaign: the periodic probe answered a moment before the cut,
-        the watch took it as the verdict and the node released after the peer took over."""
-        quiet = self._quiet_since()
-        probe = self._witness_probe
-        return (
-            quiet is not None
-            and probe is not None
-            # the same form as _quiet_since's test, so a probe sent by the watch always counts
-            and probe.started - quiet >= self._suspect_after_s
-        )
-
-    @property
-    def isolated(self) -> bool:
-        """Every peer is quiet and no witness answered a probe sent since: this node may be
-        the one cut off, so it must release what it serves before a peer takes it over."""
-        probe = self._witness_probe
-        if not self.m.witness or probe is None:
-            return False
-        if self._witness_fresh() and not probe.ok:
-            return True
-        # Reconnected: the witness answers again, the peers are still quiet. They may have
-        # taken over while we were cut off, and their heartbeats may not have arrived yet:
-        # still isolated until they are heard, or for one heartbeat timeout (then they are
-        # really gone). Found by the fault campaign: an isolated node whose witness came
-        # back first took over with its old data while its peer was primary.
-        quiet = self._quiet_since()
-        back = self._witness_back_at
-        return (
-            quiet is not None
-            and back is not None
-            and back > quiet
-            and self._clock() - back < self.m.heartbeat.timeout_ms / 1000
-        )
-
-    async def _probe_witness(self) -> bool:
-        started = self._clock()
-        ok = await checkers.any_reachable(self.m.witness, self._witness_window_s, attempts=4)
-        latest = self._witness_probe
-        # Two probes may overlap (periodic and isolation watch): the later-sent one counts.
-        if latest is None or started >= latest.started:
-            self._witness_probe = WitnessProbe(started, ok)
-            if ok != self.witness_ok:
-                log.info("%s: witness %s", self.m.name, "reachable" if ok else "unreachable")
-                if ok:
-                    self._witness_back_at = self._clock()
-                self.witness_ok = ok
-                self.wake()
-            elif not ok:
-                self.wake()  # an unanswered probe may make this node isolated now
-        return ok
-
-    async def _witness_loop(self) -> None:
-        period = max(1.0, self.m.heartbeat.interval_ms / 1000)
-        while True:
-            await self._probe_witness()
-            await trio.sleep(period)
-
-    async def _isolation_watch(self) -> None:
-        tick = max(0.02, min(self.m.heartbeat.interval_ms / 1000, self._witness_window_s) / 2)
-        while True:
-            if self._quiet_since() is not None and not self._witness_fresh():
-                await self._probe_witness()
-            await trio.sleep(tick)
 
     async def _checker_loop(self, spec: CheckerSpec) -> None:
         st = self.checks[spec.name]

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import trio
 
-from ha_runtime.decision import PeerStatus
 from ha_runtime.generation import Generation
-from ha_runtime.heartbeat import HeartbeatService, LocalAnnounce, ModuleStream
-from ha_runtime.heartbeat_state import INCARNATION_FILE
-from ha_runtime.packet import decode
+from ha_runtime.heartbeat.packet import decode
+from ha_runtime.heartbeat.peers import LocalAnnounce, ModuleStream, PeerStatus
+from ha_runtime.heartbeat.persisted import INCARNATION_FILE
+from ha_runtime.heartbeat.service import HeartbeatService
 from ha_runtime.states import Flag, State
 from tests.sitefactory import free_port, wait
 

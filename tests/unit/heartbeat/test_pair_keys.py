@@ -15,11 +15,11 @@ import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ha_runtime.decision import PeerStatus
 from ha_runtime.generation import Generation
-from ha_runtime.heartbeat import HeartbeatService, LocalAnnounce, ModuleStream
-from ha_runtime.heartbeat_keys import pair_key_path, read_pair_keys
-from ha_runtime.packet import Heartbeat, encode, peek_sender
+from ha_runtime.heartbeat.keys import pair_key_path, read_pair_keys
+from ha_runtime.heartbeat.packet import Heartbeat, encode, peek_sender
+from ha_runtime.heartbeat.peers import LocalAnnounce, ModuleStream, PeerStatus
+from ha_runtime.heartbeat.service import HeartbeatService
 from ha_runtime.security import InsecureFile
 from ha_runtime.states import Flag, State
 from tests.sitefactory import free_port, wait

@@ -9,8 +9,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ha_runtime.decision import Inputs, PeerStatus, PeerView, decide
 from ha_runtime.generation import Generation, GenRecord
+from ha_runtime.heartbeat.peers import PeerStatus, PeerView
+from ha_runtime.mirror.decision import Inputs, decide
 from ha_runtime.states import Flag, State
 
 G1 = Generation(0x11, ())

@@ -7,9 +7,9 @@ timeout: losing the dedicated link alone is not a failure, losing every network 
 Anything a network hands us that is not a fresh, authentic heartbeat from a known node
 for a known module is dropped and counted by reason; the receive loop never raises.
 This node's incarnation and what it accepted last from each peer stream are kept in
-state_dir (heartbeat_state), so neither a restart nor a clock set back reopens old packets.
+state_dir (heartbeat.persisted), so neither a restart nor a clock set back reopens old packets.
 Packets to and from a peer are signed with the key of the pair when the deploy gave one
-(heartbeat_keys), so a third node cannot sign in another's name.
+(heartbeat.keys), so a third node cannot sign in another's name.
 """
 
 from __future__ import annotations
@@ -18,113 +18,23 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import trio
 
-from ha_runtime.decision import PeerStatus, PeerView
-from ha_runtime.generation import Generation
-from ha_runtime.heartbeat_state import (
+from ha_runtime.heartbeat.packet import Drop, Heartbeat, ReplayGuard, decode, encode, peek_sender
+from ha_runtime.heartbeat.peers import LocalAnnounce, ModuleStream, PeerTable
+from ha_runtime.heartbeat.persisted import (
     SAVE_INTERVAL_S,
     ReplayState,
     load_marks,
     next_incarnation,
     save_marks,
 )
-from ha_runtime.packet import Drop, Heartbeat, ReplayGuard, decode, encode, peek_sender
-from ha_runtime.states import Flag, State
 
 log = logging.getLogger(__name__)
 
 RECV_BUFFER = 2048  # larger than MAX_PACKET so oversized datagrams are seen as such
-
-
-@dataclass(frozen=True)
-class LocalAnnounce:
-    """What this node says about one module in its next heartbeat."""
-
-    state: State
-    flags: Flag
-    generation: Generation
-
-
-@dataclass
-class _PeerTrack:
-    last_rx: dict[str, float] = field(default_factory=dict)  # network -> monotonic time
-    last: Heartbeat | None = None
-
-
-@dataclass(frozen=True)
-class ModuleStream:
-    name: str
-    peers: tuple[str, ...]
-    interval_s: float
-    timeout_s: float
-
-
-class PeerTable:
-    """Liveness and last state of each (module, peer), fed by valid heartbeats."""
-
-    def __init__(self, streams: dict[str, ModuleStream], clock: Callable[[], float]) -> None:
-        self._streams = streams
-        self._clock = clock
-        self._started = clock()
-        self._tracks: dict[tuple[str, str], _PeerTrack] = {}
-        self.changed: dict[str, trio.Event] = {m: trio.Event() for m in streams}
-
-    def record(self, hb: Heartbeat) -> None:
-        track = self._tracks.setdefault((hb.module, hb.node), _PeerTrack())
-        before = track.last
-        track.last_rx[hb.network] = self._clock()
-        track.last = hb
-        # Wake the module's manager at once on a state or flag change (swap, failover), so
-        # reaction time is not bound to the manager's polling period.
-        if before is None or (before.state, before.flags, before.generation) != (
-            hb.state,
-            hb.flags,
-            hb.generation,
-        ):
-            self.notify(hb.module)
-
-    def notify(self, module: str) -> None:
-        ev = self.changed.get(module)
-        if ev is not None:
-            ev.set()
-            self.changed[module] = trio.Event()
-
-    def view(self, module: str, peer: str) -> PeerView:
-        stream = self._streams[module]
-        now = self._clock()
-        track = self._tracks.get((module, peer))
-        if track is None or track.last is None:
-            status = (
-                PeerStatus.STARTING if now - self._started < stream.timeout_s else PeerStatus.NEVER
-            )
-            return PeerView(status)
-        fresh = any(now - t < stream.timeout_s for t in track.last_rx.values())
-        hb = track.last
-        return PeerView(
-            PeerStatus.ALIVE if fresh else PeerStatus.LOST,
-            hb.state,
-            hb.flags,
-            Generation(hb.generation, hb.history),
-        )
-
-    def last_heard(self, module: str, peer: str) -> float | None:
-        """When a valid heartbeat of this peer last arrived on any network (None: never)."""
-        track = self._tracks.get((module, peer))
-        if track is None or not track.last_rx:
-            return None
-        return max(track.last_rx.values())
-
-    def networks_alive(self, module: str, peer: str) -> list[str]:
-        track = self._tracks.get((module, peer))
-        if track is None:
-            return []
-        now = self._clock()
-        timeout = self._streams[module].timeout_s
-        return sorted(n for n, t in track.last_rx.items() if now - t < timeout)
 
 
 class HeartbeatService:
@@ -142,7 +52,7 @@ class HeartbeatService:
         state_dir: Path,
         clock: Callable[[], float] = time.monotonic,
         wall_clock_ns: Callable[[], int] = time.time_ns,
-        pair_keys: dict[str, bytes] | None = None,  # peer -> key of the pair (heartbeat_keys)
+        pair_keys: dict[str, bytes] | None = None,  # peer -> key of the pair (heartbeat.keys)
     ) -> None:
         self.node = node
         self._key = key  # the site key: peers without a pair key, and the rollout

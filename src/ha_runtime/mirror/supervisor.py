@@ -1,6 +1,6 @@
 """The daemon's side of replication: one supervised child process per replicated directory.
 
-A module manager owns one ``ReplicaSupervisor``. On the primary it starts one
+A mirror module owns one ``ReplicationSupervisor``. On the primary it starts one
 ``hactl replicate primary`` child per ``replicated_dirs`` entry (each mounts its FUSE file
 system and connects to the peer) and only then starts the application; on the secondary,
 ``hactl replicate secondary`` children receive into the backing directories. Their status
@@ -33,7 +33,7 @@ RESPAWN_DELAY_S = 1.0
 EventSink = Callable[[int, str, dict[str, Any]], None]
 
 
-class ReplicaError(Exception):
+class ReplicationError(Exception):
     """Replication could not be started or asked: the message says why."""
 
 
@@ -55,15 +55,15 @@ class DirChild:
 
     async def send(self, obj: dict[str, Any]) -> None:
         if self.proc is None or self.proc.stdin is None or self.exited.is_set():
-            raise ReplicaError(f"replication of {self.app_dir} is not running")
+            raise ReplicationError(f"replication of {self.app_dir} is not running")
         async with self.send_lock:
             try:
                 await self.proc.stdin.send_all((json.dumps(obj) + "\n").encode())
             except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
-                raise ReplicaError(f"replication of {self.app_dir} is not running") from e
+                raise ReplicationError(f"replication of {self.app_dir} is not running") from e
 
 
-class ReplicaSupervisor:
+class ReplicationSupervisor:
     def __init__(
         self,
         cluster: ClusterConfig,
@@ -98,11 +98,11 @@ class ReplicaSupervisor:
 
     async def start(self, role: str, timeout: float = START_TIMEOUT_S) -> None:
         """Run `role` ("primary" or "secondary") for every directory; returns once every
-        child is up (primary: mounted). Raises ReplicaError (nothing left running)."""
+        child is up (primary: mounted). Raises ReplicationError (nothing left running)."""
         if self.role == role and all(not c.exited.is_set() for c in self.children.values()):
             return
         await self.stop()
-        assert self._nursery is not None, "ReplicaSupervisor.run() must be running"
+        assert self._nursery is not None, "ReplicationSupervisor.run() must be running"
         self.role = role
         for i, d in enumerate(self.m.replicated_dirs):
             c = DirChild(i, d, role)
@@ -122,7 +122,7 @@ class ReplicaSupervisor:
                 )
         if failed:
             await self.stop()
-            raise ReplicaError("; ".join(failed))
+            raise ReplicationError("; ".join(failed))
         if role == "primary" and self.generation is not None:
             await self.set_generation(self.generation)
 
@@ -135,7 +135,7 @@ class ReplicaSupervisor:
             c.stopping = True
             if c.exited.is_set() or c.proc is None:
                 continue
-            with contextlib.suppress(ReplicaError):
+            with contextlib.suppress(ReplicationError):
                 await c.send({"cmd": "stop"})
         with trio.move_on_after(timeout):
             for c in children:
@@ -192,7 +192,7 @@ class ReplicaSupervisor:
                 return
             self.on_event(c.index, "replication_exited", {"role": c.role, "code": c.returncode})
             if c.role != "secondary" or self.children.get(c.index) is not c:
-                return  # a primary's mount is gone: the manager decides (app must stop)
+                return  # a primary's mount is gone: the mirror module decides (app must stop)
             await trio.sleep(RESPAWN_DELAY_S)
             if c.stopping:
                 return
@@ -242,14 +242,14 @@ class ReplicaSupervisor:
         if self.role != "primary":
             return
         for c in self.children.values():
-            with contextlib.suppress(ReplicaError):
+            with contextlib.suppress(ReplicationError):
                 await c.send({"cmd": "generation", "value": gen})
 
     async def fenced(self, index: int, token: str) -> None:
         """Answer a primary child's fence request (a child restarted since ignores it)."""
         c = self.children.get(index)
         if c is not None and c.role == "primary":
-            with contextlib.suppress(ReplicaError):
+            with contextlib.suppress(ReplicationError):
                 await c.send({"cmd": "fenced", "token": token})
 
     async def _ask(self, c: DirChild, obj: dict[str, Any], timeout: float) -> dict[str, Any]:
@@ -259,15 +259,15 @@ class ReplicaSupervisor:
         with trio.move_on_after(timeout):
             while rid not in c.replies:
                 if c.exited.is_set():
-                    raise ReplicaError(f"replication of {c.app_dir} stopped")
+                    raise ReplicationError(f"replication of {c.app_dir} stopped")
                 c.reply_ready = trio.Event()
                 await c.reply_ready.wait()
             return c.replies.pop(rid)
-        raise ReplicaError(f"replication of {c.app_dir} did not answer within {timeout:g} s")
+        raise ReplicationError(f"replication of {c.app_dir} did not answer within {timeout:g} s")
 
     def _need_primary(self) -> list[DirChild]:
         if self.role != "primary" or not self.children:
-            raise ReplicaError("this node is not the primary of the module")
+            raise ReplicationError("this node is not the primary of the module")
         return list(self.children.values())
 
     async def verify(self, timeout: float = 600.0) -> list[dict[str, Any]]:
@@ -275,7 +275,7 @@ class ReplicaSupervisor:
         for c in self._need_primary():
             r = await self._ask(c, {"cmd": "verify"}, timeout)
             if "error" in r:
-                raise ReplicaError(f"{c.app_dir}: {r['error']}")
+                raise ReplicationError(f"{c.app_dir}: {r['error']}")
             out.append({"dir": str(c.app_dir), **r["result"]})
         return out
 

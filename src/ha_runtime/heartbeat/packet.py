@@ -123,7 +123,7 @@ def peek_sender(data: bytes) -> str | None:
 class ReplayGuard:
     """Accept each (sender, module, network) stream's packets only in increasing order.
 
-    A sender's incarnation grows with each of its starts (heartbeat_state), so a restart
+    A sender's incarnation grows with each of its starts (heartbeat.persisted), so a restart
     resets the sequence without reopening old packets. Per network, because the same
     sequence number legitimately arrives once on each network. The marks are given back
     to be saved, so a restart of the receiver does not reopen them either.

@@ -1,4 +1,4 @@
-"""The checker policy both module types share (ha_runtime.module_base), on each of them.
+"""The checker policy both module types share (ha_runtime.module), on each of them.
 
 What is checked: a `restart` checker restarts the application within the restart budget
 and then gives up the way its module type does (a mirror fails over, a farm gives its
@@ -23,13 +23,13 @@ from ha_runtime.config import (
     ModuleConfig,
     ScriptsSpec,
 )
-from ha_runtime.decision import decide
 from ha_runtime.events import EventLog
-from ha_runtime.farm_manager import FarmModuleManager
-from ha_runtime.heartbeat import ModuleStream, PeerTable
-from ha_runtime.manager import ModuleManager
-from ha_runtime.module_base import WitnessProbe
-from ha_runtime.packet import Heartbeat
+from ha_runtime.farm.module import FarmModule
+from ha_runtime.heartbeat.packet import Heartbeat
+from ha_runtime.heartbeat.peers import ModuleStream, PeerTable
+from ha_runtime.isolation import WitnessProbe
+from ha_runtime.mirror.decision import decide
+from ha_runtime.mirror.module import MirrorModule
 from ha_runtime.states import Flag, State
 from tests.sitefactory import module_data, parsed_configs
 
@@ -60,10 +60,10 @@ async def _send_now(_m: str) -> None:
     return None
 
 
-def _mirror(tmp: Path, clock: Clock) -> ModuleManager:
+def _mirror(tmp: Path, clock: Clock) -> MirrorModule:
     cluster, module = _configs(tmp, "mirror")
     table = PeerTable({"app": ModuleStream("app", ("node2",), 0.1, 1.0)}, clock)
-    return ModuleManager(
+    return MirrorModule(
         cluster=cluster,
         module=module,
         peers=table,
@@ -73,10 +73,10 @@ def _mirror(tmp: Path, clock: Clock) -> ModuleManager:
     )
 
 
-def _farm(tmp: Path, clock: Clock) -> FarmModuleManager:
+def _farm(tmp: Path, clock: Clock) -> FarmModule:
     cluster, module = _configs(tmp, "farm")
     table = PeerTable({"app": ModuleStream("app", ("node2",), 0.1, 1.0)}, clock)
-    return FarmModuleManager(
+    return FarmModule(
         cluster=cluster,
         module=module,
         peers=table,
@@ -197,10 +197,11 @@ def test_an_isolated_primary_releases_well_inside_the_peers_timeout(
         async def main(make: Any = make) -> None:
             mgr = make(tmp_path / make.__name__, trio.current_time)
             mgr.m = dataclasses.replace(mgr.m, witness=("10.77.0.254",))
+            mgr.isolation.m = mgr.m  # the watch reads the module's witnesses
             _heard(mgr.peers)
             cut = trio.current_time()
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(mgr._isolation_watch)
+                nursery.start_soon(mgr.isolation.watch)
                 await trio.sleep(0.3)
                 assert not sent and not mgr.isolated  # 0.3 s of silence is not suspicious
                 while not mgr.isolated:
@@ -209,7 +210,7 @@ def test_an_isolated_primary_releases_well_inside_the_peers_timeout(
                 # suspicion at 1/3 s + one tick + the 1/6 s window, far from the 1 s timeout
                 assert released <= 0.6, released
                 assert len(sent) == 1  # one probe per quiet spell, not one per tick
-                if isinstance(mgr, ModuleManager):
+                if isinstance(mgr, MirrorModule):
                     mgr.state = State.PRIM
                     assert mgr.inputs().isolated and decide(mgr.inputs()).state is State.WAIT
                 else:
@@ -244,14 +245,15 @@ def test_a_probe_answered_just_before_the_cut_does_not_hold_off_the_verdict(
     async def main() -> None:
         mgr = _farm(tmp_path, trio.current_time)
         mgr.m = dataclasses.replace(mgr.m, witness=("10.77.0.254",))
-        mgr.witness_ok = True  # as a module configured with a witness starts
+        mgr.isolation.m = mgr.m  # the watch reads the module's witnesses
+        mgr.isolation.witness_ok = True  # as a module configured with a witness starts
         _heard(mgr.peers)
         heard = trio.current_time()
         await trio.sleep(0.05)
-        await mgr._probe_witness()  # the periodic probe, answered
+        await mgr.isolation.probe_witness()  # the periodic probe, answered
         cut_at.append(trio.current_time() + 0.01)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(mgr._isolation_watch)
+            nursery.start_soon(mgr.isolation.watch)
             with trio.move_on_after(1.0):  # the peer's timeout
                 while not mgr.isolated:
                     await trio.sleep(0.01)
@@ -262,10 +264,11 @@ def test_a_probe_answered_just_before_the_cut_does_not_hold_off_the_verdict(
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
 
 
-def _peer_quiet_with_witness(tmp: Path, clock: Clock) -> ModuleManager:
+def _peer_quiet_with_witness(tmp: Path, clock: Clock) -> MirrorModule:
     """A mirror with a witness whose peer was last heard half a second ago."""
     mgr = _mirror(tmp, clock)
     mgr.m = dataclasses.replace(mgr.m, witness=("10.77.0.254",))
+    mgr.isolation.m = mgr.m  # the watch reads the module's witnesses
     _heard(mgr.peers)
     clock.now += 0.5
     return mgr
@@ -275,14 +278,14 @@ def test_only_a_probe_sent_after_the_peer_went_quiet_counts(tmp_path: Path) -> N
     clock = Clock()
     mgr = _peer_quiet_with_witness(tmp_path, clock)
     # Witness unreachable before the silence began (the witness alone was down): no verdict.
-    mgr._witness_probe = WitnessProbe(started=clock.now - 0.6, ok=False)
+    mgr.isolation.probe = WitnessProbe(started=clock.now - 0.6, ok=False)
     assert not mgr.isolated
-    mgr._witness_probe = WitnessProbe(started=clock.now - 0.1, ok=False)
+    mgr.isolation.probe = WitnessProbe(started=clock.now - 0.1, ok=False)
     assert mgr.isolated
-    mgr._witness_probe = WitnessProbe(started=clock.now - 0.1, ok=True)
+    mgr.isolation.probe = WitnessProbe(started=clock.now - 0.1, ok=True)
     assert not mgr.isolated  # the witness answers: the peer is the one gone
     no_witness = _mirror(tmp_path / "plain", clock)
-    no_witness._witness_probe = WitnessProbe(started=clock.now, ok=False)
+    no_witness.isolation.probe = WitnessProbe(started=clock.now, ok=False)
     assert not no_witness.isolated
 
 
@@ -304,7 +307,7 @@ def test_a_node_whose_own_cut_heals_waits_for_the_peer_before_taking_over(
 
     def probe(ok: bool) -> None:
         answers.append(ok)
-        trio.run(mgr._probe_witness)
+        trio.run(mgr.isolation.probe_witness)
 
     probe(False)  # cut off
     assert mgr.isolated

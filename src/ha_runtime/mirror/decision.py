@@ -3,7 +3,7 @@
 Everything the decision needs is in `Inputs` (local state, data generation, the peer's
 last heartbeat, operator requests, checker verdicts); nothing here touches a socket, a
 clock or a file, so every rule is unit-tested table-driven and with generated inputs.
-`manager.py` applies the `Decision` (scripts, VIP, generation file, events).
+`module.py` applies the `Decision` (scripts, VIP, generation file, events).
 
 Safety rules (docs/states in DESIGN.md):
 - never two primaries when both see each other: a node only takes the role from a peer
@@ -17,36 +17,11 @@ Safety rules (docs/states in DESIGN.md):
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass, replace
 
-from ha_runtime.generation import Generation, GenRecord, Relation, compare
+from ha_runtime.generation import GenRecord, Relation, compare
+from ha_runtime.heartbeat.peers import PeerStatus, PeerView
 from ha_runtime.states import Flag, State
-
-NO_GENERATION = Generation()
-
-
-class PeerStatus(enum.Enum):
-    STARTING = "starting"  # we have not listened for a full timeout since boot yet
-    ALIVE = "alive"  # heard on at least one network within the timeout
-    LOST = "lost"  # heard since boot, then silent on every network for the timeout
-    NEVER = "never"  # not heard at all since boot, for longer than the timeout
-
-
-@dataclass(frozen=True)
-class PeerView:
-    status: PeerStatus
-    state: State | None = None  # last state heard (None if never heard)
-    flags: Flag = Flag.NONE
-    generation: Generation = NO_GENERATION
-
-    @property
-    def alive(self) -> bool:
-        return self.status is PeerStatus.ALIVE
-
-    @property
-    def primary(self) -> bool:
-        return self.alive and self.state is not None and self.state.is_primary
 
 
 @dataclass(frozen=True)
@@ -64,7 +39,7 @@ class Inputs:
     swap_requested: bool = False  # the operator asked this node for a swap
     witness_ok: bool | None = None  # None: no witness configured
     # The peer has gone quiet and no witness answered since: this node may be the one cut
-    # off, and the peer will take over when its timeout expires (module_base.isolated).
+    # off, and the peer will take over when its timeout expires (ha_runtime.module, `isolated`).
     isolated: bool = False
     force_primary: bool = False  # `hactl prim`
     accept_peer_data: bool = False  # `hactl second` on a node holding newer/diverged data

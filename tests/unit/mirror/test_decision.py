@@ -8,8 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ha_runtime.decision import Inputs, PeerStatus, PeerView, decide, swap_refusal
 from ha_runtime.generation import Generation, GenRecord, Relation, compare
+from ha_runtime.heartbeat.peers import PeerStatus, PeerView
+from ha_runtime.mirror.decision import Inputs, decide, swap_refusal
 from ha_runtime.states import Flag, State
 
 G1 = Generation(0x11, ())

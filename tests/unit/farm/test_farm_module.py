@@ -1,4 +1,4 @@
-"""FarmModuleManager without root: a fake engine, heartbeats recorded by hand, trio's clock.
+"""FarmModule without root: a fake engine, heartbeats recorded by hand, trio's clock.
 
 What is checked: the first membership report waits for the peers (or one timeout), peers
 count only when alive and UP+ELIGIBLE, a failing checker makes the node unhealthy, drain is
@@ -24,10 +24,10 @@ from ha_runtime.config import (
 )
 from ha_runtime.events import EventLog
 from ha_runtime.farm import Membership, Transition
-from ha_runtime.farm_manager import FarmModuleManager
-from ha_runtime.heartbeat import ModuleStream, PeerTable
-from ha_runtime.manager import CommandRefused
-from ha_runtime.packet import Heartbeat
+from ha_runtime.farm.module import FarmModule
+from ha_runtime.heartbeat.packet import Heartbeat
+from ha_runtime.heartbeat.peers import ModuleStream, PeerTable
+from ha_runtime.module import CommandRefused
 from ha_runtime.states import Flag, State
 from tests.sitefactory import module_data, parsed_configs
 
@@ -126,7 +126,7 @@ def _hb(state: State, flags: Flag, seq: int) -> Heartbeat:
 
 def _manager(
     tmp: Path, checkers: list[dict[str, Any]] | None = None
-) -> tuple[FarmModuleManager, PeerTable]:
+) -> tuple[FarmModule, PeerTable]:
     cluster, module = _configs(tmp, checkers)
     stream = ModuleStream("weather", ("node2",), 0.1, 1.0)
     table = PeerTable({"weather": stream}, trio.current_time)
@@ -134,7 +134,7 @@ def _manager(
     async def send_now(_m: str) -> None:
         return None
 
-    mgr = FarmModuleManager(
+    mgr = FarmModule(
         cluster=cluster,
         module=module,
         peers=table,

@@ -7,7 +7,7 @@ and gives each node only the keys of the pairs it belongs to, next to the site k
 key of {a, b} can only come from a or b, so node c cannot pass as a to b.
 
 A node without the file of a peer (a site deployed before pair keys) uses the site key with
-that peer, as before. The two are reconciled at run time (heartbeat.py): a receiver accepts
+that peer, as before. The two are reconciled at run time (service.py): a receiver accepts
 a peer's site-key packets only until that peer has sent one packet with the pair key (then
 never again, saved in state_dir), and a sender sends both forms until it has received a
 pair-keyed packet from the peer, so a rolling restart never makes a node look dead.

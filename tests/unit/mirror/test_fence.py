@@ -1,6 +1,6 @@
 """The manager's side of fencing (docs/replication.md, *Fencing*), with a scripted child.
 
-A real ModuleManager, a real ReplicaSupervisor and PeerTable; the replication child is a
+A real MirrorModule, a real ReplicationSupervisor and PeerTable; the replication child is a
 small script speaking the child protocol (ha_runtime.replication.child), so the daemon side is
 tested exactly on the messages it gets: a fresh status, then a fence request.
 """
@@ -19,9 +19,9 @@ import trio
 from ha_runtime.config import ScriptsSpec
 from ha_runtime.events import EventLog
 from ha_runtime.generation import Generation, GenRecord
-from ha_runtime.heartbeat import ModuleStream, PeerTable
-from ha_runtime.manager import ModuleManager
-from ha_runtime.packet import Heartbeat
+from ha_runtime.heartbeat.packet import Heartbeat
+from ha_runtime.heartbeat.peers import ModuleStream, PeerTable
+from ha_runtime.mirror.module import MirrorModule
 from ha_runtime.states import Flag, State
 from tests.sitefactory import module_data, parsed_configs
 
@@ -58,7 +58,7 @@ async def _sent(_m: str) -> None:
     return None
 
 
-def _manager(tmp: Path) -> ModuleManager:
+def _manager(tmp: Path) -> MirrorModule:
     cluster, module = parsed_configs(
         tmp,
         module_data(
@@ -70,7 +70,7 @@ def _manager(tmp: Path) -> ModuleManager:
     table = PeerTable(
         {"app": ModuleStream("app", ("node2",), INTERVAL_S, TIMEOUT_S)}, time.monotonic
     )
-    return ModuleManager(
+    return MirrorModule(
         cluster=cluster, module=module, peers=table, events=EventLog(tmp / "events.jsonl"),
         send_now=_sent, vip_ops=NoVip(),
     )  # fmt: skip
@@ -89,8 +89,8 @@ def test_alone_with_a_peer_that_adopted_our_generation_takes_a_new_one_then_wait
     mgr.store.save(GenRecord(g, peer_outdated=True))
     mgr.record = GenRecord(g, peer_outdated=True)
     mgr.state = State.ALONE
-    assert mgr.replica is not None
-    mgr.replica.command = lambda role, i: [sys.executable, "-c", CHILD, f"{g.current:016x}"]
+    assert mgr.replication is not None
+    mgr.replication.command = lambda role, i: [sys.executable, "-c", CHILD, f"{g.current:016x}"]
     seq = iter(range(1, 1_000_000))
 
     def heard() -> None:
@@ -109,11 +109,11 @@ def test_alone_with_a_peer_that_adopted_our_generation_takes_a_new_one_then_wait
             n.start_soon(peer)
             n.start_soon(mgr.run)
             await trio.sleep(0.2)
-            assert mgr.replica is not None
+            assert mgr.replication is not None
             t0 = time.monotonic()
-            await mgr.replica.start("primary")
+            await mgr.replication.start("primary")
             with trio.fail_after(10):
-                while mgr.replica.children[0].status.get("state") != "fenced t1":
+                while mgr.replication.children[0].status.get("state") != "fenced t1":
                     await trio.sleep(0.01)
             took = time.monotonic() - t0
             n.cancel_scope.cancel()
