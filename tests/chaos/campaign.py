@@ -427,7 +427,7 @@ class Campaign:
                 o["t"] = round(o["t"] - t_start, 2)  # relative, as in the fault log
             # Two bugs the campaign found made overlaps here: a daemon killed -9 (fixed by
             # `hactl release` as ExecStopPost) and a node cut from every network releasing a
-            # witness timeout late (fixed by the early isolation probe, now ha_runtime/isolation.py).
+            # witness timeout late (fixed by the early isolation probe, isolation.py).
             split = [o for o in found if self._split_brain_allowed(faults, o["t"] + t_start)]
             if split:
                 self.split_brain.append(f"two nodes {what} in {len(split)} rounds: {split[:4]}")
