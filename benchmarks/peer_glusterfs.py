@@ -296,8 +296,8 @@ class GlusterPair:
         for node in self.nodes:
             if has_gluster(node):
                 step("stop glusterd", node, ["systemctl", "stop", "glusterd"])
-            # glusterd's unit leaves the bricks and clients it started running (its
-            # KillMode is "process"): end those, by PID, in this node only.
+            # Stopping glusterd ends the bricks in its cgroup; the FUSE client (started by
+            # mount) and anything a failed stop left are ended by PID, in this node only.
             _end(
                 pid
                 for w in ("/usr/sbin/glusterfsd", "/usr/sbin/glusterfs")
