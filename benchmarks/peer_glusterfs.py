@@ -312,6 +312,15 @@ class GlusterPair:
                 problems.append(f"teardown: purge packages on {node}: {exc}")
                 continue
             step("remove gluster state", node, ["rm", "-rf", GLUSTER_DIR, MOUNT, *GLUSTER_STATE])
+            # As found: none of the set's packages but those it had, no gluster process.
+            left = sorted(self._present(node) - had)
+            procs = [
+                p
+                for w in ("/usr/sbin/glusterd", "/usr/sbin/glusterfsd", "/usr/sbin/glusterfs")
+                for p in node_pids(node, w)
+            ]
+            if left or procs:
+                problems.append(f"teardown: check on {node}: packages {left}, processes {procs}")
         return problems
 
 
@@ -352,8 +361,10 @@ def measure_runs(
     place it is spent meanwhile (keys cpu_<process>_s)."""
     rows: list[dict[str, Any]] = []
     for run_no in range(args.runs):
-        for where in rotated(PLACES, run_no):
-            for workload in WORKLOADS:
+        # Workload by workload, the four places back to back: the figures a ratio divides
+        # are seconds apart, not a whole round of workloads (the machine is shared).
+        for workload in WORKLOADS:
+            for where in rotated(PLACES, run_no):
                 procs = {p: pids.get(p, []) for p in CPU_OF.get(where, ())}
                 before = {p: _cpu_seconds(v) for p, v in procs.items()}
                 row = _result(_node_run(primary, args, dirs[where], workload))
