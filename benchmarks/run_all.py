@@ -106,7 +106,7 @@ BENCHMARKS = (
         ("--runs", "1", "--seconds", "1"),
         "the same writes through hapair, GlusterFS replica 2 (set up on the two nodes for the "
         "run, then removed), FUSE alone and the local disk",
-        (6, 3.5),
+        (4.5, 3),
     ),
     Benchmark(
         "resync",
