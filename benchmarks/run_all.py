@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from benchmarks import failover, farm, replication, resync, switchover
+from benchmarks import failover, farm, peer_glusterfs, replication, resync, switchover
 from benchmarks.report import RESULTS_DIR, Figure, collecting
 from ha_lab.lab import Lab
 from ha_lab.observe import states_of, wait_for_states
@@ -97,6 +97,16 @@ BENCHMARKS = (
         ("--runs", "1", "--seconds", "1"),
         "writes in the replicated directory vs the same writes on the node's local disk",
         (1.5, 1),
+    ),
+    Benchmark(
+        "peer_glusterfs",
+        peer_glusterfs.main,
+        # 5 runs: its ratios divide two noisy figures (both replicate over the shared CPUs)
+        ("--runs", "5", "--seconds", "3"),
+        ("--runs", "1", "--seconds", "1"),
+        "the same writes through hapair, GlusterFS replica 2 (set up on the two nodes for the "
+        "run, then removed), FUSE alone and the local disk",
+        (4.5, 3),
     ),
     Benchmark(
         "resync",
