@@ -16,7 +16,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 from prometheus_client.core import (
@@ -27,10 +27,8 @@ from prometheus_client.core import (
 )
 
 from ha_runtime.heartbeat.packet import Drop
+from ha_runtime.node_view import NodeView
 from ha_runtime.states import State
-
-if TYPE_CHECKING:  # the daemon imports this module
-    from ha_runtime.daemon import NodeDaemon
 
 # Upper bounds (seconds) of the replication acknowledgement latency histogram: a
 # synchronous barrier on a LAN takes a few ms; above a second, applications stall.
@@ -159,7 +157,7 @@ class Metrics:
     def set_build(self, node: str) -> None:
         self.build_info.labels(package_version(), node).set(1)
 
-    def observe(self, daemon: NodeDaemon) -> None:
+    def observe(self, daemon: NodeView) -> None:
         """Snapshot of the daemon's state for the next scrapes (call from the trio loop)."""
         self._snapshot.snapshot = Snapshot(list(node_families(daemon)))
 
@@ -171,7 +169,7 @@ class Metrics:
 # --------------------------------------------------------------------------- families
 
 
-def node_families(daemon: NodeDaemon) -> Iterator[Metric]:
+def node_families(daemon: NodeView) -> Iterator[Metric]:
     c = daemon.cluster
     alive: dict[str, list[str]] = {}
     for name, m in daemon.modules.items():

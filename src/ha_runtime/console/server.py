@@ -23,7 +23,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import trio
@@ -34,9 +34,16 @@ from ha_runtime.console import pages
 from ha_runtime.console.auth import Authenticator, Role, Session, User, csrf_ok
 from ha_runtime.console.http import HttpError, Request, Response, read_request, redirect, send
 from ha_runtime.events import NODE_WIDE, EventLog
+from ha_runtime.metrics import Metrics
+from ha_runtime.node_view import OperatedNode
 
-if TYPE_CHECKING:
-    from ha_runtime.daemon import NodeDaemon
+
+class ConsoleNode(OperatedNode, Protocol):
+    """The node as the console sees it: OperatedNode, and the metrics it counts requests in."""
+
+    @property
+    def metrics(self) -> Metrics: ...
+
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +106,7 @@ class Refused(Exception):
 
 
 class ConsoleServer:
-    def __init__(self, daemon: NodeDaemon, spec: ConsoleSpec) -> None:
+    def __init__(self, daemon: ConsoleNode, spec: ConsoleSpec) -> None:
         self.daemon = daemon
         self.spec = spec
         self.node = daemon.cluster.node
