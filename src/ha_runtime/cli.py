@@ -1,4 +1,8 @@
-"""hactl: the node daemon and the operator's command line."""
+"""hactl: the node daemon and the operator's command line.
+
+Long because: one argparse tree of every hactl subcommand and its small handler, read as
+the command reference; each handler only parses and calls the API or a module.
+"""
 
 from __future__ import annotations
 

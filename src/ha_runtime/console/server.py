@@ -9,6 +9,10 @@ TLS: the node's certificate and key and the site CA of cluster.yml. A client cer
 signed by the site CA is optional: one whose CN is a console user with ``certificate:
 true`` logs that user in; one whose CN is a node of the cluster may read /status.json
 (how each node's page shows its peer's own view).
+
+Long because: one request path (TLS, login, CSRF, role check, action, audit, refusal
+budget) kept in one place so every refusal is visibly on it; the pages and the HTTP
+parsing are already apart (pages.py, http.py, auth.py).
 """
 
 from __future__ import annotations

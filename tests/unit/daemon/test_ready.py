@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import trio
-from test_daemon_pair import KEY, _site
 
 from ha_runtime.config import load_site
 from ha_runtime.daemon import NodeDaemon
 from tests.sitefactory import FakeVip, free_port
+from tests.unit.daemon.test_pair import KEY, _site
 
 
 def _slow_prestart(tmp: Path, seconds: float) -> Path:
