@@ -97,7 +97,7 @@ EXAMPLES = r"""
     module: flightdata
     action: swap
     wait_for: SECOND
-  when: hapair_status.modules.flightdata.state == 'PRIM'
+  when: ansible_facts.hapair_status.modules.flightdata.state == 'PRIM'
 
 - name: Wait, without acting, for the peer to be an in-sync secondary
   hapair.cluster.ha_command:
@@ -113,7 +113,7 @@ EXAMPLES = r"""
     full: true
     wait_for: PRIM
     timeout: 600
-  when: hapair_status.modules.flightdata.state in ['PRIM', 'ALONE']
+  when: ansible_facts.hapair_status.modules.flightdata.state in ['PRIM', 'ALONE']
 
 - name: Take this node out of the weather farm for maintenance (its buckets move away)
   hapair.cluster.ha_command:

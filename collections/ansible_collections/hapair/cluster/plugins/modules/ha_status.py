@@ -64,7 +64,7 @@ EXAMPLES = r"""
 
 - name: Use the fact
   ansible.builtin.debug:
-    msg: "{{ hapair_status.modules.flightdata.state }}"
+    msg: "{{ ansible_facts.hapair_status.modules.flightdata.state }}"
 """
 
 RETURN = r"""

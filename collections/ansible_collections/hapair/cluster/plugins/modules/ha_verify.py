@@ -64,7 +64,7 @@ EXAMPLES = r"""
 - name: Compare flightdata's replicated directories on both nodes (from its primary)
   hapair.cluster.ha_verify:
     module: flightdata
-  when: hapair_status.modules.flightdata.state == 'PRIM'
+  when: ansible_facts.hapair_status.modules.flightdata.state == 'PRIM'
 
 - name: Report only, never fail
   hapair.cluster.ha_verify:
