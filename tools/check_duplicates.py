@@ -22,6 +22,8 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+from allowlist import read_allowlist  # tools/ is the script's own directory
+
 MIN_LINES = 6
 
 
@@ -106,14 +108,6 @@ def duplicate_blocks(files: dict[str, list[Line]], size: int) -> list[Block]:
         if run:
             blocks.append(block(name, lines, run))
     return blocks
-
-
-def read_allowlist(path: Path) -> set[str]:
-    return {
-        line
-        for raw in path.read_text(encoding="utf-8").splitlines()
-        if (line := raw.split("#", 1)[0].strip())
-    }
 
 
 def main(argv: list[str] | None = None) -> int:

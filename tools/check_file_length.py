@@ -17,6 +17,8 @@ import re
 import sys
 from pathlib import Path
 
+from allowlist import read_allowlist  # tools/ is the script's own directory
+
 LIMIT = 400
 MARKER = re.compile(r"^\s*Long because:\s*\S", re.MULTILINE)
 
@@ -38,14 +40,6 @@ def offenders(dirs: list[Path], limit: int) -> dict[str, int]:
             if n > limit and not states_reason(text):
                 out[path.as_posix()] = n
     return out
-
-
-def read_allowlist(path: Path) -> set[str]:
-    return {
-        line
-        for raw in path.read_text(encoding="utf-8").splitlines()
-        if (line := raw.split("#", 1)[0].strip())
-    }
 
 
 def main(argv: list[str] | None = None) -> int:
