@@ -23,6 +23,7 @@ from typing import Any
 import trio
 
 from ha_runtime.config import ClusterConfig, ModuleConfig
+from ha_runtime.jsonlines import json_objects
 from ha_runtime.replication.child import mounted, unmount
 
 log = logging.getLogger(__name__)
@@ -199,20 +200,8 @@ class ReplicationSupervisor:
 
     async def _read(self, c: DirChild) -> None:
         assert c.proc is not None and c.proc.stdout is not None
-        buf = b""
-        while True:
-            chunk = await c.proc.stdout.receive_some(65536)
-            if not chunk:
-                return
-            buf += chunk
-            while b"\n" in buf:
-                line, buf = buf.split(b"\n", 1)
-                try:
-                    msg = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(msg, dict):
-                    self._dispatch(c, msg)
+        async for msg in json_objects(c.proc.stdout):
+            self._dispatch(c, msg)
 
     def _dispatch(self, c: DirChild, msg: dict[str, Any]) -> None:
         kind = msg.get("type")

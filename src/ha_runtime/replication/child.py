@@ -42,6 +42,7 @@ import trio
 
 from ha_runtime.config import ClusterConfig, ModuleConfig
 from ha_runtime.journal_log import stderr_handler
+from ha_runtime.jsonlines import json_objects
 from ha_runtime.replication.layout import Layout
 
 if TYPE_CHECKING:  # the daemon imports this module for mounted/unmount: keep it light
@@ -165,21 +166,9 @@ async def run_child(  # noqa: PLR0915 - one place for the whole child protocol
 
     async def commands() -> None:
         stdin = trio.lowlevel.FdStream(os.dup(0))
-        buf = b""
-        while True:
-            chunk = await stdin.receive_some(65536)
-            if not chunk:
-                stop.set()
-                return
-            buf += chunk
-            while b"\n" in buf:
-                line, buf = buf.split(b"\n", 1)
-                try:
-                    req = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(req, dict):
-                    nursery.start_soon(one, req)
+        async for req in json_objects(stdin):
+            nursery.start_soon(one, req)
+        stop.set()  # the daemon closed our stdin: it is gone or stopping us
 
     async def one(req: dict[str, Any]) -> None:
         cmd = req.get("cmd")
