@@ -25,6 +25,7 @@ import trio
 from ha_runtime.config import ClusterConfig, ModuleConfig
 from ha_runtime.jsonlines import json_objects
 from ha_runtime.replication.child import mounted, unmount
+from ha_runtime.replication.layout import Layout
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,10 @@ class ReplicationSupervisor:
         self.generation: str | None = None
         self._nursery: trio.Nursery | None = None
         self._req = 0
-        self.base = module.replication.backing_base(cluster.state_dir)
+        self.layouts = [
+            Layout.of(module, i, cluster.state_dir, module.replication.for_dir(i))
+            for i in range(len(module.replicated_dirs))
+        ]
 
     def _default_command(self, role: str, index: int) -> list[str]:
         return [
@@ -296,7 +300,9 @@ class ReplicationSupervisor:
         return None
 
     def quarantines(self) -> list[str]:
-        root = self.base / f"{self.m.name}.quarantine"
+        if not self.layouts:
+            return []
+        root = self.layouts[0].quarantine_root  # one per module
         try:
             return sorted(str(p) for p in root.iterdir())
         except OSError:
@@ -310,7 +316,7 @@ class ReplicationSupervisor:
             dirs.append(
                 {
                     "dir": str(d),
-                    "backing": str(self.base / self.m.name / str(i)),
+                    "backing": str(self.layouts[i].backing),
                     "port": self.m.replication.port + i,
                     "role": self.role or "none",
                     "state": st.get("state", "stopped") if c is not None else "stopped",

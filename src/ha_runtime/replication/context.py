@@ -73,10 +73,7 @@ class ReplicaContext:
         self.cluster = cluster
         self.settings = settings
         self.on_event = on_event
-        self.layout = Layout.of(
-            module.name, dir_index, module.replicated_dirs[dir_index], cluster.state_dir,
-            settings.backing_root,
-        )  # fmt: skip
+        self.layout = Layout.of(module, dir_index, cluster.state_dir, settings)
         self.generations = GenerationStore(cluster.state_dir, module.name)
         self.peer = module.peer_of(cluster.node)
         key = settings.site_key

@@ -21,6 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from ha_runtime.config import ModuleConfig, ReplicationSettings
+
 
 @dataclass(frozen=True)
 class Layout:
@@ -32,9 +34,11 @@ class Layout:
 
     @classmethod
     def of(
-        cls, module: str, index: int, app_dir: Path, state_dir: Path, backing_root: Path | None
+        cls, module: ModuleConfig, index: int, state_dir: Path, settings: ReplicationSettings
     ) -> Layout:
-        return cls(module, index, app_dir, backing_root or state_dir / "replica", state_dir)
+        """Directory `index` of `module`, its root from the settings (the one rule for it)."""
+        base = settings.backing_base(state_dir)
+        return cls(module.name, index, module.replicated_dirs[index], base, state_dir)
 
     @property
     def backing(self) -> Path:

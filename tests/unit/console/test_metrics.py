@@ -149,7 +149,7 @@ def test_replication_metrics_from_supervisor_status(tmp_path: Path) -> None:
     sup.role = "primary"
     for i, d in enumerate(module.replicated_dirs):
         sup.children[i] = DirChild(i, d, "primary", status=resyncing.as_dict())
-    quarantine = sup.base / "flightdata.quarantine" / "20261205T000000.000000Z"
+    quarantine = sup.layouts[0].quarantine_root / "20261205T000000.000000Z"
     quarantine.mkdir(parents=True)
     registry = _Registry()
     fams = list(
