@@ -10,7 +10,6 @@ reads the daemon's live structures from another thread. Reference: docs/metrics.
 from __future__ import annotations
 
 import contextlib
-import ssl
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from prometheus_client.core import (
     Metric,
 )
 
+from ha_runtime.certtime import cert_not_after
 from ha_runtime.heartbeat.packet import Drop
 from ha_runtime.node_view import NodeView
 from ha_runtime.states import State
@@ -71,17 +71,6 @@ class LatencyHistogram:
             "count": self.count,
             "sum": round(self.sum, 6),
         }
-
-
-def cert_not_after(path: Path) -> float | None:
-    """The certificate's notAfter as a Unix time, None if it cannot be read."""
-    try:
-        # The stdlib decodes a PEM certificate only through this helper (no extra
-        # dependency on the nodes); a missing or unreadable file is reported as absent.
-        decoded = ssl._ssl._test_decode_cert(str(path))  # type: ignore[attr-defined]
-        return float(ssl.cert_time_to_seconds(str(decoded["notAfter"])))
-    except (OSError, ssl.SSLError, KeyError, ValueError, AttributeError):
-        return None
 
 
 @dataclass
