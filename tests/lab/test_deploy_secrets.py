@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import json
 import secrets
+import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -89,6 +91,18 @@ class StateWatch:
 
 
 @pytest.fixture
+def homes() -> Iterator[Path]:
+    """Where the other accounts' $HOMEs go: a short path, because ssh's ControlPath socket
+    lives under $HOME/.ansible/cp and a Unix socket path holds at most 107 bytes (pytest's
+    tmp_path, deep and numbered per session, passed that limit on a long-used machine)."""
+    base = Path(tempfile.mkdtemp(prefix="hp-", dir="/tmp"))
+    try:
+        yield base
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
 def watch(mirror_site: Lab) -> Iterator[StateWatch]:
     with StateWatch() as w:
         yield w
@@ -108,14 +122,14 @@ def _refusals(result: PlaybookResult) -> dict[str, str]:
 
 
 def test_second_controller_refuses_or_reuses_site_secrets(
-    mirror_site: Lab, watch: StateWatch, tmp_path: Path
+    mirror_site: Lab, watch: StateWatch, homes: Path
 ) -> None:
     lab = mirror_site
     before = {n: _node_view(lab, n) for n in NODES}
     drops_before = {n: _status(lab, n)["heartbeat_drops"] for n in NODES}
 
     # 1. An account with an empty cache: refused, and it generates nothing of its own.
-    empty = _deploy_as(tmp_path / "empty")
+    empty = _deploy_as(homes / "empty")
     assert empty.status == "failed", empty.stdout[-2000:]
     refused = _refusals(empty)
     assert sorted(refused) == list(NODES), empty.failure_summary()
@@ -124,17 +138,17 @@ def test_second_controller_refuses_or_reuses_site_secrets(
         assert "site key (the controller has none)" in msg, msg
         assert "CA certificate (the controller has none)" in msg, msg
         assert "hapair_runtime_secrets_dir" in msg and "rotate_secrets.yml" in msg, msg
-    assert not (tmp_path / "empty/.local/share/hapair/sites/lab/site.key").exists()
+    assert not (homes / "empty/.local/share/hapair/sites/lab/site.key").exists()
     print(f"empty cache refused: {refused['node1']}")
 
     # 2. An account whose cache holds another site key (copy of the rest): refused.
-    other = tmp_path / "other/.local/share/hapair/sites/lab"
+    other = homes / "other/.local/share/hapair/sites/lab"
     other.mkdir(parents=True)
     for path in SITE_DIR.iterdir():
         if path.is_file():  # (a rotation's working directories are not secrets)
             (other / path.name).write_bytes(path.read_bytes())
     (other / "site.key").write_text(secrets.token_urlsafe(48) + "\n")
-    differs = _deploy_as(tmp_path / "other")
+    differs = _deploy_as(homes / "other")
     assert differs.status == "failed", differs.stdout[-2000:]
     refused = _refusals(differs)
     assert sorted(refused) == list(NODES), differs.failure_summary()
@@ -149,9 +163,9 @@ def test_second_controller_refuses_or_reuses_site_secrets(
         "hapair_runtime_ca_key": (SITE_DIR / "ca.key").read_text(),
         "hapair_runtime_wheelhouse_cache": str(WHEELHOUSE),
     }
-    reused = _deploy_as(tmp_path / "vault", vault)
+    reused = _deploy_as(homes / "vault", vault)
     assert reused.status == "successful", reused.failure_summary()
-    new_dir = tmp_path / "vault/.local/share/hapair/sites/lab"
+    new_dir = homes / "vault/.local/share/hapair/sites/lab"
     for node in NODES:
         assert (new_dir / f"{node}.crt").read_bytes() == (SITE_DIR / f"{node}.crt").read_bytes()
     node_changes = [
