@@ -272,6 +272,10 @@ def main() -> int:
     result: dict[str, Any] = {}
     try:
         ok = (upgrade if args.command == "upgrade" else again)(args.log, result)
+    except Exception as exc:
+        # The playbooks judge the JSON: say there what went wrong (the traceback: stderr).
+        result.setdefault("error", f"{type(exc).__name__}: {exc}")
+        raise
     finally:
         print(json.dumps(result, sort_keys=True))
     return 0 if ok else 1
