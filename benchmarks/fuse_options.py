@@ -28,11 +28,13 @@ import sys
 import tempfile
 from collections.abc import Sequence
 
+from benchmarks.replication import LOCAL_ONLY_SINK
 from benchmarks.report import Figure, emit
 
 OPTIONS = ("plain", "writeback")
 
-RUN_SCRIPT = r"""
+RUN_SCRIPT = (
+    r"""
 import collections, functools, json, os, sys, time, trio
 from pathlib import Path
 from ha_runtime.replication.primary import fs as fusefs
@@ -48,15 +50,9 @@ async def counted(self, fh, off, buf):
 
 fusefs.PassthroughFS.write = counted
 fusefs.PassthroughFS.enable_writeback_cache = option == "writeback"
-
-class LocalOnly:
-    async def before(self, rec):
-        pass
-    def after(self, rec):
-        pass
-    async def barrier(self, path, datasync):
-        fusefs.fsync_backing(os.fsencode(backing.resolve()), path, datasync)
-
+"""
+    + LOCAL_ONLY_SINK
+    + r"""
 def work():
     data = os.urandom(1 << 20)
     t = time.perf_counter()
@@ -88,6 +84,7 @@ async def main():
 
 trio.run(main)
 """
+)
 
 
 def run_once(option: str, seconds: float) -> dict[str, object]:

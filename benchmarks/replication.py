@@ -108,12 +108,9 @@ BOTH_NODES = "local_both_nodes"
 # The runtime's PassthroughFS on the primary, over a local directory, with a sink that only
 # fsyncs locally (what a primary without a peer does): FUSE's own cost, without replication.
 FUSE_ONLY = "fuse_only"
-FUSE_SCRIPT = r"""
-import functools, os, sys, trio
-from pathlib import Path
-from ha_runtime.replication.primary import fs as fusefs
-backing, mnt = Path(sys.argv[1]), Path(sys.argv[2])
-
+# The sink of a FUSE-only file system: records nothing, a barrier is the primary's own
+# local half (also benchmarks/fuse_options.py). Expects `fusefs`, `os` and `backing`.
+LOCAL_ONLY_SINK = r"""
 class LocalOnly:
     async def before(self, rec):
         pass
@@ -121,7 +118,16 @@ class LocalOnly:
         pass
     async def barrier(self, path, datasync):  # the primary's own local half of a barrier
         fusefs.fsync_backing(os.fsencode(backing.resolve()), path, datasync)
-
+"""
+FUSE_SCRIPT = (
+    r"""
+import functools, os, sys, trio
+from pathlib import Path
+from ha_runtime.replication.primary import fs as fusefs
+backing, mnt = Path(sys.argv[1]), Path(sys.argv[2])
+"""
+    + LOCAL_ONLY_SINK
+    + r"""
 async def main():
     backing.mkdir(parents=True, exist_ok=True)
     mnt.mkdir(parents=True, exist_ok=True)
@@ -135,6 +141,7 @@ async def main():
 
 trio.run(main)
 """
+)
 
 
 def _cpu_seconds(pids: Sequence[int]) -> float | None:
