@@ -83,7 +83,7 @@ class ReplicationSupervisor:
         self._nursery: trio.Nursery | None = None
         self._req = 0
         self.layouts = [
-            Layout.of(module, i, cluster.state_dir, module.replication.for_dir(i))
+            Layout.of(module, i, cluster.state_dir, module.replication)
             for i in range(len(module.replicated_dirs))
         ]
 
