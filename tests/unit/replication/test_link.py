@@ -15,7 +15,7 @@ import trio.testing
 from ha_runtime.replication import journal as J
 from ha_runtime.replication.journal import Kind, Op, Record, derive_key, encode_frame
 from ha_runtime.replication.link.framing import Conn, LinkLost
-from ha_runtime.replication.link.primary import PrimaryLink
+from ha_runtime.replication.link.primary import COALESCE_S, PrimaryLink
 from ha_runtime.replication.link.secondary import HEAVY_RECORD_BYTES, SecondarySession
 from ha_runtime.replication.link.tls import TlsFiles, client_context, connect
 from ha_runtime.replication.secondary.applier import Applier
@@ -332,3 +332,50 @@ def test_a_long_queue_is_sent_in_bounded_batches_in_order() -> None:
     frame = (1 << 20) + 200
     assert len(sizes) >= 7 and max(sizes) <= frame, sizes  # never two 1 MiB frames in one send
     assert sum(sizes[6:]) == sum(sizes) - sum(sizes[:6]) and len(sizes[6:]) <= 2, sizes
+
+
+def test_a_write_waits_for_its_barrier_and_travels_with_it_in_one_send() -> None:
+    """A 4 KiB write then fdatasync used to cost two sends (the sender shipped the write at
+    once, the barrier its FSYNC): two TLS records, two wakes of the secondary. A record
+    nothing waits for now waits COALESCE_S for company; a barrier, a request or a keepalive
+    ships at once; and a lone write still leaves after COALESCE_S, not later."""
+    sends: list[tuple[float, int]] = []
+
+    async def main() -> None:
+        peer, ours = trio.testing.memory_stream_pair()
+        conn = Conn(ours, KEY, "node2")
+        real_send = conn.send
+
+        async def send(data: bytes) -> None:
+            sends.append((trio.current_time(), len(data)))
+            await real_send(data)
+
+        conn.send = send  # type: ignore[method-assign]
+        link = PrimaryLink(conn, timeout=5)
+        link.untagged = True
+        dec = J.FrameDecoder(KEY, untagged=True)
+        async with trio.open_nursery() as n:
+            n.start_soon(link._sender)
+            t0 = trio.current_time()
+            link.submit(Record(0, Op.WRITE, b"db", offset=0, data=b"x" * 4096))
+            await trio.sleep(COALESCE_S / 5)  # the application's fdatasync arrives
+            link.submit(Record(0, Op.FSYNC, b"db", flags=1))
+            await trio.sleep(COALESCE_S / 10)
+            assert len(sends) == 1, sends  # both frames, shipped by the barrier's wake
+            assert sends[0][0] - t0 < COALESCE_S
+            frames = dec.feed(await peer.receive_some())
+            assert [J.decode_record(f.payload).op for f in frames] == [Op.WRITE, Op.FSYNC]
+
+            t1 = trio.current_time()
+            link.submit(Record(0, Op.WRITE, b"log", offset=0, data=b"y"))  # alone
+            await trio.sleep(COALESCE_S * 4)
+            assert len(sends) == 2, sends
+            assert 0 < sends[1][0] - t1 <= COALESCE_S  # held for company, not longer
+
+            t2 = trio.current_time()
+            link.ping()  # a keepalive is waited for: at once
+            await trio.sleep(COALESCE_S / 10)
+            assert len(sends) == 3 and sends[2][0] - t2 < COALESCE_S / 10, sends
+            n.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))

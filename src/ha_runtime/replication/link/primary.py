@@ -40,6 +40,12 @@ def _meta(rec: Record) -> Record:
 # One send joins the queued frames up to this size: a queue of tens of MiB (the primary ahead
 # of the secondary) joined at once was tens of MiB allocated, copied and encrypted in one go.
 SEND_BATCH_BYTES = 1 << 20
+# A record nothing waits for (a write, a rename: not a barrier, a request or a keepalive)
+# waits this long for company before the sender ships it. The fsync that usually follows a
+# write then travels with it: one TLS record, one send, one wake of the secondary instead of
+# two of each (a fifth of the replicas' CPU per 4 KiB write + fdatasync). Shipping a record
+# no one waits for half a millisecond later delays no acknowledgement.
+COALESCE_S = 0.0005
 
 
 @dataclass
@@ -69,6 +75,9 @@ class PrimaryLink:
     _inflight: deque[tuple[int, int]] = field(default_factory=deque)  # (seq, size)
     _inflight_bytes: int = 0
     _wake_sender: trio.Event = field(default_factory=trio.Event)
+    # Set when something queued is waited for (a barrier, a request, a keepalive, a full
+    # batch): the sender ships at once instead of waiting COALESCE_S for company.
+    _urgent: trio.Event = field(default_factory=trio.Event)
     _ack_changed: trio.Event = field(default_factory=trio.Event)
     _lost: trio.Event = field(default_factory=trio.Event)
     _replies: dict[int, tuple[dict[str, Any], bytes]] = field(default_factory=dict)
@@ -108,7 +117,7 @@ class PrimaryLink:
         self._inflight.append((self.seq, len(frame)))
         self._inflight_bytes += len(frame)
         self.window.append(_meta(r))
-        self._wake_sender.set()
+        self._wake(urgent=rec.op == Op.FSYNC or self._out_bytes >= SEND_BATCH_BYTES)
         return self.seq
 
     def submit_control(self, obj: dict[str, Any], body: bytes = b"") -> int:
@@ -117,8 +126,13 @@ class PrimaryLink:
         self._req += 1
         frame = encode_control({**obj, "id": self._req}, body, self.conn.key, tag=not self.untagged)
         self._out.append(frame)
-        self._wake_sender.set()
+        self._wake(urgent=True)
         return self._req
+
+    def _wake(self, *, urgent: bool) -> None:
+        self._wake_sender.set()
+        if urgent:
+            self._urgent.set()
 
     async def request(self, obj: dict[str, Any], body: bytes = b"") -> tuple[dict[str, Any], bytes]:
         """Send a CONTROL request in stream order and wait for its reply (no timeout beyond
@@ -177,7 +191,7 @@ class PrimaryLink:
         if self.lost_reason:
             raise LinkLost(self.lost_reason)
         self._out.append(self._ping_frame())
-        self._wake_sender.set()
+        self._wake(urgent=True)
 
     def _ping_frame(self) -> bytes:
         return encode_frame(Kind.PING, b"", self.conn.key, tag=not self.untagged)
@@ -205,6 +219,10 @@ class PrimaryLink:
         while True:
             await self._wake_sender.wait()
             self._wake_sender = trio.Event()
+            if not self._urgent.is_set():
+                with trio.move_on_after(COALESCE_S):
+                    await self._urgent.wait()
+            self._urgent = trio.Event()
             while self._out and await self._send_out():
                 pass
             if self.lost_reason:
@@ -289,7 +307,7 @@ class PrimaryLink:
         while True:
             await trio.sleep(period)
             self._out.append(self._ping_frame())
-            self._wake_sender.set()
+            self._wake(urgent=True)
             if time.monotonic() - self._last_heard > self.timeout:
                 self.fail(f"peer silent for {self.timeout:g} s")
                 return
