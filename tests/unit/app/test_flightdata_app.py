@@ -127,3 +127,27 @@ def test_the_writers_stream_reads_back_as_acknowledgements(
     assert [a.seq for a in acks] == list(range(1, len(acks) + 1))
     report = _check(port, {a.id: a.seq for a in acks}, monkeypatch)
     assert report["checked"] == len(acks) and not (report["missing"] or report["wrong"])
+
+
+def test_a_commit_is_in_the_write_ahead_log_and_no_shared_memory_file_is_made(
+    tmp_path: Path,
+) -> None:
+    """The demo's commits go to a WAL fsynced per COMMIT, and the WAL index stays in the
+    process (locking_mode=EXCLUSIVE): no -shm file, the part of WAL a replicated or network
+    file system cannot be trusted with. A copy of the database and its WAL, as a secondary
+    holds it after a failover, opens with every committed record."""
+    db = tmp_path / "flightdata.db"
+    store = _app().Store(str(db))
+    ids = [store.add(json.dumps({"seq": i})) for i in range(5)]
+    assert (tmp_path / "flightdata.db-wal").stat().st_size > 0
+    assert not (tmp_path / "flightdata.db-shm").exists()
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for name in ("flightdata.db", "flightdata.db-wal"):
+        (copy / name).write_bytes((tmp_path / name).read_bytes())  # the app still running
+    other = sqlite3.connect(copy / "flightdata.db")
+    try:
+        assert other.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert [r[0] for r in other.execute("SELECT id FROM records ORDER BY id")] == ids
+    finally:
+        other.close()
