@@ -104,9 +104,13 @@ class Conn:
             if not data:
                 self._decoder.finish()
                 return None
-            for part in self._more(data):
-                self.bytes_received += len(part)
-                self._frames.extend(self._decoder.feed(part))
+            parts = self._more(data)
+            # Joined once, then parsed in place: fed record by record (16 KiB), a 1 MiB
+            # frame grew the decoder's buffer 64 times, each growth a copy of all of it
+            # (13 % of the secondary's CPU on 1 MiB writes).
+            joined = parts[0] if len(parts) == 1 else b"".join(parts)
+            self.bytes_received += len(joined)
+            self._frames.extend(self._decoder.feed(joined))
         return self._frames.popleft()
 
     def _more(self, first: bytes | bytearray) -> list[bytes | bytearray]:
