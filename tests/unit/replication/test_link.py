@@ -379,3 +379,28 @@ def test_a_write_waits_for_its_barrier_and_travels_with_it_in_one_send() -> None
             n.cancel_scope.cancel()
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_the_frames_of_one_receive_come_out_together_and_the_end_after_them() -> None:
+    """The secondary's reader hands on what one receive decoded as one item (a write and
+    its fsync arrive in one TLS record), and a stream cut after them ends with None."""
+
+    async def main() -> None:
+        peer, ours = trio.testing.memory_stream_pair()
+        conn = Conn(ours, KEY, "node1")
+        conn.accept_untagged()
+        frames = [
+            J.record_frame(Record(1, Op.WRITE, b"db", offset=0, data=b"x" * 4096), KEY, tag=False),
+            J.record_frame(Record(2, Op.FSYNC, b"db", flags=1), KEY, tag=False),
+            encode_frame(Kind.PING, b"", KEY),
+        ]
+        await peer.send_all(b"".join(frames))
+        batch = await conn.recv_batch()
+        assert batch is not None
+        assert [f.kind for f in batch] == [Kind.RECORD, Kind.RECORD, Kind.PING]
+        assert [J.decode_record(f.payload).seq for f in batch[:2]] == [1, 2]
+        await peer.send_all(frames[0][:10])  # half a frame, then the end
+        await peer.aclose()
+        assert await conn.recv_batch() is None
+
+    trio.run(main)

@@ -94,16 +94,33 @@ class Conn:
             self.bytes_sent += len(data)
 
     async def recv(self) -> Frame | None:
+        if not self._frames and not await self._fill():
+            return None
+        return self._frames.popleft()
+
+    async def recv_batch(self) -> list[Frame] | None:
+        """Every frame received and not yet returned (at least one), or None as ``recv``.
+        The secondary's reader hands these on as one item: a write and its fsync arrive in
+        one TLS record and cross to the applying task together."""
+        if not self._frames and not await self._fill():
+            return None
+        out = list(self._frames)
+        self._frames.clear()
+        return out
+
+    async def _fill(self) -> bool:
+        """Receive until at least one frame is decoded; False at end of stream or on a
+        rejected frame."""
         while not self._frames:
             if self.failed:
-                return None
+                return False
             try:
                 data = await self.stream.receive_some(1 << 20)
             except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError, OSError):
-                return None
+                return False
             if not data:
                 self._decoder.finish()
-                return None
+                return False
             parts = self._more(data)
             # Joined once, then parsed in place: fed record by record (16 KiB), a 1 MiB
             # frame grew the decoder's buffer 64 times, each growth a copy of all of it
@@ -111,7 +128,7 @@ class Conn:
             joined = parts[0] if len(parts) == 1 else b"".join(parts)
             self.bytes_received += len(joined)
             self._frames.extend(self._decoder.feed(joined))
-        return self._frames.popleft()
+        return True
 
     def _more(self, first: bytes | bytearray) -> list[bytes | bytearray]:
         """``first`` and the TLS records already received after it. trio's SSLStream returns

@@ -9,6 +9,7 @@ import contextlib
 import json
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -39,6 +40,9 @@ ACK_EVERY_BYTES = 4 << 20
 # (and the next frames decrypted meanwhile).
 HEAVY_RECORD_BYTES = 256 << 10
 
+
+# What the reader hands the applying task: the frames of one receive, or None at the end.
+Batch = list[Frame] | None
 
 ControlHandler = Callable[[dict[str, Any], bytes], Awaitable[tuple[dict[str, Any], bytes]]]
 
@@ -71,17 +75,18 @@ class SecondarySession:
     _unacked: int = 0
     _unacked_bytes: int = 0
     # Frames received while a control request ran, handled next, in order.
-    _held: list[Frame | None] = field(default_factory=list)
+    _held: deque[Frame | None] = field(default_factory=deque)
 
     async def run(self) -> None:
-        send_ch, recv_ch = trio.open_memory_channel[Frame | None](64)
+        send_ch, recv_ch = trio.open_memory_channel[Batch](64)
 
         async def reader() -> None:
             # A separate task: cancelling a TLS receive half-way is not safe, a channel is.
+            # One item per receive: the frames of one TLS read cross together.
             while True:
-                fr = await self.conn.recv()
-                await send_ch.send(fr)
-                if fr is None:
+                batch = await self.conn.recv_batch()
+                await send_ch.send(batch)
+                if batch is None:
                     return
 
         async with trio.open_nursery() as nursery:
@@ -120,17 +125,16 @@ class SecondarySession:
         self.durable_seq = await self.barrier()
         self._last_ckpt = time.monotonic()
 
-    async def _loop(self, frames: trio.MemoryReceiveChannel[Frame | None]) -> None:
+    async def _loop(self, frames: trio.MemoryReceiveChannel[Batch]) -> None:
         while True:
             timed_out = True
             f: Frame | None = None
-            if self._held:
-                f = self._held.pop(0)
-                timed_out = False
-            else:
+            if not self._held:
                 with trio.move_on_after(self.checkpoint_s):
-                    f = await frames.receive()
-                    timed_out = False
+                    self._held.extend(_frames_of(await frames.receive()))
+            if self._held:
+                f = self._held.popleft()
+                timed_out = False
             if f is None and not timed_out:
                 if self.conn.failed:
                     self._reject(self.conn.failed)
@@ -152,7 +156,7 @@ class SecondarySession:
                 return
 
     async def _answering_keepalives(
-        self, work: Callable[[], Awaitable[T]], frames: trio.MemoryReceiveChannel[Frame | None]
+        self, work: Callable[[], Awaitable[T]], frames: trio.MemoryReceiveChannel[Batch]
     ) -> T:
         """Run ``work`` (a control request, a large record applied in a thread, a checkpoint)
         while answering the primary's keepalives; any other frame waits, in order, until it
@@ -166,17 +170,19 @@ class SecondarySession:
             nonlocal waiting
             while not done:
                 with trio.CancelScope() as waiting:
-                    fr = await frames.receive()
+                    batch = await frames.receive()
                 if waiting.cancelled_caught:
                     return
                 # Only the wait above is ever cancelled: a TLS send cut half-way breaks the
-                # stream for good (the next ack then raised BrokenResourceError).
-                if fr is not None and fr.kind == Kind.PING:
-                    await self._ack(encode_frame(Kind.PONG, b"", self.conn.key))
-                    continue
-                self._held.append(fr)
-                if fr is None:
-                    return
+                # stream for good (the next ack then raised BrokenResourceError). The whole
+                # batch is gone through, whatever `done` says meanwhile: nothing is dropped.
+                for fr in _frames_of(batch):
+                    if fr is not None and fr.kind == Kind.PING:
+                        await self._ack(encode_frame(Kind.PONG, b"", self.conn.key))
+                        continue
+                    self._held.append(fr)
+                    if fr is None:
+                        return
 
         result: list[T] = []
         failed: list[Exception] = []
@@ -193,7 +199,7 @@ class SecondarySession:
             raise failed[0]
         return result[0]
 
-    async def _control(self, c: Any, frames: trio.MemoryReceiveChannel[Frame | None]) -> Any:
+    async def _control(self, c: Any, frames: trio.MemoryReceiveChannel[Batch]) -> Any:
         """Run a control request (a digest or signatures of a large tree may take longer than
         the link's timeout) while answering keepalives."""
 
@@ -205,7 +211,7 @@ class SecondarySession:
 
         return await self._answering_keepalives(work, frames)
 
-    async def _handle(self, f: Frame, frames: trio.MemoryReceiveChannel[Frame | None]) -> bool:
+    async def _handle(self, f: Frame, frames: trio.MemoryReceiveChannel[Batch]) -> bool:
         if f.kind == Kind.RECORD:
             return await self._record(f, frames)
         if f.kind == Kind.PING:
@@ -224,7 +230,7 @@ class SecondarySession:
         self._reject(f"unexpected_{f.kind.name.lower()}")
         return False
 
-    async def _record(self, f: Frame, frames: trio.MemoryReceiveChannel[Frame | None]) -> bool:
+    async def _record(self, f: Frame, frames: trio.MemoryReceiveChannel[Batch]) -> bool:
         try:
             rec = decode_record(f.payload)
         except RecordError as e:
@@ -266,6 +272,11 @@ class SecondarySession:
         ):
             await self._ack()
         return True
+
+
+def _frames_of(batch: Batch) -> list[Frame | None]:
+    """A batch's frames; the end of the stream (None) as a last item."""
+    return [None] if batch is None else list(batch)
 
 
 def _only(e: BaseException, types: tuple[type[BaseException], ...]) -> bool:
