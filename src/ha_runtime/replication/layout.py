@@ -18,7 +18,9 @@ module)``, shared with the mirror manager): not a replication path.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from ha_runtime.config import ModuleConfig, ReplicationSettings
@@ -40,9 +42,15 @@ class Layout:
         base = settings.backing_base(state_dir)
         return cls(module.name, index, module.replicated_dirs[index], base, state_dir)
 
-    @property
+    @cached_property
     def backing(self) -> Path:
         return self.base / self.module / str(self.index)
+
+    @cached_property
+    def backing_bytes(self) -> bytes:
+        """``backing`` as the bytes the primary joins paths to on every barrier (built once:
+        a Path joined and encoded per fsync was a tenth of the barrier's own cost)."""
+        return os.fsencode(self.backing)
 
     @property
     def staging(self) -> Path:

@@ -140,7 +140,7 @@ class PrimarySink:
     def _size_of(self, rec: Record) -> int | None:
         """The backing file's size before a write (lets the dirty log record appends ahead)."""
         try:
-            return os.stat(os.fsencode(self.ctx.layout.backing) + b"/" + rec.path).st_size
+            return os.stat(self.ctx.layout.backing_bytes + b"/" + rec.path).st_size
         except OSError:
             return None
 
@@ -237,7 +237,7 @@ class PrimarySink:
         done.set()
 
     def _fsync_local(self, path: bytes, datasync: bool) -> None:
-        fsync_backing(os.fsencode(self.ctx.layout.backing), path, datasync)
+        fsync_backing(self.ctx.layout.backing_bytes, path, datasync)
 
     async def go_alone(self, reason: str) -> None:
         if self.ctx.status.state == "alone":
