@@ -320,7 +320,7 @@ def test_a_long_queue_is_sent_in_bounded_batches_in_order() -> None:
         with trio.fail_after(5):
             async with trio.open_nursery() as n:
                 n.start_soon(link._sender)
-                link._wake_sender.set()
+                link._urgent.set()
                 while len(got) < 306:
                     got.extend(
                         J.decode_record(f.payload) for f in dec.feed(await peer.receive_some())
@@ -376,6 +376,16 @@ def test_a_write_waits_for_its_barrier_and_travels_with_it_in_one_send() -> None
             link.ping()  # a keepalive is waited for: at once
             await trio.sleep(COALESCE_S / 10)
             assert len(sends) == 3 and sends[2][0] - t2 < COALESCE_S / 10, sends
+
+            # A barrier sends from its own task (flushed): the write and its FSYNC leave in
+            # that one send, and the sender has nothing left to wake for.
+            link.submit(Record(0, Op.WRITE, b"db", offset=4096, data=b"z" * 4096))
+            await trio.sleep(COALESCE_S / 5)
+            link.submit(Record(0, Op.FSYNC, b"db", flags=1), flushed=True)
+            await link.flush()
+            assert len(sends) == 4, sends
+            await trio.sleep(COALESCE_S * 4)
+            assert len(sends) == 4, sends
             n.cancel_scope.cancel()
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))

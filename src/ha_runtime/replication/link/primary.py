@@ -74,10 +74,13 @@ class PrimaryLink:
     _out_bytes: int = 0
     _inflight: deque[tuple[int, int]] = field(default_factory=deque)  # (seq, size)
     _inflight_bytes: int = 0
-    _wake_sender: trio.Event = field(default_factory=trio.Event)
-    # Set when something queued is waited for (a barrier, a request, a keepalive, a full
-    # batch): the sender ships at once instead of waiting COALESCE_S for company.
+    # Set when something queued is waited for (a request, a keepalive, a full batch, a
+    # barrier nobody flushes): the sender ships at once.
     _urgent: trio.Event = field(default_factory=trio.Event)
+    # The sender's wait while nothing is urgent. A record nothing waits for sets its deadline
+    # (COALESCE_S from now) instead of waking it; a barrier's flush that took everything
+    # clears it again. A write then its fsync: the sender never runs at all.
+    _idle: trio.CancelScope | None = None
     _ack_changed: trio.Event = field(default_factory=trio.Event)
     _lost: trio.Event = field(default_factory=trio.Event)
     _replies: dict[int, tuple[dict[str, Any], bytes]] = field(default_factory=dict)
@@ -89,8 +92,10 @@ class PrimaryLink:
     # Send version 3 frames (no tag): set once the secondary said it reads them (HELLO).
     untagged: bool = False
 
-    def submit(self, rec: Record) -> int:
-        """Queue a record (assigning its sequence number). Never blocks, never reorders."""
+    def submit(self, rec: Record, *, flushed: bool = False) -> int:
+        """Queue a record (assigning its sequence number). Never blocks, never reorders.
+        ``flushed``: the caller sends the queue itself at once (``flush``), as a barrier does:
+        the sender need not wake for it."""
         if self.lost_reason:
             raise LinkLost(self.lost_reason)
         self.seq += 1
@@ -117,7 +122,8 @@ class PrimaryLink:
         self._inflight.append((self.seq, len(frame)))
         self._inflight_bytes += len(frame)
         self.window.append(_meta(r))
-        self._wake(urgent=rec.op == Op.FSYNC or self._out_bytes >= SEND_BATCH_BYTES)
+        if not flushed:
+            self._wake(urgent=rec.op == Op.FSYNC or self._out_bytes >= SEND_BATCH_BYTES)
         return self.seq
 
     def submit_control(self, obj: dict[str, Any], body: bytes = b"") -> int:
@@ -130,9 +136,10 @@ class PrimaryLink:
         return self._req
 
     def _wake(self, *, urgent: bool) -> None:
-        self._wake_sender.set()
         if urgent:
             self._urgent.set()
+        elif self._idle is not None and self._idle.deadline == math.inf:
+            self._idle.deadline = trio.current_time() + COALESCE_S
 
     async def request(self, obj: dict[str, Any], body: bytes = b"") -> tuple[dict[str, Any], bytes]:
         """Send a CONTROL request in stream order and wait for its reply (no timeout beyond
@@ -217,11 +224,11 @@ class PrimaryLink:
 
     async def _sender(self) -> None:
         while True:
-            await self._wake_sender.wait()
-            self._wake_sender = trio.Event()
-            if not self._urgent.is_set():
-                with trio.move_on_after(COALESCE_S):
-                    await self._urgent.wait()
+            with trio.CancelScope() as self._idle:
+                if self._out:  # queued while the last batch was sent: company is waited for
+                    self._idle.deadline = trio.current_time() + COALESCE_S
+                await self._urgent.wait()
+            self._idle = None
             self._urgent = trio.Event()
             while self._out and await self._send_out():
                 pass
@@ -250,6 +257,10 @@ class PrimaryLink:
         """Send what is queued now, from the calling task (a barrier about to block)."""
         if self._out and not self.lost_reason:
             await self._send_out()
+        if self._out:
+            self._urgent.set()  # more than one batch: the sender goes on with it at once
+        elif self._idle is not None:
+            self._idle.deadline = math.inf  # nothing left for the sender to wake for
 
     async def _receiver(self) -> None:
         while True:
