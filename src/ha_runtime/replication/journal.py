@@ -409,11 +409,15 @@ class FrameDecoder:
                     payload, shared = mv[body : body + length], True
                 else:
                     payload = bytes(mv[body : body + length])
-                tag = mv[body + length : pos + total]
+                # (No view kept in a local: it would outlive ``mv`` and pin ``self._buf``.)
                 if (
                     tagged
-                    and not hmac.compare_digest(_tag(self.key, mv[pos:body], payload), tag)
-                    and not self._accepted_tag(mv[pos:body], payload, tag)
+                    and not hmac.compare_digest(
+                        _tag(self.key, mv[pos:body], payload), mv[body + length : pos + total]
+                    )
+                    and not self._accepted_tag(
+                        mv[pos:body], payload, mv[body + length : pos + total]
+                    )
                 ):
                     self._fail("bad_tag")
                     break
