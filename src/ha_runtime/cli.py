@@ -11,7 +11,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ha_runtime import api
 from ha_runtime.advice import format_advice
@@ -25,6 +25,9 @@ from ha_runtime.config import (
 )
 from ha_runtime.journal_log import stderr_handler
 from ha_runtime.version import runtime_version
+
+if TYPE_CHECKING:
+    from ha_runtime.security import SiteKeys
 
 EXIT_OK, EXIT_REFUSED, EXIT_UNREACHABLE = 0, 1, 2
 
@@ -133,8 +136,8 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         for line in loaded:
             log.error("%s", line)
         return EXIT_REFUSED
-    site, key, pair_keys = loaded
-    daemon = NodeDaemon(site, key, pair_keys=pair_keys)
+    site, keys, pair_keys = loaded
+    daemon = NodeDaemon(site, keys.current, pair_keys=pair_keys, accepted_keys=keys.accepted)
     trio.run(daemon.run)
     return EXIT_OK
 
@@ -146,10 +149,10 @@ def cmd_release(args: argparse.Namespace) -> int:
     return release(args.config)
 
 
-def _load_for_daemon(path: Path) -> tuple[Any, bytes, dict[str, bytes]] | list[str]:
-    """The site, its key and the heartbeat pair keys, or why the daemon must not start."""
+def _load_for_daemon(path: Path) -> tuple[Any, SiteKeys, dict[str, bytes]] | list[str]:
+    """The site, its keys and the heartbeat pair keys, or why the daemon must not start."""
     from ha_runtime.heartbeat.keys import read_pair_keys  # noqa: PLC0415
-    from ha_runtime.security import InsecureFile, check_secrets, read_site_key  # noqa: PLC0415
+    from ha_runtime.security import InsecureFile, check_secrets, read_site_keys  # noqa: PLC0415
 
     try:
         site = load_site(path)
@@ -157,12 +160,12 @@ def _load_for_daemon(path: Path) -> tuple[Any, bytes, dict[str, bytes]] | list[s
         return [*exc.errors, f"hapair: {len(exc.errors)} configuration error(s), not starting"]
     try:
         check_secrets(site.cluster)
-        key = read_site_key(site.cluster.site_key)
+        keys = read_site_keys(site.cluster.site_key)
         peers = [n.name for n in site.cluster.nodes if n.name != site.cluster.node]
         pair_keys = read_pair_keys(site.cluster.site_key, peers)
     except InsecureFile as exc:
         return [f"hapair: {exc}"]
-    return site, key, pair_keys
+    return site, keys, pair_keys
 
 
 def _setup_logging() -> None:

@@ -26,6 +26,7 @@ from ha_runtime.metrics import Metrics
 from ha_runtime.mirror.module import MirrorModule
 from ha_runtime.mirror.vip_ops import VipOps
 from ha_runtime.module import CommandRefused, ModuleBase
+from ha_runtime.security import SiteKeys
 from ha_runtime.version import runtime_version
 
 log = logging.getLogger(__name__)
@@ -47,9 +48,12 @@ class NodeDaemon:
         vip_ops: VipOps | None = None,
         metrics: bool = True,
         pair_keys: dict[str, bytes] | None = None,  # heartbeat key per peer (heartbeat.keys)
+        accepted_keys: tuple[bytes, ...] = (),  # other site keys, during a rotation (security)
     ) -> None:
         c = site.cluster
         self.cluster = c
+        # Fingerprints only: the rotation playbook reads them to know what each daemon loaded.
+        self._site_key_ids = SiteKeys(key, accepted_keys).ids()
         # Only modules this node is part of.
         configs: list[ModuleConfig] = []
         for m in site.modules:
@@ -81,6 +85,7 @@ class NodeDaemon:
             on_drop=self._on_heartbeat_drop,
             state_dir=c.state_dir,
             pair_keys=pair_keys,
+            accepted_keys=accepted_keys,
         )
         self.modules: dict[str, ModuleBase] = {m.name: self._module(c, m, vip_ops) for m in configs}
         self.ready = trio.Event()  # API and heartbeats up
@@ -205,6 +210,8 @@ class NodeDaemon:
             "networks": list(self.cluster.networks),  # heartbeat networks (advice: which down)
             "modules": entries,
             "heartbeat_drops": dict(self.heartbeat.drops),
+            "heartbeat_accepted_key": self.heartbeat.accepted_key_packets,
+            "site_keys": self._site_key_ids,
         }
 
     def module(self, name: Any) -> ModuleBase:

@@ -168,6 +168,11 @@ def node_families(daemon: NodeView) -> Iterator[Metric]:
     yield from heartbeat_families(
         c.networks, alive, daemon.heartbeat.received, daemon.heartbeat.send_errors
     )
+    yield CounterMetricFamily(
+        "hapair_heartbeat_accepted_key",
+        "Heartbeats taken with the other site key of a rotation (site.key.next or .previous)",
+        value=float(daemon.heartbeat.accepted_key_packets),
+    )
     checkers: dict[tuple[str, str], tuple[bool | None, int]] = {}
     for name, m in daemon.modules.items():
         for cname, st in m.checks.items():

@@ -158,6 +158,8 @@ class ReplicationSettings:
     max_inflight_bytes: int = 64 << 20
     # Default: read cluster.site_key. Never in a repr (logs, tracebacks).
     site_key: bytes | None = field(default=None, repr=False)
+    # With site_key (tests): the other keys of a site key rotation, accepted too.
+    accepted_site_keys: tuple[bytes, ...] = field(default=(), repr=False)
 
     @property
     def timeout_s(self) -> float:

@@ -10,10 +10,14 @@ This node's incarnation and what it accepted last from each peer stream are kept
 state_dir (heartbeat.persisted), so neither a restart nor a clock set back reopens old packets.
 Packets to and from a peer are signed with the key of the pair when the deploy gave one
 (heartbeat.keys), so a third node cannot sign in another's name.
+During a site key rotation, packets with the site key are made with the current one and
+also taken when made with an accepted one (security.SiteKeys): the peer may not have
+switched yet, or already has. Those are counted (`accepted_key_packets`).
 """
 
 from __future__ import annotations
 
+import enum
 import logging
 import time
 from collections import Counter
@@ -37,6 +41,14 @@ log = logging.getLogger(__name__)
 RECV_BUFFER = 2048  # larger than MAX_PACKET so oversized datagrams are seen as such
 
 
+class Via(enum.Enum):
+    """The key a packet proved authentic with."""
+
+    PAIR = "pair"
+    SITE = "site"  # the current site key
+    ACCEPTED = "accepted"  # another site key, accepted during a rotation
+
+
 class HeartbeatService:
     def __init__(
         self,
@@ -53,9 +65,13 @@ class HeartbeatService:
         clock: Callable[[], float] = time.monotonic,
         wall_clock_ns: Callable[[], int] = time.time_ns,
         pair_keys: dict[str, bytes] | None = None,  # peer -> key of the pair (heartbeat.keys)
+        accepted_keys: tuple[bytes, ...] = (),  # other site keys, during a rotation
     ) -> None:
         self.node = node
         self._key = key  # the site key: peers without a pair key, and the rollout
+        self._accepted_keys = accepted_keys
+        # Heartbeats taken with an accepted key: a rotation is under way (or was left half done).
+        self.accepted_key_packets = 0
         self._pair_keys = dict(pair_keys or {})
         self._port = port
         self._bind = bind
@@ -128,24 +144,37 @@ class HeartbeatService:
                 log.exception("heartbeat: unexpected error handling a datagram on %s", network)
                 self._drop(Drop.ERROR)
 
-    def _authenticate(self, data: bytes) -> tuple[Heartbeat | Drop, bool]:
-        """Decode with the claimed sender's pair key, else the site key; (result, pair-keyed)."""
+    def _authenticate(self, data: bytes) -> tuple[Heartbeat | Drop, Via]:
+        """Decode with the claimed sender's pair key, else the site keys; (result, key used)."""
         sender = peek_sender(data)
         pair = self._pair_keys.get(sender) if sender is not None else None
         if pair is not None:
             result = decode(data, pair)
             if result is not Drop.FORGED:  # authentic, or refused whatever the key
-                return result, isinstance(result, Heartbeat)
-        result = decode(data, self._key)
+                return result, Via.PAIR
+        result, via = self._decode_site(data)
         if pair is not None and sender in self._pair_keyed and isinstance(result, Heartbeat):
             if self._guard.newer(result):  # not the copy of a pair-keyed packet we took:
                 self._reads_pair.discard(result.node)  # it may read only the site key now
             if self._site_key_forgeable:  # a third node holds the site key: not proof
-                return Drop.SITE_KEY, False
-        return result, False
+                return Drop.SITE_KEY, via
+        return result, via
+
+    def _decode_site(self, data: bytes) -> tuple[Heartbeat | Drop, Via]:
+        """The current site key, then (only for a packet it refuses, so the usual case costs
+        one MAC) each key a rotation accepts; a packet no key proves stays FORGED."""
+        result = decode(data, self._key)
+        if result is not Drop.FORGED:
+            return result, Via.SITE
+        for key in self._accepted_keys:
+            result = decode(data, key)
+            if result is not Drop.FORGED:
+                return result, Via.ACCEPTED
+        return Drop.FORGED, Via.SITE
 
     def handle_datagram(self, network: str, data: bytes) -> Heartbeat | Drop:
-        result, pair_keyed = self._authenticate(data)
+        result, via = self._authenticate(data)
+        pair_keyed = via is Via.PAIR
         if isinstance(result, Drop):
             return self._drop(result)
         hb = result
@@ -165,6 +194,8 @@ class HeartbeatService:
             self._reads_pair.add(hb.node)
         if not self._guard.accept(hb):
             return self._drop(Drop.REPLAYED)
+        if via is Via.ACCEPTED:  # counted when taken, not its replays
+            self.accepted_key_packets += 1
         if self._guard.urgent:  # a peer restarted: remember its new incarnation now
             self._save_now.set()
         self.received[network] += 1

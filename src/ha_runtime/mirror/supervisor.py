@@ -330,6 +330,8 @@ class ReplicationSupervisor:
                     "resync": st.get("resync"),
                     "synced_generation": st.get("synced_generation"),
                     "rejected": st.get("rejected", {}),
+                    # Frames taken with the other site key of a rotation (security.SiteKeys).
+                    "accepted_key_frames": st.get("accepted_key_frames", 0),
                     "last_error": st.get("last_error"),
                     "pid": c.proc.pid if c is not None and c.proc is not None else None,
                 }

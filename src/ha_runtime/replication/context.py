@@ -13,7 +13,9 @@ from ha_runtime.config import ClusterConfig, ModuleConfig, ReplicationSettings
 from ha_runtime.generation import GenerationStore, atomic_write
 from ha_runtime.replication.journal import derive_key
 from ha_runtime.replication.layout import Layout
+from ha_runtime.replication.link.framing import AcceptedKeys
 from ha_runtime.replication.link.tls import TlsFiles
+from ha_runtime.security import read_accepted_keys
 
 log = logging.getLogger("hapair.replication")
 
@@ -41,6 +43,9 @@ class ReplicationStatus:
     # the primary's generation only while this equals it).
     synced_generation: str | None = None
     rejected: dict[str, int] = field(default_factory=dict)
+    # Frames whose tag the other key of a site key rotation made (the peer switched at
+    # another moment): expected during a rotation only.
+    accepted_key_frames: int = 0
     last_error: str | None = None
     # Sessions ended by an unexpected error (each a link failure, reconnected with backoff).
     session_errors: int = 0
@@ -76,12 +81,21 @@ class ReplicaContext:
         self.layout = Layout.of(module, dir_index, cluster.state_dir, settings)
         self.generations = GenerationStore(cluster.state_dir, module.name)
         self.peer = module.peer_of(cluster.node)
-        key = settings.site_key
+        key, accepted = settings.site_key, settings.accepted_site_keys
         if key is None:
             key = cluster.site_key.read_bytes().rstrip(b"\n")
+            # Read at each start of the child, so a role change picks up a rotation's files.
+            accepted = read_accepted_keys(cluster.site_key, key)
         self.key = derive_key(key)
+        # The frames the peer tags with the other key of a site key rotation are taken too.
+        self.accepted = AcceptedKeys(
+            tuple(derive_key(k) for k in accepted), self.count_accepted_key_frame
+        )
         self.tls = TlsFiles(cluster.tls.ca, cluster.tls.cert, cluster.tls.key)
         self.status = ReplicationStatus()
+
+    def count_accepted_key_frame(self) -> None:
+        self.status.accepted_key_frames += 1
 
     def emit(self, kind: str, /, **detail: Any) -> None:
         log.info("replication %s: %s %s", self.module.name, kind, detail)

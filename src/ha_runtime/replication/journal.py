@@ -7,13 +7,16 @@ Frame layout (network byte order)::
 
 ``tag`` is HMAC-SHA256 of header + payload truncated to 128 bits (version 2; version 1
 frames, read still, carry a keyed BLAKE2b-128), key derived from the site key; an empty key
-makes it a plain checksum for local files. Version 3 is the same frame without the tag
-(``magic | 3 | kind | length | payload``): only for the primary's frames inside the
-mutually authenticated TLS 1.3 link, whose AEAD already authenticates every byte, and only
-once the secondary said it reads them; a decoder refuses it (``bad_version``) unless told
-to accept it, so a file on disk (dirty log) always keeps its tag. Decoding is strict: a bad
-magic, version, kind, length, tag or payload rejects the frame with a counted reason;
-nothing is ever applied from a frame that did not verify, and the decoder never raises.
+makes it a plain checksum for local files (so the dirty and activity logs do not depend on
+the site key, and survive its rotation). During a rotation a decoder also verifies tags
+made with the keys it is told to accept (``FrameDecoder.accepted``). Version 3 is the same
+frame without the tag (``magic | 3 | kind | length | payload``): only for the primary's
+frames inside the mutually authenticated TLS 1.3 link, whose AEAD already authenticates
+every byte, and only once the secondary said it reads them; a decoder refuses it
+(``bad_version``) unless told to accept it, so a file on disk (dirty log) always keeps its
+tag. Decoding is strict: a bad magic, version, kind, length, tag or payload rejects the
+frame with a counted reason; nothing is ever applied from a frame that did not verify, and
+the decoder never raises.
 
 Long because: one codec; the record and frame formats and their strict decoders belong together.
 """
@@ -26,6 +29,7 @@ import hmac
 import json
 import struct
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -345,11 +349,18 @@ class FrameDecoder:
 
     Version 3 frames (no tag) are refused as ``bad_version`` until ``untagged`` is set: only
     a TLS link whose peer announced them sets it, never a reader of a file.
+
+    ``accepted``: other keys a tag may be made with (a site key rotation: the peer may
+    still, or already, use the other key); tried only for a tag ``key`` refuses, so the
+    usual frame costs one MAC. Each frame taken so is counted and ``on_accepted`` called.
     """
 
     key: bytes = b""
     max_payload: int = MAX_PAYLOAD
     untagged: bool = False
+    accepted: tuple[bytes, ...] = ()
+    on_accepted: Callable[[], None] | None = None
+    accepted_frames: int = 0
     rejected: Counter[str] = field(default_factory=Counter)
     failed: str | None = None
     _buf: bytearray = field(default_factory=bytearray)
@@ -398,8 +409,15 @@ class FrameDecoder:
                     payload, shared = mv[body : body + length], True
                 else:
                     payload = bytes(mv[body : body + length])
-                if tagged and not hmac.compare_digest(
-                    _tag(self.key, mv[pos:body], payload), mv[body + length : pos + total]
+                # (No view kept in a local: it would outlive ``mv`` and pin ``self._buf``.)
+                if (
+                    tagged
+                    and not hmac.compare_digest(
+                        _tag(self.key, mv[pos:body], payload), mv[body + length : pos + total]
+                    )
+                    and not self._accepted_tag(
+                        mv[pos:body], payload, mv[body + length : pos + total]
+                    )
                 ):
                     self._fail("bad_tag")
                     break
@@ -418,6 +436,18 @@ class FrameDecoder:
         elif buf is self._buf:
             del self._buf[:pos]
         return out
+
+    def _accepted_tag(
+        self, header: memoryview, payload: bytes | memoryview, tag: memoryview
+    ) -> bool:
+        """Whether one of the ``accepted`` keys made ``tag`` (counted when one did)."""
+        for key in self.accepted:
+            if hmac.compare_digest(_tag(key, header, payload), tag):
+                self.accepted_frames += 1
+                if self.on_accepted is not None:
+                    self.on_accepted()
+                return True
+        return False
 
     def finish(self) -> None:
         """End of stream: leftover bytes are a truncated frame."""

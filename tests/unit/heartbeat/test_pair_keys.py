@@ -288,7 +288,8 @@ def test_daemon_start_reads_the_pair_keys_and_refuses_an_exposed_one(tmp_path: P
     (key_dir / "node2.key").chmod(0o600)
     loaded = _load_for_daemon(cluster)
     assert not isinstance(loaded, list), loaded
-    assert loaded[1] == SITE and loaded[2] == {"node2": K12}  # node3: the site key
+    assert loaded[1].current == SITE and loaded[1].accepted == ()  # no rotation under way
+    assert loaded[2] == {"node2": K12}  # node3: the site key
     (key_dir / "node2.key").chmod(0o640)
     refused = _load_for_daemon(cluster)
     assert isinstance(refused, list) and len(refused) == 1

@@ -2,7 +2,9 @@
 link's errors. The frame and record formats are ``journal``'s.
 
 Frames are MAC'd with a key derived from the site key (``journal``), so a stream of garbage
-is dropped at its first frame, nothing applied. The primary's frames drop that tag
+is dropped at its first frame, nothing applied. During a site key rotation the tags of the
+other key are taken too (``AcceptedKeys``): a node that switched keys and one that has not
+yet still hear each other. The primary's frames drop that tag
 (``untagged``, frame version 3) once the secondary's answer to the HELLO says it reads them
 (``Conn.accept_untagged``): inside TLS 1.3 the tag only repeated the AEAD's check, at about
 a fifth of the replicas' CPU on 1 MiB writes. Garbage is still dropped at its first frame
@@ -17,6 +19,8 @@ import logging
 import ssl
 import struct
 from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import trio
@@ -60,6 +64,15 @@ def decode_control(f: Frame) -> tuple[dict[str, Any], bytes] | None:
     return obj, bytes(p[_CTL.size + n :])
 
 
+@dataclass(frozen=True)
+class AcceptedKeys:
+    """During a site key rotation: the other derived keys a frame's tag may be made with,
+    and what to call for each frame taken with one (a status counter)."""
+
+    keys: tuple[bytes, ...] = field(default=(), repr=False)
+    on_accepted: Callable[[], None] | None = None
+
+
 # The connection broke (the peer went away mid-send, reset).
 LINK_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError)
 
@@ -68,11 +81,18 @@ class Conn:
     """Frames over one authenticated stream. ``recv`` returns None at end of stream or on a
     rejected frame (the reason is in ``failed``); it never raises for bad input."""
 
-    def __init__(self, stream: trio.abc.Stream, key: bytes, peer: str) -> None:
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        key: bytes,
+        peer: str,
+        accepted: AcceptedKeys | None = None,
+    ) -> None:
         self.stream = stream
-        self.key = key
+        self.key = key  # frames are sent with the current key only
         self.peer = peer
-        self._decoder = FrameDecoder(key)
+        acc = accepted or AcceptedKeys()
+        self._decoder = FrameDecoder(key, accepted=acc.keys, on_accepted=acc.on_accepted)
         self._frames: deque[Frame] = deque()
         self._send_lock = trio.Lock()
         self.bytes_sent = 0

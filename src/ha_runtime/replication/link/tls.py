@@ -21,7 +21,13 @@ from typing import Any
 
 import trio
 
-from ha_runtime.replication.link.framing import LINK_ERRORS, Conn, LinkLost, PeerRefused
+from ha_runtime.replication.link.framing import (
+    LINK_ERRORS,
+    AcceptedKeys,
+    Conn,
+    LinkLost,
+    PeerRefused,
+)
 
 log = logging.getLogger("hapair.replication")
 
@@ -106,6 +112,7 @@ async def connect(
     key: bytes,
     timeout: float,
     on_refused: Callable[[str], None] | None = None,
+    accepted: AcceptedKeys | None = None,  # other keys of a site key rotation
 ) -> Conn:
     """Connect to the first address (in preference order) that completes a TLS handshake."""
     errors: list[str] = []
@@ -127,7 +134,7 @@ async def connect(
                 errors.append(msg)
                 await tcp.aclose()
                 continue
-            return Conn(s, key, peer)
+            return Conn(s, key, peer, accepted)
         errors.append(f"{host}:{port}: timeout")
     raise LinkLost("; ".join(errors) or "no address")
 
@@ -149,6 +156,7 @@ class _Listener:
     on_rejected: Callable[[str], None] | None
     handshake_timeout: float
     max_handshakes: int
+    accepted: AcceptedKeys | None = None
     current: list[trio.CancelScope] = field(default_factory=list)
     session: trio.Lock = field(default_factory=trio.Lock)  # held by the one session running
 
@@ -202,7 +210,7 @@ class _Listener:
         finally:
             self.handshakes.release()
         if s is not None:
-            await self.run(Conn(s, self.key, self.peer))
+            await self.run(Conn(s, self.key, self.peer, self.accepted))
 
     async def run(self, conn: Conn) -> None:
         for cs in self.current:
@@ -243,6 +251,7 @@ async def serve(
     task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
     handshake_timeout: float = 5.0,
     max_handshakes: int = MAX_HANDSHAKES,
+    accepted: AcceptedKeys | None = None,  # other keys of a site key rotation
 ) -> None:
     """Listen on every address; authenticate the peer; run ``handler`` for one connection at
     a time: a new authenticated connection cancels the previous session and starts once it
@@ -254,8 +263,9 @@ async def serve(
     for a in addresses:
         listeners += await trio.open_tcp_listeners(port, host=a)
     lst = _Listener(
-        peer, ctx, key, handler, on_refused, on_rejected, handshake_timeout, max_handshakes
-    )
+        peer, ctx, key, handler, on_refused, on_rejected, handshake_timeout, max_handshakes,
+        accepted,
+    )  # fmt: skip
     async with trio.open_nursery() as nursery:
         task_status.started(listeners)
         await trio.serve_listeners(lst.one, listeners, handler_nursery=nursery)

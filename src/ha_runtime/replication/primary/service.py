@@ -129,6 +129,7 @@ class Primary(PrimarySink):
                 conn = await connect(
                     addresses=self._addresses(), peer=self.ctx.peer, ctx=ctx, key=self.ctx.key,
                     timeout=self.ctx.settings.timeout_s, on_refused=on_refused,
+                    accepted=self.ctx.accepted,
                 )  # fmt: skip
             except LinkLost as e:
                 self.ctx.status.last_error = str(e)

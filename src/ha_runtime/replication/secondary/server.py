@@ -77,7 +77,7 @@ class Secondary:
                         addresses=addrs, port=self.ctx.settings.port, peer=self.ctx.peer, ctx=ctx,
                         key=self.ctx.key, handler=handler, task_status=task_status,
                         on_refused=lambda m: self.ctx.emit("link_refused", reason=m),
-                        on_rejected=self.ctx.rejected,
+                        on_rejected=self.ctx.rejected, accepted=self.ctx.accepted,
                     )
                 )  # fmt: skip
                 task_status.started()

@@ -35,7 +35,8 @@ class HactlError(Exception):
 
 
 def parse_status(text):
-    """Turn ``hactl status --json`` output into ``{"node": str|None, "modules": {name: dict}}``.
+    """Turn ``hactl status --json`` output into ``{"node": str|None, "modules": {name: dict}}``
+    (with the daemon's ``version`` and ``site_keys``, None when it does not give them).
 
     Accepts a list of module objects, or an object with a ``modules`` member that is a
     list of module objects or a mapping ``name -> object``. A module object names its
@@ -68,7 +69,9 @@ def parse_status(text):
             node = item["node"]
         modules[str(item["name"])] = entry
     version = data.get("version") if isinstance(data, dict) else None
-    return {"node": node, "modules": modules, "version": version}
+    # Fingerprints of the site keys the daemon runs with (playbooks/rotate_secrets.yml).
+    site_keys = data.get("site_keys") if isinstance(data, dict) else None
+    return {"node": node, "modules": modules, "version": version, "site_keys": site_keys}
 
 
 def needs_action(action, state, entry=None):

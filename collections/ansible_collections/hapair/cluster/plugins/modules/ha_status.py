@@ -84,6 +84,17 @@ version:
   returned: when running
   type: str
   sample: 1.0.0
+site_keys:
+  description:
+    - Fingerprints (first 16 hex digits of the SHA-256 of the key, never the key) of the site
+      key the daemon runs with (C(current)) and of the other keys it accepts during a site key
+      rotation (C(accepted)), as read when it started. Absent with a runtime older than
+      site key rotation.
+  returned: when running
+  type: dict
+  sample:
+    current: 3f2a9c0d41b7e6a8
+    accepted: []
 modules:
   description:
     - Every module (or the one asked for) by name, with every field C(hactl status --json)
@@ -107,7 +118,7 @@ ansible_facts:
   type: dict
   contains:
     hapair_status:
-      description: Same content as RV(running), RV(node), RV(version) and RV(modules).
+      description: Same content as RV(running), RV(node), RV(version), RV(site_keys) and RV(modules).
       returned: always
       type: dict
 """
@@ -139,7 +150,9 @@ def main():
         if name not in modules:
             module.fail_json(msg="no module %r on this node (known: %s)" % (name, ", ".join(sorted(modules)) or "none"))
         modules = {name: modules[name]}
-    result = dict(running=True, node=status["node"], version=status.get("version"), modules=modules)
+    result = dict(
+        running=True, node=status["node"], version=status.get("version"), site_keys=status.get("site_keys"), modules=modules
+    )
     module.exit_json(changed=False, ansible_facts=dict(hapair_status=result), **result)
 
 
