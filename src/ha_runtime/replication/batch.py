@@ -4,9 +4,8 @@ secondary applies them in order in one go (``secondary.applier``).
 An incremental resync of 5 % of a tree of 10,000 files is about 1,300 records of a few
 bytes to 100 KiB each (a file's ranges, its metadata, creations, removals). One by one,
 each cost the secondary a trip through its event loop (receive, decode, apply, an ack
-every few) and the primary a wait for room: the secondary's per-record cost, not the
-bytes, set the pace. A batch of about ``BATCH_BYTES`` is one record: the secondary applies
-it in a worker thread in a tight loop while its event loop decrypts the next one.
+every few) and the primary a wait for room. A batch of about ``BATCH_BYTES`` is one
+record, whose entries the secondary applies in a tight loop.
 
 Layout of the BATCH record's data: entries ``length u32 | encoded record`` (seq 0), in the
 order they are applied. Only the operations a resync sends may be in one (``BATCHABLE``):
@@ -23,8 +22,10 @@ from collections.abc import Iterator
 
 from ha_runtime.replication.journal import Op, Record, RecordError, decode_record
 
-# Target size of one batch: large enough that the secondary's per-batch cost (a thread hop,
-# an ack) is small beside the work, small enough to keep both ends busy at once.
+# Batches are closed past this size. Most stay under the secondary's threshold for a worker
+# thread (256 KiB), so it applies them in its loop in a ms or two: loopback, 1.09 GiB / 5 %
+# case, 128 KiB batches took 0.32-0.44 s, 512 KiB ones (a thread hop each) 0.33-0.59 s, and
+# single records 0.33-0.56 s, all on the same busy 2-vCPU machine.
 BATCH_BYTES = 128 << 10
 # At most this many entries in one batch (a batch of metadata only stays short too).
 BATCH_ENTRIES = 512

@@ -8,7 +8,9 @@ import struct
 from pathlib import Path
 
 import pytest
+import trio
 
+from ha_runtime.config import ReplicationSettings
 from ha_runtime.replication import batch
 from ha_runtime.replication.journal import (
     SET_MODE,
@@ -19,6 +21,8 @@ from ha_runtime.replication.journal import (
     record_frame,
 )
 from ha_runtime.replication.secondary.applier import Applier, RecordRefused
+from ha_runtime.replication.service import ReplicationService
+from tests.sitefactory import replication_cluster, replication_module
 
 R = Record
 
@@ -126,3 +130,20 @@ def test_a_failing_entry_says_which_one(tmp_path: Path) -> None:
         a.apply(rec)
     a.close()
     assert (tmp_path / "peer/a").exists()
+
+
+def test_the_secondary_offers_batches_in_its_hello_answer(tmp_path: Path) -> None:
+    """The primary packs a resync's records only for a secondary that says it applies them
+    (an older one refuses an unknown op and the resync would start over forever)."""
+    cluster = replication_cluster(tmp_path, "node2", state_dir=tmp_path / "state")
+    module = replication_module(tmp_path, cluster)
+    settings = ReplicationSettings(backing_root=tmp_path / "replica", site_key=b"k" * 48)
+    svc = ReplicationService(module, cluster, settings, on_event=lambda e: None)
+    svc.backing.mkdir(parents=True)
+    a = Applier(svc.backing)
+    try:
+        hello = {"op": "hello", "module": module.name, "node": "node1", "untagged": True}
+        reply, _ = trio.run(svc.secondary.control, a, hello)
+    finally:
+        a.close()
+    assert reply["batch"] is True
