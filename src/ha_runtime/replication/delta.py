@@ -34,14 +34,23 @@ import math
 import mmap
 import os
 import struct
+import sys
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-import numpy.typing as npt
+# One BLAS thread: the replicator's numpy work already runs in worker threads of its own,
+# beside the other replica on a node of 2 vCPUs, and OpenBLAS's threads made each of the
+# small products of ``_block_weak`` 3-5x slower there. Only effective before numpy loads.
+if "numpy" not in sys.modules:
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+_BLAS_SERIAL = os.environ.get("OPENBLAS_NUM_THREADS") == "1"
 
-from ha_runtime.replication.beneath import open_file
+import numpy as np  # noqa: E402
+import numpy.typing as npt  # noqa: E402
+
+from ha_runtime.replication.beneath import open_file  # noqa: E402
 
 STRONG_LEN = 16
 MIN_BLOCK = 2048
@@ -110,7 +119,10 @@ def _rolling_weak(x: U8, block: int, base: int = 0) -> U64:
 
 def _block_weak(x: U8, block: int) -> U64:
     """Weak checksum of each aligned full block of ``x`` (same values as ``_rolling_weak`` at
-    offsets 0, B, 2B, ...), through a float64 matrix product: exact, since b < 2**53."""
+    offsets 0, B, 2B, ...): exact float products, in float32 over 256-byte rows when BLAS
+    runs one thread (half the memory traffic: about 2x faster), else float64."""
+    if _BLAS_SERIAL and block % _ROW == 0:
+        return _block_weak_rows(x, block)
     nb = x.shape[0] // block
     out = np.empty(nb, dtype=np.uint64)
     w = (block - np.arange(block)).astype(np.float64)
@@ -121,6 +133,34 @@ def _block_weak(x: U8, block: int) -> U64:
         a = cf.sum(axis=1).astype(np.uint64)
         b = (cf @ w).astype(np.uint64) & np.uint64(0xFFFFFFFF)
         out[s : s + rows] = (b << np.uint64(32)) | a
+    return out
+
+
+_ROW = 256
+
+
+def _block_weak_rows(x: U8, block: int) -> U64:
+    """``_block_weak`` from rows of 256 bytes: per row, the plain sum and the sum weighted by
+    255 - i, exact in float32 (at most 255 * 256 * 255 / 2 < 2**24); per block, with R rows,
+    a = sum a_r and b = sum ((B - 256 (r + 1) + 1) a_r + c_r), exact in float64 (< 2**53)."""
+    nb = x.shape[0] // block
+    out = np.empty(nb, dtype=np.uint64)
+    r = block // _ROW
+    i = np.arange(_ROW, dtype=np.float32)
+    w = np.ascontiguousarray(np.stack([np.ones(_ROW, dtype=np.float32), _ROW - 1 - i], axis=1))
+    coef = block - _ROW * (np.arange(r, dtype=np.float64) + 1) + 1
+    step = max(1, (2 << 20) // block)  # blocks per product: float32 temporaries in cache
+    rows = x[: nb * block].reshape(nb * r, _ROW)
+    buf = np.empty((step * r, _ROW), dtype=np.float32)
+    for s in range(0, nb, step):
+        e = min(nb, s + step)
+        cf = buf[: (e - s) * r]
+        np.copyto(cf, rows[s * r : e * r], casting="unsafe")
+        ac = (cf @ w).astype(np.float64).reshape(e - s, r, 2)
+        a = ac[:, :, 0].sum(axis=1)
+        b = ac[:, :, 0] @ coef + ac[:, :, 1].sum(axis=1)
+        bi = b.astype(np.uint64) & np.uint64(0xFFFFFFFF)
+        out[s:e] = (bi << np.uint64(32)) | a.astype(np.uint64)
     return out
 
 
@@ -202,16 +242,29 @@ class Signature:
         return cls(bs, length, weak, strong, bytes(data[off : off + tl]))
 
 
+# From this size on, a signature computes its weak checksums in a thread of their own while
+# it hashes the blocks (numpy and hashlib release the GIL on large buffers): a 1 GiB
+# file's signature is the full resync's longest wait, about 1 s of each.
+PARALLEL_SIGNATURE = 16 << 20
+
+
 def signature(basis: Buffer, block_size: int | None = None) -> Signature:
     """Block signature of ``basis`` (bytes, memoryview or mmap)."""
     x = _as_u8(basis)
     n = x.shape[0]
     bs = block_size or block_size_for(n)
     nb = n // bs
-    weak = _block_weak(x, bs)
     mv = x.data
-    strong = b"".join(strong_hash(mv[i * bs : (i + 1) * bs]) for i in range(nb))
-    tail = strong_hash(mv[nb * bs :]) if n % bs else b""
+    with contextlib.ExitStack() as stack:
+        weak_of: Callable[[], U64]
+        if n >= PARALLEL_SIGNATURE:
+            pool = stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="weak"))
+            weak_of = pool.submit(_block_weak, x, bs).result
+        else:
+            weak_of = lambda: _block_weak(x, bs)  # noqa: E731
+        strong = b"".join(strong_hash(mv[i * bs : (i + 1) * bs]) for i in range(nb))
+        tail = strong_hash(mv[nb * bs :]) if n % bs else b""
+        weak = weak_of()
     return Signature(bs, n, weak, strong, tail)
 
 
@@ -353,22 +406,37 @@ def block_hashes_file(path: Path | str | bytes, block_size: int, limit: int | No
         return block_hashes(m, block_size, limit)
 
 
+# Aligned blocks looked at after a mismatch for the next one still in place (rsync's first
+# search window is as many): data changed in place over a few consecutive blocks is settled
+# by as many strong hashes (already known: ``ours``) instead of a rolling search each.
+IN_PLACE_AHEAD = 4
+
+
 def _next_in_place(
     sig: Signature, mv: memoryview, pos: int, hint: int, hash_at: Callable[[int], bytes]
-) -> int:
-    """The basis block expected right after a mismatching block at ``pos``, if the new data
-    holds it there; else -1.
+) -> tuple[int, int]:
+    """(offset, basis block) of the first of the next IN_PLACE_AHEAD blocks after a
+    mismatching block at ``pos`` where the new data holds the basis block expected there;
+    (-1, -1) if none.
 
-    Data changed in place (a database page, a log block: the common case) leaves the next
-    block where it was, and one strong hash settles it, where the rolling search computes a
-    checksum at every offset of a window (6 ms each: 17 s for a 1 GiB file with 1 % of its
-    blocks changed). A match at an earlier, unaligned offset is only found by the search;
-    missing it costs at most one block of literal bytes."""
+    Data changed in place (a database page, a log block: the common case) leaves the blocks
+    after it where they were, and a strong hash each settles it, where the rolling search
+    computes a checksum at every offset of a window (6 ms each: 17 s for a 1 GiB file with
+    1 % of its blocks changed; with one block looked at, two changed blocks in a row still
+    cost a search: 0.7 s of the 1 GiB case). A match at an unaligned offset in between is
+    only found by the search; missing it costs at most IN_PLACE_AHEAD blocks of literal
+    bytes. Data that moved leaves no block in place ahead: the search runs as before."""
     bs = sig.block_size
-    nxt = (hint if hint >= 0 else pos // bs if pos % bs == 0 else -1) + 1
-    if not 0 < nxt < sig.nblocks or pos + 2 * bs > len(mv):
-        return -1
-    return nxt if hash_at(pos + bs) == sig.strong_of(nxt) else -1
+    base = hint if hint >= 0 else pos // bs if pos % bs == 0 else -1
+    if base < 0:
+        return -1, -1
+    for j in range(1, IN_PLACE_AHEAD + 1):
+        nxt, at = base + j, pos + j * bs
+        if nxt >= sig.nblocks or at + bs > len(mv):
+            break
+        if hash_at(at) == sig.strong_of(nxt):
+            return at, nxt
+    return -1, -1
 
 
 def _hasher(mv: memoryview, bs: int, ours: bytes | None) -> Callable[[int], bytes]:
@@ -431,9 +499,9 @@ def delta(sig: Signature, new: Buffer, ours: bytes | None = None) -> Delta:
                 continue
             break
         # Mismatch at pos: first the block after it, where data changed in place left it.
-        nxt = _next_in_place(sig, mv, pos, hint, hash_at)
+        at, nxt = _next_in_place(sig, mv, pos, hint, hash_at)
         if nxt >= 0:
-            pos, hint = pos + bs, nxt  # next iteration copies it (the hint is checked first)
+            pos, hint = at, nxt  # next iteration copies it (the hint is checked first)
             continue
         # Otherwise (data shifted): search forward with the rolling checksum.
         found = _next_match(sig, x, pos + 1, try_match)

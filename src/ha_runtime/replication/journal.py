@@ -81,6 +81,7 @@ class Op(enum.IntEnum):
     FSYNC = 15  # barrier: everything before it durable (file given in path)
     DELTA = 16  # full resync: data = encoded delta.Delta against the receiver's copy
     REPLACE = 17  # full resync: data = the whole (small) file
+    BATCH = 18  # resync: data = records applied in order as one (``batch``); path empty
 
 
 # SETATTR flags
@@ -116,7 +117,7 @@ NAMESPACE_OPS = frozenset(
     }
 )
 _TWO_PATH_OPS = frozenset({Op.RENAME, Op.SYMLINK, Op.LINK})
-_EMPTY_PATH_OK = frozenset({Op.SETATTR, Op.SETXATTR, Op.REMOVEXATTR, Op.FSYNC})
+_EMPTY_PATH_OK = frozenset({Op.SETATTR, Op.SETXATTR, Op.REMOVEXATTR, Op.FSYNC, Op.BATCH})
 
 # uid and gid are unsigned (all 32 bits of uid_t; they were signed, so an id >= 2**31 did
 # not pack). 0xFFFFFFFF, (uid_t)-1, is "unchanged" and reads as -1: the same bytes as the

@@ -173,6 +173,47 @@ def test_blocks_changed_in_place_need_no_rolling_search(monkeypatch: pytest.Monk
     assert len(searches) <= sum(1 for b in touched if b + 1 in touched)
 
 
+def test_runs_of_blocks_changed_in_place_need_no_rolling_search(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Up to IN_PLACE_AHEAD consecutive changed blocks are settled by the known hashes of the
+    blocks after them (two in a row cost a search each: 0.74 s of the 1 GiB / 1 % delta)."""
+    searches: list[int] = []
+    real = D._next_match
+    monkeypatch.setattr(D, "_next_match", lambda *a: searches.append(a[2]) or real(*a))
+    rnd = random.Random(9)
+    bs = 1024
+    basis = rnd.randbytes(bs * 300)
+    new = bytearray(basis)
+    touched: set[int] = set()
+    for start in (3, 40, 41 + 20, 150, 290):  # runs of 1 to 4 changed blocks
+        for b in range(start, min(300, start + rnd.randint(1, D.IN_PLACE_AHEAD))):
+            touched.add(b)
+            new[b * bs + rnd.randrange(bs)] ^= 0x5A
+    sig = D.signature(basis, bs)
+    d = D.delta(sig, bytes(new), D.block_hashes(bytes(new), bs))
+    assert D.patch(basis, d) == bytes(new)
+    assert D.in_place(d)
+    assert d.literal_bytes == len(touched) * bs
+    assert searches == []
+
+
+@pytest.mark.parametrize("bs", [2048, 4096, 32768, 131072, 3000])
+def test_weak_checksums_from_rows_are_exact(bs: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The float32 row products give the very values of the float64 ones and of the rolling
+    checksum at aligned offsets, bytes at their largest included."""
+    rnd = random.Random(bs)
+    data = bytearray(rnd.randbytes(bs * 9 + 17))
+    data[bs : 2 * bs] = b"\xff" * bs  # the largest sums
+    x = D._as_u8(bytes(data))
+    monkeypatch.setattr(D, "_BLAS_SERIAL", True)
+    rows = D._block_weak(x, bs)
+    monkeypatch.setattr(D, "_BLAS_SERIAL", False)
+    plain = D._block_weak(x, bs)
+    rolling = D._rolling_weak(x, bs)
+    assert rows.tolist() == plain.tolist() == [int(rolling[i * bs]) for i in range(9)]
+
+
 def test_block_hashes_given_leave_only_unaligned_offsets_to_hash(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

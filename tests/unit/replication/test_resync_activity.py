@@ -136,9 +136,12 @@ def _pair(tmp: Path) -> tuple[Path, Path, DirtyLog, Applier, LiveLink, App]:
     return prim, peer, log, applier, link, App(prim, log, link)
 
 
-def _run(link: LiveLink, prim: Path, log: DirtyLog, full: bool, app: App) -> Progress:
-    """What the primary's session does: the pass, then what changed meanwhile, settled."""
-    progress = app.progress = Progress()
+def _run(
+    link: LiveLink, prim: Path, log: DirtyLog, full: bool, app: App, *, batch: bool = False
+) -> Progress:
+    """What the primary's session does: the pass, then what changed meanwhile, settled
+    (``batch``: the peer applies BATCH records)."""
+    progress = app.progress = Progress(batch=batch)
     state = log.snapshot(watch=True)
 
     async def main() -> None:
@@ -304,12 +307,14 @@ def _random_action(app: App, rnd: random.Random) -> None:
     seed=st.integers(0, 2**32),
     full=st.booleans(),
     moments=st.lists(st.integers(1, 12), min_size=1, max_size=6),
+    batch=st.booleans(),
 )
 def test_any_activity_during_a_resync_leaves_the_copies_equal(
-    seed: int, full: bool, moments: list[int]
+    seed: int, full: bool, moments: list[int], batch: bool
 ) -> None:
     """Random operations of the application at random moments of a resync (backpressure
-    waits, signatures, listings): the resync completes and the copies end equal."""
+    waits, signatures, listings): the resync completes and the copies end equal, with the
+    resync's records packed in batches or not."""
     rnd = random.Random(seed)
     with tempfile.TemporaryDirectory() as tmp:
         prim, peer, log, applier, link, app = _pair(Path(tmp))
@@ -327,7 +332,7 @@ def test_any_activity_during_a_resync_leaves_the_copies_equal(
             link.on_sig[rel] = lambda: _random_action(app, rnd)
         link.on_list = lambda: _random_action(app, rnd) if rnd.random() < 0.5 else None
         try:
-            _run(link, prim, log, full=full, app=app)
+            _run(link, prim, log, full=full, app=app, batch=batch)
         except LinkLost:
             # gave up after SETTLE_ROUNDS (renamed on every round): the session starts over,
             # the dirty log still holds everything; not a divergence, but say so if common

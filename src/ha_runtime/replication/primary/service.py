@@ -233,7 +233,8 @@ class Primary(PrimarySink):
             }
         self.link = link
         self.ctx.status.state = "resyncing"  # live writes: noted dirty and shipped
-        self.progress = Progress()
+        # A secondary that applies BATCH records says so: the resync's small ones go packed.
+        self.progress = Progress(batch=hello.get("batch") is True)
         self.ctx.emit("resync_started", full=full, **detail)
         if full:
             # The log now says "full needed" until the end; live writes are noted too.

@@ -26,11 +26,13 @@ from ha_runtime.replication.resync.progress import (
 )
 from ha_runtime.replication.resync.send import (
     REMOVE_ANY,
+    Batcher,
     abs_path,
     absent,
     bytes_to_send,
     meta_records,
     reconcile,
+    reconcile_now,
     room,
     send_meta_now,
     send_ranges,
@@ -93,13 +95,20 @@ async def reconcile_paths(
     progress.bytes_total = progress.bytes_done + bytes_to_send(root, state)
     paths = sorted(state.touched | set(state.ranges), key=lambda p: (p.count(b"/"), p))
     last = time.monotonic()
+    out = Batcher(link, progress.batch)
     for rel in paths:
-        await room(link, progress)
-        await _reconcile_path(link, root, rel, state, progress)
+        if out.full():
+            out.flush()  # before the scheduling point (see Batcher)
+            await room(link, progress)
+        if not _reconcile_path_now(out, root, rel, state, progress):
+            out.flush()
+            await room(link, progress)
+            await _reconcile_path(link, root, rel, state, progress)
         progress.files_done += 1
         if on_progress and time.monotonic() - last >= 1:
             last = time.monotonic()
             on_progress(progress)
+    out.flush()
 
 
 async def resend(link: PrimaryLink, root: Path, top: bytes, progress: Progress) -> None:
@@ -199,14 +208,48 @@ def _renames(peer: dict[bytes, int], src: bytes, dst: bytes) -> bool:
     return True
 
 
+def _reconcile_path_now(
+    out: Batcher, root: Path, rel: bytes, state: DirtyState, progress: Progress
+) -> bool:
+    """``_reconcile_path`` with no scheduling point (its records queued in ``out``), unless
+    the path is a file with much data to send: False, nothing queued, ``_reconcile_path``
+    it (which reads it again, after the caller's wait)."""
+    st = _begin(out, root, rel, state, progress)
+    if st is None:
+        return True
+    try:
+        return reconcile_now(out, root, rel, st, state, progress)
+    except OSError as e:
+        log.info("resync: %r changed meanwhile (%s): reconciled again", rel, e)
+        progress.retry.add(rel)
+        return True
+
+
 async def _reconcile_path(
     link: PrimaryLink, root: Path, rel: bytes, state: DirtyState, progress: Progress
 ) -> None:
     """One recorded path. Any OSError means it changed meanwhile: gone here (or a directory
     on its way replaced), the peer's goes too; anything else, ``settle`` reads it again."""
-    reconciled(progress, rel)  # what happens to it from now on follows in the stream
+    st = _begin(link, root, rel, state, progress)
+    if st is None:
+        return
+    try:
+        await reconcile(link, root, rel, st, state, progress)
+    except OSError as e:
+        log.info("resync: %r changed meanwhile (%s): reconciled again", rel, e)
+        progress.retry.add(rel)
+
+
+def _begin(
+    out: PrimaryLink | Batcher, root: Path, rel: bytes, state: DirtyState, progress: Progress
+) -> os.stat_result | None:
+    """The start of a path's reconciliation: from now on what happens to it follows in the
+    stream, what was held back for it is read now too; its ``lstat``, or None when nothing
+    more is to be done (gone: removed on the peer; unreadable: ``settle``; the root: its
+    metadata)."""
+    reconciled(progress, rel)
     held = progress.held.pop(rel, None)
-    if held is not None:  # what the application did to it meanwhile is read now too
+    if held is not None:
         state.touched.add(rel)
         mine = state.ranges.setdefault(rel, RangeSet())
         for a, b in held:
@@ -215,16 +258,12 @@ async def _reconcile_path(
         st = os.lstat(abs_path(root, rel))
     except OSError as e:
         if absent(e) and rel:
-            link.submit(Record(0, Op.UNLINK, rel, flags=REMOVE_ANY))
+            out.submit(Record(0, Op.UNLINK, rel, flags=REMOVE_ANY))
         else:
             progress.retry.add(rel)
-        return
+        return None
     if rel == b"":
         for r in meta_records(rel, st):
-            link.submit(r)
-        return
-    try:
-        await reconcile(link, root, rel, st, state, progress)
-    except OSError as e:
-        log.info("resync: %r changed meanwhile (%s): reconciled again", rel, e)
-        progress.retry.add(rel)
+            out.submit(r)
+        return None
+    return st

@@ -21,6 +21,8 @@ class Progress:
     started: float = field(default_factory=time.monotonic)
     pinged_seq: int = 0  # last record sent before the resync's latest keepalive
     queued_s: float | None = None  # when everything was queued (the rest: the final barrier)
+    # The peer applies BATCH records (its HELLO said so): small records travel packed.
+    batch: bool = False
     # Paths that could not be read or listed here (not gone: an error other than "no such
     # file"); reconciled again by the next round of ``settle``.
     retry: set[bytes] = field(default_factory=set)

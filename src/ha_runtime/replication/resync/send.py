@@ -11,7 +11,7 @@ from pathlib import Path
 
 import trio
 
-from ha_runtime.replication import beneath
+from ha_runtime.replication import batch, beneath
 from ha_runtime.replication.dirtylog import DirtyState
 from ha_runtime.replication.journal import (
     SET_ATIME,
@@ -57,6 +57,43 @@ def meta_records(rel: bytes, st: os.stat_result) -> list[Record]:
             atime_ns=st.st_atime_ns, mtime_ns=st.st_mtime_ns,
         )
     ]  # fmt: skip
+
+
+class Batcher:
+    """A resync's records on their way to the link: packed into BATCH records (``batch``)
+    when the peer applies them, else submitted one by one as before. What is queued here
+    must reach the link before the next scheduling point (``flush``): a record read here and
+    held across one would land on the peer after a live write queued meanwhile."""
+
+    def __init__(self, link: PrimaryLink, enabled: bool) -> None:
+        self.link = link
+        self.enabled = enabled
+        self._batch = batch.Builder()
+
+    def submit(self, rec: Record) -> None:
+        if not self.enabled or rec.op not in batch.BATCHABLE:
+            self.flush()
+            self.link.submit(rec)
+            return
+        self._batch.add(rec)
+
+    def read(self, fd: int, rel: bytes, offset: int, length: int) -> int:
+        """A WRITE of up to ``length`` bytes of ``fd`` read at ``offset``; bytes read."""
+        if not self.enabled:
+            data = os.pread(fd, length, offset)
+            if data:
+                self.link.submit(Record(0, Op.WRITE, rel, offset=offset, data=data))
+            return len(data)
+        return self._batch.read(fd, rel, offset, length)
+
+    def full(self) -> bool:
+        """Time to flush and wait for room (without batches: before every path, as before)."""
+        b = self._batch
+        return not self.enabled or b.size >= batch.BATCH_BYTES or b.count >= batch.BATCH_ENTRIES
+
+    def flush(self) -> None:
+        if self._batch.count:
+            self.link.submit(Record(0, Op.BATCH, b"", data=self._batch.take()))
 
 
 async def room(link: PrimaryLink, progress: Progress) -> None:
@@ -115,6 +152,65 @@ async def send_ranges(
     finally:
         progress.sending.discard(rel)
         os.close(fd)
+
+
+def send_ranges_now(
+    out: Batcher, root: Path, rel: bytes, ranges: list[tuple[int, int]], progress: Progress
+) -> None:
+    """``send_ranges`` of a file whose ranges are read at once (at most about NOW_BYTES):
+    no scheduling point, so the name cannot change meanwhile; OSError: read again later."""
+    try:
+        fd = beneath.open_file(abs_path(root, rel))  # O_NONBLOCK: a FIFO here never waits
+    except OSError as e:
+        if not absent(e) and e.errno != errno.EINVAL:
+            progress.retry.add(rel)
+        return  # gone or not a file anymore: its own op is in the stream
+    try:
+        size = os.fstat(fd).st_size
+        for a, b in ranges:
+            off = a
+            while off < min(b, size):
+                n = out.read(fd, rel, off, min(b, size, off + CHUNK) - off)
+                if not n:
+                    break
+                progress.bytes_done += n
+                off += n
+    finally:
+        os.close(fd)
+
+
+# A file with at most this many dirty bytes is read and queued at once (in a batch).
+NOW_BYTES = 1 << 20
+
+
+def reconcile_now(  # noqa: PLR0917
+    out: Batcher, root: Path, rel: bytes, st: os.stat_result, state: DirtyState,
+    progress: Progress,
+) -> bool:  # fmt: skip
+    """``reconcile`` with no scheduling point, for anything but a file with more than
+    NOW_BYTES to send (False: nothing was queued, ``reconcile`` it)."""
+    m = st.st_mode
+    rs = state.ranges.get(rel)
+    if stat.S_ISREG(m) and rs is not None and rs.total(st.st_size) > NOW_BYTES:
+        return False
+    if stat.S_ISDIR(m):
+        out.submit(Record(0, Op.MKDIR, rel, mode=m, uid=st.st_uid, gid=st.st_gid))
+    elif stat.S_ISLNK(m):
+        target = os.readlink(abs_path(root, rel))
+        out.submit(Record(0, Op.SYMLINK, rel, path2=target, uid=st.st_uid, gid=st.st_gid))
+    elif stat.S_ISREG(m):
+        if rs is None or rel in state.touched:
+            out.submit(Record(0, Op.CREATE, rel, mode=m, uid=st.st_uid, gid=st.st_gid))
+            out.submit(Record(0, Op.TRUNCATE, rel, offset=st.st_size))
+        if rs is not None:
+            send_ranges_now(out, root, rel, list(rs), progress)
+            send_meta_now(out, root, rel, st)  # as ``reconcile`` (our read may set atime)
+            return True
+    else:
+        out.submit(Record(0, Op.MKNOD, rel, mode=m, rdev=st.st_rdev, uid=st.st_uid, gid=st.st_gid))
+    for r in meta_records(rel, st):
+        out.submit(r)
+    return True
 
 
 def absent(e: OSError) -> bool:
@@ -179,7 +275,7 @@ async def reconcile(  # noqa: PLR0917
         link.submit(r)
 
 
-def send_meta_now(link: PrimaryLink, root: Path, rel: bytes, was: os.stat_result) -> None:
+def send_meta_now(link: PrimaryLink | Batcher, root: Path, rel: bytes, was: os.stat_result) -> None:
     """The metadata of ``rel`` as it is now, if it still names the file ``was`` describes:
     the application may have changed it (chmod, a write's mtime) while its data travelled,
     and a stale SETATTR queued after that change would undo it on the peer. Renamed or

@@ -33,7 +33,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from ha_runtime.replication import beneath
+from ha_runtime.replication import batch, beneath
 from ha_runtime.replication import delta as D
 from ha_runtime.replication.beneath import open_file, open_parent
 from ha_runtime.replication.fsops import fallocate, libc, renameat2, set_attributes
@@ -564,6 +564,19 @@ class Applier:
         fd = self._deltas.pop(path, None)
         if fd is not None:
             self._staging.discard(fd)
+
+    def _op_batch(self, r: Record) -> None:
+        """A resync's records in one (``batch``), applied in order, in one go (the secondary
+        runs a large one in a worker thread). The first that fails stops it: those before it
+        stay applied, as records before a refused one do, and the resync starts over."""
+        for i, sub in enumerate(batch.entries(r.data)):
+            if sub.op in _ID_OPS:
+                self._ids(sub)
+            try:
+                getattr(self, "_op_" + sub.op.name.lower())(sub)
+            except OSError as e:
+                where = f"batch entry {i}: {sub.op.name} {sub.path!r}"
+                raise OSError(e.errno, f"{e.strerror} ({where})") from e
 
     def _op_replace(self, r: Record) -> None:
         self._abandon_delta(r.path)  # a delta cut short: this is the whole file, not a piece

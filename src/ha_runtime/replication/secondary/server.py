@@ -182,6 +182,7 @@ class Secondary:
             # what it may hold that the peer lacks: its activity and dirty logs.
             "dirty": dirty,
             "activity": activity,
+            "batch": True,  # the applier applies BATCH records (a resync's small ones)
         }
 
     def _signature(self, rel: bytes) -> D.Signature:
