@@ -19,7 +19,7 @@ import logging
 import ssl
 import struct
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -95,6 +95,8 @@ class Conn:
         self._decoder = FrameDecoder(key, accepted=acc.keys, on_accepted=acc.on_accepted)
         self._frames: deque[Frame] = deque()
         self._send_lock = trio.Lock()
+        # While the secondary's blocking lane owns the TLS object, sends go through it.
+        self._blocking_send: Callable[[bytes], None] | None = None
         self.bytes_sent = 0
         self.bytes_received = 0
 
@@ -108,8 +110,16 @@ class Conn:
         """Why the stream was dropped (a rejected frame), None at a clean end."""
         return self._decoder.failed
 
+    def send_through(self, send: Callable[[bytes], None] | None) -> None:
+        """Send through ``send`` (blocking, run in a worker thread) instead of the stream,
+        or through the stream again (None)."""
+        self._blocking_send = send
+
     async def send(self, data: bytes) -> None:
         async with self._send_lock:
+            if self._blocking_send is not None:
+                await trio.to_thread.run_sync(self._blocking_send, data)
+                return
             await self.stream.send_all(data)
             self.bytes_sent += len(data)
 
@@ -124,9 +134,7 @@ class Conn:
         one TLS record and cross to the applying task together."""
         if not self._frames and not await self._fill():
             return None
-        out = list(self._frames)
-        self._frames.clear()
-        return out
+        return self.take_decoded()
 
     async def _fill(self) -> bool:
         """Receive until at least one frame is decoded; False at end of stream or on a
@@ -139,16 +147,29 @@ class Conn:
             except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError, OSError):
                 return False
             if not data:
-                self._decoder.finish()
+                self.finish()
                 return False
-            parts = self._more(data)
-            # Joined once, then parsed in place: fed record by record (16 KiB), a 1 MiB
-            # frame grew the decoder's buffer 64 times, each growth a copy of all of it
-            # (13 % of the secondary's CPU on 1 MiB writes).
-            joined = parts[0] if len(parts) == 1 else b"".join(parts)
-            self.bytes_received += len(joined)
-            self._frames.extend(self._decoder.feed(joined))
+            self._frames.extend(self.feed(self._more(data)))
         return True
+
+    def feed(self, parts: Sequence[bytes | bytearray]) -> list[Frame]:
+        """Decode received plaintext (trio's stream or the secondary's blocking lane)."""
+        # Joined once, then parsed in place: fed record by record (16 KiB), a 1 MiB frame
+        # grew the decoder's buffer 64 times, each growth a copy of all of it (13 % of the
+        # secondary's CPU on 1 MiB writes).
+        joined = parts[0] if len(parts) == 1 else b"".join(parts)
+        self.bytes_received += len(joined)
+        return self._decoder.feed(joined)
+
+    def finish(self) -> None:
+        """The stream ended: a frame cut short is a rejected one."""
+        self._decoder.finish()
+
+    def take_decoded(self) -> list[Frame]:
+        """Frames decoded and not yet returned (the lane takes them over from trio)."""
+        out = list(self._frames)
+        self._frames.clear()
+        return out
 
     def _more(self, first: bytes | bytearray) -> list[bytes | bytearray]:
         """``first`` and the TLS records already received after it. trio's SSLStream returns

@@ -11,6 +11,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -27,6 +28,7 @@ from ha_runtime.replication.journal import (
     encode_frame,
 )
 from ha_runtime.replication.link.framing import LINK_ERRORS, Conn, decode_control, encode_control
+from ha_runtime.replication.link.lane import BlockingTls, open_lane
 
 log = logging.getLogger("hapair.replication")
 
@@ -76,19 +78,48 @@ class SecondarySession:
     _unacked_bytes: int = 0
     # Frames received while a control request ran, handled next, in order.
     _held: deque[Frame | None] = field(default_factory=deque)
+    # The blocking lane (``link.lane``) when the link is TLS over a socket, unless off: the
+    # reader then runs in a worker thread and handles the steady stream itself.
+    use_lane: bool = True
+    _lane: BlockingTls | None = None
+    # The lane handles a frame itself only while the session task waits for frames with
+    # nothing held and every batch handed over taken: then it is the next frame in order.
+    _waiting: bool = False
+    _handed: int = 0  # batches the reader handed over
+    _taken: int = 0  # ... and the session task took
+    _worker: ThreadPoolExecutor | None = None  # the lane's heavy applies
 
     async def run(self) -> None:
         send_ch, recv_ch = trio.open_memory_channel[Batch](64)
+        self._lane = open_lane(self.conn) if self.use_lane else None
+        lane = self._lane
 
         async def reader() -> None:
             # A separate task: cancelling a TLS receive half-way is not safe, a channel is.
             # One item per receive: the frames of one TLS read cross together.
             while True:
-                batch = await self.conn.recv_batch()
+                if lane is None:
+                    batch = await self.conn.recv_batch()
+                else:
+                    batch = await trio.to_thread.run_sync(self._lane_run, lane)
                 await send_ch.send(batch)
                 if batch is None:
                     return
 
+        if lane is not None:
+            self.conn.send_through(lane.send)
+        try:
+            await self._run(reader, recv_ch)
+        finally:
+            if lane is not None:
+                self.conn.send_through(None)
+                lane.close()
+            if self._worker is not None:
+                self._worker.shutdown()
+
+    async def _run(
+        self, reader: Callable[[], Awaitable[None]], recv_ch: trio.MemoryReceiveChannel[Batch]
+    ) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(reader)
             try:
@@ -102,6 +133,8 @@ class SecondarySession:
                 self._reject("session_error")
                 await self._send_error(f"session failed: {e!r}")
             finally:
+                if self._lane is not None:
+                    self._lane.stop()  # the reader's thread returns; the nursery waits for it
                 nursery.cancel_scope.cancel()
 
     async def _send_error(self, msg: str) -> None:
@@ -117,9 +150,123 @@ class SecondarySession:
             self.on_rejected(reason)
 
     async def _ack(self, extra: bytes = b"") -> None:
-        await self.conn.send(encode_ack(self.received, self.durable_seq, self.conn.key) + extra)
+        await self.conn.send(self._ack_bytes(extra))
+
+    def _ack_bytes(self, extra: bytes = b"") -> bytes:
         self._unacked = 0
         self._unacked_bytes = 0
+        return encode_ack(self.received, self.durable_seq, self.conn.key) + extra
+
+    async def _next(self, frames: trio.MemoryReceiveChannel[Batch]) -> list[Frame | None]:
+        batch = await frames.receive()
+        self._taken += 1
+        return _frames_of(batch)
+
+    def _lane_run(self, lane: BlockingTls) -> Batch:
+        """The reader, in the lane's worker thread: receive, and while the session task
+        may not act (``_waiting``), handle records and keepalives here. Returns what the
+        session task handles: frames, [] for a quiet ``checkpoint_s`` or a checkpoint
+        due (its timers run there), None at the end."""
+        batch = self._lane_batch(lane)
+        self._handed += 1
+        return batch
+
+    def _lane_batch(self, lane: BlockingTls) -> Batch:
+        pending: deque[Frame] = deque()
+        quiet_until = time.monotonic() + self.checkpoint_s
+        while True:
+            if not pending:
+                if self._lane_owns() and self._late():
+                    return []
+                batch = lane.receive(quiet_until - time.monotonic())
+                if batch == [] and time.monotonic() < quiet_until and not lane.stopped:
+                    continue  # a late nudge of an apply already done
+                if not batch:
+                    return batch
+                quiet_until = time.monotonic() + self.checkpoint_s
+                self._last_frame = time.monotonic()
+                pending.extend(batch)
+            while pending:
+                if not (self._lane_owns() and self._inline(pending[0], lane, pending)):
+                    return list(pending)
+                pending.popleft()
+
+    def _lane_owns(self) -> bool:
+        return self._waiting and self._handed == self._taken and not self._held
+
+    def _late(self) -> bool:
+        late = time.monotonic() - self._last_ckpt > self.checkpoint_s
+        return late and self.durable_seq < self.received
+
+    def _inline(self, f: Frame, lane: BlockingTls, pending: deque[Frame]) -> bool:
+        """Handle ``f`` in the lane's thread, or False to hand it (and ``pending`` after it)
+        to the session task: a control request, anything refused (the task reports it:
+        applying again is harmless, records are idempotent)."""
+        if f.kind == Kind.PING:
+            lane.send(self._ack_bytes(encode_frame(Kind.PONG, b"", self.conn.key)))
+            return True
+        if f.kind != Kind.RECORD:
+            return False
+        try:
+            rec = decode_record(f.payload)
+        except RecordError:
+            return False
+        heavy = _heavy(rec)
+        try:
+            if heavy:
+                self._apply_answering_keepalives(rec, lane, pending)
+            out = self._apply_now(rec, f, heavy)
+        except (OSError, ValueError):
+            return False
+        if out:
+            lane.send(out)
+        return True
+
+    def _apply_answering_keepalives(
+        self, rec: Record, lane: BlockingTls, pending: deque[Frame]
+    ) -> None:
+        """Apply a heavy record in a worker while the lane answers keepalives; the other
+        frames received meanwhile join ``pending``, in order (``_answering_keepalives``)."""
+        if self._worker is None:
+            self._worker = ThreadPoolExecutor(1, thread_name_prefix="hapair-apply")
+        done = self._worker.submit(self.apply, rec)
+        done.add_done_callback(lambda _: lane.nudge())
+        while not done.done():
+            got = lane.receive(self.checkpoint_s)
+            if got is None:
+                break  # the stream ended: the apply is waited for, the end seen next
+            for fr in got:
+                if fr.kind == Kind.PING:
+                    lane.send(self._ack_bytes(encode_frame(Kind.PONG, b"", self.conn.key)))
+                else:
+                    pending.append(fr)
+        done.result()
+
+    def _apply_now(self, rec: Record, f: Frame, heavy: bool) -> bytes:
+        """Apply ``rec`` (unless a FSYNC acknowledged on receipt) and account for it: the
+        acknowledgement to send now, or b"". Raises the applier's OSError/ValueError."""
+        if rec.op == Op.FSYNC and not self.durable:
+            # `ack: received`: acknowledged on receipt; the periodic checkpoint syncs it.
+            self.received = rec.seq
+            return self._ack_bytes()
+        if not heavy:
+            self.apply(rec)
+        self.received = rec.seq
+        self._unacked += 1
+        self._unacked_bytes += len(f.payload)
+        if rec.op == Op.FSYNC:
+            # Applying a FSYNC made everything applied durable (a thread hop for another
+            # barrier here cost a millisecond on every fsync of the application).
+            self.durable_seq = rec.seq
+            self._last_ckpt = time.monotonic()
+            return self._ack_bytes()
+        if (
+            heavy  # keepalives answered meanwhile carried the ack before it: say it is done
+            or self._unacked >= ACK_EVERY_RECORDS
+            or self._unacked_bytes >= ACK_EVERY_BYTES
+        ):
+            return self._ack_bytes()
+        return b""
 
     async def _checkpoint(self) -> None:
         self.durable_seq = await self.barrier()
@@ -129,9 +276,16 @@ class SecondarySession:
         while True:
             timed_out = True
             f: Frame | None = None
-            if not self._held:
+            if not self._held and self._lane is not None:
+                # No timeout here: the lane's thread hands [] over when one is due.
+                self._waiting = True
+                try:
+                    self._held.extend(await self._next(frames))
+                finally:
+                    self._waiting = False
+            elif not self._held:
                 with trio.move_on_after(self.checkpoint_s):
-                    self._held.extend(_frames_of(await frames.receive()))
+                    self._held.extend(await self._next(frames))
             if self._held:
                 f = self._held.popleft()
                 timed_out = False
@@ -170,13 +324,13 @@ class SecondarySession:
             nonlocal waiting
             while not done:
                 with trio.CancelScope() as waiting:
-                    batch = await frames.receive()
+                    batch = await self._next(frames)
                 if waiting.cancelled_caught:
                     return
                 # Only the wait above is ever cancelled: a TLS send cut half-way breaks the
                 # stream for good (the next ack then raised BrokenResourceError). The whole
                 # batch is gone through, whatever `done` says meanwhile: nothing is dropped.
-                for fr in _frames_of(batch):
+                for fr in batch:
                     if fr is not None and fr.kind == Kind.PING:
                         await self._ack(encode_frame(Kind.PONG, b"", self.conn.key))
                         continue
@@ -236,19 +390,13 @@ class SecondarySession:
         except RecordError as e:
             self._reject(str(e))
             return False
-        if rec.op == Op.FSYNC and not self.durable:
-            # `ack: received`: acknowledged on receipt; the periodic checkpoint syncs it.
-            self.received = rec.seq
-            await self._ack()
-            return True
         heavy = _heavy(rec)
         try:
             if heavy:
                 await self._answering_keepalives(
                     lambda: trio.to_thread.run_sync(self.apply, rec), frames
                 )
-            else:
-                self.apply(rec)
+            out = self._apply_now(rec, f, heavy)
         except (OSError, ValueError) as e:
             # ValueError: the applier's refusal (RecordRefused, a delta out of sequence).
             log.warning("replication: cannot apply %s %r: %s", rec.op.name, rec.path, e)
@@ -256,21 +404,8 @@ class SecondarySession:
             err = json.dumps({"error": f"{rec.op.name} {rec.path!r}: {e}"}).encode()
             await self.conn.send(encode_frame(Kind.ERROR, err, self.conn.key))
             return False
-        self.received = rec.seq
-        self._unacked += 1
-        self._unacked_bytes += len(f.payload)
-        if rec.op == Op.FSYNC:
-            # Applying a FSYNC made everything applied durable (a thread hop for another
-            # barrier here cost a millisecond on every fsync of the application).
-            self.durable_seq = rec.seq
-            self._last_ckpt = time.monotonic()
-            await self._ack()
-        elif (
-            heavy  # keepalives answered meanwhile carried the ack before it: say it is done
-            or self._unacked >= ACK_EVERY_RECORDS
-            or self._unacked_bytes >= ACK_EVERY_BYTES
-        ):
-            await self._ack()
+        if out:
+            await self.conn.send(out)
         return True
 
 

@@ -1,0 +1,201 @@
+"""The secondary's blocking lane: the session's TLS stream driven from one worker thread.
+
+Through trio, a 4 KiB write and its fsync crossed the secondary's event loop five times
+(the socket's readiness, the TLS stream, the reader task, the channel, the session task,
+the acknowledgement's send), each a pass of the scheduler, on the path the application
+waits on. In the lane one thread waits on the socket, decrypts, decodes, applies and
+acknowledges: a ``poll``, a ``read`` and a ``write`` per operation, nothing else.
+
+The lane drives the very TLS objects of the handshaken ``trio.SSLStream`` (its
+``SSLObject`` and memory BIOs; trio is pinned in pyproject.toml), on the socket's own
+non-blocking descriptor. It is only ever used while no trio task touches the stream: the
+session's reader task is the one caller, and the session task sends only while it is not
+waiting for frames (``link.secondary``). Frames already decoded are handed out first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import ssl
+import threading
+import time
+from typing import Any
+
+import trio
+
+from ha_runtime.replication.journal import Frame
+from ha_runtime.replication.link.framing import Conn
+
+_READ = 1 << 20
+
+
+class BlockingTls:
+    """Receive frames and send bytes over ``conn`` from one thread, blocking."""
+
+    def __init__(self, conn: Conn, tls: trio.SSLStream[Any], fd: int) -> None:
+        self.conn = conn
+        # trio's own TLS objects (trio is pinned; ``open_lane`` checked they are there).
+        self._obj: ssl.SSLObject = getattr(tls, "_ssl_object")  # noqa: B009
+        self._in: ssl.MemoryBIO = getattr(tls, "_incoming")  # noqa: B009
+        self._out: ssl.MemoryBIO = getattr(tls, "_outgoing")  # noqa: B009
+        self._fd = fd
+        # trio holds the server's post-handshake messages (TLS 1.3 session tickets) back to
+        # send them with the first data: they go first, or the peer's decryption fails.
+        self._held_back: bytes = tls._delayed_outgoing or b""
+        tls._delayed_outgoing = None
+        # One thread receives while another may send (the session task's acknowledgements
+        # after a control request): OpenSSL's object is not safe to use from two at once,
+        # and one send's bytes must leave whole before the next one's.
+        self._tls_lock = threading.Lock()
+        self._send_lock = threading.Lock()
+        # Written by ``stop`` (from the trio thread): a waiting ``receive`` returns at once.
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.stopped = False
+        self._ended = False
+        self._eof = False
+
+    def close(self) -> None:
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    def stop(self) -> None:
+        self.stopped = True
+        self.nudge()
+
+    def nudge(self) -> None:
+        """A waiting ``receive`` returns [] now (a worker's apply is done)."""
+        with contextlib.suppress(BlockingIOError):
+            os.write(self._wake_w, b"x")
+
+    def receive(self, timeout: float) -> list[Frame] | None:
+        """The frames decoded next (at least one); [] after ``timeout`` seconds without one,
+        once nudged or stopped; None at the end of the stream or on a rejected frame (the reason is
+        in ``conn.failed``), as ``Conn.recv_batch``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            frames = self.conn.take_decoded()
+            if frames:
+                return frames
+            if self.conn.failed:
+                return None
+            plain = self._decrypt()
+            if plain:
+                frames = self.conn.feed(plain)
+                if frames:
+                    return frames
+            if self._ended:
+                if self._eof:
+                    self.conn.finish()  # a frame cut short is a rejected one
+                return None
+            if plain:
+                continue
+            if self.stopped or not self._wait(select.POLLIN, deadline):
+                return []
+            if not self._read():
+                return None
+
+    def send(self, data: bytes) -> None:
+        """Encrypt and send all of ``data``; a broken connection raises
+        ``trio.BrokenResourceError``, as trio's stream would."""
+        with self._send_lock:
+            with self._tls_lock:
+                try:
+                    self._obj.write(data)
+                except ssl.SSLError as e:
+                    raise trio.BrokenResourceError(f"TLS: {e}") from e
+                wire = memoryview(self._held_back + self._out.read())
+                self._held_back = b""
+            self._send_wire(wire)
+        self.conn.bytes_sent += len(data)
+
+    def _send_wire(self, wire: memoryview) -> None:
+        while wire:
+            try:
+                n = os.write(self._fd, wire)
+            except BlockingIOError:
+                if self.stopped or not self._wait(select.POLLOUT, None):
+                    raise trio.BrokenResourceError("stopped while sending") from None
+                continue
+            except OSError as e:
+                raise trio.BrokenResourceError(str(e)) from e
+            wire = wire[n:]
+
+    def _decrypt(self) -> list[bytes]:
+        """Every plaintext the TLS buffer holds now; ``_ended`` is set once the stream ended
+        (``_eof``: cleanly or cut) or broke."""
+        with self._tls_lock:
+            return self._decrypt_locked()
+
+    def _decrypt_locked(self) -> list[bytes]:
+        parts: list[bytes] = []
+        while True:
+            try:
+                chunk = self._obj.read(_READ)
+            except ssl.SSLWantReadError:
+                return parts
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                self._ended = self._eof = True
+                return parts
+            except ssl.SSLError:
+                self._ended = True
+                return parts
+            if not chunk:
+                self._ended = self._eof = True
+                return parts
+            parts.append(chunk)
+
+    def _read(self) -> bool:
+        """Move what the socket holds into the TLS buffer; False once it is closed."""
+        try:
+            data = os.read(self._fd, _READ)
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+        with self._tls_lock:
+            if data:
+                self._in.write(data)
+            else:
+                self._in.write_eof()  # the TLS object reports the end (or a cut) next
+        return True
+
+    def _wait(self, events: int, deadline: float | None) -> bool:
+        """Whether the socket became ready for ``events`` before ``deadline`` (and the lane
+        was not stopped)."""
+        p = select.poll()
+        p.register(self._fd, events | select.POLLERR | select.POLLHUP)
+        p.register(self._wake_r, select.POLLIN)
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ready = p.poll(None if left is None else int(left * 1000) + 1)
+            if self.stopped:
+                return False
+            if any(fd == self._wake_r for fd, _ in ready):
+                with contextlib.suppress(BlockingIOError):
+                    os.read(self._wake_r, 64)
+                return False
+            if any(fd == self._fd for fd, _ in ready):
+                return True
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+
+
+def open_lane(conn: Conn) -> BlockingTls | None:
+    """A lane for ``conn`` if it is TLS over a TCP socket (the secondary's real link), else
+    None: the session then runs in trio alone (the tests' memory streams)."""
+    tls = conn.stream
+    if not isinstance(tls, trio.SSLStream) or not all(
+        isinstance(getattr(tls, name, None), kind)
+        for name, kind in (
+            ("_ssl_object", ssl.SSLObject),
+            ("_incoming", ssl.MemoryBIO),
+            ("_outgoing", ssl.MemoryBIO),
+        )
+    ):
+        return None
+    tcp = getattr(tls.transport_stream, "tcp", None)
+    if not isinstance(tcp, trio.SocketStream):
+        return None
+    return BlockingTls(conn, tls, tcp.socket.fileno())
