@@ -1,6 +1,9 @@
 """``SecondarySession``: the secondary's end of the link (its wire part): frames in order,
 records handed to the applier, control requests to the server's handler, acknowledgements
 and keepalive answers back. What the records and requests mean is ``secondary``'s.
+
+Long because: one session, two readers (trio's task, or the lane's thread of
+``link.lane``) sharing its order and acknowledgement state.
 """
 
 from __future__ import annotations
@@ -88,6 +91,7 @@ class SecondarySession:
     _handed: int = 0  # batches the reader handed over
     _taken: int = 0  # ... and the session task took
     _worker: ThreadPoolExecutor | None = None  # the lane's heavy applies
+    lane_frames: int = 0  # frames the lane's thread handled itself
 
     async def run(self) -> None:
         send_ch, recv_ch = trio.open_memory_channel[Batch](64)
@@ -204,6 +208,7 @@ class SecondarySession:
         applying again is harmless, records are idempotent)."""
         if f.kind == Kind.PING:
             lane.send(self._ack_bytes(encode_frame(Kind.PONG, b"", self.conn.key)))
+            self.lane_frames += 1
             return True
         if f.kind != Kind.RECORD:
             return False
@@ -220,6 +225,7 @@ class SecondarySession:
             return False
         if out:
             lane.send(out)
+        self.lane_frames += 1
         return True
 
     def _apply_answering_keepalives(
