@@ -52,6 +52,9 @@ class BlockingTls:
         self._send_lock = threading.Lock()
         # Written by ``stop`` (from the trio thread): a waiting ``receive`` returns at once.
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        # Built once: ``_wait`` runs on every operation. One per direction: the receiving
+        # thread and a sender (one at a time, ``_send_lock``) may wait at once.
+        self._polls = {ev: self._poll_for(ev) for ev in (select.POLLIN, select.POLLOUT)}
         self.stopped = False
         self._ended = False
         self._eof = False
@@ -161,12 +164,16 @@ class BlockingTls:
                 self._in.write_eof()  # the TLS object reports the end (or a cut) next
         return True
 
-    def _wait(self, events: int, deadline: float | None) -> bool:
-        """Whether the socket became ready for ``events`` before ``deadline`` (and the lane
-        was not stopped)."""
+    def _poll_for(self, events: int) -> select.poll:
         p = select.poll()
         p.register(self._fd, events | select.POLLERR | select.POLLHUP)
         p.register(self._wake_r, select.POLLIN)
+        return p
+
+    def _wait(self, events: int, deadline: float | None) -> bool:
+        """Whether the socket became ready for ``events`` before ``deadline`` (and the lane
+        was not stopped)."""
+        p = self._polls[events]
         while True:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             ready = p.poll(None if left is None else int(left * 1000) + 1)
