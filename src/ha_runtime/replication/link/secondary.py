@@ -161,6 +161,10 @@ class SecondarySession:
         self._unacked_bytes = 0
         return encode_ack(self.received, self.durable_seq, self.conn.key) + extra
 
+    def _pong(self) -> bytes:
+        """A keepalive's answer: the acknowledgement as it stands, then the PONG."""
+        return self._ack_bytes(encode_frame(Kind.PONG, b"", self.conn.key))
+
     async def _next(self, frames: trio.MemoryReceiveChannel[Batch]) -> list[Frame | None]:
         batch = await frames.receive()
         self._taken += 1
@@ -207,7 +211,7 @@ class SecondarySession:
         to the session task: a control request, anything refused (the task reports it:
         applying again is harmless, records are idempotent)."""
         if f.kind == Kind.PING:
-            lane.send(self._ack_bytes(encode_frame(Kind.PONG, b"", self.conn.key)))
+            lane.send(self._pong())
             self.lane_frames += 1
             return True
         if f.kind != Kind.RECORD:
@@ -243,7 +247,7 @@ class SecondarySession:
                 break  # the stream ended: the apply is waited for, the end seen next
             for fr in got:
                 if fr.kind == Kind.PING:
-                    lane.send(self._ack_bytes(encode_frame(Kind.PONG, b"", self.conn.key)))
+                    lane.send(self._pong())
                 else:
                     pending.append(fr)
         done.result()
@@ -338,7 +342,7 @@ class SecondarySession:
                 # batch is gone through, whatever `done` says meanwhile: nothing is dropped.
                 for fr in batch:
                     if fr is not None and fr.kind == Kind.PING:
-                        await self._ack(encode_frame(Kind.PONG, b"", self.conn.key))
+                        await self.conn.send(self._pong())
                         continue
                     self._held.append(fr)
                     if fr is None:
@@ -375,7 +379,7 @@ class SecondarySession:
         if f.kind == Kind.RECORD:
             return await self._record(f, frames)
         if f.kind == Kind.PING:
-            await self._ack(encode_frame(Kind.PONG, b"", self.conn.key))
+            await self.conn.send(self._pong())
             return True
         if f.kind == Kind.CONTROL:
             c = decode_control(f)
