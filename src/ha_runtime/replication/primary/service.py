@@ -8,6 +8,7 @@ verify, the manager's generation.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -254,11 +255,17 @@ class Primary(PrimarySink):
         # Switch to synchronous replication atomically with the final barrier.
         seq = link.submit(Record(0, Op.FSYNC, b""))
         self.ctx.status.state = "sync"
+        queued = time.monotonic()
         await link.wait_acked(seq, timeout=max(self.ctx.settings.timeout_s, 60.0))
+        barrier = time.monotonic()
         await trio.to_thread.run_sync(self.dirty.clear)
         done = self.progress.as_dict()
         self.progress = None
         await self._declare_in_sync(link)
+        # Where the end of a resync goes: the peer's final barrier, then our bookkeeping
+        # and the in-sync declaration's round trip.
+        done["barrier_s"] = round(barrier - queued, 3)
+        done["declare_s"] = round(time.monotonic() - barrier, 3)
         self.ctx.emit("resync_done", **done)
 
     def _resync_kind(self, hello: dict[str, Any]) -> str | None:
