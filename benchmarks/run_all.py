@@ -37,7 +37,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from benchmarks import failover, farm, peer_glusterfs, replication, resync, switchover
+from benchmarks import (
+    failover,
+    farm,
+    fuse_compiled,
+    peer_glusterfs,
+    replication,
+    resync,
+    switchover,
+)
 from benchmarks.report import RESULTS_DIR, Figure, collecting
 from ha_lab.lab import Lab
 from ha_lab.observe import states_of, wait_for_states
@@ -107,6 +115,15 @@ BENCHMARKS = (
         "the same writes through hapair, GlusterFS replica 2 (set up on the two nodes for the "
         "run, then removed), FUSE alone and the local disk",
         (4.5, 3),
+    ),
+    Benchmark(
+        "fuse_compiled",
+        fuse_compiled.main,
+        ("--rounds", "3", "--seconds", "2"),
+        ("--rounds", "1", "--seconds", "1"),
+        "the FUSE layer alone: the runtime's (pyfuse3) against libfuse's compiled passthrough "
+        "and the local disk, on this host (the ceiling a compiled FUSE daemon would raise)",
+        (1, 0.5),
     ),
     Benchmark(
         "resync",
