@@ -81,6 +81,7 @@ def place(name: str, base: Path, exe: Path) -> Iterator[Path]:
         argv = [sys.executable, "-c", FUSE_SCRIPT, str(backing), str(mnt)]
     else:
         opts = f"modules=subdir,subdir={backing},default_permissions,allow_other,fsname=c-{name}"
+        opts += ",max_threads=10"  # libfuse 3.14 warns about its own default otherwise
         argv = [str(exe), "-f", *(["-s"] if name == "c_single" else []), "-o", opts, str(mnt)]
     # The runtime's server unmounts when its standard input closes; libfuse's on umount.
     proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
