@@ -11,6 +11,8 @@ alternating the order:
 - `pyfuse3`: the runtime's PassthroughFS (`ha_runtime.replication.primary.fs`) over a
   directory on the same disk, with the sink of `fuse_only` (records nothing, fsyncs
   locally): what the runtime's FUSE layer alone can reach, in a server process of its own;
+- `pyfuse3_bare`: a minimal pyfuse3 passthrough (handlers that make the system call and
+  nothing else): what pyfuse3 and trio cost per request, whatever the handlers do;
 - `c_single`, `c_threads`: libfuse's own C passthrough (`passthrough_fh`, from Debian's
   libfuse3-dev examples, compiled here with gcc at run time, GPLv2, by Miklos Szeredi; not
   part of hapair), single-threaded (`-s`, as the runtime's one event loop) and with its
@@ -39,9 +41,111 @@ from benchmarks.replication import FUSE_SCRIPT, NODE_SCRIPT
 from benchmarks.report import Figure, emit
 
 EXAMPLES = Path("/usr/share/doc/libfuse3-dev/examples")
-PLACES = ("local", "pyfuse3", "c_single", "c_threads")
+PLACES = ("local", "pyfuse3", "pyfuse3_bare", "c_single", "c_threads")
 WORKLOADS = (("4k_fdatasync", "ops", "ops/s"), ("1m_sequential", "mbps", "MB/s"),
              ("sqlite_commits", "commits", "commits/s"))  # fmt: skip
+
+
+# pyfuse3 itself: handlers that do the system call and nothing else (a flat directory is
+# all the workloads need). As fast as the runtime's layer means the cost is pyfuse3's and
+# trio's per request, not the runtime's handlers.
+BARE_SCRIPT = r"""
+import errno, os, sys, trio, pyfuse3
+
+STAT = ("st_mode", "st_nlink", "st_uid", "st_gid", "st_rdev", "st_size", "st_blocks",
+        "st_atime_ns", "st_mtime_ns", "st_ctime_ns")
+
+
+class Bare(pyfuse3.Operations):
+    def __init__(self, root):
+        super().__init__()
+        self.root = root
+        self.names = {pyfuse3.ROOT_INODE: root}
+
+    def _attr(self, p):
+        st = os.lstat(p)
+        a = pyfuse3.EntryAttributes()
+        for k in STAT:
+            setattr(a, k, getattr(st, k))
+        a.st_blksize, a.generation, a.entry_timeout, a.attr_timeout = 4096, 0, 0, 0
+        a.st_ino = pyfuse3.ROOT_INODE if p == self.root else st.st_ino
+        self.names[a.st_ino] = p
+        return a
+
+    def _path(self, parent, name):
+        return os.path.join(self.names[parent], os.fsdecode(name))
+
+    async def lookup(self, parent, name, ctx=None):
+        try:
+            return self._attr(self._path(parent, name))
+        except OSError as e:
+            raise pyfuse3.FUSEError(e.errno) from None
+
+    async def getattr(self, ino, ctx=None):
+        return self._attr(self.names[ino])
+
+    async def setattr(self, ino, attr, fields, fh, ctx):
+        if fields.update_size:
+            os.truncate(self.names[ino], attr.st_size)
+        return self._attr(self.names[ino])
+
+    async def getxattr(self, ino, name, ctx):
+        raise pyfuse3.FUSEError(errno.ENODATA)
+
+    async def open(self, ino, flags, ctx):
+        return pyfuse3.FileInfo(fh=os.open(self.names[ino], flags & ~os.O_CREAT))
+
+    async def create(self, parent, name, mode, flags, ctx):
+        p = self._path(parent, name)
+        return pyfuse3.FileInfo(fh=os.open(p, flags | os.O_CREAT, mode)), self._attr(p)
+
+    async def read(self, fh, off, size):
+        return os.pread(fh, size, off)
+
+    async def write(self, fh, off, buf):
+        return os.pwrite(fh, buf, off)
+
+    async def fsync(self, fh, datasync):
+        (os.fdatasync if datasync else os.fsync)(fh)
+
+    async def flush(self, fh):
+        pass
+
+    async def release(self, fh):
+        os.close(fh)
+
+    async def unlink(self, parent, name, ctx):
+        os.unlink(self._path(parent, name))
+
+    async def mkdir(self, parent, name, mode, ctx):
+        p = self._path(parent, name)
+        os.mkdir(p, mode)
+        return self._attr(p)
+
+    async def opendir(self, ino, ctx):
+        return ino
+
+    async def readdir(self, fh, off, token):
+        pass
+
+    async def releasedir(self, fh):
+        pass
+
+    async def statfs(self, ctx):
+        return pyfuse3.StatvfsData()
+
+
+async def main():
+    pyfuse3.init(Bare(sys.argv[1]), sys.argv[2], {"default_permissions", "allow_other"})
+    async with trio.open_nursery() as n:
+        n.start_soon(pyfuse3.main)
+        print("mounted", flush=True)
+        await trio.to_thread.run_sync(sys.stdin.read)  # until the benchmark closes stdin
+        n.cancel_scope.cancel()
+    pyfuse3.close(unmount=True)
+
+trio.run(main)
+"""
 
 
 def compile_passthrough(out: Path) -> Path:
@@ -77,8 +181,9 @@ def place(name: str, base: Path, exe: Path) -> Iterator[Path]:
         yield backing
         return
     mnt.mkdir()
-    if name == "pyfuse3":
-        argv = [sys.executable, "-c", FUSE_SCRIPT, str(backing), str(mnt)]
+    if name.startswith("pyfuse3"):
+        script = FUSE_SCRIPT if name == "pyfuse3" else BARE_SCRIPT
+        argv = [sys.executable, "-c", script, str(backing), str(mnt)]
     else:
         opts = f"modules=subdir,subdir={backing},default_permissions,allow_other,fsname=c-{name}"
         opts += ",max_threads=10"  # libfuse 3.14 warns about its own default otherwise
@@ -91,7 +196,7 @@ def place(name: str, base: Path, exe: Path) -> Iterator[Path]:
     finally:
         assert proc.stdin is not None
         proc.stdin.close()
-        if name != "pyfuse3":
+        if not name.startswith("pyfuse3"):
             subprocess.run(["umount", str(mnt)], capture_output=True, check=False)
         try:
             proc.wait(10)
@@ -135,11 +240,11 @@ def figures_of(rounds: Sequence[dict[str, dict[str, float]]]) -> list[Figure]:
             anchor = "" if name == "local" else f"{workload}_local"
             samples = [r[name][workload] for r in rounds]
             out.append(Figure("fuse_compiled", f"{workload}_{name}", unit, samples, anchor=anchor))
-        for name in ("c_single", "c_threads"):
+        for name in ("pyfuse3_bare", "c_single", "c_threads"):
             ratios = [r[name][workload] / r["pyfuse3"][workload] for r in rounds]
             out.append(
                 Figure("fuse_compiled", f"{workload}_{name}_over_pyfuse3", "x", ratios,
-                       extra={"what": "compiled FUSE passthrough / the runtime's FUSE layer"})
+                       extra={"what": f"{name} / the runtime's FUSE layer"})
             )  # fmt: skip
     return out
 

@@ -11,7 +11,7 @@ from benchmarks.fuse_compiled import PLACES, figures_of
 
 
 def _round(scale: float) -> dict[str, dict[str, float]]:
-    base = {"local": 4.0, "pyfuse3": 1.0, "c_single": 2.0, "c_threads": 3.0}
+    base = {"local": 4.0, "pyfuse3": 1.0, "pyfuse3_bare": 1.5, "c_single": 2.0, "c_threads": 3.0}
     return {
         p: {"4k_fdatasync": base[p] * scale, "1m_sequential": 100 * base[p],
             "sqlite_commits": 10 * base[p] * scale}
