@@ -99,6 +99,10 @@ def test_mount_replicate_lose_peer_resync(tmp_path: Path) -> None:  # noqa: PLR0
             done = [e for e in events if e.kind == "resync_done"][-1]
             assert done.detail["kind"] == "incremental"
             assert done.detail["bytes_done"] <= 4096 + 50_000 + 16_384
+            # Where its end went: queuing, the peer's final barrier, the declaration.
+            assert done.detail["queued_s"] >= 0
+            assert done.detail["barrier_s"] >= 0
+            assert done.detail["declare_s"] >= 0
             rep = await prim.verify()
             assert rep.equal, rep.differences
             assert prim.status().dirty_paths == 0
