@@ -41,6 +41,7 @@ from typing import Any
 from benchmarks.mirror_lab import steady_pair
 from benchmarks.report import Figure, emit, percentile
 from ha_lab.lab import Lab
+from ha_lab.observe import module_states
 
 TARGET_RATIO = 0.40
 NODE_PYTHON = "/opt/hapair/venv/bin/python"  # the runtime's own (hapair_runtime_venv)
@@ -167,13 +168,31 @@ def _cpu_seconds(pids: Sequence[int]) -> float | None:
 
 
 def replica_pids(node: str, role: str, module: str) -> list[int]:
-    """Host PIDs of the node's `hactl replicate ROLE MODULE` children."""
-    return node_pids(node, "replicate", role, module)
+    """Host PIDs of the node's replication children of MODULE in ROLE, as its daemon names
+    them: a child started as a spare says `replicate spare` in its argv whatever its role."""
+    rep = module_states(node).get(module, {}).get("replication") or {}
+    if rep.get("role") != role:
+        return []
+    inner = {d["pid"] for d in rep.get("dirs", []) if isinstance(d.get("pid"), int)}
+    return [host for host, ns_pid in _node_processes(node) if ns_pid in inner]
 
 
 def node_pids(node: str, *words: str) -> list[int]:
     """Host PIDs of the node's processes whose argv holds all ``words`` (its PID namespace
     only: the host may run other copies, e.g. integration tests)."""
+    found = []
+    for host, _ in _node_processes(node):
+        try:
+            argv = Path(f"/proc/{host}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if all(w.encode() in argv for w in words):
+            found.append(host)
+    return found
+
+
+def _node_processes(node: str) -> list[tuple[int, int]]:
+    """(host PID, PID inside the node) of every process in the node's PID namespace."""
     init = Lab().node(node).init_pid()
     if init is None:
         return []
@@ -183,13 +202,14 @@ def node_pids(node: str, *words: str) -> list[int]:
         if not entry.name.isdigit():
             continue
         try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
             if os.readlink(entry / "ns/pid") != ns:
                 continue
+            status = (entry / "status").read_text()
         except OSError:
             continue
-        if all(w.encode() in argv for w in words):
-            found.append(int(entry.name))
+        nspid = next((ln.split() for ln in status.splitlines() if ln.startswith("NSpid:")), [])
+        if len(nspid) >= 2:
+            found.append((int(entry.name), int(nspid[-1])))
     return found
 
 

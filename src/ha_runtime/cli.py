@@ -98,7 +98,7 @@ def _parser() -> argparse.ArgumentParser:
     rs.set_defaults(func=cmd_resync)
 
     rp = sub.add_parser("replicate", help="(internal) one replicated directory, run by the daemon")
-    rp.add_argument("role", choices=("primary", "secondary"))
+    rp.add_argument("role", choices=("primary", "secondary", "spare"))
     rp.add_argument("module")
     rp.add_argument("--dir", type=int, default=0, dest="dir_index")
     rp.set_defaults(func=cmd_replicate)
@@ -303,6 +303,17 @@ def cmd_action(args: argparse.Namespace) -> int:
 def cmd_replicate(args: argparse.Namespace) -> int:
     from ha_runtime.replication import child  # noqa: PLC0415 - the daemon's children only
 
+    role = args.role
+    if role == "spare":
+        try:
+            assigned = child.await_role()
+        except ValueError as exc:
+            print(f"hactl replicate: {exc}", file=sys.stderr)
+            return EXIT_REFUSED
+        if assigned is None:
+            return EXIT_OK  # dropped before use
+        role = assigned
+    # Read after the role is known: a spare may have waited through a configuration change.
     try:
         site = load_site(args.config)
     except ConfigError as exc:
@@ -313,7 +324,7 @@ def cmd_replicate(args: argparse.Namespace) -> int:
     if module is None or not 0 <= args.dir_index < len(module.replicated_dirs):
         print(f"hactl: {args.module} has no replicated directory {args.dir_index}", file=sys.stderr)
         return EXIT_REFUSED
-    return child.main(args.role, site.cluster, module, args.dir_index)
+    return child.main(role, site.cluster, module, args.dir_index)
 
 
 def cmd_verify(args: argparse.Namespace) -> int:

@@ -5,6 +5,9 @@ A mirror module owns one ``ReplicationSupervisor``. On the primary it starts one
 system and connects to the peer) and only then starts the application; on the secondary,
 ``hactl replicate secondary`` children receive into the backing directories. Their status
 and events come back over a pipe (protocol: ``replication.child``).
+
+A role change hands the role to a spare child started ahead (``spares.SparePool``), so
+that neither node of a switchover waits for a new interpreter to import the runtime.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import trio
 
 from ha_runtime.config import ClusterConfig, ModuleConfig
 from ha_runtime.jsonlines import json_objects
+from ha_runtime.mirror.spares import SparePool
 from ha_runtime.replication.child import mounted, unmount
 from ha_runtime.replication.layout import Layout
 
@@ -72,11 +76,20 @@ class ReplicationSupervisor:
         module: ModuleConfig,
         on_event: EventSink,
         command: Callable[[str, int], list[str]] | None = None,
+        spare_command: Callable[[int], list[str]] | None = None,
     ) -> None:
         self.cluster = cluster
         self.m = module
         self.on_event = on_event
         self.command = command or self._default_command
+        # An injected command has no spare form unless one is given too.
+        if spare_command is None and command is None:
+            spare_command = self._spare_command
+        self.spares = (
+            SparePool(module.name, len(module.replicated_dirs), spare_command)
+            if spare_command is not None and module.replicated_dirs
+            else None
+        )
         self.role: str | None = None
         self.children: dict[int, DirChild] = {}
         self.generation: str | None = None
@@ -93,11 +106,26 @@ class ReplicationSupervisor:
             "replicate", role, self.m.name, "--dir", str(index),
         ]  # fmt: skip
 
+    def _spare_command(self, index: int) -> list[str]:
+        return self._default_command("spare", index)
+
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as n:
             self._nursery = n
             task_status.started()
+            if self.spares is not None:
+                n.start_soon(self.spares.run)
             await trio.sleep_forever()
+
+    async def _open(self, c: DirChild) -> trio.Process:
+        """The child for c: the directory's spare given c's role, or a new process."""
+        if self.spares is not None:
+            spare = await self.spares.take(c.index, c.role)
+            if spare is not None:
+                return spare
+        return await trio.lowlevel.open_process(
+            self.command(c.role, c.index), stdin=subprocess.PIPE, stdout=subprocess.PIPE
+        )
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -169,9 +197,7 @@ class ReplicationSupervisor:
                 c.started, c.exited = trio.Event(), trio.Event()
             first = False
             try:
-                c.proc = await trio.lowlevel.open_process(
-                    self.command(c.role, c.index), stdin=subprocess.PIPE, stdout=subprocess.PIPE
-                )
+                c.proc = await self._open(c)
             except OSError:
                 log.exception("%s: cannot run replication of %s", self.m.name, c.app_dir)
                 c.exited.set()

@@ -114,7 +114,9 @@ def test_daemons_replicate_swap_and_resync(tmp_path: Path) -> None:  # noqa: PLR
             and sec.status()["sync"] == "in-sync"
         )
 
-    async def main() -> None:
+    spares_seen: list[int | None] = []
+
+    async def main() -> None:  # noqa: PLR0915 - one scenario, step by step
         async with trio.open_nursery() as outer:
             outer.start_soon(d1.run)
             async with trio.open_nursery() as n2:
@@ -149,10 +151,18 @@ def test_daemons_replicate_swap_and_resync(tmp_path: Path) -> None:  # noqa: PLR
                 assert refused and "TLS handshake refused" in refused[-1]["reason"], refused
                 assert pair(m1, m2)  # the genuine link was not disturbed
 
-                # Planned swap: drained, unmounted on node1, mounted on node2.
+                # Planned swap: drained, unmounted on node1, mounted on node2, each by the
+                # spare child its daemon started ahead (no interpreter started meanwhile).
+                await _wait(lambda: all(_spare_pid(m) is not None for m in (m1, m2)))
+                spare1, spare2 = _spare_pid(m1), _spare_pid(m2)
+                spares_seen.extend([spare1, spare2])
                 resp = await call(d1, {"command": "swap", "module": "flightdata"})
                 assert resp["ok"], resp
                 await _wait(lambda: pair(m2, m1))
+                assert _child_pid(m2) == spare2 and _child_pid(m1) == spare1, (
+                    (spare1, spare2),
+                    (_child_pid(m1), _child_pid(m2)),
+                )
                 assert mounted(app2) and not mounted(app1)
                 assert (app2 / "a.txt").read_bytes() == b"hello\n"
                 await trio.to_thread.run_sync(_write_sync, app2 / "b.txt", b"from node2\n")
@@ -184,3 +194,19 @@ def test_daemons_replicate_swap_and_resync(tmp_path: Path) -> None:  # noqa: PLR
                 subprocess.run(["umount", "-l", str(p)], check=False)
     lines = (tmp_path / "scripts.log").read_text().splitlines()
     assert all(line.endswith(" mounted") for line in lines if "start_prim" in line), lines
+    # The daemons gone, no spare outlives them (a used one was a child and stopped as one).
+    left = [m.replication.spares.spares for m in (m1, m2) if m.replication and m.replication.spares]
+    assert left == [{}, {}], left
+    for pid in spares_seen:
+        assert pid is not None and not Path(f"/proc/{pid}").exists(), pid
+
+
+def _spare_pid(m: Any) -> int | None:
+    """The pid of the module's live spare child of directory 0, if any."""
+    p = m.replication.spares.spares.get(0)
+    return p.pid if p is not None and p.returncode is None else None
+
+
+def _child_pid(m: Any) -> int | None:
+    c = m.replication.children.get(0)
+    return c.proc.pid if c is not None and c.proc is not None else None
