@@ -56,7 +56,7 @@ unit: setup
 
 # Root-only tests: FUSE, TLS and namespaces on this host, then the two-node lab.
 integration: setup
-	$(BIN)/pytest tests/integration tests/lab
+	$(BIN)/pytest --durations=25 tests/integration tests/lab
 
 molecule: setup
 	cd $(CURDIR) && for s in $$(ls molecule); do $(BIN)/molecule test -s $$s || exit 1; done
@@ -71,7 +71,7 @@ SEED ?= 20261203
 MINUTES ?= 30
 
 chaos-short: setup
-	$(BIN)/pytest tests/chaos
+	$(BIN)/pytest --durations=10 tests/chaos
 
 chaos: setup
 	$(BIN)/python tests/chaos/campaign.py --seed $(SEED) --minutes $(MINUTES)
