@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 # After a spare is used, wait this long before starting the next one: its imports would
 # otherwise take CPU from the application starting on the new primary.
-REFILL_DELAY_S = 2.0
+REFILL_DELAY_S = 1.0
 
 
 class SparePool:
