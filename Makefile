@@ -58,8 +58,14 @@ unit: setup
 integration: setup
 	$(BIN)/pytest --durations=25 tests/integration tests/lab
 
+# `default` first: it proves a fresh deploy and idempotence, and leaves the lab up and the site
+# deployed for the scenarios after it; `upgrade` last: it starts from a fresh lab (the previous
+# release) and takes the lab down. A scenario directory missing from this list fails the target.
+MOLECULE_SCENARIOS := default failback failover farm resync switchover upgrade
 molecule: setup
-	cd $(CURDIR) && for s in $$(ls molecule); do $(BIN)/molecule test -s $$s || exit 1; done
+	@extra=$$(comm -13 <(printf '%s\n' $(MOLECULE_SCENARIOS) | sort) <(ls molecule | sort)); \
+	if [ -n "$$extra" ]; then echo "molecule: scenarios not in MOLECULE_SCENARIOS: $$extra"; exit 1; fi
+	cd $(CURDIR) && for s in $(MOLECULE_SCENARIOS); do $(BIN)/molecule test -s $$s || exit 1; done
 
 test: setup lint unit integration chaos-short molecule
 
