@@ -91,6 +91,7 @@ def test_alone_with_a_peer_that_adopted_our_generation_takes_a_new_one_then_wait
     mgr.state = State.ALONE
     assert mgr.replication is not None
     mgr.replication.command = lambda role, i: [sys.executable, "-c", CHILD, f"{g.current:016x}"]
+    mgr.replication.spares = None  # the scripted child has no spare form
     seq = iter(range(1, 1_000_000))
 
     def heard() -> None:
