@@ -76,18 +76,15 @@ class ReplicationSupervisor:
         module: ModuleConfig,
         on_event: EventSink,
         command: Callable[[str, int], list[str]] | None = None,
-        spare_command: Callable[[int], list[str]] | None = None,
     ) -> None:
         self.cluster = cluster
         self.m = module
         self.on_event = on_event
         self.command = command or self._default_command
-        # An injected command has no spare form unless one is given too.
-        if spare_command is None and command is None:
-            spare_command = self._spare_command
+        # An injected command (a test's scripted child) has no spare form.
         self.spares = (
-            SparePool(module.name, len(module.replicated_dirs), spare_command)
-            if spare_command is not None and module.replicated_dirs
+            SparePool(module.name, len(module.replicated_dirs), self._spare_command)
+            if command is None and module.replicated_dirs
             else None
         )
         self.role: str | None = None

@@ -6,9 +6,6 @@ pyfuse3 serves one mount per process, so the daemon runs every replicated direct
 service in a child of its own (both roles, for one way of supervising them). The child
 talks to the daemon over its stdin/stdout, one JSON object per line:
 
-A ``spare`` is started ahead of need and waits, imported, for its role: its first line from
-the daemon is ``{"cmd": "role", "role": "primary"|"secondary"}``; then it is that child.
-
 daemon -> child: ``{"cmd": "stop"}`` (primary: drain the peer, unmount, exit),
 ``{"cmd": "generation", "value": HEX}`` (primary: the manager's data generation),
 ``{"cmd": "resync", "full": BOOL}``, ``{"cmd": "verify", "id": N}``,
@@ -24,6 +21,9 @@ precedes ``fence``, so the daemon decides on the state that made the child ask.
 
 End of stdin (the daemon died) stops the child as ``stop`` does. Logs go to stderr (the
 journal of hapair.service).
+
+A ``spare`` is started ahead of need and waits, imported, for its role: its first line from
+the daemon is ``{"cmd": "role", "role": "primary"|"secondary"}``; then it is that child.
 """
 
 from __future__ import annotations
