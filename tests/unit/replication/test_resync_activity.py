@@ -27,6 +27,7 @@ from ha_runtime.replication.dirtylog import DirtyLog
 from ha_runtime.replication.journal import Op, Record
 from ha_runtime.replication.link.framing import LinkLost
 from ha_runtime.replication.resync.progress import Progress, hold
+from ha_runtime.replication.resync.send import NOW_BYTES
 from ha_runtime.replication.resync.settle import SETTLE_ROUNDS
 from ha_runtime.replication.secondary.applier import Applier
 
@@ -405,3 +406,45 @@ def test_a_rename_in_a_directory_made_while_the_peer_was_away(tmp_path: Path) ->
     # the directory reaches the peer before anything in it (the secondary refuses the rest)
     order = [(r.op, r.path) for r in link.records if r.path in (b"new", b"new/x")]
     assert order[0] == (Op.MKDIR, b"new"), order
+
+
+@pytest.mark.parametrize("batch", [False, True])
+def test_appends_to_a_large_new_file_wait_for_it_to_reach_the_peer(
+    tmp_path: Path, batch: bool
+) -> None:
+    """A file made while the peer was away, with more than NOW_BYTES to send, appended to
+    throughout the resync: no append reaches the peer before the file does. One did (lab,
+    test_resync_under_load: `cannot apply WRITE b'records': no such file`, the link
+    dropped, the resync started over): the pass marked the file reconciled, found it too
+    large to queue at once, and waited for room before queueing its CREATE; an append in
+    that wait was shipped."""
+    prim, peer, log, applier, link, app = _pair(tmp_path)
+    app.progress = None
+    big = prim / "records"
+    size = NOW_BYTES + 300_000
+    log.sync(log.note(Record(0, Op.CREATE, b"records", mode=0o100644)))
+    log.sync(log.note(Record(0, Op.WRITE, b"records", offset=0, length=size)))
+    big.write_bytes(os.urandom(size))
+    appends = [0]
+
+    def append() -> None:  # the application's next record, at every wait of the pass
+        if appends[0] < 40:
+            appends[0] += 1
+            off = big.stat().st_size
+            data = os.urandom(100)
+
+            def write() -> None:
+                with open(big, "r+b") as f:
+                    f.seek(off)
+                    f.write(data)
+
+            app._do(Record(0, Op.WRITE, b"records", offset=off, data=data), write)
+
+    link.every_room = append
+    _run(link, prim, log, full=False, app=app, batch=batch)
+    applier.barrier()
+    applier.close()
+    assert appends[0] > 0, "the application never acted"
+    assert snapshot(peer) == snapshot(prim)
+    first = next(r.op for r in link.records if r.path == b"records")
+    assert first == Op.CREATE, first

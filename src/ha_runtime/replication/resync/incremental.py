@@ -218,11 +218,16 @@ def _reconcile_path_now(
     if st is None:
         return True
     try:
-        return reconcile_now(out, root, rel, st, state, progress)
+        now = reconcile_now(out, root, rel, st, state, progress)
     except OSError as e:
         log.info("resync: %r changed meanwhile (%s): reconciled again", rel, e)
         progress.retry.add(rel)
         return True
+    if not now:
+        # Pending again until ``_reconcile_path`` begins it: the caller waits for room
+        # first, and an operation on it meanwhile could reach the peer before the file.
+        pend(progress, rel)
+    return now
 
 
 async def _reconcile_path(
