@@ -20,7 +20,12 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         item.add_marker(pytest.mark.lab)
     # test_lab.py takes the lab down at its end, and `mirror_site` deploys once per session:
     # run it before every test that uses the deployed site, whatever their names sort as.
-    first = [i for i in lab_items if i.path.name == "test_lab.py"]
+    # test_deploy_check.py next: it needs fresh nodes anyway (test_lab's `down` gives them),
+    # and the site it deploys is then the one `mirror_site` finds, not a second fresh deploy.
+    leading = ("test_lab.py", "test_deploy_check.py")
+    first = sorted(
+        (i for i in lab_items if i.path.name in leading), key=lambda i: leading.index(i.path.name)
+    )
     if first:
         rest = [i for i in items if i not in first]
         at = next((n for n, i in enumerate(rest) if i in lab_items), len(rest))
