@@ -18,16 +18,22 @@ again, all in one invocation:
    brick on the root file system is refused otherwise;
 4. volume options (VOLUME_OPTIONS) so that an fsync means on GlusterFS what it means on
    hapair: the data is on both nodes' disks when it returns;
-5. the volume mounted with the FUSE client (`mount -t glusterfs`) on the primary.
+5. the volume mounted with the FUSE client (`mount -t glusterfs`) on the primary;
+6. a second volume the same way, with TLS on its I/O path (TLS_OPTIONS: `client.ssl` and
+   `server.ssl` on, certificates of a CA made for this run), mounted beside the first.
+   hapair's replication link is always TLS 1.3; GlusterFS encrypts only when told to. The
+   plain volume is the issue's peer (its targets); the TLS one is the same guarantee on
+   the wire, an operator's choice between machine rooms, and is reported beside it.
 
 Then, in one run, the replication benchmark's three workloads (4 KiB write + fdatasync,
 1 MiB sequential, SQLite commits) on the primary, `--runs` times each, in: its local disk,
 the runtime's FUSE file system with nothing replicated (`fuse_only`), hapair's replicated
-directory and the GlusterFS mount; the order of the four rotates from run to run so none
-always runs first. `*_hapair_vs_glusterfs` is hapair's figure over GlusterFS's, run by run
-(targets of issue 16). CPU time of each system's processes per operation is reported too.
+directory and the two GlusterFS mounts; the order of the five rotates from run to run so
+none always runs first. `*_hapair_vs_glusterfs` is hapair's figure over GlusterFS's, run by
+run (targets of issue 16); `*_hapair_vs_glusterfs_tls` the same over GlusterFS with TLS. CPU
+time of each system's processes per operation is reported too.
 
-Teardown, whatever happened: unmount, volume stop and delete, peer detach, glusterd and
+Teardown, whatever happened: unmount, volumes stopped and deleted, peer detach, glusterd and
 every remaining gluster process stopped, the packages purged and gluster's state and the
 bricks removed, so the lab is left as found. A failing step is named in the error.
 """
@@ -41,10 +47,12 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 from benchmarks.mirror_lab import steady_pair
@@ -69,6 +77,12 @@ VOLUME = "hapairbench"
 GLUSTER_DIR = "/var/lib/hapair-bench-glusterfs"
 BRICK = f"{GLUSTER_DIR}/brick"
 MOUNT = "/mnt/hapair-bench-glusterfs"
+# The TLS volume: its own bricks and mount, its certificates under GLUSTER_DIR (removed with it).
+VOLUME_TLS = "hapairbench-tls"
+BRICK_TLS = f"{GLUSTER_DIR}/tls-brick"
+MOUNT_TLS = "/mnt/hapair-bench-glusterfs-tls"
+TLS_DIR = f"{GLUSTER_DIR}/tls"
+TLS_FILES = ("glusterfs.pem", "glusterfs.key", "glusterfs.ca")
 GLUSTER = ("gluster", "--mode=script")
 # Its presence on a node means GlusterFS is (still) installed there.
 GLUSTER_MARK = "glusterfs-common"
@@ -95,6 +109,19 @@ VOLUME_OPTIONS = (
     ("performance.flush-behind", "off"),
     ("cluster.ensure-durability", "on"),
 )
+# The TLS volume's, on top of VOLUME_OPTIONS: TLS between the client and both bricks (I/O
+# path; glusterd's management traffic is not what the benchmark measures), each side
+# verifying the other's certificate against the run's CA. `auth.ssl-allow *`: any name the
+# CA signed, i.e. this run's two nodes. The files are named explicitly: Debian's default is
+# /usr/lib/ssl/glusterfs.*, outside what the teardown removes.
+TLS_OPTIONS = (
+    ("client.ssl", "on"),
+    ("server.ssl", "on"),
+    ("auth.ssl-allow", "*"),
+    ("ssl.own-cert", f"{TLS_DIR}/glusterfs.pem"),
+    ("ssl.private-key", f"{TLS_DIR}/glusterfs.key"),
+    ("ssl.ca-list", f"{TLS_DIR}/glusterfs.ca"),
+)
 # Recorded with the figures: the volume's actual values (`gluster volume get`).
 REPORTED_OPTIONS = (
     *(name for name, _ in VOLUME_OPTIONS),
@@ -103,7 +130,8 @@ REPORTED_OPTIONS = (
 )
 
 GLUSTERFS = "glusterfs"
-PLACES = ("local", FUSE_ONLY, "replicated", GLUSTERFS)
+GLUSTERFS_TLS = "glusterfs_tls"
+PLACES = ("local", FUSE_ONLY, "replicated", GLUSTERFS, GLUSTERFS_TLS)
 # Issue 16: hapair at least this many times GlusterFS, each workload.
 TARGET_VS_GLUSTERFS = {"4k_fdatasync": 3.0, "1m_sequential": 2.0, "sqlite_commits": 3.0}
 KEYS = (
@@ -116,6 +144,11 @@ KEYS = (
 CPU_OF = {
     "replicated": ("hapair_primary", "hapair_secondary"),
     GLUSTERFS: ("glusterfs_client", "glusterfs_brick_primary", "glusterfs_brick_secondary"),
+    GLUSTERFS_TLS: (
+        "glusterfs_tls_client",
+        "glusterfs_tls_brick_primary",
+        "glusterfs_tls_brick_secondary",
+    ),
     FUSE_ONLY: ("fuse_only",),
 }
 
@@ -128,9 +161,41 @@ def hb_address(node: str) -> str:
     return HB.address(node_host(node_index(node)))
 
 
-def volume_create_argv(primary: str, secondary: str) -> list[str]:
-    bricks = [f"{hb_address(n)}:{BRICK}" for n in (primary, secondary)]
-    return [*GLUSTER, "volume", "create", VOLUME, "replica", "2", *bricks, "force"]
+def volume_create_argv(
+    primary: str, secondary: str, volume: str = VOLUME, brick: str = BRICK
+) -> list[str]:
+    bricks = [f"{hb_address(n)}:{brick}" for n in (primary, secondary)]
+    return [*GLUSTER, "volume", "create", volume, "replica", "2", *bricks, "force"]
+
+
+def node_certificates(nodes: Sequence[str]) -> dict[str, dict[str, str]]:
+    """TLS_FILES of each node (its key, its certificate, the CA's), from a CA made here for
+    this run only (openssl, as the runtime role makes the site's secrets)."""
+
+    def openssl(*args: str) -> None:
+        try:
+            run(["openssl", *args], timeout=60)
+        except LabError as exc:
+            raise StepFailed(f"TLS certificates: {exc}") from exc
+
+    out: dict[str, dict[str, str]] = {}
+    with tempfile.TemporaryDirectory(prefix="hapair-bench-gluster-tls-") as tmp:
+        d = Path(tmp)
+        openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                "-subj", "/CN=hapair-bench-glusterfs-ca",
+                "-keyout", str(d / "ca.key"), "-out", str(d / "ca.pem"))  # fmt: skip
+        for node in nodes:
+            openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={node}",
+                    "-keyout", str(d / f"{node}.key"), "-out", str(d / f"{node}.csr"))  # fmt: skip
+            openssl("x509", "-req", "-days", "2", "-in", str(d / f"{node}.csr"),
+                    "-CA", str(d / "ca.pem"), "-CAkey", str(d / "ca.key"),
+                    "-CAcreateserial", "-out", str(d / f"{node}.pem"))  # fmt: skip
+            out[node] = {
+                "glusterfs.pem": (d / f"{node}.pem").read_text(),
+                "glusterfs.key": (d / f"{node}.key").read_text(),
+                "glusterfs.ca": (d / "ca.pem").read_text(),
+            }
+    return out
 
 
 def peer_connected(peer_status: str, address: str) -> bool:
@@ -174,10 +239,15 @@ class GlusterPair:
         return self.primary, self.secondary
 
     def _run(
-        self, step: str, node: str, argv: list[str], timeout: float = 120
+        self,
+        step: str,
+        node: str,
+        argv: list[str],
+        timeout: float = 120,
+        input_text: str | None = None,
     ) -> subprocess.CompletedProcess[str]:
         try:
-            return run(Lab().exec_argv(node, argv), timeout=timeout)
+            return run(Lab().exec_argv(node, argv), timeout=timeout, input_text=input_text)
         except LabError as exc:
             raise StepFailed(f"{step} on {node}: {exc}") from exc
 
@@ -233,22 +303,16 @@ class GlusterPair:
         # Probing back names the primary by its hb address on the secondary too (it would
         # otherwise know it only by the address the probe came from).
         self._run("peer probe back", self.secondary, [*GLUSTER, "peer", "probe", me])
-        for node in self.nodes:
-            self._run("brick directory", node, ["mkdir", "-p", BRICK])
-        self._run("volume create", self.primary, volume_create_argv(self.primary, self.secondary))
-        for name, value in VOLUME_OPTIONS:
-            self._run(
-                f"volume set {name}", self.primary, [*GLUSTER, "volume", "set", VOLUME, name, value]
-            )
-        self._run("volume start", self.primary, [*GLUSTER, "volume", "start", VOLUME])
-        self._run("mount directory", self.primary, ["mkdir", "-p", MOUNT])
-        self._run(
-            "mount",
-            self.primary,
-            ["mount", "-t", "glusterfs", f"{me}:/{VOLUME}", MOUNT],
-            timeout=60,
-        )
-        self._run("mount check", self.primary, ["mountpoint", "-q", MOUNT])
+        self._volume(VOLUME, BRICK, MOUNT, VOLUME_OPTIONS)
+        for node, files in node_certificates(self.nodes).items():
+            for name, text in files.items():
+                self._run(
+                    f"TLS file {name}",
+                    node,
+                    ["sh", "-c", f'umask 077 && mkdir -p {TLS_DIR} && cat > "{TLS_DIR}/{name}"'],
+                    input_text=text,
+                )
+        self._volume(VOLUME_TLS, BRICK_TLS, MOUNT_TLS, (*VOLUME_OPTIONS, *TLS_OPTIONS))
         options = {}
         for name in REPORTED_OPTIONS:
             out = self._run(
@@ -257,13 +321,50 @@ class GlusterPair:
             options.update(parse_volume_get(out))
         return options
 
+    def _volume(
+        self, volume: str, brick: str, mount: str, options: Sequence[tuple[str, str]]
+    ) -> None:
+        """Create, set, start and mount one replica 2 volume (steps named by volume)."""
+        for node in self.nodes:
+            self._run(f"{volume}: brick directory", node, ["mkdir", "-p", brick])
+        self._run(
+            f"{volume}: volume create",
+            self.primary,
+            volume_create_argv(self.primary, self.secondary, volume, brick),
+        )
+        for name, value in options:
+            self._run(
+                f"{volume}: volume set {name}",
+                self.primary,
+                [*GLUSTER, "volume", "set", volume, name, value],
+            )
+        self._run(f"{volume}: volume start", self.primary, [*GLUSTER, "volume", "start", volume])
+        self._run(f"{volume}: mount directory", self.primary, ["mkdir", "-p", mount])
+        me = hb_address(self.primary)
+        self._run(
+            f"{volume}: mount",
+            self.primary,
+            ["mount", "-t", "glusterfs", f"{me}:/{volume}", mount],
+            timeout=60,
+        )
+        self._run(f"{volume}: mount check", self.primary, ["mountpoint", "-q", mount])
+
     def pids(self) -> dict[str, list[int]]:
-        """Host PIDs of the FUSE client on the primary and of each node's brick."""
-        return {
-            "glusterfs_client": node_pids(self.primary, "/usr/sbin/glusterfs", MOUNT),
-            "glusterfs_brick_primary": node_pids(self.primary, "/usr/sbin/glusterfsd"),
-            "glusterfs_brick_secondary": node_pids(self.secondary, "/usr/sbin/glusterfsd"),
-        }
+        """Host PIDs of each volume's FUSE client on the primary and of its brick on each
+        node (a brick's argv names its directory)."""
+        pids: dict[str, list[int]] = {}
+        for place, brick, mount in (
+            (GLUSTERFS, BRICK, MOUNT),
+            (GLUSTERFS_TLS, BRICK_TLS, MOUNT_TLS),
+        ):
+            pids |= {
+                f"{place}_client": node_pids(self.primary, "/usr/sbin/glusterfs", mount),
+                f"{place}_brick_primary": node_pids(self.primary, "/usr/sbin/glusterfsd", brick),
+                f"{place}_brick_secondary": node_pids(
+                    self.secondary, "/usr/sbin/glusterfsd", brick
+                ),
+            }
+        return pids
 
     def teardown(self) -> list[str]:
         """Every step tried even when one fails; the failures, each naming its step."""
@@ -280,16 +381,23 @@ class GlusterPair:
         def has_gluster(node: str) -> bool:
             return self._probe(node, ["sh", "-c", "command -v gluster"]).returncode == 0
 
-        if self._probe(self.primary, ["mountpoint", "-q", MOUNT]).returncode == 0 and not step(
-            "unmount", self.primary, ["umount", MOUNT]
-        ):
-            step("unmount (lazy)", self.primary, ["umount", "-l", MOUNT])
-        if has_gluster(self.primary):
-            info = self._probe(self.primary, [*GLUSTER, "volume", "info", VOLUME])
+        for mount in (MOUNT, MOUNT_TLS):
+            mounted = self._probe(self.primary, ["mountpoint", "-q", mount]).returncode == 0
+            if mounted and not step(f"unmount {mount}", self.primary, ["umount", mount]):
+                step(f"unmount {mount} (lazy)", self.primary, ["umount", "-l", mount])
+        for volume in (VOLUME, VOLUME_TLS) if has_gluster(self.primary) else ():
+            info = self._probe(self.primary, [*GLUSTER, "volume", "info", volume])
             if info.returncode == 0:
                 if "Status: Started" in info.stdout:
-                    step("volume stop", self.primary, [*GLUSTER, "volume", "stop", VOLUME, "force"])
-                step("volume delete", self.primary, [*GLUSTER, "volume", "delete", VOLUME])
+                    step(
+                        f"{volume}: volume stop",
+                        self.primary,
+                        [*GLUSTER, "volume", "stop", volume, "force"],
+                    )
+                step(
+                    f"{volume}: volume delete", self.primary, [*GLUSTER, "volume", "delete", volume]
+                )
+        if has_gluster(self.primary):
             status = self._probe(self.primary, [*GLUSTER, "peer", "status"]).stdout
             peer = hb_address(self.secondary)
             if peer in status:
@@ -312,7 +420,11 @@ class GlusterPair:
             except LabError as exc:
                 problems.append(f"teardown: purge packages on {node}: {exc}")
                 continue
-            step("remove gluster state", node, ["rm", "-rf", GLUSTER_DIR, MOUNT, *GLUSTER_STATE])
+            step(
+                "remove gluster state",
+                node,
+                ["rm", "-rf", GLUSTER_DIR, MOUNT, MOUNT_TLS, *GLUSTER_STATE],
+            )
             # As found: none of the set's packages but those it had, no gluster process.
             left = sorted(self._present(node) - had)
             procs = [
@@ -442,6 +554,25 @@ def figures_of(rows: list[dict[str, Any]], extra: dict[str, Any]) -> list[Figure
         if target:
             versus.passed = versus.median >= target
         figures.append(versus)
+        tls = _pick(rows, workload, GLUSTERFS_TLS, key)
+        if tls:  # absent from the results of runs before it was measured
+            figures += [
+                Figure(
+                    BENCHMARK,
+                    f"{workload}_glusterfs_tls",
+                    unit,
+                    tls,
+                    anchor=anchor,
+                    extra={"what": "GlusterFS replica 2 with TLS on its I/O path, FUSE client"},
+                ),
+                Figure(
+                    BENCHMARK,
+                    f"{workload}_hapair_vs_glusterfs_tls",
+                    "repl/glusterfs_tls",
+                    _ratio(repl, tls),
+                    extra={"what": "hapair over GlusterFS, both encrypting on the wire"},
+                ),
+            ]
     figures += _cpu_figures(rows)
     for where in PLACES:
         lat = [
@@ -534,6 +665,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 FUSE_ONLY: fuse_dir,
                 "replicated": f"{args.dir}/.bench-peer",
                 GLUSTERFS: f"{MOUNT}/bench",
+                GLUSTERFS_TLS: f"{MOUNT_TLS}/bench",
             }
             rows = measure_runs(args, primary, dirs, pids)
     except (RuntimeError, subprocess.TimeoutExpired, json.JSONDecodeError) as e:

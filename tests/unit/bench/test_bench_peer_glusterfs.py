@@ -12,10 +12,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
 from benchmarks.peer_glusterfs import (
     BRICK,
+    BRICK_TLS,
     FUSE_ONLY,
     GLUSTERFS,
+    GLUSTERFS_TLS,
+    MOUNT,
+    MOUNT_TLS,
     PLACES,
+    TLS_OPTIONS,
     VOLUME,
+    VOLUME_TLS,
     figures_of,
     parse_volume_get,
     peer_connected,
@@ -24,7 +30,7 @@ from benchmarks.peer_glusterfs import (
 )
 
 # Throughput of each place relative to the local disk, each run.
-SCALE = {"local": 1.0, FUSE_ONLY: 0.5, "replicated": 0.3, GLUSTERFS: 0.1}
+SCALE = {"local": 1.0, FUSE_ONLY: 0.5, "replicated": 0.3, GLUSTERFS: 0.1, GLUSTERFS_TLS: 0.06}
 
 
 def rows(runs: int = 2) -> list[dict[str, Any]]:
@@ -38,6 +44,9 @@ def rows(runs: int = 2) -> list[dict[str, Any]]:
             if where == GLUSTERFS:
                 cpu = {"cpu_glusterfs_client_s": 0.4, "cpu_glusterfs_brick_primary_s": 0.1,
                        "cpu_glusterfs_brick_secondary_s": 0.1}  # fmt: skip
+            if where == GLUSTERFS_TLS:
+                cpu = {"cpu_glusterfs_tls_client_s": 0.8, "cpu_glusterfs_tls_brick_primary_s": 0.3,
+                       "cpu_glusterfs_tls_brick_secondary_s": 0.3}  # fmt: skip
             out += [
                 {"run": run, "where": where, "workload": "4k_fdatasync", "ops": 1000 * k,
                  "lat": [0.001 / k] * 500, **cpu},
@@ -82,6 +91,34 @@ def test_hapair_over_glusterfs_is_taken_run_by_run_against_the_issue_targets() -
     assert delete.target == "" and delete.passed is None
     older = [r for r in rows() if r["workload"] != "sqlite_delete_commits"]
     assert not any(x.figure.startswith("sqlite_delete") for x in figures_of(older, {}))
+
+
+def test_glusterfs_with_tls_is_reported_beside_the_target_peer_without_a_target() -> None:
+    f = by_name(figures_of(rows(), {}))
+    tls = f["1m_sequential_hapair_vs_glusterfs_tls"]
+    assert tls.samples == [pytest.approx(5.0)] * 2 and tls.unit == "repl/glusterfs_tls"
+    assert tls.target == "" and tls.passed is None
+    assert f["sqlite_commits_glusterfs_tls"].anchor == "sqlite_commits_local"
+    assert f["4k_fdatasync_cpu_glusterfs_tls_total"].samples == [pytest.approx(2.8)] * 2
+    # Results of runs before the TLS volume existed: no TLS figure, no failure.
+    older = [r for r in rows() if r["where"] != GLUSTERFS_TLS]
+    assert not any("glusterfs_tls" in x.figure for x in figures_of(older, {}))
+
+
+def test_the_tls_volume_is_apart_and_encrypts_both_ways_against_its_own_ca() -> None:
+    argv = volume_create_argv("node1", "node2", VOLUME_TLS, BRICK_TLS)
+    assert argv[4] == VOLUME_TLS and argv[7:9] == [
+        f"10.78.0.11:{BRICK_TLS}",
+        f"10.78.0.12:{BRICK_TLS}",
+    ]
+    # Process lookups match whole argv words: neither volume's brick nor mount names the other's.
+    assert len({BRICK, BRICK_TLS, MOUNT, MOUNT_TLS}) == 4
+    options = dict(TLS_OPTIONS)
+    assert options["client.ssl"] == options["server.ssl"] == "on"
+    assert {options[k] for k in ("ssl.own-cert", "ssl.private-key", "ssl.ca-list")} <= {
+        f"/var/lib/hapair-bench-glusterfs/tls/{n}"
+        for n in ("glusterfs.pem", "glusterfs.key", "glusterfs.ca")
+    }
 
 
 def test_a_slower_hapair_fails_the_target() -> None:
