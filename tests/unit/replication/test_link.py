@@ -98,6 +98,42 @@ def test_records_in_order_with_durable_ack(tmp_path: Path, site: dict[str, TlsFi
     assert refused == []
 
 
+def test_the_handshaken_link_bypasses_sslstreams_send_and_receive(
+    tmp_path: Path, site: dict[str, TlsFiles], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Over TCP, both ends send and receive through the TLS objects directly
+    (link/direct.py): records, a 1 MiB write, a barrier and a control request go through
+    with SSLStream's send_all and receive_some made to fail. Its handshake and close stay."""
+    port = free_tcp_port()
+    refused: list[str] = []
+    _applier, run_secondary = _secondary(tmp_path, site["node2"], port, refused)
+    mib = bytes(range(256)) * 4096
+
+    async def refused_here(self: Any, *args: Any) -> None:
+        raise AssertionError("SSLStream used after the handshake")
+
+    async def main() -> None:
+        async with trio.open_nursery() as n:
+            await n.start(run_secondary)
+            conn = await _connect(port, site["node1"])
+            monkeypatch.setattr(trio.SSLStream, "send_all", refused_here)
+            monkeypatch.setattr(trio.SSLStream, "receive_some", refused_here)
+            link = PrimaryLink(conn, timeout=3)
+            n.start_soon(link.run)
+            link.submit(Record(0, Op.CREATE, b"f", mode=0o100644))
+            link.submit(Record(0, Op.WRITE, b"f", offset=0, data=mib))
+            link.submit(Record(0, Op.WRITE, b"f", offset=len(mib), data=b"tail"))
+            await link.wait_acked(link.submit(Record(0, Op.FSYNC, b"f")))
+            reply, body = await link.request({"op": "x"}, b"body")
+            assert reply["echo"] == "x" and body == b"body"
+            assert link.lost_reason is None
+            n.cancel_scope.cancel()
+
+    trio.run(main)
+    assert (tmp_path / "second/f").read_bytes() == mib + b"tail"
+    assert refused == []
+
+
 def test_large_writes_are_acknowledged_on_receipt_without_a_barrier(
     tmp_path: Path, site: dict[str, TlsFiles]
 ) -> None:
@@ -189,6 +225,45 @@ def test_silent_peer_times_out(site: dict[str, TlsFiles]) -> None:
                 await link.wait_acked(seq)
             assert trio.current_time() - t0 < 1.0
             assert [r.seq for r in link.unacked()] == [seq]
+            n.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+def test_a_barrier_fails_the_link_at_its_deadline_while_the_peer_still_answers(
+    site: dict[str, TlsFiles],
+) -> None:
+    """A secondary whose disk hangs still answers keepalives with its receipt: the link
+    is alive, only the durable acknowledgement is missing. The barrier waiting for it must
+    fail the link after the link's timeout, also when an earlier barrier was acknowledged
+    in time (one deadline task watches them all, oldest first)."""
+    port = free_tcp_port()
+
+    async def main() -> None:
+        async def disk_hangs_after_first_barrier(conn: Conn) -> None:
+            received = durable = 0
+            while (frames := await conn.recv_batch()) is not None:
+                for f in frames:
+                    if f.kind == Kind.RECORD:
+                        received = J.decode_record(f.payload).seq
+                        durable = received if durable == 0 else durable
+                        await conn.send(J.encode_ack(received, durable, KEY))
+                    elif f.kind == Kind.PING:
+                        await conn.send(J.encode_ack(received, durable, KEY))
+                        await conn.send(encode_frame(Kind.PONG, b"", KEY))
+
+        async with trio.open_nursery() as n:
+            await _listen(n, port, site["node2"], disk_hangs_after_first_barrier)
+            link = PrimaryLink(await _connect(port, site["node1"]), timeout=0.6)
+            n.start_soon(link.run)
+            await link.wait_acked(link.submit(Record(0, Op.FSYNC, b"")))  # in time
+            await trio.sleep(0.4)  # the first barrier's deadline is near: not the second's
+            seq = link.submit(Record(0, Op.FSYNC, b""))
+            t0 = trio.current_time()
+            with trio.fail_after(5), pytest.raises(LinkLost, match="no acknowledgement"):
+                await link.wait_acked(seq)
+            assert 0.55 < trio.current_time() - t0 < 1.2
+            assert link.received_seq == seq and link.durable_seq == seq - 1
             n.cancel_scope.cancel()
 
     trio.run(main)

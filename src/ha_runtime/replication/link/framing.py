@@ -26,6 +26,7 @@ from typing import Any
 import trio
 
 from ha_runtime.replication.journal import Frame, FrameDecoder, Kind, encode_frame
+from ha_runtime.replication.link.direct import DirectTls, tls_parts
 
 log = logging.getLogger("hapair.replication")
 
@@ -97,6 +98,9 @@ class Conn:
         self._send_lock = trio.Lock()
         # While the secondary's blocking lane owns the TLS object, sends go through it.
         self._blocking_send: Callable[[bytes], None] | None = None
+        # TLS over TCP (the real link) is driven directly, without SSLStream's layers.
+        parts = tls_parts(stream)
+        self._direct = None if parts is None else DirectTls(parts)
         self.bytes_sent = 0
         self.bytes_received = 0
 
@@ -120,7 +124,10 @@ class Conn:
             if self._blocking_send is not None:
                 await trio.to_thread.run_sync(self._blocking_send, data)
                 return
-            await self.stream.send_all(data)
+            if self._direct is not None:
+                await self._direct.send(data)
+            else:
+                await self.stream.send_all(data)
             self.bytes_sent += len(data)
 
     async def recv(self) -> Frame | None:
@@ -142,6 +149,14 @@ class Conn:
         while not self._frames:
             if self.failed:
                 return False
+            if self._direct is not None:
+                parts = await self._direct.receive()
+                if parts is None:
+                    if self._direct.clean:
+                        self.finish()  # as after trio's b"": a frame cut short is rejected
+                    return False
+                self._frames.extend(self.feed(parts))
+                continue
             try:
                 data = await self.stream.receive_some(1 << 20)
             except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError, OSError):

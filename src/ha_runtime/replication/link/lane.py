@@ -8,9 +8,10 @@ acknowledges: a ``poll``, a ``read`` and a ``write`` per operation, nothing else
 
 The lane drives the very TLS objects of the handshaken ``trio.SSLStream`` (its
 ``SSLObject`` and memory BIOs; trio is pinned in pyproject.toml), on the socket's own
-non-blocking descriptor. It is only ever used while no trio task touches the stream: the
-session's reader task is the one caller, and the session task sends only while it is not
-waiting for frames (``link.secondary``). Frames already decoded are handed out first.
+non-blocking descriptor, decrypting as ``direct.DirectTls`` does in trio. It is only ever
+used while no trio task touches the stream: the session's reader task is the one caller,
+and the session task sends only while it is not waiting for frames (``link.secondary``).
+Frames already decoded are handed out first.
 """
 
 from __future__ import annotations
@@ -21,11 +22,11 @@ import select
 import ssl
 import threading
 import time
-from typing import Any
 
 import trio
 
 from ha_runtime.replication.journal import Frame
+from ha_runtime.replication.link.direct import DirectTls, TlsParts, tls_parts
 from ha_runtime.replication.link.framing import Conn
 
 _READ = 1 << 20
@@ -34,17 +35,13 @@ _READ = 1 << 20
 class BlockingTls:
     """Receive frames and send bytes over ``conn`` from one thread, blocking."""
 
-    def __init__(self, conn: Conn, tls: trio.SSLStream[Any], fd: int) -> None:
+    def __init__(self, conn: Conn, parts: TlsParts) -> None:
         self.conn = conn
-        # trio's own TLS objects (trio is pinned; ``open_lane`` checked they are there).
-        self._obj: ssl.SSLObject = getattr(tls, "_ssl_object")  # noqa: B009
-        self._in: ssl.MemoryBIO = getattr(tls, "_incoming")  # noqa: B009
-        self._out: ssl.MemoryBIO = getattr(tls, "_outgoing")  # noqa: B009
-        self._fd = fd
-        # trio holds the server's post-handshake messages (TLS 1.3 session tickets) back to
-        # send them with the first data: they go first, or the peer's decryption fails.
-        self._held_back: bytes = tls._delayed_outgoing or b""
-        tls._delayed_outgoing = None
+        self._parts = parts
+        self._tls = DirectTls(parts)  # its decryption and buffer, driven from this thread
+        self._obj = parts.obj
+        self._out = parts.outgoing
+        self._fd = parts.fd
         # One thread receives while another may send (the session task's acknowledgements
         # after a control request): OpenSSL's object is not safe to use from two at once,
         # and one send's bytes must leave whole before the next one's.
@@ -56,8 +53,6 @@ class BlockingTls:
         # thread and a sender (one at a time, ``_send_lock``) may wait at once.
         self._polls = {ev: self._poll_for(ev) for ev in (select.POLLIN, select.POLLOUT)}
         self.stopped = False
-        self._ended = False
-        self._eof = False
 
     def close(self) -> None:
         os.close(self._wake_r)
@@ -88,8 +83,8 @@ class BlockingTls:
                 frames = self.conn.feed(plain)
                 if frames:
                     return frames
-            if self._ended:
-                if self._eof:
+            if self._tls.ended:
+                if self._tls.eof:
                     self.conn.finish()  # a frame cut short is a rejected one
                 return None
             if plain:
@@ -108,8 +103,7 @@ class BlockingTls:
                     self._obj.write(data)
                 except ssl.SSLError as e:
                     raise trio.BrokenResourceError(f"TLS: {e}") from e
-                wire = memoryview(self._held_back + self._out.read())
-                self._held_back = b""
+                wire = memoryview(self._parts.take_held_back() + self._out.read())
             self._send_wire(wire)
         self.conn.bytes_sent += len(data)
 
@@ -126,28 +120,8 @@ class BlockingTls:
             wire = wire[n:]
 
     def _decrypt(self) -> list[bytes]:
-        """Every plaintext the TLS buffer holds now; ``_ended`` is set once the stream ended
-        (``_eof``: cleanly or cut) or broke."""
         with self._tls_lock:
-            return self._decrypt_locked()
-
-    def _decrypt_locked(self) -> list[bytes]:
-        parts: list[bytes] = []
-        while True:
-            try:
-                chunk = self._obj.read(_READ)
-            except ssl.SSLWantReadError:
-                return parts
-            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
-                self._ended = self._eof = True
-                return parts
-            except ssl.SSLError:
-                self._ended = True
-                return parts
-            if not chunk:
-                self._ended = self._eof = True
-                return parts
-            parts.append(chunk)
+            return self._tls.decrypt()
 
     def _read(self) -> bool:
         """Move what the socket holds into the TLS buffer; False once it is closed."""
@@ -158,10 +132,7 @@ class BlockingTls:
         except OSError:
             return False
         with self._tls_lock:
-            if data:
-                self._in.write(data)
-            else:
-                self._in.write_eof()  # the TLS object reports the end (or a cut) next
+            self._tls.feed(data)
         return True
 
     def _poll_for(self, events: int) -> select.poll:
@@ -192,17 +163,5 @@ class BlockingTls:
 def open_lane(conn: Conn) -> BlockingTls | None:
     """A lane for ``conn`` if it is TLS over a TCP socket (the secondary's real link), else
     None: the session then runs in trio alone (the tests' memory streams)."""
-    tls = conn.stream
-    if not isinstance(tls, trio.SSLStream) or not all(
-        isinstance(getattr(tls, name, None), kind)
-        for name, kind in (
-            ("_ssl_object", ssl.SSLObject),
-            ("_incoming", ssl.MemoryBIO),
-            ("_outgoing", ssl.MemoryBIO),
-        )
-    ):
-        return None
-    tcp = getattr(tls.transport_stream, "tcp", None)
-    if not isinstance(tcp, trio.SocketStream):
-        return None
-    return BlockingTls(conn, tls, tcp.socket.fileno())
+    parts = tls_parts(conn.stream)
+    return None if parts is None else BlockingTls(conn, parts)
