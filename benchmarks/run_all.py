@@ -41,6 +41,7 @@ from benchmarks import (
     failover,
     farm,
     fuse_compiled,
+    link_paths,
     peer_glusterfs,
     replication,
     resync,
@@ -123,6 +124,15 @@ BENCHMARKS = (
         ("--rounds", "1", "--seconds", "1"),
         "the FUSE layer alone: the runtime's (pyfuse3) against libfuse's compiled passthrough "
         "and the local disk, on this host (the ceiling a compiled FUSE daemon would raise)",
+        (1, 0.5),
+    ),
+    Benchmark(
+        "link_paths",
+        link_paths.main,
+        ("--rounds", "6", "--ops", "3000"),
+        ("--rounds", "2", "--ops", "500"),
+        "the replication link's own CPU per 4 KiB write + barrier, on this host: its direct "
+        "TLS path and deadline task against SSLStream and a trio timeout per barrier",
         (1, 0.5),
     ),
     Benchmark(
