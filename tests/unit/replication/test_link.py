@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Awaitable, Callable
 from functools import partial
@@ -132,6 +133,38 @@ def test_the_handshaken_link_bypasses_sslstreams_send_and_receive(
     trio.run(main)
     assert (tmp_path / "second/f").read_bytes() == mib + b"tail"
     assert refused == []
+
+
+def test_a_closed_links_descriptor_is_never_written_even_once_reused(
+    tmp_path: Path, site: dict[str, TlsFiles]
+) -> None:
+    """The direct path works on the socket's descriptor number. Once trio closed the
+    socket, that number may name the next file opened: a send must refuse, not write into
+    it; a receive ends."""
+    port = free_tcp_port()
+
+    async def main() -> None:
+        async def idle(conn: Conn) -> None:
+            await trio.sleep_forever()
+
+        async with trio.open_nursery() as n:
+            await _listen(n, port, site["node2"], idle)
+            conn = await _connect(port, site["node1"])
+            tcp = conn.stream.transport_stream.tcp  # type: ignore[attr-defined]
+            number = tcp.socket.fileno()
+            tcp.socket.close()
+            victim = os.open(tmp_path / "victim", os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                assert victim == number  # the lowest free number: the socket's
+                with pytest.raises(trio.ClosedResourceError):
+                    await conn.send(encode_frame(Kind.PING, b"", KEY))
+                assert await conn.recv() is None
+                assert os.fstat(victim).st_size == 0
+            finally:
+                os.close(victim)
+            n.cancel_scope.cancel()
+
+    trio.run(main)
 
 
 def test_large_writes_are_acknowledged_on_receipt_without_a_barrier(

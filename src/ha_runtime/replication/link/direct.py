@@ -35,7 +35,15 @@ class TlsParts:
     obj: ssl.SSLObject
     incoming: ssl.MemoryBIO
     outgoing: ssl.MemoryBIO
+    sock: trio.socket.SocketType
     fd: int
+
+    def open_fd(self) -> int:
+        """The descriptor, while the socket is open: once trio closed it, the number may
+        already name another file, which a write must never reach."""
+        if self.sock.fileno() != self.fd:
+            raise trio.ClosedResourceError("the link's socket is closed")
+        return self.fd
 
     def take_held_back(self) -> bytes:
         """trio holds a server's post-handshake messages (TLS 1.3 session tickets) back to
@@ -61,7 +69,7 @@ def tls_parts(stream: object) -> TlsParts | None:
     tcp = getattr(stream.transport_stream, "tcp", None)
     if not isinstance(tcp, trio.SocketStream):
         return None
-    return TlsParts(stream, obj, inc, out, tcp.socket.fileno())
+    return TlsParts(stream, obj, inc, out, tcp.socket, tcp.socket.fileno())
 
 
 class DirectTls:
@@ -87,7 +95,7 @@ class DirectTls:
         wire = memoryview(p.take_held_back() + p.outgoing.read())
         while wire:
             try:
-                n = os.write(p.fd, wire)
+                n = os.write(p.open_fd(), wire)
             except BlockingIOError:
                 await trio.lowlevel.wait_writable(p.fd)
                 continue
@@ -110,15 +118,17 @@ class DirectTls:
                 return parts
             if self.ended:
                 return None
-            await trio.lowlevel.wait_readable(self.parts.fd)
-            waited = True
             try:
-                data = os.read(self.parts.fd, _READ)
+                await trio.lowlevel.wait_readable(self.parts.open_fd())
+                data = os.read(self.parts.open_fd(), _READ)
             except BlockingIOError:
+                waited = True
                 continue
-            except OSError:
+            except (OSError, trio.ClosedResourceError):
+                # Closed under us (trio's stream said so with ClosedResourceError): the end.
                 self.ended = True
                 return None
+            waited = True
             self.feed(data)
 
     def decrypt(self) -> list[bytes]:

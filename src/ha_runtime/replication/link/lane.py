@@ -110,7 +110,7 @@ class BlockingTls:
     def _send_wire(self, wire: memoryview) -> None:
         while wire:
             try:
-                n = os.write(self._fd, wire)
+                n = os.write(self._parts.open_fd(), wire)
             except BlockingIOError:
                 if self.stopped or not self._wait(select.POLLOUT, None):
                     raise trio.BrokenResourceError("stopped while sending") from None
@@ -126,10 +126,10 @@ class BlockingTls:
     def _read(self) -> bool:
         """Move what the socket holds into the TLS buffer; False once it is closed."""
         try:
-            data = os.read(self._fd, _READ)
+            data = os.read(self._parts.open_fd(), _READ)
         except BlockingIOError:
             return True
-        except OSError:
+        except (OSError, trio.ClosedResourceError):
             return False
         with self._tls_lock:
             self._tls.feed(data)
