@@ -45,13 +45,20 @@ class TlsParts:
             raise trio.ClosedResourceError("the link's socket is closed")
         return self.fd
 
-    def take_held_back(self) -> bytes:
-        """trio holds a server's post-handshake messages (TLS 1.3 session tickets) back to
+    def encrypt(self, data: bytes) -> memoryview:
+        """``data`` encrypted: the bytes to write to the socket, whole and in order.
+        ``trio.BrokenResourceError`` (what trio's stream raises) for a broken TLS state.
+
+        trio holds a server's post-handshake messages (TLS 1.3 session tickets) back to
         send them with the first data: whoever sends first sends them first, or the peer's
         decryption fails."""
+        try:
+            self.obj.write(data)
+        except ssl.SSLError as e:
+            raise trio.BrokenResourceError(f"TLS: {e}") from e
         held: bytes = self.stream._delayed_outgoing or b""
         self.stream._delayed_outgoing = None
-        return held
+        return memoryview(held + self.outgoing.read())
 
 
 def tls_parts(stream: object) -> TlsParts | None:
@@ -88,11 +95,7 @@ class DirectTls:
         ``trio.BrokenResourceError`` for a broken connection or TLS state."""
         await trio.lowlevel.checkpoint_if_cancelled()
         p = self.parts
-        try:
-            p.obj.write(data)
-        except ssl.SSLError as e:
-            raise trio.BrokenResourceError(f"TLS: {e}") from e
-        wire = memoryview(p.take_held_back() + p.outgoing.read())
+        wire = p.encrypt(data)
         while wire:
             try:
                 n = os.write(p.open_fd(), wire)

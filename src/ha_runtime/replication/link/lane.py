@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import os
 import select
-import ssl
 import threading
 import time
 
@@ -39,8 +38,6 @@ class BlockingTls:
         self.conn = conn
         self._parts = parts
         self._tls = DirectTls(parts)  # its decryption and buffer, driven from this thread
-        self._obj = parts.obj
-        self._out = parts.outgoing
         self._fd = parts.fd
         # One thread receives while another may send (the session task's acknowledgements
         # after a control request): OpenSSL's object is not safe to use from two at once,
@@ -99,11 +96,7 @@ class BlockingTls:
         ``trio.BrokenResourceError``, as trio's stream would."""
         with self._send_lock:
             with self._tls_lock:
-                try:
-                    self._obj.write(data)
-                except ssl.SSLError as e:
-                    raise trio.BrokenResourceError(f"TLS: {e}") from e
-                wire = memoryview(self._parts.take_held_back() + self._out.read())
+                wire = self._parts.encrypt(data)
             self._send_wire(wire)
         self.conn.bytes_sent += len(data)
 
