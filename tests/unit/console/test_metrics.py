@@ -52,6 +52,7 @@ def value(samples: Samples, name: str, **labels: str) -> float:
 
 CHECKER = frozenset({("module", "flightdata"), ("checker", "alive")})
 LAN = frozenset({("module", "flightdata"), ("network", "lan")})
+ALONE = frozenset({("module", "flightdata"), ("state", "ALONE")})
 
 
 async def scraped(d: NodeDaemon, pred: Callable[[Samples], bool], timeout: float = 15) -> Samples:
@@ -85,8 +86,11 @@ def test_daemon_metrics_scraped(tmp_path: Path) -> None:
                 )
                 n2.cancel_scope.cancel()
             await wait(lambda: not m1.peer_view().alive)
+            # The network is reported down a tick before the module moves to ALONE.
             seen["alone"] = await scraped(
-                d1, lambda s: s.get(("hapair_heartbeat_network_up", LAN)) == 0
+                d1,
+                lambda s: s.get(("hapair_heartbeat_network_up", LAN)) == 0
+                and s.get(("hapair_module_state", ALONE)) == 1,
             )
             outer.cancel_scope.cancel()
 
