@@ -1,7 +1,7 @@
 """Checkers: is the application (or what it needs) healthy on this node?
 
 Each probe returns (ok, detail) and never raises; a probe that overruns its timeout fails.
-The restart policy is a small pure class so its window arithmetic is tested directly.
+The restart policy and the start grace are small pure classes, tested directly.
 """
 
 from __future__ import annotations
@@ -50,6 +50,40 @@ class RestartBudget:
 
     def exhausted(self, now: float) -> bool:
         return self.used(now) >= self.max_restarts
+
+
+class StartGrace:
+    """An application that is still starting is not failing.
+
+    An app-level checker's failures count only once the application has passed that
+    checker since its start script returned, or `start_grace_s` after that. Before, a
+    checker probing an application that a loaded node was still starting (the Python
+    interpreter, its database opened through the replicated mount) restarted it, and the
+    restart began the wait again. Until the start script has returned in this primary
+    term (the replicator and the VIP come first), the application is starting."""
+
+    def __init__(self) -> None:
+        self.started_at: float | None = None
+        self._passed: set[str] = set()
+
+    def started(self, now: float) -> None:
+        """The start script returned (a promotion, a local restart)."""
+        self.started_at = now
+        self._passed.clear()
+
+    def stopped(self) -> None:
+        """The stop script is run: the next start begins a new grace."""
+        self.started_at = None
+        self._passed.clear()
+
+    def passed(self, checker: str) -> None:
+        self._passed.add(checker)
+
+    def holds(self, spec: CheckerSpec, now: float) -> bool:
+        """A failure of `spec` now does not count."""
+        if spec.name in self._passed:
+            return False
+        return self.started_at is None or now - self.started_at < spec.start_grace_s
 
 
 async def probe(spec: CheckerSpec) -> tuple[bool, str]:

@@ -95,6 +95,7 @@ class ModuleBase(ABC):
         self.budget = checkers.RestartBudget(
             module.restart_policy.max_restarts, module.restart_policy.window_s
         )
+        self.grace = checkers.StartGrace()
         self._wake = trio.Event()
         self._lock = trio.Lock()  # one transition, start/stop or app restart at a time
 
@@ -270,19 +271,24 @@ class ModuleBase(ABC):
         )
 
     async def _run_script(self, which: str, transition: str, reason: str) -> ScriptResult | None:
-        path = getattr(self.m.scripts, which)
-        if path is None:
-            return None
-        env = script_env(
-            module=self.m.name,
-            node=self.node,
-            peer=self._script_peer(),
-            script=which,
-            transition=transition,
-            reason=reason,
-            vip=self.m.vip.cidr if self.m.vip else "",
-        )
-        return await run_script(path, env, self.m.scripts.timeout_s, label=f"{self.m.name}/{which}")
+        if which == self.STOP_SCRIPT:
+            self.grace.stopped()
+        path, res = getattr(self.m.scripts, which), None
+        if path is not None:
+            env = script_env(
+                module=self.m.name,
+                node=self.node,
+                peer=self._script_peer(),
+                script=which,
+                transition=transition,
+                reason=reason,
+                vip=self.m.vip.cidr if self.m.vip else "",
+            )
+            label = f"{self.m.name}/{which}"
+            res = await run_script(path, env, self.m.scripts.timeout_s, label=label)
+        if which == self.START_SCRIPT:
+            self.grace.started(self._clock())
+        return res
 
     # ----------------------------------------------------------------- monitors
 
@@ -297,8 +303,12 @@ class ModuleBase(ABC):
             st.ok, st.detail = ok, detail
             st.failures = 0 if ok else st.failures + 1
             if ok:
+                self.grace.passed(spec.name)
                 if self.blocked.pop(spec.name, None) is not None:
                     self._checker_passed(spec.name)
+                continue
+            if spec.app_level and self.grace.holds(spec, self._clock()):
+                st.failures, st.detail = 0, f"{detail} (the application is starting)"
                 continue
             if st.failures >= FAILURES_BEFORE_ACTION:
                 await self._checker_failed(spec, detail)

@@ -19,11 +19,12 @@ CHECKER_TYPES: tuple[CheckerType, ...] = (
 )
 CHECKER_ACTIONS: tuple[CheckerAction, ...] = ("restart", "failover", "wait")
 # Fields each checker type accepts on top of the common ones.
+# App-level types (which probe the application itself) also take `start_grace_s`.
 CHECKER_FIELDS: dict[str, frozenset[str]] = {
-    "process": frozenset({"process"}),
-    "unit": frozenset({"unit"}),
-    "tcp": frozenset({"host", "port"}),
-    "command": frozenset({"command"}),
+    "process": frozenset({"process", "start_grace_s"}),
+    "unit": frozenset({"unit", "start_grace_s"}),
+    "tcp": frozenset({"host", "port", "start_grace_s"}),
+    "command": frozenset({"command", "start_grace_s"}),
     "interface": frozenset({"interface"}),
     "witness": frozenset({"addresses"}),
 }
@@ -81,6 +82,28 @@ def _checker_details(
     witness: tuple[str, ...],
     vip: VipSpec | None,
 ) -> dict[str, Any] | None:
+    if t in ("process", "unit", "tcp", "command"):
+        grace = v.number(d.get("start_grace_s", 10), f"{where}.start_grace_s", 0, 3600)
+        app = _app_checker_details(v, d, where, t)
+        return None if grace is None or app is None else {**app, "start_grace_s": grace}
+    if t == "interface":
+        default = vip.interface if vip is not None else None
+        iface = v.string(
+            d.get("interface", default), f"{where}.interface", IFNAME_RE, "an interface name"
+        )
+        return None if iface is None else {"interface": iface}
+    if t == "witness":
+        addrs = v.str_list(d.get("addresses", list(witness)), f"{where}.addresses", v.ipv4)
+        if not addrs:
+            v.err(f"{where}.addresses", "expected at least one address (or a module witness list)")
+            return None
+        return {"addresses": tuple(addrs)}
+    return None
+
+
+def _app_checker_details(
+    v: Collector, d: dict[str, Any], where: str, t: str
+) -> dict[str, Any] | None:
     if t == "process":
         p = v.string(v.required(d, "process", where), f"{where}.process")
         return None if p is None else {"process": p}
@@ -108,16 +131,4 @@ def _checker_details(
             )
             return None
         return None if not argv else {"command": tuple(argv)}
-    if t == "interface":
-        default = vip.interface if vip is not None else None
-        iface = v.string(
-            d.get("interface", default), f"{where}.interface", IFNAME_RE, "an interface name"
-        )
-        return None if iface is None else {"interface": iface}
-    if t == "witness":
-        addrs = v.str_list(d.get("addresses", list(witness)), f"{where}.addresses", v.ipv4)
-        if not addrs:
-            v.err(f"{where}.addresses", "expected at least one address (or a module witness list)")
-            return None
-        return {"addresses": tuple(addrs)}
     return None

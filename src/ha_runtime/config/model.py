@@ -128,6 +128,9 @@ class CheckerSpec:
     command: tuple[str, ...] = ()
     interface: str | None = None
     addresses: tuple[str, ...] = ()
+    # App-level checkers: failures do not count until the application has passed once
+    # since its start, or this long after it (checkers.StartGrace).
+    start_grace_s: float = 10.0
 
     @property
     def app_level(self) -> bool:

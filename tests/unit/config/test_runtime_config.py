@@ -33,6 +33,7 @@ def test_documented_examples_are_valid() -> None:
     assert module.vip is not None and module.vip.cidr == "10.77.0.100/24"
     assert module.heartbeat.interval_ms == 100 and module.restart_policy.max_restarts == 3
     assert [c.type for c in module.checkers] == ["tcp", "unit", "interface"]
+    assert [c.start_grace_s for c in module.checkers[:2]] == [10.0, 10.0]
 
 
 def test_defaults() -> None:
@@ -55,6 +56,8 @@ def test_all_errors_reported_with_file_and_field() -> None:
     bad["checkers"] = [
         {"name": "x", "type": "tcp", "port": 0, "bogus": 1},
         {"name": "y", "type": "nope"},
+        {"name": "z", "type": "tcp", "port": 80, "start_grace_s": -1},
+        {"name": "w", "type": "interface", "start_grace_s": 5},
     ]
     bad["default_primary"] = "node9"
     path = Path("/etc/hapair/modules/flightdata.yml")
@@ -70,6 +73,9 @@ def test_all_errors_reported_with_file_and_field() -> None:
         "checkers[0].bogus: unknown field",
         "checkers[0].port: expected an integer between 1 and 65535",
         "checkers[1].type: expected one of",
+        "checkers[2].start_grace_s: expected a number between 0 and 3600, got -1",
+        # The grace is the application's: an interface is not started by a script.
+        "checkers[3].start_grace_s: unknown field",
         "default_primary: expected one of nodes",
     ):
         assert needle in text, text

@@ -89,8 +89,10 @@ def test_daemon_metrics_scraped(tmp_path: Path) -> None:
             # The network is reported down a tick before the module moves to ALONE.
             seen["alone"] = await scraped(
                 d1,
-                lambda s: s.get(("hapair_heartbeat_network_up", LAN)) == 0
-                and s.get(("hapair_module_state", ALONE)) == 1,
+                lambda s: (
+                    s.get(("hapair_heartbeat_network_up", LAN)) == 0
+                    and s.get(("hapair_module_state", ALONE)) == 1
+                ),
             )
             outer.cancel_scope.cancel()
 

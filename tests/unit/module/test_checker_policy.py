@@ -328,3 +328,78 @@ def test_a_node_whose_own_cut_heals_waits_for_the_peer_before_taking_over(
     assert mgr.isolated
     clock.now += 1.0  # the module's heartbeat timeout
     assert not mgr.isolated
+
+
+def _run_checker(
+    tmp: Path, monkeypatch: pytest.MonkeyPatch, answers: dict[int, bool], until: float
+) -> tuple[MirrorModule, list[float]]:
+    """The mirror's `app` checker (1 s period, default grace) run for `until` s of mock time
+    after the application's start script returned, each probe answered by `answers` (by
+    whole second; failing otherwise); returns the module and when it restarted the app."""
+    restarts: list[float] = []
+
+    async def answer(spec: Any) -> tuple[bool, str]:
+        return answers.get(round(trio.current_time() - start[0]), False), "refused"
+
+    monkeypatch.setattr(checkers, "probe", answer)
+    start: list[float] = []
+
+    async def main() -> MirrorModule:
+        mgr = _mirror(tmp, trio.current_time)
+        mgr.state = State.PRIM
+        real_restart = mgr.restart_application
+
+        async def restart(reason: str) -> None:
+            restarts.append(trio.current_time() - start[0])
+            await real_restart(reason)
+
+        mgr.restart_application = restart  # type: ignore[method-assign]
+        await mgr._run_script("start_prim", "SECOND->PRIM", "test")  # no script: returns at once
+        start.append(trio.current_time())
+        with trio.move_on_after(until):
+            await mgr._checker_loop(mgr.m.checkers[0])
+        return mgr
+
+    mgr = trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    return mgr, restarts
+
+
+def test_a_starting_application_is_not_restarted_within_its_grace(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The upgrade scenario (issue 17): a loaded node took 1.4 s to start flightdata, the
+    `http` checker failed twice meanwhile and restarted it, and the start began again: a
+    4.6 s gap. Failures do not count for `start_grace_s` (10 s by default) after the start
+    script returned; after it, two in a row restart as before."""
+    assert _mirror(tmp_path / "cfg", Clock()).m.checkers[0].start_grace_s == 10.0
+    mgr, restarts = _run_checker(tmp_path / "a", monkeypatch, {}, until=9.5)
+    assert restarts == []
+    st = mgr.checks["app"]
+    assert (st.ok, st.failures, st.detail) == (False, 0, "refused (the application is starting)")
+    _, restarts = _run_checker(tmp_path / "b", monkeypatch, {}, until=12.5)
+    assert restarts == [11.0]  # the probes of 10 s and 11 s, the first two after the grace
+
+
+def test_an_application_that_passed_once_is_judged_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The grace ends at the first pass: an application that answered and then died is
+    restarted after two failures, as without a grace. A restart begins a grace again."""
+    _, restarts = _run_checker(tmp_path, monkeypatch, {3: True}, until=17.5)
+    assert restarts == [5.0, 16.0]  # the grace after the restart ends at 15 s
+
+
+def test_failures_before_the_start_script_returned_do_not_count(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A promotion claims the primary state before the replicator, the VIP and the start
+    script: the checker probes an application not started yet. A stop begins that again."""
+    clock = Clock()
+    mgr = _mirror(tmp_path, clock)
+    spec = mgr.m.checkers[0]
+    assert mgr.grace.holds(spec, clock.now)  # never started in this daemon's life
+    mgr.grace.started(clock.now)
+    clock.now += 10.0
+    assert not mgr.grace.holds(spec, clock.now)
+    trio.run(mgr._run_script, "stop_prim", "PRIM->SECOND", "test")
+    assert mgr.grace.holds(spec, clock.now + 100)
