@@ -38,6 +38,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -55,6 +56,9 @@ if TYPE_CHECKING:  # the daemon imports this module for mounted/unmount: keep it
 log = logging.getLogger("hapair.replicate")
 
 STATUS_PERIOD_S = 0.5
+# How long a spare given its role waits for its idle-priority imports to finish before it
+# starts over as a fresh child of the role.
+IMPORT_WAIT_S = 0.1
 
 
 def mounted(path: Path) -> bool:
@@ -256,8 +260,8 @@ def await_role() -> str | None:
     wait for a new interpreter to import the runtime (0.4-1 s of CPU on a 2-vCPU node).
     Returns the role, or None when stdin closed first (the daemon stopped or dropped it).
     Raises ValueError on any other line."""
-    import ha_runtime.replication.service  # noqa: F401, PLC0415 - the point of a spare
-
+    importer = threading.Thread(target=import_idle, name="spare-import", daemon=True)
+    importer.start()
     line = _read_line(0)
     if not line:
         return None
@@ -270,7 +274,37 @@ def await_role() -> str | None:
         raise ValueError(
             f'spare: expected {{"cmd": "role", "role": "primary"|"secondary"}}, got {line[:80]!r}'
         )
+    # Normally long done: a spare is started seconds ahead of need. On a node whose CPU is
+    # taken, an idle-priority import may hardly progress, and the main thread could not
+    # raise it: start over as a fresh child of the role, at ordinary priority (same pid,
+    # same pipes; the role line is already read).
+    importer.join(IMPORT_WAIT_S)
+    if importer.is_alive():
+        argv = role_argv(sys.orig_argv, str(role))
+        os.execv(argv[0], argv)
     return str(role)
+
+
+def role_argv(argv: list[str], role: str) -> list[str]:
+    """The spare's command line, `hactl replicate spare ...`, as that of `role`."""
+    at = argv.index("replicate") + 1
+    if argv[at] != "spare":
+        raise ValueError(f"not a spare's command line: {argv!r}")
+    return [sys.executable, *argv[1:at], role, *argv[at + 1 :]]
+
+
+def import_idle() -> None:
+    """Import what either role runs, in a thread of its own at SCHED_IDLE.
+
+    A spare is started again right after one is used, which is when this node promotes or
+    demotes and its application starts: imports at ordinary priority took their 0.4-1 s of
+    CPU from that start (the upgrade scenario's 2-3 s gaps, on a loaded node). At SCHED_IDLE
+    they take only CPU time nothing else wants. The policy is the thread's alone (Linux
+    schedules threads): the main thread, and every thread it starts once the role arrives,
+    keep the ordinary policy, which an unprivileged process could not get back."""
+    with contextlib.suppress(OSError):  # not allowed here: import at ordinary priority
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    import ha_runtime.replication.service  # noqa: F401, PLC0415 - the point of a spare
 
 
 def _read_line(fd: int) -> bytes:

@@ -15,6 +15,7 @@ import trio
 
 from ha_runtime.mirror import spares
 from ha_runtime.mirror.spares import SparePool
+from ha_runtime.replication.child import role_argv
 
 # Stands in for `hactl replicate spare`: waits for its first line, echoes it, then lives
 # until its stdin closes (as a real child does).
@@ -131,3 +132,72 @@ def test_a_spare_refuses_anything_but_a_role(line: bytes, said: bytes, tmp_path:
 def test_a_spare_given_a_role_reads_the_node_file_then(tmp_path: Path) -> None:
     r = _spare(b'{"cmd": "role", "role": "secondary"}\n', tmp_path)
     assert r.returncode == 1 and b"none.yml" in r.stderr, r
+
+
+# Run in a process of its own: the scheduling policies are those of its threads.
+POLICIES = """
+import os, sys, threading
+from ha_runtime.replication import child
+assert "ha_runtime.replication.service" not in sys.modules
+seen = {}
+def spy():
+    child_import()
+    seen["import"] = (os.sched_getscheduler(0), "ha_runtime.replication.service" in sys.modules)
+    print("imported", flush=True)  # the role is sent then, as to a spare started ahead
+child_import, child.import_idle = child.import_idle, spy
+seen["role"] = child.await_role()
+seen["main"] = os.sched_getscheduler(0)
+t = threading.Thread(target=lambda: seen.__setitem__("later", os.sched_getscheduler(0)))
+t.start(); t.join()
+print(seen == {"role": "primary", "import": (os.SCHED_IDLE, True),
+               "main": os.SCHED_OTHER, "later": os.SCHED_OTHER}, seen)
+"""
+
+
+def test_a_spare_imports_at_idle_priority_and_runs_its_role_at_ordinary(tmp_path: Path) -> None:
+    """A spare is refilled while its node promotes and starts the application: its imports
+    run at SCHED_IDLE, in a thread of their own, and take no CPU from that start. The role
+    then runs at the ordinary policy, and so do the threads it starts."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[3] / "src")}
+    with subprocess.Popen(
+        [sys.executable, "-c", POLICIES], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, env=env,
+    ) as p:  # fmt: skip
+        assert p.stdout is not None
+        assert p.stdout.readline() == b"imported\n"
+        out, err = p.communicate(b'{"cmd": "role", "role": "primary"}\n', timeout=60)
+    assert p.returncode == 0 and out.startswith(b"True"), (out, err)
+
+
+STARVED = """
+import sys, time
+from ha_runtime.replication import child
+child.import_idle = lambda: time.sleep(3600)  # an idle-priority import on a CPU-bound node
+sys.orig_argv = [sys.executable, "-m", "ha_runtime.cli", "--config", sys.argv[1],
+                 "replicate", "spare", "flightdata"]
+print("returned", child.await_role(), flush=True)
+"""
+
+
+def test_a_spare_whose_imports_starve_starts_over_as_its_role(tmp_path: Path) -> None:
+    """Given its role before its idle-priority imports are done (the node's CPU is taken),
+    a spare does not wait for them: it becomes a fresh child of that role, which reads the
+    node file (missing here) at ordinary priority."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[3] / "src")}
+    r = subprocess.run(
+        [sys.executable, "-c", STARVED, str(tmp_path / "none.yml")],
+        input=b'{"cmd": "role", "role": "primary"}\n', capture_output=True, timeout=60,
+        check=False, env=env,
+    )  # fmt: skip
+    assert r.returncode == 1 and b"returned" not in r.stdout and b"none.yml" in r.stderr, r
+
+
+def test_role_argv() -> None:
+    spare = ["/usr/bin/python3", "-m", "ha_runtime.cli", "--config", "/c.yml", "replicate",
+             "spare", "fd", "--dir", "1"]  # fmt: skip
+    assert role_argv(spare, "secondary") == [
+        sys.executable, "-m", "ha_runtime.cli", "--config", "/c.yml", "replicate",
+        "secondary", "fd", "--dir", "1",
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match="not a spare"):
+        role_argv(role_argv(spare, "primary"), "primary")
