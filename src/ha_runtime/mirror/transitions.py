@@ -11,6 +11,7 @@ Ordering rules that keep the VIP on one node at a time:
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from abc import abstractmethod
@@ -286,9 +287,13 @@ class MirrorTransitions(ModuleBase):
 
     async def _promote(self, label: str, reason: str) -> list[str]:
         errors: list[str] = []
+        # Each step's end, logged: the journal says where a slow promotion went.
+        marks = [self._clock()] * (1 if self.replication is not None else 2)
         if self.replication is not None:
             # The application only ever sees its directories through the replicator.
             try:
+                await self.replication.stop()  # the secondary's children (timed apart)
+                marks.append(self._clock())
                 await self.replication.start("primary")
             except ReplicationError as exc:
                 errors.append(f"replication: {exc}")
@@ -296,6 +301,7 @@ class MirrorTransitions(ModuleBase):
                 log.error("%s: %s", self.m.name, self.ctl.yielding)  # noqa: TRY400
                 self.wake()
                 return errors
+        marks.append(self._clock())
         try:
             await self.vip_ops.add(self.m)
         except (OSError, vip.VipError) as exc:
@@ -304,7 +310,14 @@ class MirrorTransitions(ModuleBase):
             log.exception("%s: %s", self.m.name, self.ctl.yielding)
             self.wake()
             return errors
+        marks.append(self._clock())
         res = await self._run_script("start_prim", label, reason)
+        marks.append(self._clock())
+        steps = " ".join(f"{b - a:.2f}" for a, b in itertools.pairwise(marks))
+        log.info(
+            "%s: promoted in %.2f s (children stopped, primary up, VIP, start_prim: %s s)",
+            self.m.name, marks[-1] - marks[0], steps,
+        )  # fmt: skip
         if res is not None and not res.ok:
             errors.append(res.describe())
             self.ctl.yielding = f"start_prim: {res.describe()}"
