@@ -41,7 +41,7 @@ import sys
 import threading
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import trio
 
@@ -318,9 +318,25 @@ def _read_line(fd: int) -> bytes:
         out += b
 
 
-def main(role: str, cluster: ClusterConfig, module: ModuleConfig, index: int) -> int:
+def main(role: str, cluster: ClusterConfig, module: ModuleConfig, index: int) -> NoReturn:
     keep_freed_memory()
     setup_logging(role, module.name, index)
+    code = 1
     with contextlib.suppress(KeyboardInterrupt):
-        return trio.run(run_child, role, cluster, module, index)
-    return 1
+        code = trio.run(run_child, role, cluster, module, index)
+    exit_at_once(code)
+
+
+def exit_at_once(code: int) -> NoReturn:
+    """End the process without the interpreter's finalization.
+
+    The daemon waits for a child's exit before it promotes or demotes the node, while the
+    application is down. Tearing down the runtime's modules and objects took 160 ms of that
+    on an idle lab node and 0.5-0.9 s on a loaded one (the upgrade scenario). What the
+    child keeps is written through file descriptors, and fsynced where it must be; only
+    Python's own buffers are left to flush."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    os._exit(code)
