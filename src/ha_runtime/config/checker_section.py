@@ -6,7 +6,13 @@ import shlex
 from typing import Any
 
 from ha_runtime.config.errors import Collector, show
-from ha_runtime.config.model import CheckerAction, CheckerSpec, CheckerType, VipSpec
+from ha_runtime.config.model import (
+    APP_CHECKER_TYPES,
+    CheckerAction,
+    CheckerSpec,
+    CheckerType,
+    VipSpec,
+)
 from ha_runtime.config.names import IFNAME_RE, NAME_RE
 
 CHECKER_TYPES: tuple[CheckerType, ...] = (
@@ -18,16 +24,17 @@ CHECKER_TYPES: tuple[CheckerType, ...] = (
     "witness",
 )
 CHECKER_ACTIONS: tuple[CheckerAction, ...] = ("restart", "failover", "wait")
-# Fields each checker type accepts on top of the common ones.
-# App-level types (which probe the application itself) also take `start_grace_s`.
+# Fields each checker type accepts on top of the common ones; the app-level types also
+# take `start_grace_s`.
 CHECKER_FIELDS: dict[str, frozenset[str]] = {
-    "process": frozenset({"process", "start_grace_s"}),
-    "unit": frozenset({"unit", "start_grace_s"}),
-    "tcp": frozenset({"host", "port", "start_grace_s"}),
-    "command": frozenset({"command", "start_grace_s"}),
+    "process": frozenset({"process"}),
+    "unit": frozenset({"unit"}),
+    "tcp": frozenset({"host", "port"}),
+    "command": frozenset({"command"}),
     "interface": frozenset({"interface"}),
     "witness": frozenset({"addresses"}),
 }
+CHECKER_FIELDS.update({t: CHECKER_FIELDS[t] | {"start_grace_s"} for t in APP_CHECKER_TYPES})
 COMMON_CHECKER_FIELDS = frozenset({"name", "type", "interval_s", "timeout_s", "action"})
 
 
@@ -54,7 +61,7 @@ def parse_checkers(
         t = v.choice(v.required(d, "type", where), f"{where}.type", CHECKER_TYPES)
         interval = v.number(d.get("interval_s", 5), f"{where}.interval_s", 0.1, 3600)
         timeout = v.number(d.get("timeout_s", 3), f"{where}.timeout_s", 0.1, 3600)
-        default_action = "restart" if t in ("process", "unit", "tcp", "command") else "wait"
+        default_action = "restart" if t in APP_CHECKER_TYPES else "wait"
         action = v.choice(d.get("action", default_action), f"{where}.action", CHECKER_ACTIONS)
         spec = _checker_details(v, d, where, t, witness=witness, vip=vip)
         if None in (name, t, interval, timeout, action) or spec is None:
@@ -82,7 +89,7 @@ def _checker_details(
     witness: tuple[str, ...],
     vip: VipSpec | None,
 ) -> dict[str, Any] | None:
-    if t in ("process", "unit", "tcp", "command"):
+    if t in APP_CHECKER_TYPES:
         grace = v.number(d.get("start_grace_s", 10), f"{where}.start_grace_s", 0, 3600)
         app = _app_checker_details(v, d, where, t)
         return None if grace is None or app is None else {**app, "start_grace_s": grace}

@@ -22,6 +22,9 @@ DEFAULT_METRICS_ADDRESS = "127.0.0.1:9440"
 ModuleType = Literal["mirror", "farm"]
 Failback = Literal["manual", "auto"]
 CheckerType = Literal["process", "unit", "tcp", "command", "interface", "witness"]
+# The types that probe the application itself: they run where it runs, restart it by
+# default, and take a start grace.
+APP_CHECKER_TYPES: frozenset[str] = frozenset({"process", "unit", "tcp", "command"})
 CheckerAction = Literal["restart", "failover", "wait"]
 
 
@@ -135,7 +138,7 @@ class CheckerSpec:
     @property
     def app_level(self) -> bool:
         """App-level checkers only make sense where the application runs (the primary)."""
-        return self.type in ("process", "unit", "tcp", "command")
+        return self.type in APP_CHECKER_TYPES
 
 
 @dataclass(frozen=True)
