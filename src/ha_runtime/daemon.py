@@ -14,7 +14,7 @@ from typing import Any
 
 import trio
 
-from ha_runtime import api, sdnotify
+from ha_runtime import api, release, sdnotify
 from ha_runtime.config import ClusterConfig, ModuleConfig, SiteConfig
 from ha_runtime.console.server import ConsoleServer
 from ha_runtime.events import EventLog, RefusalLog
@@ -88,6 +88,7 @@ class NodeDaemon:
             accepted_keys=accepted_keys,
         )
         self.modules: dict[str, ModuleBase] = {m.name: self._module(c, m, vip_ops) for m in configs}
+        self.release_plan = release.release_plan(c.node, configs)
         self.ready = trio.Event()  # API and heartbeats up
         self.settle_timeout_s = SETTLE_TIMEOUT_S
         self.console: ConsoleServer | None = None  # when cluster.yml configures one
@@ -121,6 +122,8 @@ class NodeDaemon:
 
     async def run(self) -> None:
         self.metrics.set_build(self.cluster.node)
+        # Before any module can install a VIP or a bucket: what to undo if we are killed.
+        release.write_plan(self.cluster.state_dir, self.release_plan)
         if self._serve_metrics and self.cluster.metrics_address:
             self.metrics.serve(self.cluster.metrics_address)
         for name, mod in self.modules.items():
