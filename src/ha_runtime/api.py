@@ -105,21 +105,3 @@ async def _read_request(stream: trio.SocketStream) -> dict[str, Any]:
 async def _reply(stream: trio.SocketStream, response: dict[str, Any]) -> None:
     with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
         await stream.send_all((json.dumps(response) + "\n").encode())
-
-
-def call(path: Path, request: dict[str, Any], timeout: float = 600.0) -> dict[str, Any]:
-    """Blocking client used by hactl: returns the decoded response object."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(timeout)
-        s.connect(str(path))
-        s.sendall((json.dumps(request) + "\n").encode())
-        buf = b""
-        while True:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            buf += chunk
-    data = json.loads(buf or b"null")
-    if not isinstance(data, dict):
-        raise TypeError("the daemon answered something that is not a JSON object")
-    return data

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ha_runtime import api
+from ha_runtime import api_client
 from ha_runtime.advice import format_advice
 from ha_runtime.config import (
     DEFAULT_API_SOCKET,
@@ -24,12 +24,15 @@ from ha_runtime.config import (
     load_site,
 )
 from ha_runtime.journal_log import stderr_handler
+from ha_runtime.states import State
+from ha_runtime.status_wait import SYNC_STATES, module_entry, wait_for_state
 from ha_runtime.version import runtime_version
 
 if TYPE_CHECKING:
     from ha_runtime.security import SiteKeys
 
 EXIT_OK, EXIT_REFUSED, EXIT_UNREACHABLE = 0, 1, 2
+STATE_NAMES = tuple(s.name for s in State)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,6 +72,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("module", nargs="?")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_status)
+
+    _add_wait(sub)
 
     for name, text in (
         ("start", "start the module on this node"),
@@ -119,6 +124,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     chk.set_defaults(func=cmd_config_check)
     return p
+
+
+def _add_wait(sub: Any) -> None:
+    w = sub.add_parser("wait", help="wait until the module is in one of STATE on this node")
+    w.add_argument("module")
+    w.add_argument("states", nargs="+", metavar="STATE", type=str.upper, choices=STATE_NAMES)
+    w.add_argument("--sync", choices=SYNC_STATES, help="a SECOND must also be in this sub-state")
+    w.add_argument("--timeout", type=float, default=60.0, help="seconds (default %(default)s)")
+    w.add_argument("--json", action="store_true", help="print the last status as JSON")
+    w.set_defaults(func=cmd_wait)
 
 
 # --------------------------------------------------------------------------- daemon
@@ -189,7 +204,7 @@ def _socket(args: argparse.Namespace) -> Path:
 def _call(args: argparse.Namespace, request: dict[str, Any]) -> dict[str, Any] | None:
     path = _socket(args)
     try:
-        resp = api.call(path, request)
+        resp = api_client.call(path, request)
     except FileNotFoundError:
         print(f"hactl: {path} not found: is hapair.service running?", file=sys.stderr)
         return None
@@ -217,6 +232,35 @@ def cmd_status(args: argparse.Namespace) -> int:
         return EXIT_OK
     print(format_status(result))
     return EXIT_OK
+
+
+def cmd_wait(args: argparse.Namespace) -> int:
+    path = _socket(args)
+
+    def ask() -> dict[str, Any]:
+        resp = api_client.call(path, {"command": "status", "module": args.module}, timeout=10.0)
+        if not resp.get("ok"):
+            raise ValueError(str(resp.get("error", "unknown error")))
+        return with_versions(resp["result"])
+
+    res = wait_for_state(ask, args.module, args.states, sync=args.sync, timeout=args.timeout)
+    entry = module_entry(res.status, args.module)
+    if args.json and res.status is not None:
+        print(json.dumps(res.status, indent=2))
+    elif entry is not None:
+        print(
+            f"{args.module}: {entry.get('state')}"
+            + (f" ({entry['sync']})" if entry.get("sync") else "")
+        )
+    if res.reached:
+        return EXIT_OK
+    want = "/".join(args.states) + (f" ({args.sync})" if args.sync else "")
+    now = "unknown" if entry is None else str(entry.get("state"))
+    why = f"; the daemon on {path}: {res.error}" if res.error else ""
+    print(
+        f"hactl: {args.module} is {now}, not {want}, after {args.timeout:g} s{why}", file=sys.stderr
+    )
+    return EXIT_UNREACHABLE if res.status is None else EXIT_REFUSED
 
 
 def with_versions(result: dict[str, Any]) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import trio
 
-from ha_runtime import api
+from ha_runtime import api_client
 from ha_runtime.config import load_site
 from ha_runtime.daemon import NodeDaemon
 from ha_runtime.replication.child import mounted
@@ -105,7 +105,7 @@ def test_daemons_replicate_swap_and_resync(tmp_path: Path) -> None:  # noqa: PLR
     back2 = tmp_path / "node2" / "state" / "replica" / "flightdata" / "0"
 
     async def call(d: NodeDaemon, req: dict[str, Any]) -> dict[str, Any]:
-        return await trio.to_thread.run_sync(api.call, d.cluster.api_socket, req)
+        return await trio.to_thread.run_sync(api_client.call, d.cluster.api_socket, req)
 
     def pair(prim: Any, sec: Any) -> bool:
         return (

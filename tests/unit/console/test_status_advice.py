@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ha_runtime import api
+from ha_runtime import api_client
 from ha_runtime.advice import module_advice
 from ha_runtime.cli import format_status
 
@@ -16,7 +16,7 @@ from .pair import Pair, run_pair
 
 def _status(p: Pair, node: str) -> dict[str, Any]:
     d = p.d1 if node == "node1" else p.d2
-    resp = api.call(d.cluster.api_socket, {"command": "status"})
+    resp = api_client.call(d.cluster.api_socket, {"command": "status"})
     assert resp["ok"], resp
     result: dict[str, Any] = resp["result"]
     return result
@@ -37,7 +37,7 @@ def test_status_explains_abnormal_states(tmp_path: Path) -> None:
     def scenario(p: Pair) -> None:
         healthy = _until(p, "node1", lambda m: all(c["ok"] for c in m["checkers"]))
         out["healthy"] = format_status(healthy)
-        r = api.call(p.d2.cluster.api_socket, {"command": "stop", "module": "flightdata"})
+        r = api_client.call(p.d2.cluster.api_socket, {"command": "stop", "module": "flightdata"})
         assert r["ok"], r
         out["node1"] = format_status(_until(p, "node1", lambda m: m["state"] == "ALONE"))
         out["node2"] = format_status(_status(p, "node2"))

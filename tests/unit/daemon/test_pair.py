@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import trio
 
-from ha_runtime import api
+from ha_runtime import api_client
 from ha_runtime.config import ConfigError, load_site
 from ha_runtime.daemon import NodeDaemon
 from ha_runtime.states import State
@@ -48,7 +48,7 @@ def test_pair_first_start_swap_and_failover(tmp_path: Path) -> None:
     m1, m2 = d1.modules["flightdata"], d2.modules["flightdata"]
 
     async def call(d: NodeDaemon, req: dict[str, Any]) -> dict[str, Any]:
-        return await trio.to_thread.run_sync(api.call, d.cluster.api_socket, req)
+        return await trio.to_thread.run_sync(api_client.call, d.cluster.api_socket, req)
 
     async def main() -> None:
         async with trio.open_nursery() as outer:

@@ -121,6 +121,21 @@ def run_status(module, hactl, name=None):
     return parse_status(out)
 
 
+def run_wait(module, hactl, name, wanted, sync, timeout):
+    """Run ``hactl wait NAME STATE... --json`` on the node: one process asks the daemon every
+    0.1 s (polling ``hactl status`` starts an interpreter per poll, which loads the node that
+    is taking over). Returns ``(reached, entry, message)``, or None when this node's hactl has
+    no ``wait`` (a release before it, met during a rolling upgrade): then poll instead."""
+    cmd = [hactl, "wait", name] + list(wanted) + ["--timeout", "%g" % max(timeout, 0.0), "--json"]
+    if sync:
+        cmd += ["--sync", sync]
+    rc, out, err = module.run_command(cmd)
+    if rc != 0 and "invalid choice: 'wait'" in err:
+        return None
+    entry = parse_status(out)["modules"].get(name) if out.strip() else None
+    return rc == 0, entry, (err or out).strip()
+
+
 def parse_verify(text):
     """Turn ``hactl verify MODULE --json`` output into ``{"equal", "files", "message", "dirs"}``.
 

@@ -13,8 +13,10 @@ description:
   - Runs C(hactl ACTION MODULE) on the node, only when the module is not already where
     the action would bring it (C(start), C(stop), C(prim) and C(second) are idempotent;
     C(swap) always acts).
-  - Then, if O(wait_for) is given, polls C(hactl status --json) until the module is in
-    one of those states on this node, or fails after O(timeout) seconds.
+  - Then, if O(wait_for) is given, runs C(hactl wait) until the module is in one of those
+    states on this node, or fails after O(timeout) seconds. One process asks the daemon
+    every 0.1 s; on a node whose hactl has no C(wait) (a release before it, during a
+    rolling upgrade), C(hactl status --json) is polled every O(poll_interval) instead.
   - The runtime refuses an action that is not safe (for example C(swap) when the peer
     is not in sync); the module fails with the runtime's message and nothing changes.
 author:
@@ -62,7 +64,7 @@ options:
     type: float
     default: 60
   poll_interval:
-    description: Seconds between two status reads while waiting.
+    description: Seconds between two C(hactl status) runs while waiting, on a node whose hactl has no C(wait).
     type: float
     default: 0.2
   hactl:
@@ -124,7 +126,7 @@ EXAMPLES = r"""
 RETURN = r"""
 before:
   description: The module's status on this node before the action (fields of C(hactl status --json)).
-  returned: always
+  returned: when O(action) is given
   type: dict
   sample: {name: flightdata, state: SECOND, peer_state: PRIM}
 after:
@@ -160,6 +162,7 @@ from ansible_collections.hapair.cluster.plugins.module_utils.hactl import (
     needs_action,
     normalize_states,
     run_status,
+    run_wait,
     state_matches,
 )
 
@@ -172,6 +175,32 @@ def _entry(module, hactl, name):
     if entry is None:
         module.fail_json(msg="no module %r on this node (known: %s)" % (name, ", ".join(sorted(status["modules"])) or "none"))
     return entry
+
+
+def _wait(module, hactl, name, wanted, start, result):
+    """The module's entry once it is in one of ``wanted``; fails the task at the timeout."""
+    p = module.params
+    remaining = p["timeout"] - (time.monotonic() - start)
+    waited = run_wait(module, hactl, name, wanted, p["sync"], remaining)
+    if waited is not None:
+        reached, after, message = waited
+        if reached and after is not None:
+            return after
+    else:  # an hactl without `wait`: poll its status
+        after = _entry(module, hactl, name)
+        while not state_matches(after, wanted, p["sync"]) and time.monotonic() < start + p["timeout"]:
+            time.sleep(p["poll_interval"])
+            after = _entry(module, hactl, name)
+        if state_matches(after, wanted, p["sync"]):
+            return after
+        message = ""
+    result["after"] = after
+    want = "/".join(wanted) + (" (%s)" % p["sync"] if p["sync"] else "")
+    now = after["state"] if after else "unknown"
+    module.fail_json(
+        msg="module %s is %s on this node, not %s after %.1f s%s" % (name, now, want, p["timeout"], (": " + message) if message else ""),
+        **result
+    )
 
 
 def main():
@@ -193,8 +222,12 @@ def main():
     name, action, hactl = p["module"], p["action"], p["hactl"]
     wanted = normalize_states(p["wait_for"])
     result = dict(changed=False, elapsed=0.0)
+    # A wait alone reads no status first: each hactl run is an interpreter's start on the
+    # node that may be taking over right now (the wait returns the status it reached).
+    before = None
     try:
-        before = _entry(module, hactl, name)
+        if action:
+            before = _entry(module, hactl, name)
     except (HactlError, OSError) as exc:
         # A dry run of a first deployment: hapair is not installed or running yet, or does
         # not know the module yet. Report what a real run would do instead of failing.
@@ -203,7 +236,8 @@ def main():
             module.exit_json(msg="check mode: hapair cannot tell yet (%s); a real run would %s %s" % (exc, action, name), **result)
         module.fail_json(msg=str(exc), **result)
     try:
-        result["before"] = before
+        if before is not None:
+            result["before"] = before
         start = time.monotonic()
         if action and needs_action(action, before["state"], before):
             cmd = [hactl, action, name]
@@ -217,19 +251,7 @@ def main():
             result["stdout"] = out
             if rc != 0:
                 module.fail_json(msg="hactl %s %s refused or failed: %s" % (action, name, (err or out).strip()), rc=rc, **result)
-        after = _entry(module, hactl, name)
-        if wanted:
-            deadline = start + p["timeout"]
-            while not state_matches(after, wanted, p["sync"]):
-                if time.monotonic() >= deadline:
-                    result["after"] = after
-                    want = "/".join(wanted) + (" (%s)" % p["sync"] if p["sync"] else "")
-                    module.fail_json(
-                        msg="module %s is %s on this node, not %s after %.1f s" % (name, after["state"], want, p["timeout"]),
-                        **result
-                    )
-                time.sleep(p["poll_interval"])
-                after = _entry(module, hactl, name)
+        after = _wait(module, hactl, name, wanted, start, result) if wanted else _entry(module, hactl, name)
         result.update(after=after, elapsed=round(time.monotonic() - start, 3))
     except (HactlError, OSError) as exc:
         module.fail_json(msg=str(exc), **result)
