@@ -20,8 +20,11 @@ import trio
 log = logging.getLogger(__name__)
 
 # After a spare is used, wait this long before starting the next one: its imports would
-# otherwise take CPU from the application starting on the new primary.
-REFILL_DELAY_S = 1.0
+# otherwise take CPU from the application starting on the new primary. 1 s was too short
+# on a loaded lab: flightdata took up to 1.2 s from the promotion to serving there, and the
+# new spare's start (its interpreter and first imports at the daemon's priority) overlapped
+# it. A role change within this delay uses a fresh child, as without spares.
+REFILL_DELAY_S = 5.0
 
 
 class SparePool:

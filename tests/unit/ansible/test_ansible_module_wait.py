@@ -43,11 +43,15 @@ elif sys.argv[1] == "wait":
 """
 
 
-def run(tmp_path: Path, **env: str) -> tuple[dict[str, object], list[str]]:
+def run(
+    tmp_path: Path, action: str | None = None, wait_for: str = "PRIM", **env: str
+) -> tuple[dict[str, object], list[str]]:
     hactl = tmp_path / "hactl"
     hactl.write_text(FAKE_HACTL.format(python=sys.executable))
     hactl.chmod(0o755)
-    args = {"module": "flightdata", "wait_for": ["PRIM"], "timeout": 3, "poll_interval": 0.01}
+    args = {"module": "flightdata", "wait_for": [wait_for], "timeout": 3, "poll_interval": 0.01}
+    if action:
+        args["action"] = action
     payload = {"ANSIBLE_MODULE_ARGS": {**args, "hactl": str(hactl)}}
     proc = subprocess.run(
         [sys.executable, str(MODULE)],
@@ -83,3 +87,17 @@ def test_a_wait_that_times_out_fails_with_the_state_and_why(tmp_path: Path) -> N
     msg = str(result["msg"])
     assert "module flightdata is SECOND on this node, not PRIM after 3.0 s" in msg
     assert "after 3 s" in msg  # hactl's own reason, kept
+
+
+def test_after_an_action_a_state_already_reached_needs_no_wait(tmp_path: Path) -> None:
+    # the old primary of a rolling upgrade: its hactl has no `wait`, and it is SECOND at once
+    states = {"STATES": "PRIM,-,SECOND", "FINAL": "-", "WAIT_RC": "old"}
+    result, calls = run(tmp_path, "swap", "SECOND", **states)
+    assert not result.get("failed"), result
+    assert [c.split()[0] for c in calls] == ["status", "swap", "status"], calls
+
+
+def test_after_an_action_a_state_not_reached_yet_is_waited_for(tmp_path: Path) -> None:
+    result, calls = run(tmp_path, "prim", STATES="SECOND,-,ALONE", FINAL="PRIM", WAIT_RC="0")
+    assert not result.get("failed"), result
+    assert [c.split()[0] for c in calls] == ["status", "prim", "status", "wait"], calls

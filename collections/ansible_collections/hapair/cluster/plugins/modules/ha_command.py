@@ -180,6 +180,12 @@ def _entry(module, hactl, name):
 def _wait(module, hactl, name, wanted, start, result):
     """The module's entry once it is in one of ``wanted``; fails the task at the timeout."""
     p = module.params
+    if p["action"]:
+        # After an action the state is often reached already (a swap on the old primary):
+        # one status read, and no `hactl wait` an older hactl would refuse after its start.
+        after = _entry(module, hactl, name)
+        if state_matches(after, wanted, p["sync"]):
+            return after
     remaining = p["timeout"] - (time.monotonic() - start)
     waited = run_wait(module, hactl, name, wanted, p["sync"], remaining)
     if waited is not None:
