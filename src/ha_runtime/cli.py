@@ -25,7 +25,7 @@ from ha_runtime.config import (
 )
 from ha_runtime.journal_log import stderr_handler
 from ha_runtime.states import State
-from ha_runtime.status_wait import SYNC_STATES, module_entry, wait_for_state
+from ha_runtime.status_wait import SYNC_STATES, Refused, module_entry, wait_for_state
 from ha_runtime.version import runtime_version
 
 if TYPE_CHECKING:
@@ -240,7 +240,7 @@ def cmd_wait(args: argparse.Namespace) -> int:
     def ask() -> dict[str, Any]:
         resp = api_client.call(path, {"command": "status", "module": args.module}, timeout=10.0)
         if not resp.get("ok"):
-            raise ValueError(str(resp.get("error", "unknown error")))
+            raise Refused(str(resp.get("error", "unknown error")))
         return with_versions(resp["result"])
 
     res = wait_for_state(ask, args.module, args.states, sync=args.sync, timeout=args.timeout)
@@ -254,6 +254,9 @@ def cmd_wait(args: argparse.Namespace) -> int:
         )
     if res.reached:
         return EXIT_OK
+    if res.refused:
+        print(f"hactl: {res.error}", file=sys.stderr)
+        return EXIT_REFUSED
     want = "/".join(args.states) + (f" ({args.sync})" if args.sync else "")
     now = "unknown" if entry is None else str(entry.get("state"))
     why = f"; the daemon on {path}: {res.error}" if res.error else ""

@@ -20,11 +20,16 @@ POLL_INTERVAL_S = 0.1
 Status = dict[str, Any]
 
 
+class Refused(Exception):
+    """The daemon answered and refused (an unknown module): asking again changes nothing."""
+
+
 @dataclass
 class WaitResult:
     reached: bool
-    status: Status | None  # the last status the daemon gave (None: it never answered)
+    status: Status | None  # the last status the daemon gave (None: it never gave one)
     error: str | None  # the last reason it did not answer or refused, if any
+    refused: bool = False
 
 
 def module_entry(status: Status | None, module: str) -> dict[str, Any] | None:
@@ -54,8 +59,8 @@ def wait_for_state(
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
 ) -> WaitResult:
-    """Ask until `module` matches or `timeout` passed; a daemon that does not answer (it may
-    be restarting) or refuses is asked again, its reason kept for the report."""
+    """Ask until `module` matches or `timeout` passed. A daemon that does not answer (it may
+    be restarting) is asked again, its reason kept for the report; a refusal ends the wait."""
     deadline = clock() + timeout
     status: Status | None = None
     error: str | None = None
@@ -63,6 +68,8 @@ def wait_for_state(
         try:
             status = ask()
             error = None
+        except Refused as exc:
+            return WaitResult(False, status, str(exc), refused=True)
         except (OSError, ValueError, TypeError) as exc:
             error = str(exc)
         if matches(module_entry(status, module), wanted, sync) and error is None:

@@ -16,7 +16,7 @@ import pytest
 import trio
 
 from ha_runtime import api, cli
-from ha_runtime.status_wait import matches, wait_for_state
+from ha_runtime.status_wait import Refused, matches, wait_for_state
 
 
 def _status(state: str, sync: str | None = None) -> dict[str, Any]:
@@ -71,6 +71,16 @@ def test_a_restarting_daemon_then_the_state() -> None:
     assert res.reached and res.error is None
 
 
+def test_a_refusal_ends_the_wait_at_once() -> None:
+    t = FakeTime()
+
+    def ask() -> dict[str, Any]:
+        raise Refused("unknown module 'flightdat' on node2 (known: flightdata, weather)")
+
+    res = wait_for_state(ask, "flightdat", ["PRIM"], clock=t.clock, sleep=t.sleep)
+    assert not res.reached and res.refused and t.sleeps == 0 and "known:" in (res.error or "")
+
+
 def test_the_sync_sub_state_applies_to_a_second_only() -> None:
     assert not matches({"state": "SECOND", "sync": "resyncing"}, ["SECOND"], "in-sync")
     assert matches({"state": "SECOND", "sync": "In-Sync"}, ["SECOND"], "in-sync")
@@ -87,7 +97,9 @@ def daemon_api(tmp_path: Path) -> Iterator[tuple[Path, list[str]]]:
     stop = threading.Event()
 
     async def handler(request: dict[str, Any]) -> Any:
-        assert request == {"command": "status", "module": "flightdata"}
+        assert request["command"] == "status"
+        if request["module"] != "flightdata":  # as the daemon refuses it
+            raise api.ApiError(f"unknown module {request['module']!r} on node2")
         state = script[min(len(seen), len(script) - 1)]
         seen.append(state)
         return _status(state)
@@ -127,6 +139,16 @@ def test_hactl_wait_times_out_with_the_last_state(
     out = capsys.readouterr()
     assert '"state": "PRIM"' in out.out
     assert "flightdata is PRIM, not SECOND, after 0.5 s" in out.err
+
+
+def test_hactl_wait_stops_at_a_refusal(
+    daemon_api: tuple[Path, list[str]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    sock, seen = daemon_api
+    argv = ["--socket", str(sock), "wait", "flightdat", "PRIM", "--timeout", "30"]
+    assert cli.main(argv) == cli.EXIT_REFUSED  # at once, not after 30 s
+    assert seen == []
+    assert "unknown module 'flightdat' on node2" in capsys.readouterr().err
 
 
 def test_hactl_wait_never_reached_daemon(
