@@ -65,13 +65,23 @@ def release_plan(node: str, modules: Iterable[ModuleConfig]) -> ReleasePlan:
     return ReleasePlan("".join(nft), "".join(ip))
 
 
-def write_plan(state_dir: Path, plan: ReleasePlan) -> None:
-    """Replace both plan files atomically: a death mid-write leaves the previous plan."""
-    state_dir.mkdir(parents=True, exist_ok=True)
-    for name, text in ((PLAN_NFT, plan.nft), (PLAN_IP, plan.ip)):
-        tmp = state_dir / f".{name}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, state_dir / name)
+def write_plan(state_dir: Path, plan: ReleasePlan) -> bool:
+    """Replace both plan files atomically: a death mid-write leaves the previous plan.
+
+    False, logged, when they cannot be written (a full disk): the daemon starts all the
+    same, and `hactl release` remains the unit's last ExecStopPost."""
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        for name, text in ((PLAN_NFT, plan.nft), (PLAN_IP, plan.ip)):
+            tmp = state_dir / f".{name}.tmp"
+            tmp.write_text(text)
+            os.replace(tmp, state_dir / name)
+    except OSError as exc:
+        log.warning(
+            "cannot write the release plan in %s (%s): only hactl release will run", state_dir, exc
+        )
+        return False
+    return True
 
 
 def release_site(site: SiteConfig) -> list[str]:
