@@ -241,12 +241,14 @@ def cmd_wait(args: argparse.Namespace) -> int:
         resp = api_client.call(path, {"command": "status", "module": args.module}, timeout=10.0)
         if not resp.get("ok"):
             raise Refused(str(resp.get("error", "unknown error")))
-        return with_versions(resp["result"])
+        result: dict[str, Any] = resp["result"]
+        return result
 
     res = wait_for_state(ask, args.module, args.states, sync=args.sync, timeout=args.timeout)
     entry = module_entry(res.status, args.module)
     if args.json and res.status is not None:
-        print(json.dumps(res.status, indent=2))
+        # the versions once, for the answer printed: not on every poll
+        print(json.dumps(with_versions(res.status), indent=2))
     elif entry is not None:
         print(
             f"{args.module}: {entry.get('state')}"
