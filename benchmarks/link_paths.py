@@ -1,4 +1,4 @@
-"""The replication link's own cost per 4 KiB write + barrier, its two paths side by side
+"""The replication link's own cost per 4 KiB write + barrier, its paths side by side
 (issue 16), on this host, no lab, no FUSE.
 
     python -m benchmarks.link_paths [--rounds N] [--ops N]
@@ -7,15 +7,19 @@ A primary's ``PrimaryLink`` and a secondary's ``SecondarySession`` (its applier 
 so the disk is out of the figure) in one process over a real TLS 1.3 connection on
 loopback, certificates of a CA made for the run. Each op is a 4 KiB WRITE and an FSYNC
 barrier, sent from the waiting task as the file system's barrier does, then waited for.
-Rounds alternate the two paths, each first in turn:
+Rounds run the paths in turn, forwards then backwards:
 
 - `sslstream`: the link as before link/direct.py: trio's ``SSLStream`` sends and
   receives, and each barrier waits inside a trio timeout of its own;
-- `direct`: the link as it runs now: ``DirectTls`` and the link's one deadline task.
+- `direct`: ``DirectTls`` and the link's one deadline task, the barrier parked until the
+  receiving task wakes it;
+- `inline`: as the file system's barrier runs now: ``direct``, and the acknowledgement
+  read in the barrier's own task for up to ``INLINE_ACK_WAIT_S`` first
+  (``PrimaryLink.collect_acks``), parked only when it is not in by then.
 
 Figures: CPU time of the process (both ends) and wall time per op, each path's median,
-and ``direct / sslstream`` round by round. The secondary's hot path (its lane) is the same
-in both; the difference is the primary's.
+and ``direct / sslstream`` and ``inline / direct`` round by round. The secondary's hot
+path (its lane) is the same in all; the difference is the primary's.
 """
 
 from __future__ import annotations
@@ -41,10 +45,13 @@ from ha_runtime.replication.link import tls as T
 from ha_runtime.replication.link.framing import Conn
 from ha_runtime.replication.link.primary import PrimaryLink
 from ha_runtime.replication.link.secondary import SecondarySession
+from ha_runtime.replication.primary.sink import INLINE_ACK_WAIT_S
 from ha_runtime.replication.secondary.applier import Applier
 
 BENCHMARK = "link_paths"
-PATHS = ("sslstream", "direct")
+PATHS = ("sslstream", "direct", "inline")
+# Each ratio: (new path, the path it is measured against).
+RATIOS = (("direct", "sslstream"), ("inline", "direct"))
 KEY = derive_key(b"hapair-bench-link-paths" * 2)
 WARMUP = 200
 TMPFS = "/dev/shm"
@@ -76,7 +83,7 @@ async def one_round(path: str, ops: int, tls: dict[str, T.TlsFiles], where: Path
     # The SSLStream path: Conn finds no TLS parts, so it keeps to the stream's own methods.
     names = vars(framing)
     real = names["tls_parts"]
-    names["tls_parts"] = real if path == "direct" else (lambda stream: None)
+    names["tls_parts"] = real if path != "sslstream" else (lambda stream: None)
     try:
         return await _measure(path, ops, tls, where)
     finally:
@@ -119,6 +126,8 @@ async def _measure(path: str, ops: int, tls: dict[str, T.TlsFiles], where: Path)
             link.submit(Record(0, Op.WRITE, b"f", offset=(i % 64) * 4096, data=data))
             seq = link.submit(Record(0, Op.FSYNC, b"f"), flushed=True)
             await link.flush()
+            if path == "inline" and link.collect_acks(seq, INLINE_ACK_WAIT_S):
+                return
             # The path before: a trio timeout per barrier (an explicit timeout still takes it).
             await link.wait_acked(seq, timeout=3.0 if path == "sslstream" else None)
 
@@ -138,26 +147,18 @@ def figures_of(rows: list[dict[str, Any]], extra: dict[str, Any]) -> list[Figure
 
     figures = []
     for key, what in (("cpu_us", "CPU of both ends"), ("wall_us", "wall time")):
-        old, new = pick("sslstream", key), pick("direct", key)
         name = key.removesuffix("_us")
-        figures += [
-            Figure(BENCHMARK, f"{name}_per_op_sslstream", "µs/op", old, extra=extra),
-            Figure(
-                BENCHMARK,
-                f"{name}_per_op_direct",
-                "µs/op",
-                new,
-                anchor=f"{name}_per_op_sslstream",
-                extra=extra,
-            ),
-            Figure(
-                BENCHMARK,
-                f"{name}_direct_over_sslstream",
-                "direct/sslstream",
-                [n / max(o, 1e-9) for o, n in zip(old, new, strict=True)],
-                extra={"what": f"{what} per 4 KiB write + barrier, round by round"},
-            ),
-        ]
+        figures.append(Figure(BENCHMARK, f"{name}_per_op_sslstream", "µs/op",
+                              pick("sslstream", key), extra=extra))  # fmt: skip
+        for new, old in RATIOS:
+            a, b = pick(old, key), pick(new, key)
+            figures += [
+                Figure(BENCHMARK, f"{name}_per_op_{new}", "µs/op", b,
+                       anchor=f"{name}_per_op_{old}", extra=extra),
+                Figure(BENCHMARK, f"{name}_{new}_over_{old}", f"{new}/{old}",
+                       [y / max(x, 1e-9) for x, y in zip(a, b, strict=True)],
+                       extra={"what": f"{what} per 4 KiB write + barrier, round by round"}),
+            ]  # fmt: skip
     return figures
 
 

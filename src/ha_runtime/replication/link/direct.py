@@ -17,8 +17,11 @@ alone. ``SSLStream`` itself is kept for the handshake and for closing.
 
 from __future__ import annotations
 
+import math
 import os
+import select
 import ssl
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -89,6 +92,10 @@ class DirectTls:
         self.ended = False
         self.eof = False
         self.clean = False
+        # The receiving task is parked on the socket's readiness, holding nothing decrypted:
+        # only then may ``receive_now`` read in its place (the order of the plaintext holds).
+        self.waiting = False
+        self._poll: select.poll | None = None
 
     async def send(self, data: bytes) -> None:
         """Encrypt and send all of ``data``. Errors are the ones trio's stream raises:
@@ -122,7 +129,11 @@ class DirectTls:
             if self.ended:
                 return None
             try:
-                await trio.lowlevel.wait_readable(self.parts.open_fd())
+                self.waiting = True
+                try:
+                    await trio.lowlevel.wait_readable(self.parts.open_fd())
+                finally:
+                    self.waiting = False
                 data = os.read(self.parts.open_fd(), _READ)
             except BlockingIOError:
                 waited = True
@@ -133,6 +144,41 @@ class DirectTls:
                 return None
             waited = True
             self.feed(data)
+
+    def receive_now(self, deadline: float) -> list[bytes] | None:
+        """Blocking, in the calling task: the plaintext that arrives by ``deadline``
+        (monotonic), [] if none did or if the receiving task is not parked on the socket
+        (it may hold plaintext this would overtake), None once the stream ended or broke."""
+        if not self.waiting or self.ended:
+            return []
+        try:
+            fd = self.parts.open_fd()
+        except trio.ClosedResourceError:
+            return []
+        if self._poll is None:
+            self._poll = select.poll()
+            self._poll.register(fd, select.POLLIN | select.POLLERR | select.POLLHUP)
+        while True:
+            left = deadline - time.monotonic()
+            if not self._poll.poll(max(0, math.ceil(left * 1000))):
+                return []
+            try:
+                data = os.read(fd, _READ)
+            except BlockingIOError:
+                if left <= 0:
+                    return []
+                continue
+            except OSError:
+                self.ended = True
+                return None
+            self.feed(data)
+            parts = self.decrypt()
+            if parts:
+                return parts
+            if self.ended:
+                return None
+            if left <= 0:
+                return []
 
     def decrypt(self) -> list[bytes]:
         """Every plaintext the TLS buffer holds now; ``ended`` is set once the stream ended

@@ -167,6 +167,20 @@ class Conn:
             self._frames.extend(self.feed(self._more(data)))
         return True
 
+    def receive_now(self, deadline: float) -> list[Frame] | None:
+        """Blocking, in the calling task: the frames that arrive by ``deadline`` (monotonic);
+        [] if none did, or if this is not the direct TLS stream or the receiving task is not
+        parked in ``recv`` with nothing pending; None once the stream ended (a rejected frame
+        leaves ``failed`` set after the frames before it)."""
+        if self._direct is None or self._frames:
+            return []
+        parts = self._direct.receive_now(deadline)
+        if parts is None:
+            if self._direct.clean:
+                self.finish()
+            return None
+        return self.feed(parts) if parts else []
+
     def feed(self, parts: Sequence[bytes | bytearray]) -> list[Frame]:
         """Decode received plaintext (trio's stream or the secondary's blocking lane)."""
         # Joined once, then parsed in place: fed record by record (16 KiB), a 1 MiB frame

@@ -17,6 +17,7 @@ from typing import Any
 import trio
 
 from ha_runtime.replication.journal import (
+    Frame,
     Kind,
     Op,
     Record,
@@ -305,34 +306,64 @@ class PrimaryLink:
         while True:
             f = await self.conn.recv()
             if f is None:
-                if self.conn.failed:
-                    self._reject(self.conn.failed)
-                self.fail(f"connection closed ({self.conn.failed or 'end of stream'})")
+                self._closed()
                 return
-            self._last_heard = time.monotonic()
-            if f.kind == Kind.ACK:
-                a = f.ack()
-                if a is None:
-                    self._reject("malformed_ack")
-                    self.fail("malformed ack")
-                    return
-                self._on_ack(*a)
-            elif f.kind == Kind.CONTROL:
-                c = decode_control(f)
-                if c is None or not isinstance(c[0].get("id"), int):
-                    self._reject("malformed_control")
-                    self.fail("malformed control reply")
-                    return
-                self._replies[c[0]["id"]] = c
-                self._notify()
-            elif f.kind == Kind.ERROR:
-                obj = f.json() or {}
-                self.fail(f"secondary error: {obj.get('error', '?')}")
+            if not self._take(f):
                 return
-            elif f.kind != Kind.PONG:
-                self._reject(f"unexpected_{f.kind.name.lower()}")
-                self.fail(f"unexpected frame {f.kind.name}")
-                return
+
+    def collect_acks(self, seq: int, budget: float) -> bool:
+        """Whether ``seq`` is acknowledged within ``budget`` s, read in the calling task (the
+        event loop held) in place of the receiving task, each frame handled as it would: a
+        barrier whose ack is on its way skips two scheduler passes (its park, the receiver's
+        wake). False, nothing lost, when the budget ran out, the link failed, or the receiver
+        cannot be stood in for now (``Conn.receive_now``)."""
+        deadline = time.monotonic() + budget
+        while not self._acked(seq):
+            if self.lost_reason:
+                return False
+            frames = self.conn.receive_now(deadline)
+            if frames is not None and not all(map(self._take, frames)):
+                return False  # the first frame that failed the link ends it
+            if frames is None or self.conn.failed:
+                self._closed()
+                return False
+            if not frames:
+                return False
+        return True
+
+    def _closed(self) -> None:
+        """The stream ended, or a frame was rejected (``conn.failed``)."""
+        if self.conn.failed:
+            self._reject(self.conn.failed)
+        self.fail(f"connection closed ({self.conn.failed or 'end of stream'})")
+
+    def _take(self, f: Frame) -> bool:
+        """Handle one frame from the secondary; False once it failed the link."""
+        self._last_heard = time.monotonic()
+        if f.kind == Kind.ACK:
+            a = f.ack()
+            if a is None:
+                self._reject("malformed_ack")
+                self.fail("malformed ack")
+                return False
+            self._on_ack(*a)
+        elif f.kind == Kind.CONTROL:
+            c = decode_control(f)
+            if c is None or not isinstance(c[0].get("id"), int):
+                self._reject("malformed_control")
+                self.fail("malformed control reply")
+                return False
+            self._replies[c[0]["id"]] = c
+            self._notify()
+        elif f.kind == Kind.ERROR:
+            obj = f.json() or {}
+            self.fail(f"secondary error: {obj.get('error', '?')}")
+            return False
+        elif f.kind != Kind.PONG:
+            self._reject(f"unexpected_{f.kind.name.lower()}")
+            self.fail(f"unexpected frame {f.kind.name}")
+            return False
+        return True
 
     def _reject(self, reason: str) -> None:
         self.rejected[reason] += 1
