@@ -66,7 +66,9 @@ def _pair(
         t.join(10)
 
 
-def _session(applier: Applier, **kw: Any) -> Callable[[Conn], Awaitable[None]]:
+def _session(
+    applier: Applier, apply: Callable[[Record], None] | None = None
+) -> Callable[[Conn], Awaitable[None]]:
     async def barrier() -> int:
         applier.barrier()
         return applier.applied_seq
@@ -75,7 +77,7 @@ def _session(applier: Applier, **kw: Any) -> Callable[[Conn], Awaitable[None]]:
         return {"echo": obj.get("n")}, b""
 
     async def handler(conn: Conn) -> None:
-        await SecondarySession(conn, applier.apply, barrier, control, **kw).run()
+        await SecondarySession(conn, apply or applier.apply, barrier, control).run()
 
     return handler
 
@@ -131,16 +133,6 @@ def test_a_late_ack_is_left_to_the_receiver_and_nothing_is_lost(
             time.sleep(0.2)  # longer than the budget below
         applier.apply(rec)
 
-    async def barrier() -> int:
-        applier.barrier()
-        return applier.applied_seq
-
-    async def control(obj: dict[str, Any], body: bytes) -> tuple[dict[str, Any], bytes]:
-        return {}, b""
-
-    async def handler(conn: Conn) -> None:
-        await SecondarySession(conn, slow_apply, barrier, control).run()
-
     async def body(link: PrimaryLink) -> None:
         link.submit(Record(0, Op.CREATE, b"f", mode=0o100644))
         seq = await _write_and_barrier(link, 0)
@@ -150,7 +142,7 @@ def test_a_late_ack_is_left_to_the_receiver_and_nothing_is_lost(
         await link.wait_acked(seq)  # the receiving task takes it
         got["durable"], got["seq"], got["lost"] = link.durable_seq, seq, link.lost_reason
 
-    _pair(site, handler, body)
+    _pair(site, _session(applier, slow_apply), body)
     assert got["inline"] is False
     assert 0.015 <= got["held"] < 0.15  # the budget, not the secondary's 0.2 s
     assert got["durable"] >= got["seq"] and got["lost"] is None
