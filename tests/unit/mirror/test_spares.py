@@ -69,6 +69,37 @@ def test_a_spare_takes_its_role_and_is_replaced(monkeypatch: pytest.MonkeyPatch)
         assert not _alive(pid), f"spare {pid} outlived its pool"
 
 
+@pytest.mark.parametrize(("role", "prompt"), [("secondary", True), ("primary", False)])
+def test_the_refill_waits_only_after_the_primary_role(
+    monkeypatch: pytest.MonkeyPatch, role: str, prompt: bool
+) -> None:
+    """No application starts on a node that took the secondary role: its next spare starts
+    at once, ready for a switchover seconds later. After the primary role it waits."""
+    monkeypatch.setattr(spares, "REFILL_DELAY_S", 3.0)
+    pool = SparePool("m", 1, _echo)
+    took: list[float] = []
+
+    async def main() -> None:
+        async with trio.open_nursery() as n:
+            n.start_soon(pool.run)
+            await _until(lambda: 0 in pool.spares)
+            proc = await pool.take(0, role)
+            assert proc is not None
+            t = trio.current_time()
+            with trio.move_on_after(1.5):
+                await _until(lambda: 0 in pool.spares)
+            took.append(trio.current_time() - t)
+            got = pool.spares.get(0)
+            took.append(float(got is not None))
+            n.cancel_scope.cancel()
+
+    trio.run(main)
+    if prompt:
+        assert took[1] == 1.0 and took[0] < 1.0, took
+    else:
+        assert took[1] == 0.0, took  # not within 1.5 s of a 3 s delay
+
+
 def test_a_dead_spare_is_not_handed_out(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(spares, "REFILL_DELAY_S", 0.05)
     pool = SparePool("m", 1, lambda i: [sys.executable, "-c", "pass"])
