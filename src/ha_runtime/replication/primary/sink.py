@@ -191,10 +191,7 @@ class PrimarySink:
                     # a 4 KiB write + fdatasync). A longer fsync would stall every operation
                     # and the link's keepalives: in a thread.
                     self._fsync_local(path, datasync)
-                    if link.collect_acks(seq, INLINE_ACK_WAIT_S):
-                        self._ack_latency.observe(time.monotonic() - sent)
-                    else:
-                        await self._wait_acked(link, seq, sent)
+                    await self._wait_acked(link, seq, sent, inline_s=INLINE_ACK_WAIT_S)
                 else:
                     async with trio.open_nursery() as n:
                         n.start_soon(local)
@@ -207,9 +204,14 @@ class PrimarySink:
             await trio.to_thread.run_sync(self.dirty.sync)
             await self.wait_fenced()
 
-    async def _wait_acked(self, link: PrimaryLink, seq: int, sent: float) -> None:
+    async def _wait_acked(
+        self, link: PrimaryLink, seq: int, sent: float, inline_s: float = 0.0
+    ) -> None:
+        """``inline_s``: first read the ack in this task for up to that long
+        (``PrimaryLink.collect_acks``), then park if it is not in."""
         try:
-            await link.wait_acked(seq)
+            if not (inline_s and link.collect_acks(seq, inline_s)):
+                await link.wait_acked(seq)
             self._ack_latency.observe(time.monotonic() - sent)
         except LinkLost as e:
             await self.go_alone(str(e))
